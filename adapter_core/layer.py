@@ -1,0 +1,80 @@
+"""One adapted linear layer: a frozen base nn.Linear plus the generator's weights for it.
+
+    y = W0 x + scaling * lora_B(lora_A(x) @ M)
+
+where M (r x r) is the memory of whichever user the row of the batch belongs to. The same module
+also turns context hidden states into that memory: S = sum_t ctx_key(h_t)^T ctx_value(h_t), with
+h_t normalised by ctx_norm. Names follow PEFT (lora_A, lora_B, scaling) so export is a rename.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ContextNorm(nn.Module):
+    """RMSNorm with a learned gain, applied to context hidden states before the key/value maps."""
+
+    def __init__(self, width: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.to(self.weight.dtype) * self.weight
+
+
+class AdapterLinear(nn.Module):
+    """Wraps a frozen `base_layer`; adds nothing until `memory` is set (B starts at zero anyway)."""
+
+    def __init__(self, base_layer: nn.Linear, hidden_size: int, rank: int, scale: float,
+                 init_std: float, dtype: torch.dtype, generator: torch.Generator):
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank = rank
+        self.scaling = scale
+        device = base_layer.weight.device
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.lora_A = nn.Linear(base_layer.in_features, rank, **kw)  # A1: x -> r
+        self.lora_B = nn.Linear(rank, base_layer.out_features, **kw)  # B: r -> d_out
+        self.ctx_norm = ContextNorm(hidden_size, dtype=dtype).to(device)  # g
+        self.ctx_key = nn.Linear(hidden_size, rank, **kw)  # A2: D -> r
+        self.ctx_value = nn.Linear(hidden_size, rank, **kw)  # A3: D -> r
+        with torch.no_grad():
+            for linear in (self.lora_A, self.ctx_key, self.ctx_value):
+                weight = torch.randn(linear.weight.shape, generator=generator) * init_std
+                linear.weight.copy_(weight)
+            self.lora_B.weight.zero_()  # the adapted model starts exactly as the base model
+        # Per-row memory for the current call, (N, r, r) or None; set by GenerativeAdapterModel.
+        self.memory: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (N, T, d_out)
+        if self.memory is None:
+            return y
+        memory = self.memory
+        if memory.shape[0] != x.shape[0]:
+            # generate() expands each sample into consecutive rows (beams, several sequences).
+            if x.shape[0] % memory.shape[0]:
+                raise RuntimeError(f"batch of {x.shape[0]} rows but {memory.shape[0]} adapters were set")
+            memory = memory.repeat_interleave(x.shape[0] // memory.shape[0], dim=0)
+        a = self.lora_A(x.to(self.lora_A.weight.dtype))  # (N, T, r)
+        a = torch.bmm(a, memory.to(a.dtype))  # (N, T, r)
+        return y + (self.scaling * self.lora_B(a)).to(y.dtype)
+
+    def context_sums(self, h: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """S_c = sum over the valid tokens of each row of k_t v_t^T, in fp32.
+
+        h: (N, T, D) decoder-layer inputs; token_mask: (N, T), 1 for real tokens. Returns (N, r, r).
+        """
+        hn = self.ctx_norm(h.to(self.ctx_norm.weight.dtype))  # (N, T, D)
+        k = self.ctx_key(hn).float()  # (N, T, r)
+        k = torch.where(token_mask.unsqueeze(-1).bool(), k, 0.0)  # padding writes nothing
+        v = self.ctx_value(hn).float()  # (N, T, r)
+        return torch.einsum("ntr,nts->nrs", k, v)  # (N, r, r)
+
+    def generator_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}

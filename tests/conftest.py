@@ -1,0 +1,69 @@
+"""Tiny randomly initialised causal LMs of each supported family, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from adapter_core import GenerativeAdapterModel, GeneratorConfig
+
+FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+VOCAB = 97
+
+
+def tiny_causal_lm(family: str = "llama", layers: int = 3, seed: int = 0):
+    config = FAMILIES[family](
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def live_engine(family: str = "llama", seed: int = 0, **config) -> GenerativeAdapterModel:
+    """A generator whose B is random, so adapters visibly change the model (B=0 would hide bugs)."""
+    options = dict(rank=4, window=8) | config
+    engine = GenerativeAdapterModel(tiny_causal_lm(family, seed=seed), GeneratorConfig(**options), f"tiny-{family}")
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in engine.adapted.values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.5)
+    engine.generator_id = engine.compute_generator_id()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """Dequantized default model, kept between runs (ignored by git) so only the first run converts it."""
+    folder = Path(__file__).resolve().parents[1] / ".cache" / "model-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_tiny_lm():
+    return tiny_causal_lm
+
+
+@pytest.fixture
+def make_engine():
+    return live_engine
+
+
+@pytest.fixture
+def random_tokens():
+    gen = torch.Generator().manual_seed(1234)
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(3, VOCAB, (n,), generator=gen).tolist()
+
+    return draw
