@@ -27,16 +27,17 @@ def default_checkpoint(model_name: str | None) -> Path | None:
 
 def load_engine(model_name: str | None = None, checkpoint: str | Path | None = None, *,
                 config: GeneratorConfig | None = None, device: str | torch.device | None = None,
-                cache_dir: str | Path | None = None) -> GenerativeAdapterModel:
+                cache_dir: str | Path | None = None, use_shipped: bool = True) -> GenerativeAdapterModel:
     """Base model (default: the embedded SmolLM2) plus its generator.
 
-    checkpoint: a generator folder; None takes the shipped one for the default model. Without
-    any, a freshly initialised generator is built from `config` (and a warning says it is untrained).
+    checkpoint: a generator folder; None takes the shipped one for the default model (unless
+    use_shipped is False). Without any, a freshly initialised generator is built from `config`.
     """
     loaded = load_base_model(model_name, device=device, cache_dir=cache_dir)
-    checkpoint = checkpoint or default_checkpoint(model_name)
+    if checkpoint is None and use_shipped:
+        checkpoint = default_checkpoint(model_name)
     if checkpoint is not None:
         log.info("generator checkpoint: %s", checkpoint)
         return GenerativeAdapterModel.from_checkpoint(loaded.model, checkpoint, loaded.model_id, loaded.tokenizer)
-    log.warning("no generator checkpoint: using an UNTRAINED generator (adapters will not remember anything)")
+    log.warning("new, UNTRAINED generator: its adapters remember nothing until it is trained")
     return GenerativeAdapterModel(loaded.model, config or GeneratorConfig(), loaded.model_id, loaded.tokenizer)

@@ -30,6 +30,7 @@ from .config import ConfigError, GeneratorConfig, find_target
 from .layer import AdapterLinear
 from .normalize import normalize
 from .state import AdapterState
+from .windows import Window, pack_windows
 
 CONFIG_NAME = "generator_config.json"
 
@@ -128,8 +129,13 @@ class GenerativeAdapterModel(nn.Module):
                 f"not {base_model_id!r}"
             )
         model = cls(base_model, GeneratorConfig.from_dict(meta["config"]), base_model_id, tokenizer)
+        model.load_generator_weights(folder)
+        return model
+
+    def load_generator_weights(self, folder: str | Path) -> None:
+        """Copy a checkpoint's weights into this generator (same config), e.g. to resume training."""
         tensors = load_sharded(folder)
-        own = model.generator_state_dict()
+        own = self.generator_state_dict()
         if set(tensors) != set(own):
             missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
             raise ConfigError(f"checkpoint does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -138,8 +144,7 @@ class GenerativeAdapterModel(nn.Module):
                 if p.shape != tensors[name].shape:
                     raise ConfigError(f"{name}: checkpoint shape {tuple(tensors[name].shape)} != {tuple(p.shape)}")
                 p.copy_(tensors[name])
-        model.generator_id = model.compute_generator_id()
-        return model
+        self.generator_id = self.compute_generator_id()
 
     # --- states ------------------------------------------------------------------------------------
 
@@ -239,10 +244,11 @@ class GenerativeAdapterModel(nn.Module):
         for start in range(0, longest, windows_per_pass):
             group = [w[start:start + windows_per_pass] for w in windows]
             active = [u for u, g in enumerate(group) if g]
-            ids, attention_mask, sum_mask = self._pack_windows([group[u] for u in active])
+            packed = pack_windows([[Window(ids) for ids in group[u]] for u in active]).to(self.device)
             prior = {name: torch.stack([sums[u][name] for u in active]) for name in self.adapted}
-            with self.memory_pass(prior, attention_mask.shape[0], sum_mask) as p:
-                self.base_model.get_decoder()(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+            with self.memory_pass(prior, packed.rows, packed.sum_mask) as p:
+                self.base_model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                              use_cache=False)
             for j, u in enumerate(active):
                 sums[u] = {name: total[j].cpu() for name, total in p.totals.items()}
         return [
@@ -250,24 +256,6 @@ class GenerativeAdapterModel(nn.Module):
                          tokens=s.tokens + sum(map(len, w)), chunks=s.chunks + len(w), extra=dict(s.extra))
             for s, new_sums, w in zip(states, sums, windows)
         ]
-
-    def _pack_windows(self, per_user: list[list[list[int]]]) -> tuple[torch.Tensor, ...]:
-        """Right-padded (U*W, T) ids, attention mask and sum mask, rows ordered user-major.
-
-        Users with fewer windows get empty rows at the end. An empty row still attends to one
-        token (attention over nothing is NaN) but writes nothing into memory.
-        """
-        users, windows = len(per_user), max(len(w) for w in per_user)
-        length = max(len(win) for w in per_user for win in w)
-        ids = torch.zeros(users * windows, length, dtype=torch.long)
-        sum_mask = torch.zeros(users * windows, length, dtype=torch.long)
-        for u, user_windows in enumerate(per_user):
-            for j, win in enumerate(user_windows):
-                ids[u * windows + j, :len(win)] = torch.tensor(win)
-                sum_mask[u * windows + j, :len(win)] = 1
-        attention_mask = sum_mask.clone()
-        attention_mask[sum_mask.sum(-1) == 0, 0] = 1
-        return ids.to(self.device), attention_mask.to(self.device), sum_mask.to(self.device)
 
     @contextlib.contextmanager
     def memory_pass(self, prior: dict[str, torch.Tensor], rows: int,

@@ -36,6 +36,54 @@ def live_engine(family: str = "llama", seed: int = 0, **config) -> GenerativeAda
     return engine
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (258 tokens) with a chat template: any text, no download."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def make_text_lm(tiny_tokenizer):
+    """A tiny Llama for the byte tokenizer, for training and evaluation tests."""
+    def make(seed: int = 0):
+        lm_config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=1024,
+                                pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                                initializer_range=0.2)  # activations of a realistic size, unlike 0.02
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa").eval()
+    return make
+
+
+@pytest.fixture
+def make_text_engine(make_text_lm, tiny_tokenizer):
+    def make(seed: int = 0, **config) -> GenerativeAdapterModel:
+        options = dict(rank=8, window=64, seed=seed) | config
+        return GenerativeAdapterModel(make_text_lm(seed), GeneratorConfig(**options), "tiny-text", tiny_tokenizer)
+    return make
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """Dequantized default model, kept between runs (ignored by git) so only the first run converts it."""

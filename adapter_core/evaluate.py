@@ -1,0 +1,93 @@
+"""Measure what adapters remember: `python -m adapter_core.evaluate`.
+
+Runs every question of a JSONL file (docs/eval-format.md) or of the synthetic held-out set in the
+chosen modes, then writes report.json, report.md and answers.jsonl to --out.
+
+Examples:
+  python -m adapter_core.evaluate --synthetic --facts 1 3 --lengths 512 --per-cell 32 --out eval/quick
+  python -m adapter_core.evaluate --data my_dataset.jsonl --modes closed_book adapter --out eval/mine
+  python -m adapter_core.evaluate --synthetic --write-data heldout.jsonl   # only write the set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import load_engine
+from .evaluation.dataset import read_jsonl, write_jsonl
+from .evaluation.runner import MODES, EvalOptions, evaluate, markdown_report, results_as_dicts, summarize
+from .training.persona import make_eval_set
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="JSONL file of conversations with questions")
+    source.add_argument("--synthetic", action="store_true", help="the synthetic held-out set")
+    p.add_argument("--facts", type=int, nargs="+", default=[1, 3, 6, 10], help="synthetic: facts per conversation")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 12288],
+                   help="synthetic: history lengths in tokens (about)")
+    p.add_argument("--per-cell", type=int, default=256, help="synthetic: at least this many questions per cell")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: seed of the held-out set")
+    p.add_argument("--write-data", type=Path, help="write the conversations as JSONL (and stop if no --out)")
+    p.add_argument("--limit", type=int, help="only the first N conversations")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
+    p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cache-dir", default="data/model-cache", help="dequantized default model cache")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--recent-turns", type=int, default=4)
+    p.add_argument("--out", type=Path, help="folder for report.json, report.md and answers.jsonl")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.synthetic:
+        conversations = make_eval_set(args.seed, args.facts, args.lengths, args.per_cell)
+        source = f"synthetic held-out set (seed {args.seed}, facts {args.facts}, lengths {args.lengths})"
+    else:
+        conversations = list(read_jsonl(args.data))
+        source = str(args.data)
+    conversations = conversations[:args.limit] if args.limit else conversations
+    if args.write_data:
+        count = write_jsonl(conversations, args.write_data)
+        print(f"wrote {count} conversations to {args.write_data}")
+        if args.out is None:
+            return None
+    if args.out is None:
+        raise SystemExit("--out is required to run the evaluation")
+
+    engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir)
+    options = EvalOptions(modes=tuple(args.modes), max_new_tokens=args.max_new_tokens,
+                          recent_turns=args.recent_turns, batch_size=args.batch_size)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        results = evaluate(engine, conversations, options)
+    limit = options.context_limit or engine.base_model.config.max_position_embeddings
+    summary = summarize(results, limit)
+    summary.update(source=source, base_model=engine.base_model_id, generator=engine.generator_id,
+                   modes=list(args.modes), conversations=len(conversations), questions=len(results) // len(args.modes),
+                   seconds=round(time.perf_counter() - started, 1), device=str(engine.device),
+                   command="python -m adapter_core.evaluate " + " ".join(argv or []))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "report.md").write_text(markdown_report(summary, args.modes, f"Evaluation: {source}"))
+    with open(args.out / "answers.jsonl", "w") as f:
+        for row in results_as_dicts(results):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print((args.out / "report.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Measuring what adapters remember: the JSONL conversation format, metrics and the runner."""

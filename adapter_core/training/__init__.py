@@ -1,0 +1,1 @@
+"""Teaching the generator to store: training data, objectives and the training loop."""

@@ -1,0 +1,243 @@
+"""The training loop: resumable, time-budgeted, with periodic held-out evaluation.
+
+A run lives in one folder: the generator (config + shards), trainer_state.json (step, tokens,
+elapsed time, log, the training config with its data recipe), optionally the optimizer state
+(shards too), train_log.jsonl and training_curve.png. Saving writes a new folder and swaps it in,
+so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_sharded, save_sharded
+from ..config import GeneratorConfig
+from ..conversation import history_text
+from ..engine import load_engine
+from ..evaluation.runner import EvalOptions, evaluate
+from ..model import GenerativeAdapterModel
+from ..windows import pack_windows
+from .objectives import DataRecipe, DataSource, batch_loss, qa_windows
+from .persona import make_eval_set
+from .plot import plot_training
+
+log = logging.getLogger(__name__)
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_DIR = "optimizer"
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/generator"
+    """Folder of the run: checkpoint, log and plot. An existing run there is resumed."""
+    model: str | None = None
+    """Base model id or path; None: the embedded default."""
+    init_checkpoint: str | None = None
+    """Generator to start a new run from (ignored when output_dir already holds a run)."""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """Shape of a new generator (ignored when starting from a checkpoint)."""
+    data: DataRecipe = field(default_factory=DataRecipe)
+    """What the batches are made of."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 100
+    """Linear warm-up; the rate then stays constant, since a time budget fixes no total step count."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping."""
+    max_steps: int = 10_000
+    """Stop after this many steps (counted over all resumed sessions)."""
+    time_budget_minutes: float | None = None
+    """Stop this session after this many minutes (then save), whatever the step."""
+    eval_every: int = 200
+    """Steps between held-out evaluations (0: never)."""
+    eval_questions: int = 32
+    """Held-out questions per evaluation (3 facts, about 512 tokens of history)."""
+    save_every: int = 200
+    """Steps between checkpoints (a final one is always written)."""
+    save_optimizer: bool = True
+    """Keep AdamW's moments so a resumed run continues exactly (twice the generator's size)."""
+    seed: int = 0
+    """Seed of the data stream and of a new generator."""
+    device: str | None = None
+    """cpu or cuda; None: cuda when available. CUDA runs the frozen model in bf16."""
+    cache_dir: str | None = "data/model-cache"
+    """Cache of the dequantized default model."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields: {unknown}")
+        if "generator" in d:
+            d["generator"] = GeneratorConfig.from_dict(d["generator"])
+        if "data" in d:
+            d["data"] = DataRecipe(**d["data"])
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["generator"] = self.generator.to_dict()
+        return d
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, engine: GenerativeAdapterModel | None = None):
+        self.config = config
+        self.out = Path(config.output_dir)
+        resuming = (self.out / STATE_NAME).exists()
+        if engine is None:
+            checkpoint = self.out if resuming else config.init_checkpoint
+            engine = load_engine(config.model, checkpoint, config=config.generator, device=config.device,
+                                 cache_dir=config.cache_dir, use_shipped=False)
+        elif resuming:
+            engine.load_generator_weights(self.out)
+        self.engine = engine
+        self.state = json.loads((self.out / STATE_NAME).read_text()) if resuming else {
+            "step": 0, "tokens": 0, "seconds": 0.0, "log": []}
+        if resuming:
+            log.info("resuming %s at step %d", self.out, self.state["step"])
+        torch.manual_seed(config.seed)
+        self.optimizer = torch.optim.AdamW(engine.generator_parameters(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        if resuming:
+            self._load_optimizer()
+        self.data = DataSource(engine.tokenizer, config.data, engine.config.window, config.seed)
+        self._eval_set = make_eval_set(config.seed, [3], [512], config.eval_questions) if config.eval_every else []
+
+    # --- loop ---------------------------------------------------------------------------------------
+
+    def train(self, progress: bool = True) -> dict:
+        cfg, engine = self.config, self.engine
+        engine.train()
+        deadline = None if cfg.time_budget_minutes is None else time.monotonic() + 60 * cfg.time_budget_minutes
+        bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not progress, desc="training", unit="step")
+        last_save = self.state["step"]
+        while self.state["step"] < cfg.max_steps:
+            if deadline is not None and time.monotonic() > deadline:
+                log.info("time budget of %.1f minutes reached", cfg.time_budget_minutes)
+                break
+            started = time.perf_counter()
+            step = self.state["step"]
+            objective, batch = self.data.batch(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            loss, labelled = batch_loss(engine, batch)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(engine.generator_parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - started
+            tokens = int(batch.attention_mask.sum())
+            self.state["step"] = step + 1
+            self.state["tokens"] += tokens
+            self.state["seconds"] += seconds
+            entry = {"step": step + 1, "objective": objective, "loss": round(loss.item(), 5),
+                     "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tokens / seconds, 1)}
+            self.state["log"].append(entry)
+            bar.update(1)
+            bar.set_postfix(objective=objective[:5], loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            if not math.isfinite(entry["loss"]):
+                raise FloatingPointError(f"loss became {entry['loss']} at step {step + 1}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                self.state["log"].append({"step": step + 1, **self.evaluate()})
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                self.save()
+                last_save = step + 1
+        bar.close()
+        if self.state["step"] != last_save or not (self.out / STATE_NAME).exists():
+            self.save()
+        return self.state
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out answer NLL (teacher-forced) and greedy accuracy, adapter mode only."""
+        engine = self.engine
+        engine.eval()
+        try:
+            per_user = [qa_windows(engine.tokenizer, engine.config.window, history_text(c.turns), [],
+                                   [(q.question, q.answer) for q in c.questions]) for c in self._eval_set]
+            losses = []
+            for start in range(0, len(per_user), self.config.data.batch_size):
+                packed = pack_windows(per_user[start:start + self.config.data.batch_size], engine.tokenizer.pad_token_id)
+                loss, n = batch_loss(engine, packed)
+                losses.append((loss.item(), n))
+            results = evaluate(engine, self._eval_set, EvalOptions(modes=("adapter",)), progress=False)
+        finally:
+            engine.train()
+        nll = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+        accuracy = sum(r.correct for r in results) / len(results)
+        log.info("held-out: answer NLL %.3f, accuracy %.3f (%d questions)", nll, accuracy, len(results))
+        return {"eval_nll": round(nll, 4), "eval_accuracy": round(accuracy, 4), "eval_n": len(results)}
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        tmp = self.out.with_name(self.out.name + ".saving")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.save_generator(tmp, extra={"trained_steps": self.state["step"],
+                                               "trained_tokens": self.state["tokens"]})
+        if self.config.save_optimizer:
+            save_sharded(_flatten_optimizer(self.optimizer), tmp / OPTIMIZER_DIR)
+            (tmp / OPTIMIZER_DIR / "param_groups.json").write_text(
+                json.dumps([{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]))
+        state = dict(self.state, config=self.config.to_dict(), generator_id=self.engine.generator_id,
+                     base_model_id=self.engine.base_model_id)
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+        with open(tmp / "train_log.jsonl", "w") as f:
+            for entry in self.state["log"]:
+                f.write(json.dumps(entry) + "\n")
+        plot_training(self.state["log"], tmp / "training_curve.png")
+        for keep in ("MODEL_CARD.md", "eval"):  # written by people or the evaluator, not by the trainer
+            if (self.out / keep).exists():
+                shutil.move(str(self.out / keep), str(tmp / keep))
+        old = self.out.with_name(self.out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.out.exists():
+            self.out.rename(old)
+        tmp.rename(self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("saved step %d to %s", self.state["step"], self.out)
+        return self.out
+
+    def _load_optimizer(self) -> None:
+        folder = self.out / OPTIMIZER_DIR
+        if not folder.exists():
+            log.warning("no optimizer state in %s: AdamW restarts from zero moments", self.out)
+            return
+        flat = load_sharded(folder)
+        groups = json.loads((folder / "param_groups.json").read_text())
+        params = self.optimizer.param_groups[0]["params"]
+        state = {}
+        for key, tensor in flat.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = tensor.to(params[int(index)].device)
+        self.optimizer.load_state_dict({"state": state,
+                                        "param_groups": [dict(g, params=list(range(len(params)))) for g in groups]})
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            flat[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
