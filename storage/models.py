@@ -1,0 +1,175 @@
+"""The tables of storage, as SQLAlchemy 2 typed models.
+
+Every row that belongs to a user points at `users.id` with ON DELETE CASCADE, so deleting a user
+deletes all of it in the database itself (storage.files removes the user's folder). Messages
+carry their user as well as their conversation, and a composite foreign key keeps the two in
+agreement, so that a query by user id can never reach another user's messages.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON, BigInteger, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Index, MetaData, String,
+    Text, UniqueConstraint, text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from .settings import USERNAME_COLUMN_CHARS
+
+JOB_STATUSES = ("queued", "running", "done", "failed")
+ACTIVE_JOB = "status IN ('queued', 'running')"
+
+# Named constraints: Alembic needs names to alter or drop a constraint (SQLite batch mode above all).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone, so it is re-attached)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: storage keeps only timezone-aware UTC times")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(USERNAME_COLUMN_CHARS), unique=True)
+    """NFKC-normalised and case-folded (see storage.validation.username)."""
+    password_hash: Mapped[str] = mapped_column(String(255))
+    """Argon2id, in the PHC string format (parameters and salt included)."""
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    needs_rebuild: Mapped[bool] = mapped_column(default=False)
+    """True after a message was deleted: the adapter still holds it and must be rebuilt from scratch."""
+    history_revision: Mapped[int] = mapped_column(default=0)
+    """Bumped by each message deletion, so a rebuild can tell whether it read the latest history."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    # (id, user_id) is unique so that messages can refer to it with a composite foreign key.
+    __table_args__ = (UniqueConstraint("id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    title: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AdapterSnapshot(Base):
+    __tablename__ = "adapter_snapshots"
+    __table_args__ = (UniqueConstraint("user_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    version: Mapped[int]
+    """1, 2, 3... per user; the latest snapshot is the one with the highest version."""
+    generator_id: Mapped[str] = mapped_column(String(200))
+    base_model_id: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(String(300))
+    """File path relative to the data folder (so that the folder can move)."""
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    cursor: Mapped[int]
+    """Id of the last message absorbed, 0 when none was."""
+    tokens_absorbed: Mapped[int] = mapped_column(BigInteger)
+    stats: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        ForeignKeyConstraint(["conversation_id", "user_id"], ["conversations.id", "conversations.user_id"],
+                             ondelete="CASCADE"),
+        CheckConstraint("role IN ('user', 'assistant')", name="role"),
+        Index("ix_messages_user_id_id", "user_id", "id"),
+        # Cursors compare message ids, so an id must never come back after a deletion; plain
+        # SQLite reuses the highest rowid once its row is gone, AUTOINCREMENT never does.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    conversation_id: Mapped[int]
+    role: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    token_count: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    snapshot_id: Mapped[int | None] = mapped_column(
+        ForeignKey("adapter_snapshots.id", ondelete="SET NULL"), index=True)
+    """The snapshot that absorbed this message; None while it waits to be absorbed."""
+
+
+class CompressionJob(Base):
+    __tablename__ = "compression_jobs"
+    __table_args__ = (
+        CheckConstraint("status IN ('queued', 'running', 'done', 'failed')", name="status"),
+        # At most one queued-or-running job per user, enforced by the database itself.
+        Index("uq_compression_jobs_active_user", "user_id", unique=True,
+              sqlite_where=text(ACTIVE_JOB), postgresql_where=text(ACTIVE_JOB)),
+        Index("ix_compression_jobs_status_not_before", "status", "not_before"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(default=0)
+    """Runs started so far (a claim counts one, whether the run then succeeds, fails or crashes)."""
+    error: Mapped[str | None] = mapped_column(Text)
+    rerun: Mapped[bool] = mapped_column(default=False)
+    """Asked for again while running: finishing queues a follow-up job for the newer messages."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    not_before: Mapped[datetime] = mapped_column(default=utcnow)
+    """Not claimed before this time (retry backoff)."""
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """An admin action. Kept when the users involved are deleted, with their ids set to NULL."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    details: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+

@@ -1,0 +1,569 @@
+"""Storage: everything the app asks of the database and of the snapshot files, in one class.
+
+Rules every method keeps:
+- Input is validated before anything is written, so a refused call leaves no trace.
+- A method that takes a user id reads and writes only that user's rows; another user's row is
+  reported as NotFound, exactly like a row that does not exist.
+- Each call is one transaction. Writes that depend on a user's current state first lock that
+  user's row (SELECT ... FOR NO KEY UPDATE on PostgreSQL; on SQLite every write transaction
+  starts with BEGIN IMMEDIATE, see storage.db.writer), so that one user's writes happen one at
+  a time. This is what makes cursors safe: a user's messages get their ids in commit order, so
+  whoever reads "messages after the cursor" never misses one that commits later with a smaller id.
+- Returned rows are detached copies: changing them changes nothing in the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import URL, case, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import validation
+from .db import default_url, make_engine, upgrade, writer
+from .errors import CursorError, NotFound, RebuildRequired, StorageError, UsernameTaken, ValidationError
+from .files import SnapshotFiles
+from .models import AdapterSnapshot, AuditEntry, CompressionJob, Conversation, Message, User, utcnow
+from .settings import StorageSettings
+
+ID_MAX_CHARS = 200
+"""Longest generator id or base model id (the width of their columns)."""
+ACTION_MAX_CHARS = 64
+ERROR_MAX_CHARS = 4000
+BIGINT_MAX = 2**63 - 1
+
+
+class Storage:
+    """Users, conversations, messages, adapter snapshots, compression jobs and the audit log."""
+
+    def __init__(self, url: str | URL | None = None, data_dir: str | Path = "data",
+                 settings: StorageSettings | None = None) -> None:
+        self.settings = settings or StorageSettings()
+        self.data_dir = Path(data_dir)
+        self.url = url or default_url(self.data_dir)
+        self.engine = make_engine(self.url, self.settings)
+        self.files = SnapshotFiles(self.data_dir)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(writer(self.engine), expire_on_commit=False)
+        self._hasher = self.settings.password_hasher()
+        # Verified against when a username is unknown, so that answering "no such user" takes
+        # as long as answering "wrong password".
+        self._dummy_hash = self._hasher.hash("no account has this password")
+
+    def migrate(self) -> None:
+        """Bring the schema up to date (storage.db.upgrade); the app calls this on start."""
+        upgrade(self.url, settings=self.settings)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- users -----------------------------------------------------------------------------
+
+    def create_user(self, username: str, password: str, *, is_admin: bool = False) -> User:
+        name = validation.username(username, self.settings)
+        secret = validation.password(password, self.settings)
+        user = User(username=name, password_hash=self._hasher.hash(secret), is_admin=bool(is_admin))
+        try:
+            with self._writing() as session:
+                session.add(user)
+        except IntegrityError as e:  # the only unique column is the username
+            raise UsernameTaken(name) from e
+        return user
+
+    def authenticate(self, username: str, password: str) -> User | None:
+        """The user if the password is right, else None; rehashes it if the Argon2 costs changed."""
+        try:
+            name = validation.username(username, self.settings)
+            secret = validation.password(password, self.settings, new=False)
+        except ValidationError:
+            return None  # no account can have an invalid name or password
+        user = self.find_user(name)
+        if user is None:
+            self._verify(self._dummy_hash, secret)
+            return None
+        if not self._verify(user.password_hash, secret):
+            return None
+        if self._hasher.check_needs_rehash(user.password_hash):
+            new_hash = self._hasher.hash(secret)
+            with self._writing() as session:
+                session.execute(update(User)
+                                .where(User.id == user.id, User.password_hash == user.password_hash)
+                                .values(password_hash=new_hash))
+            user.password_hash = new_hash
+        return user
+
+    def get_user(self, user_id: int) -> User:
+        with self._reading() as session:
+            return self._user(session, user_id)
+
+    def find_user(self, username: str) -> User | None:
+        """By username, compared after the same normalisation as at sign-up."""
+        try:
+            name = validation.username(username, self.settings)
+        except ValidationError:
+            return None
+        with self._reading() as session:
+            return session.scalars(select(User).where(User.username == name)).one_or_none()
+
+    def list_users(self) -> list[User]:
+        with self._reading() as session:
+            return list(session.scalars(select(User).order_by(User.id)))
+
+    def set_admin(self, user_id: int, is_admin: bool, *, actor_id: int | None = None) -> User:
+        """Grant or revoke admin rights; with an actor, the change is audited in the same transaction."""
+        with self._writing() as session:
+            user = self._lock_user(session, user_id)
+            user.is_admin = bool(is_admin)
+            if actor_id is not None:
+                self._audit(session, actor_id, "set_admin", user_id, {"is_admin": bool(is_admin)})
+        return user
+
+    def delete_user(self, user_id: int, *, actor_id: int | None = None) -> None:
+        """Delete every row of the user (the foreign keys cascade), then the user's file folder.
+
+        Should removing the folder fail, remove_orphan_files finishes the job later.
+        """
+        with self._writing() as session:
+            self._lock_user(session, user_id)
+            if actor_id is not None:  # before the deletion, which may take the actor too
+                self._audit(session, actor_id, "delete_user", None, {"user_id": user_id})
+            session.execute(delete(User).where(User.id == user_id))
+        self.files.remove_user(user_id)
+
+    # --- conversations and messages --------------------------------------------------------
+
+    def start_conversation(self, user_id: int, title: str | None = None) -> Conversation:
+        checked_title = validation.title(title, self.settings)
+        with self._writing() as session:
+            self._lock_user(session, user_id)
+            conversation = Conversation(user_id=user_id, title=checked_title)
+            session.add(conversation)
+        return conversation
+
+    def get_conversation(self, user_id: int, conversation_id: int) -> Conversation:
+        with self._reading() as session:
+            return self._conversation(session, user_id, conversation_id)
+
+    def list_conversations(self, user_id: int) -> list[Conversation]:
+        with self._reading() as session:
+            return list(session.scalars(
+                select(Conversation).where(Conversation.user_id == user_id).order_by(Conversation.id)))
+
+    def append_message(self, user_id: int, conversation_id: int, role: str, text: str,
+                       token_count: int) -> Message:
+        checked_role = validation.role(role)
+        checked_text = validation.message_text(text, self.settings)
+        tokens = validation.count("token_count", token_count)
+        with self._writing() as session:
+            self._lock_user(session, user_id)  # one user's ids in commit order (see module doc)
+            self._conversation(session, user_id, conversation_id)
+            message = Message(user_id=user_id, conversation_id=conversation_id, role=checked_role,
+                              text=checked_text, token_count=tokens)
+            session.add(message)
+        return message
+
+    def history(self, user_id: int, conversation_id: int | None = None) -> list[Message]:
+        """The user's messages, oldest first; of one conversation if given."""
+        with self._reading() as session:
+            query = select(Message).where(Message.user_id == user_id)
+            if conversation_id is not None:
+                self._conversation(session, user_id, conversation_id)
+                query = query.where(Message.conversation_id == conversation_id)
+            return list(session.scalars(query.order_by(Message.id)))
+
+    def messages_after(self, user_id: int, cursor: int, limit: int | None = None) -> list[Message]:
+        """The user's messages with an id above the cursor, oldest first: what is not absorbed yet."""
+        after = validation.count("cursor", cursor)
+        query = select(Message).where(Message.user_id == user_id, Message.id > after).order_by(Message.id)
+        if limit is not None:
+            query = query.limit(validation.count("limit", limit))
+        with self._reading() as session:
+            return list(session.scalars(query))
+
+    def delete_message(self, user_id: int, message_id: int) -> None:
+        """Delete one message; the adapter may hold it, so it is marked for a rebuild from scratch."""
+        with self._writing() as session:
+            user = self._lock_user(session, user_id)
+            message = session.scalars(
+                select(Message).where(Message.id == message_id, Message.user_id == user_id)).one_or_none()
+            if message is None:
+                raise NotFound(f"user {user_id} has no message {message_id}")
+            session.delete(message)
+            user.needs_rebuild = True
+            user.history_revision += 1
+
+    def request_rebuild(self, user_id: int, *, actor_id: int | None = None) -> None:
+        """Mark the user's adapter for a rebuild from the whole history (for example by an admin)."""
+        with self._writing() as session:
+            user = self._lock_user(session, user_id)
+            user.needs_rebuild = True
+            if actor_id is not None:
+                self._audit(session, actor_id, "rebuild_adapter", user_id, {})
+
+    def reset_memory(self, user_id: int, *, actor_id: int | None = None) -> None:
+        """Forget everything the user said: all conversations, messages, snapshots and their files
+        go; the account stays."""
+        with self._writing() as session:
+            user = self._lock_user(session, user_id)
+            paths = list(session.scalars(select(AdapterSnapshot.path).where(AdapterSnapshot.user_id == user_id)))
+            session.execute(delete(Message).where(Message.user_id == user_id))
+            session.execute(delete(AdapterSnapshot).where(AdapterSnapshot.user_id == user_id))
+            session.execute(delete(Conversation).where(Conversation.user_id == user_id))
+            session.execute(delete(CompressionJob).where(CompressionJob.user_id == user_id,
+                                                         CompressionJob.status == "queued"))
+            user.needs_rebuild = False
+            user.history_revision += 1  # a rebuild that read the old history must not land
+            if actor_id is not None:
+                self._audit(session, actor_id, "reset_memory", user_id, {"snapshots": len(paths)})
+        self._remove_unreferenced(user_id, paths)
+
+    # --- adapter snapshots -----------------------------------------------------------------
+
+    def latest_snapshot(self, user_id: int) -> AdapterSnapshot | None:
+        with self._reading() as session:
+            return self._latest_snapshot(session, user_id)
+
+    def list_snapshots(self, user_id: int) -> list[AdapterSnapshot]:
+        with self._reading() as session:
+            return list(session.scalars(
+                select(AdapterSnapshot).where(AdapterSnapshot.user_id == user_id).order_by(AdapterSnapshot.version)))
+
+    def read_snapshot(self, user_id: int, snapshot_id: int | None = None) -> bytes:
+        """The bytes of a snapshot (the latest if no id is given), checked against their sha256."""
+        with self._reading() as session:
+            if snapshot_id is None:
+                snapshot = self._latest_snapshot(session, user_id)
+            else:
+                snapshot = session.scalars(select(AdapterSnapshot).where(
+                    AdapterSnapshot.id == snapshot_id, AdapterSnapshot.user_id == user_id)).one_or_none()
+        if snapshot is None:
+            raise NotFound(f"user {user_id} has no adapter snapshot {snapshot_id or ''}".rstrip())
+        return self.files.read(snapshot.path, snapshot.sha256, snapshot.size_bytes)
+
+    def commit_snapshot(self, user_id: int, data: bytes, *, generator_id: str, base_model_id: str,
+                        cursor: int, tokens_absorbed: int, stats: dict[str, Any] | None = None,
+                        rebuild_revision: int | None = None) -> AdapterSnapshot:
+        """Store a new adapter state that has absorbed the user's messages up to `cursor`.
+
+        The file is made durable first, then the row is committed together with the marks on
+        the messages it absorbed, so a crash leaves at worst an orphan file, never a row without
+        its file. A plain commit must move the cursor forward onto one of the user's messages.
+
+        A rebuild from scratch (after a message deletion, or for a new generator) passes the
+        `history_revision` the user had when the rebuild started reading the history: it may
+        put the cursor anywhere (0 when no message is left), clears `needs_rebuild`, and replaces
+        all older snapshots, which may hold deleted messages. It is refused if yet another
+        message was deleted meanwhile.
+        """
+        payload = self._snapshot_payload(data)
+        checked_generator = validation.identifier("generator_id", generator_id, ID_MAX_CHARS)
+        checked_model = validation.identifier("base_model_id", base_model_id, ID_MAX_CHARS)
+        checked_cursor = validation.count("cursor", cursor)
+        tokens = validation.count("tokens_absorbed", tokens_absorbed, BIGINT_MAX)
+        checked_stats = validation.json_document("stats", stats, self.settings)
+        rebuild = rebuild_revision is not None
+        with self._writing() as session:
+            user = self._lock_user(session, user_id)
+            latest = self._latest_snapshot(session, user_id)
+            previous = self._check_commit(session, user, latest, checked_cursor,
+                                          (checked_generator, checked_model), rebuild_revision)
+            stored = self.files.write(user_id, payload)
+            snapshot = AdapterSnapshot(
+                user_id=user_id, version=latest.version + 1 if latest else 1, generator_id=checked_generator,
+                base_model_id=checked_model, path=stored.path, sha256=stored.sha256, size_bytes=stored.size,
+                cursor=checked_cursor, tokens_absorbed=tokens, stats=checked_stats)
+            session.add(snapshot)
+            session.flush()
+            replaced: list[str] = []
+            if not rebuild:
+                session.execute(update(Message)
+                                .where(Message.user_id == user_id, Message.id > previous, Message.id <= checked_cursor)
+                                .values(snapshot_id=snapshot.id))
+            else:
+                # absorbed again up to the cursor; later messages wait for the next commit
+                session.execute(update(Message).where(Message.user_id == user_id).values(
+                    snapshot_id=case((Message.id <= checked_cursor, snapshot.id), else_=None)))
+                user.needs_rebuild = False
+                older = (AdapterSnapshot.user_id == user_id) & (AdapterSnapshot.id != snapshot.id)
+                replaced = list(session.scalars(select(AdapterSnapshot.path).where(older)))
+                session.execute(delete(AdapterSnapshot).where(older))
+        self._remove_unreferenced(user_id, replaced)
+        return snapshot
+
+    def remove_orphan_files(self, min_age_s: float = 3600.0) -> list[str]:
+        """Delete snapshot files that no row refers to and that are older than min_age_s."""
+        with self._reading() as session:
+            referenced = set(session.scalars(select(AdapterSnapshot.path)))
+            users = set(session.scalars(select(User.id)))
+        return self.files.remove_orphans(referenced, users, min_age_s)
+
+    # --- compression jobs ------------------------------------------------------------------
+
+    def queue_job(self, user_id: int) -> CompressionJob:
+        """Ask for the user's new messages to be absorbed; at most one job is queued or running.
+
+        With a job already queued, that job is returned. With one running (it may have read the
+        messages before the newest one), it is flagged so that finishing it queues a follow-up.
+        """
+        with self._writing() as session:
+            self._lock_user(session, user_id)
+            job = session.scalars(select(CompressionJob).where(
+                CompressionJob.user_id == user_id, CompressionJob.status.in_(("queued", "running")))).one_or_none()
+            if job is None:
+                job = CompressionJob(user_id=user_id)
+                session.add(job)
+            elif job.status == "running":
+                job.rerun = True
+        return job
+
+    def claim_job(self) -> CompressionJob | None:
+        """Take the oldest due queued job and mark it running; None when there is none.
+
+        On PostgreSQL, FOR UPDATE SKIP LOCKED lets several workers claim at once without
+        waiting on each other; the conditional UPDATE makes a double claim impossible on any
+        backend. A user never has two running jobs: the database allows one active job per user.
+        """
+        now = utcnow()
+        with self._writing() as session:
+            job = session.scalars(
+                select(CompressionJob)
+                .where(CompressionJob.status == "queued", CompressionJob.not_before <= now)
+                .order_by(CompressionJob.not_before, CompressionJob.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)).first()
+            if job is None:
+                return None
+            claimed = session.execute(
+                update(CompressionJob)
+                .where(CompressionJob.id == job.id, CompressionJob.status == "queued")
+                .values(status="running", attempts=CompressionJob.attempts + 1, started_at=now)
+                .execution_options(synchronize_session=False))
+            if claimed.rowcount != 1:
+                return None  # another worker took it first; the caller simply polls again
+            session.refresh(job)
+        return job
+
+    def active_job(self, user_id: int) -> CompressionJob | None:
+        """The user's queued or running job, if any."""
+        with self._reading() as session:
+            return session.scalars(select(CompressionJob).where(
+                CompressionJob.user_id == user_id, CompressionJob.status.in_(("queued", "running")))).one_or_none()
+
+    def pending_users(self) -> list[tuple[int, int, datetime]]:
+        """(user id, messages not absorbed yet, time of the newest one) for every user with any."""
+        query = (select(Message.user_id, func.count(Message.id), func.max(Message.created_at))
+                 .where(Message.snapshot_id.is_(None)).group_by(Message.user_id).order_by(Message.user_id))
+        with self._reading() as session:
+            return [(user_id, count, _as_utc(newest)) for user_id, count, newest in session.execute(query)]
+
+    def get_job(self, job_id: int) -> CompressionJob:
+        with self._reading() as session:
+            job = session.get(CompressionJob, job_id)
+            if job is None:
+                raise NotFound(f"no compression job {job_id}")
+            return job
+
+    def finish_job(self, job_id: int) -> CompressionJob | None:
+        """Mark a running job done; returns the follow-up job if it was asked for again meanwhile."""
+        with self._writing() as session:
+            job = self._running_job(session, job_id)
+            job.status, job.finished_at, job.error = "done", utcnow(), None
+            return self._follow_up(session, job)
+
+    def fail_job(self, job_id: int, error: str) -> CompressionJob:
+        """Record a failed run: retried after an exponential backoff, 'failed' after the last attempt."""
+        with self._writing() as session:
+            job = self._running_job(session, job_id)
+            self._after_failure(session, job, error)
+        return job
+
+    def requeue_stale_jobs(self, started_before: datetime | None = None) -> int:
+        """Jobs left 'running' by a process that stopped count as failed runs; call on start.
+
+        With several worker processes, pass `started_before` (for example the time this process
+        started) so that jobs other live workers are running stay theirs. Returns how many.
+        """
+        query = select(CompressionJob.id).where(CompressionJob.status == "running")
+        if started_before is not None:
+            query = query.where(CompressionJob.started_at < started_before)
+        requeued = 0
+        with self._writing() as session:
+            for job_id in list(session.scalars(query.order_by(CompressionJob.id))):
+                try:
+                    job = self._running_job(session, job_id)
+                except StorageError:
+                    continue  # finished, or its user deleted, since the query
+                self._after_failure(session, job, "interrupted: the process running it stopped")
+                requeued += 1
+        return requeued
+
+    # --- audit log -------------------------------------------------------------------------
+
+    def record_audit(self, actor_id: int | None, action: str, target_user_id: int | None = None,
+                     details: dict[str, Any] | None = None) -> AuditEntry:
+        with self._writing() as session:
+            return self._audit(session, actor_id, action, target_user_id, details)
+
+    def list_audit(self, *, target_user_id: int | None = None, limit: int = 100) -> list[AuditEntry]:
+        """Newest first."""
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(validation.count("limit", limit))
+        if target_user_id is not None:
+            query = query.where(AuditEntry.target_user_id == target_user_id)
+        with self._reading() as session:
+            return list(session.scalars(query))
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        with self._read.begin() as session:
+            yield session
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        with self._write.begin() as session:
+            yield session
+
+    def _verify(self, password_hash: str, secret: str) -> bool:
+        try:
+            return self._hasher.verify(password_hash, secret)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    @staticmethod
+    def _user(session: Session, user_id: int) -> User:
+        user = session.get(User, user_id)
+        if user is None:
+            raise NotFound(f"no user {user_id}")
+        return user
+
+    @staticmethod
+    def _lock_user(session: Session, user_id: int) -> User:
+        user = session.scalars(select(User).where(User.id == user_id).with_for_update(key_share=True)).one_or_none()
+        if user is None:
+            raise NotFound(f"no user {user_id}")
+        return user
+
+    @staticmethod
+    def _conversation(session: Session, user_id: int, conversation_id: int) -> Conversation:
+        conversation = session.scalars(select(Conversation).where(
+            Conversation.id == conversation_id, Conversation.user_id == user_id)).one_or_none()
+        if conversation is None:
+            raise NotFound(f"user {user_id} has no conversation {conversation_id}")
+        return conversation
+
+    @staticmethod
+    def _latest_snapshot(session: Session, user_id: int) -> AdapterSnapshot | None:
+        return session.scalars(select(AdapterSnapshot).where(AdapterSnapshot.user_id == user_id)
+                               .order_by(AdapterSnapshot.version.desc()).limit(1)).first()
+
+    def _snapshot_payload(self, data: object) -> bytes:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValidationError("data", f"must be bytes, not {type(data).__name__}")
+        payload = bytes(data)
+        if not payload:
+            raise ValidationError("data", "is empty")
+        if len(payload) > self.settings.snapshot_max_bytes:
+            raise ValidationError("data", f"is larger than {self.settings.snapshot_max_bytes} bytes")
+        return payload
+
+    @staticmethod
+    def _check_commit(session: Session, user: User, latest: AdapterSnapshot | None, cursor: int,
+                      made_by: tuple[str, str], rebuild_revision: int | None) -> int:
+        """Refuse a commit that would lose, repeat or mix up messages; returns the cursor it follows."""
+        if rebuild_revision is not None:
+            if rebuild_revision != user.history_revision:
+                raise RebuildRequired(f"user {user.id}'s history changed during the rebuild (revision "
+                                      f"{rebuild_revision}, now {user.history_revision}): rebuild again")
+            previous = 0
+        else:
+            if user.needs_rebuild:
+                raise RebuildRequired(f"user {user.id} deleted messages the adapter may hold: rebuild it "
+                                      "from the whole history (commit_snapshot with rebuild_revision)")
+            if latest is not None and (latest.generator_id, latest.base_model_id) != made_by:
+                raise RebuildRequired(f"the latest snapshot was made by generator {latest.generator_id!r} for "
+                                      f"{latest.base_model_id!r}: another generator or model must rebuild it")
+            previous = latest.cursor if latest else 0
+            if cursor <= previous:
+                raise CursorError(f"cursor {cursor} does not move past the latest snapshot's cursor {previous}")
+        own = select(Message.id).where(Message.id == cursor, Message.user_id == user.id)
+        if cursor and session.scalar(own) is None:
+            raise CursorError(f"cursor {cursor} is not one of user {user.id}'s messages")
+        return previous
+
+    def _remove_unreferenced(self, user_id: int, paths: list[str]) -> None:
+        """Delete replaced snapshot files, under the user's lock (no commit can write one meanwhile)."""
+        if not paths:
+            return
+        with self._writing() as session:
+            self._lock_user(session, user_id)
+            kept = set(session.scalars(select(AdapterSnapshot.path).where(AdapterSnapshot.path.in_(paths))))
+            for path in set(paths) - kept:
+                self.files.remove(path)
+
+    def _running_job(self, session: Session, job_id: int) -> CompressionJob:
+        """The job, locked after its user (the order every job change follows); it must be running."""
+        user_id = session.scalar(select(CompressionJob.user_id).where(CompressionJob.id == job_id))
+        if user_id is None:
+            raise NotFound(f"no compression job {job_id}")
+        self._lock_user(session, user_id)
+        job = session.scalars(select(CompressionJob).where(CompressionJob.id == job_id)
+                              .with_for_update().execution_options(populate_existing=True)).one()
+        if job.status != "running":
+            raise StorageError(f"compression job {job_id} is {job.status}, not running")
+        return job
+
+    def _after_failure(self, session: Session, job: CompressionJob, error: str) -> None:
+        now = utcnow()
+        job.error = _storable_error(error)
+        if job.attempts < self.settings.job_max_attempts:
+            job.status, job.rerun = "queued", False  # the retry reads the newer messages too
+            job.not_before = now + timedelta(seconds=self.settings.retry_delay_s(job.attempts))
+        else:
+            job.status, job.finished_at = "failed", now
+            self._follow_up(session, job)
+
+    @staticmethod
+    def _follow_up(session: Session, job: CompressionJob) -> CompressionJob | None:
+        if not job.rerun:
+            return None
+        session.flush()  # the finished job leaves the active set before its follow-up enters it
+        follow_up = CompressionJob(user_id=job.user_id)
+        session.add(follow_up)
+        session.flush()
+        return follow_up
+
+    def _audit(self, session: Session, actor_id: int | None, action: str, target_user_id: int | None,
+               details: dict[str, Any] | None) -> AuditEntry:
+        checked_action = validation.identifier("action", action, ACTION_MAX_CHARS)
+        checked_details = validation.json_document("details", details, self.settings)
+        for user_id in {actor_id, target_user_id} - {None}:
+            self._user(session, user_id)
+        entry = AuditEntry(actor_id=actor_id, action=checked_action, target_user_id=target_user_id,
+                           details=checked_details)
+        session.add(entry)
+        session.flush()
+        return entry
+
+
+def _as_utc(value: datetime) -> datetime:
+    """An aggregate bypasses the column type, so SQLite hands back a naive (UTC) datetime."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _storable_error(error: object) -> str:
+    """Error text from a worker, made safe for any database (no NUL, no lone surrogates)."""
+    text = str(error)[:ERROR_MAX_CHARS].replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")

@@ -1,0 +1,427 @@
+"""The repository API, on SQLite and PostgreSQL."""
+
+import os
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from argon2 import PasswordHasher
+from sqlalchemy import select, update
+
+from storage import CursorError, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError
+from storage.models import CompressionJob, Message
+from tests.storage.helpers import FAST, PASSWORD, files_under, table_counts, user_row_counts
+
+
+def _chat(storage, user, *texts):
+    conversation = storage.start_conversation(user.id, "chat")
+    return conversation, [storage.append_message(user.id, conversation.id, "user" if i % 2 == 0 else "assistant",
+                                                 text, len(text.split())) for i, text in enumerate(texts)]
+
+
+def _commit(storage, user, cursor, data=b"state", **kwargs):
+    arguments = dict(generator_id="gen-1", base_model_id="model-1", cursor=cursor, tokens_absorbed=3) | kwargs
+    return storage.commit_snapshot(user.id, data, **arguments)
+
+
+def _marks(storage, user):
+    return {m.id: m.snapshot_id for m in storage.history(user.id)}
+
+
+# --- users -------------------------------------------------------------------------------------
+
+def test_created_users_have_an_argon2id_hash_and_a_normalised_name(storage):
+    user = storage.create_user("Alice", PASSWORD, is_admin=True)
+    assert user.username == "alice" and user.is_admin and not user.needs_rebuild
+    assert user.password_hash.startswith("$argon2id$") and PASSWORD not in user.password_hash
+    assert storage.get_user(user.id).password_hash == user.password_hash
+    assert storage.find_user("ALICE").id == user.id and storage.find_user("nobody") is None
+
+
+def test_authenticate(storage, alice):
+    assert storage.authenticate("alice", PASSWORD).id == alice.id
+    assert storage.authenticate("ＡＬＩＣＥ", PASSWORD).id == alice.id
+    assert storage.authenticate("alice", PASSWORD + "!") is None
+    assert storage.authenticate("alice", "") is None
+    assert storage.authenticate("nobody", PASSWORD) is None
+    assert storage.authenticate("bad\x00name", PASSWORD) is None
+    assert storage.authenticate("alice", "x" * 10_000_000) is None
+
+
+def test_an_unknown_user_costs_a_hash_like_a_known_one(storage, alice, monkeypatch):
+    verified = []
+    real_verify = PasswordHasher.verify
+
+    def spy(hasher, password_hash, password):
+        verified.append(password_hash)
+        return real_verify(hasher, password_hash, password)
+
+    monkeypatch.setattr(PasswordHasher, "verify", spy)
+    storage.authenticate("nobody", PASSWORD)
+    storage.authenticate("alice", "wrong password")
+    assert len(verified) == 2 and verified[0] != verified[1]
+
+
+def test_passwords_are_rehashed_when_the_argon2_costs_change(db_url, data_dir, storage, alice):
+    stronger = FAST.__class__(**(vars(FAST) | {"argon2_time_cost": 2}))
+    with Storage(db_url, data_dir, stronger) as store:
+        user = store.authenticate("alice", PASSWORD)
+        assert user.password_hash != alice.password_hash and "t=2" in user.password_hash
+        assert store.get_user(alice.id).password_hash == user.password_hash
+        assert store.authenticate("alice", PASSWORD).password_hash == user.password_hash  # once only
+    assert storage.authenticate("alice", PASSWORD) is not None  # old costs still verify
+
+
+def test_set_admin_and_list_users(storage, alice, bob):
+    storage.set_admin(bob.id, True, actor_id=alice.id)
+    assert [(u.username, u.is_admin) for u in storage.list_users()] == [("alice", False), ("bob", True)]
+    entry, = storage.list_audit()
+    assert (entry.actor_id, entry.action, entry.target_user_id, entry.details) == (
+        alice.id, "set_admin", bob.id, {"is_admin": True})
+    with pytest.raises(NotFound):
+        storage.set_admin(999_999, True)
+
+
+def test_audit_log(storage, alice, bob):
+    first = storage.record_audit(alice.id, "reset_adapter", bob.id, {"reason": "asked"})
+    storage.record_audit(None, "maintenance")
+    assert [e.action for e in storage.list_audit()] == ["maintenance", "reset_adapter"]
+    assert [e.id for e in storage.list_audit(target_user_id=bob.id)] == [first.id]
+    assert first.created_at.tzinfo is not None
+    with pytest.raises(NotFound):
+        storage.record_audit(999_999, "x")
+
+
+# --- conversations and messages -----------------------------------------------------------------
+
+def test_messages_come_back_in_order(storage, alice):
+    first, sent = _chat(storage, alice, "hello", "hi, how can I help?", "my cat is Tobrik")
+    second, more = _chat(storage, alice, "new topic")
+    assert [m.text for m in storage.history(alice.id)] == [m.text for m in sent + more]
+    assert [m.id for m in storage.history(alice.id, first.id)] == [m.id for m in sent]
+    assert [m.role for m in sent] == ["user", "assistant", "user"]
+    assert sent[2].token_count == 4 and sent[2].snapshot_id is None
+    assert [c.id for c in storage.list_conversations(alice.id)] == [first.id, second.id]
+    assert storage.get_conversation(alice.id, first.id).title == "chat"
+
+
+def test_messages_after_a_cursor(storage, alice, bob):
+    _, sent = _chat(storage, alice, "a", "b", "c", "d")
+    _chat(storage, bob, "bob's")
+    assert [m.text for m in storage.messages_after(alice.id, 0)] == ["a", "b", "c", "d"]
+    assert [m.text for m in storage.messages_after(alice.id, sent[1].id)] == ["c", "d"]
+    assert [m.text for m in storage.messages_after(alice.id, sent[1].id, limit=1)] == ["c"]
+    assert storage.messages_after(alice.id, sent[3].id) == []
+
+
+def test_a_user_never_reaches_another_users_data(storage, alice, bob):
+    conversation, (message,) = _chat(storage, alice, "alice's secret")
+    _commit(storage, alice, message.id)
+    before = table_counts(storage)
+    with pytest.raises(NotFound):
+        storage.get_conversation(bob.id, conversation.id)
+    with pytest.raises(NotFound):
+        storage.append_message(bob.id, conversation.id, "user", "sneaky", 1)
+    with pytest.raises(NotFound):
+        storage.history(bob.id, conversation.id)
+    with pytest.raises(NotFound):
+        storage.delete_message(bob.id, message.id)
+    with pytest.raises(NotFound):
+        storage.read_snapshot(bob.id, storage.latest_snapshot(alice.id).id)
+    assert storage.history(bob.id) == [] and storage.messages_after(bob.id, 0) == []
+    assert storage.list_conversations(bob.id) == [] and storage.latest_snapshot(bob.id) is None
+    assert table_counts(storage) == before
+    assert not storage.get_user(alice.id).needs_rebuild
+    with pytest.raises(NotFound):
+        storage.start_conversation(999_999)
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+def test_commit_and_read_a_snapshot(storage, alice, data_dir):
+    _, sent = _chat(storage, alice, "a", "b", "c")
+    snapshot = _commit(storage, alice, sent[1].id, b"state one", stats={"loss": 0.5})
+    assert (snapshot.version, snapshot.cursor, snapshot.size_bytes, snapshot.stats) == (1, sent[1].id, 9, {"loss": 0.5})
+    assert (data_dir / snapshot.path).read_bytes() == b"state one"
+    assert snapshot.path.startswith(f"adapters/user-{alice.id}/")
+    assert storage.read_snapshot(alice.id) == b"state one"
+    assert _marks(storage, alice) == {sent[0].id: snapshot.id, sent[1].id: snapshot.id, sent[2].id: None}
+    assert [m.id for m in storage.messages_after(alice.id, snapshot.cursor)] == [sent[2].id]
+
+    second = _commit(storage, alice, sent[2].id, b"state two", tokens_absorbed=5)
+    assert second.version == 2 and storage.latest_snapshot(alice.id).id == second.id
+    assert _marks(storage, alice)[sent[2].id] == second.id and _marks(storage, alice)[sent[0].id] == snapshot.id
+    assert storage.read_snapshot(alice.id) == b"state two"
+    assert storage.read_snapshot(alice.id, snapshot.id) == b"state one"
+    assert [s.version for s in storage.list_snapshots(alice.id)] == [1, 2]
+
+
+def test_reading_a_damaged_or_missing_snapshot_fails_clearly(storage, alice, data_dir):
+    _, (message,) = _chat(storage, alice, "a")
+    snapshot = _commit(storage, alice, message.id, b"good bytes")
+    (data_dir / snapshot.path).write_bytes(b"evil bytes")
+    with pytest.raises(SnapshotFileError, match="sha256"):
+        storage.read_snapshot(alice.id)
+    (data_dir / snapshot.path).unlink()
+    with pytest.raises(SnapshotFileError, match="missing"):
+        storage.read_snapshot(alice.id)
+    with pytest.raises(NotFound):
+        storage.read_snapshot(alice.id, snapshot.id + 1000)
+
+
+def test_cursors_only_move_forward_onto_the_users_own_messages(storage, alice, bob, data_dir):
+    _, sent = _chat(storage, alice, "a", "b")
+    _, (bobs,) = _chat(storage, bob, "bob's")
+    with pytest.raises(CursorError, match="does not move past"):
+        _commit(storage, alice, 0)
+    _commit(storage, alice, sent[1].id)
+    before = table_counts(storage), files_under(data_dir)
+    for cursor, reason in [(sent[1].id, "does not move past"), (sent[0].id, "does not move past"),
+                           (bobs.id, "not one of user"), (bobs.id + 1000, "not one of user")]:
+        with pytest.raises(CursorError, match=reason):
+            _commit(storage, alice, cursor, data=f"never stored {cursor}".encode())
+    assert (table_counts(storage), files_under(data_dir)) == before
+
+
+def test_another_generator_must_rebuild_rather_than_add_to_a_snapshot(storage, alice):
+    _, sent = _chat(storage, alice, "a", "b")
+    _commit(storage, alice, sent[0].id)
+    for other in (dict(generator_id="gen-2"), dict(base_model_id="model-2")):
+        with pytest.raises(RebuildRequired, match="another generator or model"):
+            _commit(storage, alice, sent[1].id, **other)
+    rebuilt = _commit(storage, alice, sent[1].id, generator_id="gen-2", rebuild_revision=0)
+    assert [s.generator_id for s in storage.list_snapshots(alice.id)] == ["gen-2"]
+    assert _marks(storage, alice) == {sent[0].id: rebuilt.id, sent[1].id: rebuilt.id}
+
+
+def test_the_row_commits_only_after_the_file_is_durable(storage, alice, data_dir, monkeypatch):
+    _, (message,) = _chat(storage, alice, "a")
+    before = table_counts(storage)
+
+    def no_disk(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", no_disk)
+    with pytest.raises(OSError, match="Input/output"):
+        _commit(storage, alice, message.id)
+    monkeypatch.undo()
+    assert table_counts(storage) == before and storage.latest_snapshot(alice.id) is None
+    assert files_under(data_dir / "adapters") == []
+
+
+def test_a_failed_commit_leaves_at_most_an_orphan_file_that_cleanup_removes(storage, alice, data_dir, monkeypatch):
+    _, (message,) = _chat(storage, alice, "a")
+    kept = _commit(storage, alice, message.id, b"kept")
+    _, (newer,) = _chat(storage, alice, "b")
+
+    real_write = storage.files.write
+
+    def write_then_crash(user_id, data):
+        real_write(user_id, data)
+        raise RuntimeError("crash between file and row")
+
+    monkeypatch.setattr(storage.files, "write", write_then_crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        _commit(storage, alice, newer.id, b"orphan")
+    monkeypatch.undo()
+    assert len(files_under(data_dir / "adapters")) == 2
+    assert storage.remove_orphan_files() == []  # too young: it might belong to a commit in progress
+    old = time.time() - 7200
+    for path in files_under(data_dir / "adapters"):
+        os.utime(path, (old, old))
+    removed = storage.remove_orphan_files()
+    assert len(removed) == 1 and removed[0] != kept.path
+    assert storage.read_snapshot(alice.id) == b"kept"
+
+
+# --- deletion ----------------------------------------------------------------------------------
+
+def test_deleting_a_message_asks_for_a_rebuild(storage, alice, data_dir):
+    _, sent = _chat(storage, alice, "a", "secret", "c")
+    old = _commit(storage, alice, sent[2].id, b"holds the secret")
+    storage.delete_message(alice.id, sent[1].id)
+    user = storage.get_user(alice.id)
+    assert user.needs_rebuild and user.history_revision == 1
+    assert [m.text for m in storage.history(alice.id)] == ["a", "c"]
+    _, (newer,) = _chat(storage, alice, "d")
+    with pytest.raises(RebuildRequired, match="rebuild it"):
+        _commit(storage, alice, newer.id)
+    with pytest.raises(RebuildRequired, match="history changed"):
+        _commit(storage, alice, sent[2].id, b"rebuilt", rebuild_revision=0)
+
+    rebuilt = _commit(storage, alice, sent[2].id, b"rebuilt", rebuild_revision=1)
+    assert not storage.get_user(alice.id).needs_rebuild
+    assert [s.id for s in storage.list_snapshots(alice.id)] == [rebuilt.id]  # the old one held the secret
+    assert not (data_dir / old.path).exists()
+    assert files_under(data_dir / "adapters") == [data_dir / rebuilt.path]
+    assert _marks(storage, alice) == {sent[0].id: rebuilt.id, sent[2].id: rebuilt.id, newer.id: None}
+    assert _commit(storage, alice, newer.id, b"next").version == rebuilt.version + 1
+
+
+def test_a_rebuild_may_start_from_nothing(storage, alice):
+    _, (only,) = _chat(storage, alice, "forget me")
+    _commit(storage, alice, only.id)
+    storage.delete_message(alice.id, only.id)
+    empty = _commit(storage, alice, 0, b"empty state", rebuild_revision=1, tokens_absorbed=0)
+    assert empty.cursor == 0 and not storage.get_user(alice.id).needs_rebuild
+    assert storage.history(alice.id) == [] and storage.read_snapshot(alice.id) == b"empty state"
+
+
+def test_an_admin_can_ask_for_a_rebuild(storage, alice, bob):
+    _, sent = _chat(storage, alice, "a", "b")
+    _commit(storage, alice, sent[1].id)
+    storage.request_rebuild(alice.id, actor_id=bob.id)
+    assert storage.get_user(alice.id).needs_rebuild
+    with pytest.raises(RebuildRequired):
+        _commit(storage, alice, sent[1].id)
+    entry = storage.list_audit(target_user_id=alice.id)[0]
+    assert (entry.action, entry.actor_id) == ("rebuild_adapter", bob.id)
+
+
+def test_resetting_memory_forgets_everything_but_the_account(storage, alice, bob, data_dir):
+    _, sent = _chat(storage, alice, "a", "b")
+    snapshot = _commit(storage, alice, sent[1].id)
+    _chat(storage, bob, "bob's")
+    storage.queue_job(alice.id)
+    revision = storage.get_user(alice.id).history_revision
+    storage.reset_memory(alice.id, actor_id=bob.id)
+    counts = user_row_counts(storage, alice.id)
+    assert counts["messages"] == counts["adapter_snapshots"] == counts["conversations"] == 0
+    assert counts["compression_jobs"] == 0 and counts["users"] == 1
+    assert not (data_dir / snapshot.path).exists()
+    assert storage.get_user(alice.id).history_revision == revision + 1  # a rebuild in flight cannot land
+    assert [m.text for m in storage.history(bob.id)] == ["bob's"]
+    assert storage.list_audit(target_user_id=alice.id)[0].action == "reset_memory"
+
+
+def test_pending_users_and_active_job(storage, alice, bob):
+    assert storage.pending_users() == []
+    _, sent = _chat(storage, alice, "a", "b", "c")
+    _chat(storage, bob, "x")
+    _commit(storage, alice, sent[1].id)
+    pending = storage.pending_users()
+    assert [(user_id, count) for user_id, count, _ in pending] == [(alice.id, 1), (bob.id, 1)]
+    newest = pending[0][2]
+    assert newest.tzinfo is not None and abs(newest - sent[2].created_at) < timedelta(seconds=1)
+    assert storage.active_job(alice.id) is None
+    job = storage.queue_job(alice.id)
+    assert storage.active_job(alice.id).id == job.id and storage.active_job(bob.id) is None
+
+
+def test_deleting_a_user_leaves_nothing_of_theirs(storage, alice, bob, data_dir):
+    for user in (alice, bob):
+        _, sent = _chat(storage, user, "a", "b", "c")
+        _commit(storage, user, sent[1].id, f"{user.username} state".encode())
+        storage.queue_job(user.id)
+        storage.record_audit(user.id, "self_service", user.id)
+    storage.set_admin(bob.id, True, actor_id=alice.id)
+    assert storage.claim_job() is not None
+    assert all(user_row_counts(storage, alice.id).values())
+    bob_before = user_row_counts(storage, bob.id)
+
+    storage.delete_user(alice.id, actor_id=bob.id)
+    assert user_row_counts(storage, alice.id) == dict.fromkeys(user_row_counts(storage, alice.id), 0)
+    assert not (data_dir / "adapters" / f"user-{alice.id}").exists()
+    assert storage.find_user("alice") is None
+    with pytest.raises(NotFound):
+        storage.get_user(alice.id)
+    bob_after = user_row_counts(storage, bob.id)
+    assert bob_after == bob_before | {"audit_log": bob_before["audit_log"] + 1}  # the deletion, by bob
+    assert storage.read_snapshot(bob.id) == b"bob state"
+    assert storage.list_audit()[0].action == "delete_user"
+    with pytest.raises(NotFound):
+        storage.delete_user(alice.id)
+
+
+# --- compression jobs --------------------------------------------------------------------------
+
+def test_queueing_is_idempotent(storage, alice, bob):
+    job = storage.queue_job(alice.id)
+    assert (job.status, job.attempts) == ("queued", 0)
+    assert storage.queue_job(alice.id).id == job.id
+    assert storage.queue_job(bob.id).id != job.id
+
+
+def test_claiming_takes_the_oldest_due_job_once(storage, alice, bob):
+    first, second = storage.queue_job(alice.id), storage.queue_job(bob.id)
+    claimed = storage.claim_job()
+    assert (claimed.id, claimed.status, claimed.attempts) == (first.id, "running", 1)
+    assert claimed.started_at is not None
+    assert storage.claim_job().id == second.id
+    assert storage.claim_job() is None
+    assert storage.queue_job(alice.id).id == first.id  # still the active one: no second job
+
+
+def test_a_job_asked_for_while_running_gets_a_follow_up(storage, alice):
+    job = storage.queue_job(alice.id)
+    storage.claim_job()
+    assert storage.finish_job(job.id) is None
+    assert storage.get_job(job.id).status == "done" and storage.get_job(job.id).finished_at is not None
+
+    again = storage.queue_job(alice.id)
+    assert storage.claim_job().id == again.id
+    assert storage.queue_job(alice.id).id == again.id  # new messages arrived while it ran
+    follow_up = storage.finish_job(again.id)
+    assert follow_up is not None and follow_up.status == "queued" and follow_up.id != again.id
+    assert storage.claim_job().id == follow_up.id
+    with pytest.raises(StorageError, match="is done, not running"):
+        storage.finish_job(again.id)
+    with pytest.raises(NotFound):
+        storage.finish_job(999_999)
+
+
+def test_failed_runs_are_retried_with_backoff_then_fail(storage, alice):
+    job = storage.queue_job(alice.id)
+    delays = []
+    for attempt in range(1, FAST.job_max_attempts + 1):
+        claimed = storage.claim_job()
+        assert (claimed.id, claimed.attempts) == (job.id, attempt)
+        failed_at = datetime.now(timezone.utc)
+        result = storage.fail_job(job.id, f"boom {attempt}\x00\ud800")
+        assert result.error.startswith(f"boom {attempt}")
+        if result.status == "queued":
+            delays.append(result.not_before - failed_at)
+            assert storage.claim_job() is None  # not due yet
+            with storage.engine.begin() as connection:  # let the time pass
+                connection.execute(update(CompressionJob).values(not_before=datetime.now(timezone.utc)))
+    assert result.status == "failed" and result.finished_at is not None and result.attempts == 3
+    assert [round(d.total_seconds()) for d in delays] == [10, 20]  # base 10 s, doubling
+    assert FAST.retry_delay_s(3) == 25.0  # capped at job_retry_max_s
+    assert storage.claim_job() is None
+    assert storage.queue_job(alice.id).id != job.id  # a failed job no longer blocks new ones
+
+
+def test_jobs_left_running_by_a_crash_are_requeued(storage, alice, bob):
+    a, b = storage.queue_job(alice.id), storage.queue_job(bob.id)
+    storage.claim_job()
+    storage.claim_job()
+    with storage.engine.begin() as connection:
+        connection.execute(update(CompressionJob).where(CompressionJob.id == b.id)
+                           .values(started_at=datetime.now(timezone.utc) + timedelta(hours=1)))
+    assert storage.requeue_stale_jobs(started_before=datetime.now(timezone.utc)) == 1
+    assert storage.get_job(a.id).status == "queued" and "interrupted" in storage.get_job(a.id).error
+    assert storage.get_job(b.id).status == "running"
+    assert storage.requeue_stale_jobs() == 1
+    assert storage.get_job(b.id).status == "queued"
+    assert storage.claim_job() is None  # a crash counts as a failed run: retried after the backoff
+    with storage.engine.begin() as connection:
+        connection.execute(update(CompressionJob).values(not_before=datetime.now(timezone.utc)))
+    assert storage.claim_job().id == a.id and storage.get_job(a.id).attempts == 2
+
+
+def test_a_crash_on_the_last_attempt_fails_the_job(storage, alice):
+    job = storage.queue_job(alice.id)
+    with storage.engine.begin() as connection:
+        connection.execute(update(CompressionJob).values(attempts=FAST.job_max_attempts - 1))
+    storage.claim_job()
+    assert storage.requeue_stale_jobs() == 1
+    assert storage.get_job(job.id).status == "failed"
+
+
+def test_absorbing_marks_match_cursors(storage, alice):
+    _, sent = _chat(storage, alice, *"abcdef")
+    s1 = _commit(storage, alice, sent[2].id, b"1")
+    s2 = _commit(storage, alice, sent[5].id, b"2")
+    with storage.engine.connect() as connection:
+        marks = dict(connection.execute(select(Message.id, Message.snapshot_id).order_by(Message.id)).all())
+    assert list(marks.values()) == [s1.id] * 3 + [s2.id] * 3
