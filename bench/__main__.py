@@ -1,0 +1,70 @@
+"""`python -m bench`: per-turn cost, compression, many users and memory size, on one machine in
+one run. Writes bench.json, bench.md and PNG plots to --out (default docs/bench/).
+
+  python -m bench                 # the full benchmark on the CPU (under 10 minutes on 2 cores)
+  python -m bench --device cuda
+  python -m bench --quick --out /tmp/bench   # a small run that checks everything works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from adapter_core.engine import load_engine
+
+from .report import markdown, plot_all
+from .sections import BenchOptions, compression, many_users, memory_size, per_turn
+
+QUICK = BenchOptions(lengths=(256, 512), reply_tokens=4, repeats=1, absorbed_before=(0, 512), absorb_tokens=256,
+                     users=(1, 2), decode_tokens=4)
+TARGETS = {
+    "latency_ratio_2k": 4.0, "latency_ratio_8k": 20.0, "absorb_spread": 0.20, "generator_overhead": 0.50,
+    "many_users_overhead_16": 0.25, "state_bytes": 1_000_000,
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
+    p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
+    p.add_argument("--cache-dir", default="data/model-cache")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it works, not the timings")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = QUICK if args.quick else BenchOptions()
+    started = time.perf_counter()
+    engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir)
+    engine.eval()
+    results = {
+        "machine": {"device": str(engine.device), "cpu_threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
+                    "platform": platform.platform(), "torch": torch.__version__},
+        "model": engine.base_model_id, "generator": engine.generator_id, "rank": engine.config.rank,
+        "quick": args.quick, "options": options.__dict__, "targets": TARGETS,
+    }
+    for name, section in (("per_turn", per_turn), ("compression", compression), ("many_users", many_users),
+                          ("memory_size", memory_size)):
+        t = time.perf_counter()
+        logging.info("benchmark section %s ...", name)
+        results[name] = section(engine, options)
+        logging.info("... %s took %.0f s", name, time.perf_counter() - t)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    plot_all(results, args.out)
+    (args.out / "bench.md").write_text(markdown(results))
+    print((args.out / "bench.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The benchmark's markdown table and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _by_mode(rows: list[dict], mode: str) -> dict[int, dict]:
+    return {r["history_tokens"]: r for r in rows if r["mode"] == mode}
+
+
+def latency_ratios(results: dict, key: str = "reply_s") -> dict[int, float]:
+    """Full-history time over adapter time, per history length."""
+    full, adapter = _by_mode(results["per_turn"], "full_history"), _by_mode(results["per_turn"], "adapter")
+    return {n: full[n][key] / adapter[n][key] for n in full if n in adapter}
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def markdown(results: dict) -> str:
+    t = results["targets"]
+    machine = results["machine"]
+    where = machine["gpu"] or f"CPU, {machine['cpu_threads']} threads"
+    lines = [f"# Benchmark ({where})", "",
+             f"Model `{results['model']}`, generator `{results['generator']}` (rank {results['rank']}); "
+             f"{'QUICK MODE: sizes too small for the targets to mean anything; ' if results['quick'] else ''}"
+             f"whole run {results['seconds']:.0f} s.", "",
+             "## Cost of one turn", "",
+             f"Reply of {results['options']['reply_tokens']} tokens; adapter mode keeps the last "
+             f"{results['options']['recent_turns']} turns in the prompt and the rest in the adapter.", "",
+             "| history tokens | mode | prompt tokens | first token (s) | reply (s) | peak memory (MB) | prefill GFLOPs |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["per_turn"]:
+        lines.append(f"| {r['history_tokens']} | {r['mode']} | {r['prompt_tokens']} | {r['time_to_first_token_s']:.3f} "
+                     f"| {r['reply_s']:.3f} | {r['peak_memory_mb']:.1f} | {r['prefill_gflops']:.1f} |")
+    ratios = latency_ratios(results)
+    first = latency_ratios(results, "time_to_first_token_s")
+    lines += ["", "| history tokens | full-history / adapter: whole reply | : first token |", "|---|---|---|"]
+    lines += [f"| {n} | {ratio:.1f}x | {first[n]:.1f}x |" for n, ratio in ratios.items()]
+    for n, target in ((2048, t["latency_ratio_2k"]), (8192, t["latency_ratio_8k"])):
+        if n in ratios:
+            lines.append(f"\nTarget at {n} tokens: adapter <= 1/{target:.0f} of full history: whole reply "
+                         f"{ratios[n]:.1f}x, {_verdict(ratios[n] >= target)}; first token {first[n]:.1f}x, "
+                         f"{_verdict(first[n] >= target)}.")
+    c = results["compression"]
+    lines += ["", "## Compression", "",
+              f"Absorbing {c['absorb_tokens']} new tokens:", "", "| tokens already absorbed | seconds |", "|---|---|"]
+    lines += [f"| {r['absorbed_before']} | {r['absorb_s']:.3f} |" for r in c["rows"]]
+    lines += ["", f"- throughput while building memory: {c['tokens_per_s']:.0f} tokens/s",
+              f"- spread of the absorb times: {100 * c['spread']:.1f}% (target <= {100 * t['absorb_spread']:.0f}%, "
+              f"{_verdict(c['spread'] <= t['absorb_spread'])})",
+              f"- generator overhead over a plain forward of the same windows ({c['plain_forward_s']:.3f} s): "
+              f"{100 * c['generator_overhead']:.1f}% (target <= {100 * t['generator_overhead']:.0f}%, "
+              f"{_verdict(c['generator_overhead'] <= t['generator_overhead'])})",
+              "", "## Many users in one batch", "",
+              f"Greedy decoding of {results['options']['decode_tokens']} tokens per user, each user with their own adapter.",
+              "", "| users | tokens/s without adapters | tokens/s with adapters | overhead |", "|---|---|---|---|"]
+    for r in results["many_users"]:
+        lines.append(f"| {r['users']} | {r['base_tokens_per_s']:.1f} | {r['adapter_tokens_per_s']:.1f} "
+                     f"| {100 * r['adapter_overhead']:.1f}% |")
+    last = results["many_users"][-1]
+    if last["users"] == 16:
+        lines.append(f"\nTarget at 16 users: overhead <= {100 * t['many_users_overhead_16']:.0f}%: "
+                     f"{_verdict(last['adapter_overhead'] <= t['many_users_overhead_16'])}.")
+    lines += ["", "## Memory per user", "", "| history tokens | adapter state | KV cache of the history | raw text |",
+              "|---|---|---|---|"]
+    for r in results["memory_size"]:
+        lines.append(f"| {r['history_tokens']} | {r['adapter_state_bytes'] / 1e3:.0f} kB | "
+                     f"{r['kv_cache_bytes'] / 1e6:.1f} MB | {r['raw_text_bytes'] / 1e3:.1f} kB |")
+    state = results["memory_size"][0]["adapter_state_bytes"]
+    lines.append(f"\nTarget: state <= 1 MB per user: {state / 1e6:.2f} MB, {_verdict(state <= t['state_bytes'])}.")
+    lines += ["", "Plots: `per_turn.png`, `many_users.png`, `memory_size.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot_all(results: dict, folder: Path) -> None:
+    full, adapter = _by_mode(results["per_turn"], "full_history"), _by_mode(results["per_turn"], "adapter")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key, ax, label in (("reply_s", axes[0], "reply time (s)"), ("time_to_first_token_s", axes[1], "first token (s)"),
+                           ("prefill_gflops", axes[2], "prefill GFLOPs")):
+        for name, rows in (("full history", full), ("adapter + recent turns", adapter)):
+            xs = sorted(rows)
+            ax.plot(xs, [rows[x][key] for x in xs], "o-", label=name)
+        ax.set(xlabel="history tokens", ylabel=label, title=label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "per_turn.png", dpi=90)
+    plt.close(fig)
+
+    rows = results["many_users"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    users = [r["users"] for r in rows]
+    ax.plot(users, [r["base_tokens_per_s"] for r in rows], "o-", label="no adapters")
+    ax.plot(users, [r["adapter_tokens_per_s"] for r in rows], "s-", label="one adapter per user")
+    ax.set(xlabel="users in the batch", ylabel="decoded tokens/s", title="many users, one batch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "many_users.png", dpi=90)
+    plt.close(fig)
+
+    rows = results["memory_size"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["history_tokens"] for r in rows]
+    for key, name in (("kv_cache_bytes", "KV cache"), ("raw_text_bytes", "raw text"),
+                      ("adapter_state_bytes", "adapter state")):
+        ax.plot(xs, [r[key] / 1e6 for r in rows], "o-", label=name)
+    ax.set(xlabel="history tokens", ylabel="MB per user", yscale="log", title="memory per user")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "memory_size.png", dpi=90)
+    plt.close(fig)

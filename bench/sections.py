@@ -1,0 +1,168 @@
+"""The four measurements. Each returns plain rows (dicts) for the JSON and the report."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from adapter_core import GenerativeAdapterModel
+from adapter_core.conversation import Turn, history_text, left_pad, prompt_ids
+from adapter_core.training.persona import TRAIN, make_conversation
+from adapter_core.windows import Window, pack_windows
+
+from .measure import FirstTokenClock, PeakMemory, count_flops, interleaved_medians
+
+QUESTION = "Can you remind me what I told you about my trip?"
+
+
+@dataclass
+class BenchOptions:
+    lengths: tuple[int, ...] = (256, 1024, 2048, 4096, 8192)
+    """History lengths (tokens) for the per-turn comparison."""
+    reply_tokens: int = 32
+    """Fixed reply length of a turn."""
+    recent_turns: int = 2
+    """Turns not yet absorbed, kept in the adapter-mode prompt (as in the app)."""
+    repeats: int = 3
+    """Repetitions of short measurements (the median is reported)."""
+    absorbed_before: tuple[int, ...] = (0, 4096, 16384)
+    """Tokens already in memory before absorbing `absorb_tokens` more."""
+    absorb_tokens: int = 1024
+    users: tuple[int, ...] = (1, 4, 16)
+    """Batch sizes of the many-users decode test, one adapter per user."""
+    decode_tokens: int = 32
+
+
+def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:
+    """The most recent turns of a synthetic conversation that fit in `tokens` tokens of history."""
+    conversation = make_conversation(random.Random(seed), TRAIN, 10, int(tokens * 1.5) + 400)
+    kept, total = [], 0
+    for turn in reversed(conversation.turns):
+        n = len(tokenizer(history_text([turn]), add_special_tokens=False)["input_ids"])
+        if total + n > tokens:
+            break
+        kept.insert(0, turn)
+        total += n
+    return kept
+
+
+def prefill_flops(engine: GenerativeAdapterModel, ids: torch.Tensor, states) -> int:
+    """Counted matmul FLOPs of the prefill (last-position logits, as generate computes them)
+    plus attention scores and values at 4 * layers * T^2 * width, which the counter misses on CPU."""
+    counted = count_flops(lambda: engine(ids, states=states, logits_to_keep=1))
+    config = engine.base_model.config
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    return counted + 4 * config.num_hidden_layers * ids.shape[1] ** 2 * width
+
+
+@torch.inference_mode()
+def per_turn(engine: GenerativeAdapterModel, options: BenchOptions) -> list[dict]:
+    tok = engine.tokenizer
+    generate = dict(max_new_tokens=options.reply_tokens, min_new_tokens=options.reply_tokens, do_sample=False,
+                    pad_token_id=tok.pad_token_id)
+    engine.generate(torch.tensor([prompt_ids(tok, QUESTION)], device=engine.device), **generate)  # warm-up
+    rows = []
+    for length in options.lengths:
+        turns = history_turns(tok, length)
+        recent = turns[-options.recent_turns:] if options.recent_turns else []
+        state = engine.absorb(engine.empty_state(), history_text(turns[:len(turns) - len(recent)]))
+        cases = {"full_history": (prompt_ids(tok, QUESTION, turns), None),
+                 "adapter": (prompt_ids(tok, QUESTION, recent), [state])}
+        first, total, peak = {m: [] for m in cases}, {m: [] for m in cases}, dict.fromkeys(cases, 0)
+        for _ in range(options.repeats):
+            for mode, (prompt, states) in cases.items():  # interleaved: a slow phase hits both modes
+                clock = FirstTokenClock()
+                with PeakMemory(engine.device) as memory:
+                    engine.generate(torch.tensor([prompt], device=engine.device), states=states, streamer=clock,
+                                    **generate)
+                total[mode].append(time.perf_counter() - clock.start)
+                first[mode].append(clock.seconds_to_first_token)
+                peak[mode] = max(peak[mode], memory.peak)
+        for mode, (prompt, states) in cases.items():
+            ids = torch.tensor([prompt], device=engine.device)
+            rows.append({"history_tokens": length, "mode": mode, "prompt_tokens": len(prompt),
+                         "time_to_first_token_s": statistics.median(first[mode]),
+                         "reply_s": statistics.median(total[mode]), "peak_memory_mb": peak[mode] / 2**20,
+                         "prefill_gflops": prefill_flops(engine, ids, states) / 1e9})
+    return rows
+
+
+@torch.inference_mode()
+def compression(engine: GenerativeAdapterModel, options: BenchOptions) -> dict:
+    tok = engine.tokenizer
+    window = engine.config.window
+    need = max(options.absorbed_before) + options.absorb_tokens * (options.repeats + 1)
+    stream = tok(history_text(history_turns(tok, need + 2000, seed=1)), add_special_tokens=False)["input_ids"]
+    # a long conversation, repeated if the synthetic one is shorter than needed
+    stream = (stream * (need // max(1, len(stream)) + 1))[:need]
+
+    started = time.perf_counter()
+    state, done, states_at = engine.empty_state(), 0, {}
+    for mark in sorted(options.absorbed_before):
+        state = engine.absorb(state, [stream[done:mark]])
+        done = mark
+        states_at[mark] = state
+    build_seconds = time.perf_counter() - started
+
+    new = stream[done:done + options.absorb_tokens]
+    windows = [[Window(new[i:i + window])] for i in range(0, len(new), window)]
+    packed = pack_windows(windows, tok.pad_token_id).to(engine.device)
+    cases = {f"absorb after {before}": (lambda s=s: engine.absorb(s, [new])) for before, s in states_at.items()}
+    cases["plain forward"] = lambda: engine.base_model.get_decoder()(
+        input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False)
+    medians = interleaved_medians(cases, options.repeats + 2)
+    rows = [{"absorbed_before": before, "absorb_s": medians[f"absorb after {before}"]} for before in states_at]
+    plain = medians["plain forward"]
+    absorb_times = [r["absorb_s"] for r in rows]
+    return {
+        "rows": rows,
+        "absorb_tokens": len(new),
+        "tokens_per_s": max(options.absorbed_before) / build_seconds if build_seconds else None,
+        "plain_forward_s": plain,
+        "generator_overhead": statistics.median(absorb_times) / plain - 1,
+        "spread": max(absorb_times) / min(absorb_times) - 1,
+    }
+
+
+@torch.inference_mode()
+def many_users(engine: GenerativeAdapterModel, options: BenchOptions) -> list[dict]:
+    tok = engine.tokenizer
+    generate = dict(max_new_tokens=options.decode_tokens, min_new_tokens=options.decode_tokens, do_sample=False,
+                    pad_token_id=tok.pad_token_id)
+    rows = []
+    for users in options.users:
+        histories = [history_text(history_turns(tok, 300, seed=100 + u)) for u in range(users)]
+        states = engine.absorb_many([engine.empty_state()] * users, histories)
+        prompts = [prompt_ids(tok, f"{QUESTION} ({u})") for u in range(users)]
+        ids, mask = (t.to(engine.device) for t in left_pad(prompts, tok.pad_token_id))
+        run = {
+            "base": lambda: engine.generate(ids, attention_mask=mask, **generate),
+            "adapters": lambda: engine.generate(ids, attention_mask=mask, states=states, **generate),
+        }
+        run["base"]()  # warm-up at this batch size
+        seconds = interleaved_medians(run, options.repeats)
+        new_tokens = users * options.decode_tokens
+        rows.append({"users": users, "base_tokens_per_s": new_tokens / seconds["base"],
+                     "adapter_tokens_per_s": new_tokens / seconds["adapters"],
+                     "adapter_overhead": seconds["adapters"] / seconds["base"] - 1})
+    return rows
+
+
+def memory_size(engine: GenerativeAdapterModel, options: BenchOptions) -> list[dict]:
+    tok = engine.tokenizer
+    config = engine.base_model.config
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    element = torch.finfo(next(engine.base_model.parameters()).dtype).bits // 8
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    state_bytes = len(engine.empty_state().to_bytes())
+    rows = []
+    for length in options.lengths:
+        text = history_text(history_turns(tok, length))
+        tokens = len(tok(text, add_special_tokens=False)["input_ids"])
+        rows.append({"history_tokens": tokens, "adapter_state_bytes": state_bytes,
+                     "kv_cache_bytes": kv_per_token * tokens, "raw_text_bytes": len(text.encode())})
+    return rows

@@ -1,0 +1,28 @@
+import json
+import math
+
+import pytest
+
+from bench.__main__ import main
+
+
+@pytest.mark.integration
+def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
+    main(["--quick", "--out", str(tmp_path), "--cache-dir", str(model_cache)])
+    results = json.loads((tmp_path / "bench.json").read_text())
+    for name in ("bench.md", "per_turn.png", "many_users.png", "memory_size.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = results["per_turn"]
+    assert {(r["history_tokens"], r["mode"]) for r in rows} == {(n, m) for n in (256, 512)
+                                                                 for m in ("full_history", "adapter")}
+    for r in rows:
+        assert r["reply_s"] >= r["time_to_first_token_s"] > 0 and math.isfinite(r["prefill_gflops"])
+    by = {(r["history_tokens"], r["mode"]): r for r in rows}
+    # structure, not timing: the full-history prompt grows with history, the adapter prompt does not
+    assert by[512, "full_history"]["prefill_gflops"] > by[256, "full_history"]["prefill_gflops"] > by[256, "adapter"]["prefill_gflops"]
+    assert by[512, "adapter"]["prompt_tokens"] == pytest.approx(by[256, "adapter"]["prompt_tokens"], abs=20)
+    assert len(results["compression"]["rows"]) == 2 and results["compression"]["tokens_per_s"] > 0
+    assert [r["users"] for r in results["many_users"]] == [1, 2]
+    sizes = results["memory_size"]
+    assert sizes[0]["adapter_state_bytes"] == sizes[1]["adapter_state_bytes"] < 1_000_000
+    assert sizes[1]["kv_cache_bytes"] > sizes[0]["kv_cache_bytes"]
