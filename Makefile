@@ -1,4 +1,5 @@
-# Two commands for a fresh machine:  `make run`  (the app on the embedded default model)
+# Two commands for a fresh machine:  `make run`  (the app on the embedded default model, on
+#                                                 http://127.0.0.1:7860; APP_ARGS="--help" lists options)
 #                                    `make test` (the whole test suite)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,7 +23,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-run: demo
+run: install
+	$(PY) app.py $(APP_ARGS)
 
 demo: install
 	$(PY) -m adapter_core.demo

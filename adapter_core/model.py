@@ -88,6 +88,8 @@ class GenerativeAdapterModel(nn.Module):
                 self._by_layer.setdefault(i, []).append((name, wrapped))
             layer.register_forward_pre_hook(self._hook_for(i), with_kwargs=True)
 
+        self.checkpoint_meta: dict | None = None
+        """What the loaded checkpoint says of itself (None: a freshly initialised, untrained generator)."""
         self._pass: _MemoryPass | None = None
         # The per-row memories live on the layers during a call, so calls must not interleave.
         self._lock = threading.RLock()
@@ -130,6 +132,7 @@ class GenerativeAdapterModel(nn.Module):
             )
         model = cls(base_model, GeneratorConfig.from_dict(meta["config"]), base_model_id, tokenizer)
         model.load_generator_weights(folder)
+        model.checkpoint_meta = meta
         return model
 
     def load_generator_weights(self, folder: str | Path) -> None:

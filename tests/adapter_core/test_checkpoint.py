@@ -13,6 +13,7 @@ def test_generator_round_trip_gives_the_same_id_and_outputs(make_engine, make_ti
     again = GenerativeAdapterModel.from_checkpoint(make_tiny_lm("qwen2"), tmp_path, "tiny-qwen2")
     assert again.generator_id == engine.generator_id
     assert again.config == engine.config
+    assert engine.checkpoint_meta is None and again.checkpoint_meta["generator_id"] == engine.generator_id
     history = [random_tokens(21)]
     s1 = engine.absorb(engine.empty_state(), history)
     s2 = again.absorb(again.empty_state(), history)

@@ -1,0 +1,453 @@
+"""The chat service: what the UI (and the API) can do, with every access checked here.
+
+It joins storage (what is remembered) and the adapter engine (how memory becomes weights). No
+UI code: every method can be called, and is tested, without Gradio. Methods take the acting
+user's id as the UI's session holds it; whatever they touch is that user's own, except the
+admin methods, which re-read the actor from the database and refuse non-admins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+import unicodedata
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TextIteratorStreamer
+
+from adapter_core import AdapterState, GenerativeAdapterModel, StateError, export_peft
+from adapter_core.conversation import Turn, history_text, prompt_ids
+from adapter_core.inspect import adapter_summary
+from storage import CursorError, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError, ValidationError
+
+from .settings import AppSettings
+
+log = logging.getLogger(__name__)
+
+
+class AccessDenied(PermissionError):
+    """The acting user may not do this (not logged in, or not an admin)."""
+
+
+class LoginFailed(PermissionError):
+    """Unknown user or wrong password (the two are not told apart)."""
+
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int
+    pending_turns: int
+    """Turns in the prompt because they are not in the adapter yet (the new message included)."""
+    adapter_version: int | None
+    first_token_s: float
+    total_s: float
+    reply_tokens: int
+
+    def line(self) -> str:
+        adapter = f"adapter v{self.adapter_version}" if self.adapter_version else "no adapter yet"
+        turns = "turn" if self.pending_turns == 1 else "turns"
+        return (f"{self.prompt_tokens} prompt tokens ({self.pending_turns} {turns} not yet in memory) · {adapter} · "
+                f"first token {self.first_token_s:.2f} s · {self.reply_tokens} tokens in {self.total_s:.2f} s")
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    seconds: float
+
+
+class ChatService:
+    def __init__(self, storage: Storage, engine: GenerativeAdapterModel, settings: AppSettings):
+        self.storage, self.engine, self.settings = storage, engine, settings
+        self.signup_open = settings.allow_signup
+        self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, state)
+        self._states_lock = threading.Lock()
+        self._failed_logins: dict[str, int] = {}
+
+    # --- accounts ------------------------------------------------------------------------------
+
+    def sign_up(self, username: str, password: str) -> int:
+        if not self.signup_open:
+            raise AccessDenied("sign-up is closed; ask an admin for an account")
+        return self.storage.create_user(username, password).id
+
+    def log_in(self, username: str, password: str) -> int:
+        """The user's id; repeated failures for a name are answered ever more slowly."""
+        key = str(username).strip().casefold()[:200]
+        failures = self._failed_logins.get(key, 0)
+        if failures >= 3:
+            time.sleep(min(2.0 ** (failures - 3), 30.0))
+        user = self.storage.authenticate(username, password)
+        if user is None:
+            self._failed_logins[key] = failures + 1
+            raise LoginFailed("wrong username or password")
+        self._failed_logins.pop(key, None)
+        return user.id
+
+    def ensure_admin(self, username: str, password: str) -> int:
+        """Create the configured admin account, or promote it; used at start."""
+        user = self.storage.find_user(username)
+        if user is None:
+            user = self.storage.create_user(username, password, is_admin=True)
+        elif not user.is_admin:
+            self.storage.set_admin(user.id, True)
+        return user.id
+
+    def whoami(self, user_id: int | None) -> dict:
+        user = self._user(user_id)
+        return {"id": user.id, "username": user.username, "is_admin": user.is_admin}
+
+    # --- chat ------------------------------------------------------------------------------------
+
+    def history(self, user_id: int | None) -> list[dict]:
+        user = self._user(user_id)
+        return [{"id": m.id, "role": m.role, "text": m.text, "absorbed": m.snapshot_id is not None,
+                 "created_at": m.created_at.isoformat()} for m in self.storage.history(user.id)]
+
+    def reply(self, user_id: int | None, text: str) -> Iterator[str | ReplyStats]:
+        """Store the message, stream the reply (chunks of text), store it, then yield its stats."""
+        user = self._user(user_id)
+        tok = self.engine.tokenizer
+        conversation = self._conversation(user.id)
+        message = self.storage.append_message(user.id, conversation, "user", text,
+                                              len(tok(text, add_special_tokens=False)["input_ids"]))
+        snapshot, state = self._current_state(user.id)
+        cursor = snapshot.cursor if state is not None else 0
+        pending = [Turn(m.role, m.text) for m in self.storage.messages_after(user.id, cursor) if m.id < message.id]
+        pending = self._fit(pending)
+        ids = prompt_ids(tok, message.text, pending)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        started = time.perf_counter()
+        first_token = None
+        generation = threading.Thread(target=self._generate, args=(ids, state, streamer), daemon=True)
+        generation.start()
+        parts = []
+        for chunk in map(_printable, streamer):
+            if chunk:
+                first_token = first_token or time.perf_counter()
+                parts.append(chunk)
+                yield chunk
+        generation.join()
+        answer = "".join(parts).strip() or "…"
+        stored = self.storage.append_message(user.id, conversation, "assistant", answer,
+                                             len(tok(answer, add_special_tokens=False)["input_ids"]))
+        self._maybe_queue(user.id)
+        total = time.perf_counter() - started
+        yield ReplyStats(len(ids), len(pending) + 1, snapshot.version if state is not None else None,
+                         (first_token or time.perf_counter()) - started, total, stored.token_count)
+
+    def _generate(self, ids: list[int], state: AdapterState | None, streamer) -> None:
+        tok = self.engine.tokenizer
+        try:
+            with torch.inference_mode():
+                self.engine.generate(torch.tensor([ids], device=self.engine.device),
+                                     states=[state] if state is not None else None, streamer=streamer,
+                                     max_new_tokens=self.settings.max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        except Exception:  # the streamer must end, or the reply would hang
+            log.exception("generation failed")
+            streamer.end()
+
+    def _fit(self, turns: list[Turn]) -> list[Turn]:
+        """The most recent pending turns within the token budget (older ones wait for compression)."""
+        tok, kept, total = self.engine.tokenizer, [], 0
+        for turn in reversed(turns):
+            total += len(tok(turn.text, add_special_tokens=False)["input_ids"]) + 5
+            if total > self.settings.recent_token_budget:
+                break
+            kept.insert(0, turn)
+        return kept
+
+    def _conversation(self, user_id: int) -> int:
+        conversations = self.storage.list_conversations(user_id)
+        return conversations[-1].id if conversations else self.storage.start_conversation(user_id).id
+
+    # --- memory ----------------------------------------------------------------------------------
+
+    def memory_status(self, user_id: int | None) -> dict:
+        user = self._user(user_id)
+        messages = self.storage.history(user.id)
+        snapshot = self.storage.latest_snapshot(user.id)
+        absorbed = [m for m in messages if m.snapshot_id is not None]
+        job = self._active_job(user.id)
+        return {
+            "messages": len(messages),
+            "absorbed_messages": len(absorbed),
+            "absorbed_tokens": sum(m.token_count for m in absorbed),
+            "pending_messages": len(messages) - len(absorbed),
+            "pending_tokens": sum(m.token_count for m in messages if m.snapshot_id is None),
+            "adapter_version": snapshot.version if snapshot else None,
+            "last_compression": snapshot.created_at.isoformat(timespec="seconds") if snapshot else None,
+            "needs_rebuild": user.needs_rebuild,
+            "job": job,
+        }
+
+    def compress_now(self, user_id: int | None) -> None:
+        self.storage.queue_job(self._user(user_id).id)
+
+    def forget(self, user_id: int | None, message_id: int) -> None:
+        """Delete one message; until the rebuild lands, answers use no adapter (it may hold the message)."""
+        user = self._user(user_id)
+        self.storage.delete_message(user.id, int(message_id))
+        self._drop_state(user.id)
+        self.storage.queue_job(user.id)
+
+    def export(self, user_id: int | None) -> Path:
+        """A zip of the user's history (JSON) and adapter (state file + PEFT LoRA folder)."""
+        user = self._user(user_id)
+        folder = Path(tempfile.mkdtemp(prefix="memchat-export-"))
+        archive = folder / f"memchat-{user.username}.zip"
+        snapshot, state = self._current_state(user.id)
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("history.json", json.dumps({"user": user.username, "messages": self.history(user.id)},
+                                                  indent=2, ensure_ascii=False))
+            if state is not None:
+                z.writestr("adapter/state.safetensors", state.to_bytes())
+                peft = export_peft(self.engine, state, folder / "peft")
+                for f in sorted(peft.iterdir()):
+                    z.write(f, f"adapter/peft/{f.name}")
+                z.writestr("adapter/snapshot.json", json.dumps({
+                    "version": snapshot.version, "generator_id": snapshot.generator_id,
+                    "base_model_id": snapshot.base_model_id, "tokens_absorbed": snapshot.tokens_absorbed}, indent=2))
+        return archive
+
+    # --- compression (called by the worker) ---------------------------------------------------------
+
+    def compress(self, user_id: int) -> int | None:
+        """Absorb the user's new turns (or rebuild from scratch when needed); the new version or None."""
+        user = self.storage.get_user(user_id)
+        latest = self.storage.latest_snapshot(user_id)
+        state = None
+        if latest is not None and not user.needs_rebuild:
+            _, state = self._current_state(user_id)
+        if user.needs_rebuild or (latest is not None and state is None):
+            return self._rebuild(user_id)
+        pending = self.storage.messages_after(user_id, latest.cursor if latest else 0)
+        if not pending:
+            return None
+        started = time.perf_counter()
+        new = self.engine.absorb(state or self.engine.empty_state(), history_text([Turn(m.role, m.text) for m in pending]),
+                                 windows_per_pass=4)
+        try:
+            snapshot = self.storage.commit_snapshot(
+                user_id, new.to_bytes(), generator_id=self.engine.generator_id,
+                base_model_id=self.engine.base_model_id, cursor=pending[-1].id, tokens_absorbed=new.tokens,
+                stats=self._stats(new, len(pending), time.perf_counter() - started))
+        except RebuildRequired:
+            return self._rebuild(user_id)
+        except CursorError:  # another compression absorbed these turns first: nothing left to do
+            log.info("user %s: turns up to %s were already absorbed", user_id, pending[-1].id)
+            return None
+        self._keep_state(user_id, snapshot.id, new)
+        return snapshot.version
+
+    def _rebuild(self, user_id: int) -> int:
+        revision = self.storage.get_user(user_id).history_revision
+        messages = self.storage.history(user_id)
+        started = time.perf_counter()
+        state = self.engine.absorb(self.engine.empty_state(),
+                                   history_text([Turn(m.role, m.text) for m in messages]), windows_per_pass=4)
+        snapshot = self.storage.commit_snapshot(
+            user_id, state.to_bytes(), generator_id=self.engine.generator_id, base_model_id=self.engine.base_model_id,
+            cursor=messages[-1].id if messages else 0, tokens_absorbed=state.tokens,
+            stats=self._stats(state, len(messages), time.perf_counter() - started) | {"rebuild": True},
+            rebuild_revision=revision)
+        self._keep_state(user_id, snapshot.id, state)
+        return snapshot.version
+
+    def queue_idle(self, now_ts: float) -> list[int]:
+        """Queue compression for users whose newest pending message is older than the idle delay."""
+        if not self.settings.compress_idle_seconds:
+            return []
+        queued = []
+        for user_id, _count, newest in self.storage.pending_users():
+            if now_ts - newest.timestamp() >= self.settings.compress_idle_seconds and self._active_job(user_id) is None:
+                self.storage.queue_job(user_id)
+                queued.append(user_id)
+        return queued
+
+    def _maybe_queue(self, user_id: int) -> None:
+        pending = [m for m in self.storage.messages_after(user_id, self._cursor(user_id)) if m.role == "user"]
+        if len(pending) >= self.settings.compress_every:
+            self.storage.queue_job(user_id)
+
+    @staticmethod
+    def _stats(state: AdapterState, messages: int, seconds: float) -> dict:
+        return {"tokens": state.tokens, "windows": state.chunks, "messages": messages,
+                "seconds": round(seconds, 3), "state_bytes": state.nbytes()}
+
+    # --- states ----------------------------------------------------------------------------------
+
+    def _cursor(self, user_id: int) -> int:
+        snapshot = self.storage.latest_snapshot(user_id)
+        return snapshot.cursor if snapshot else 0
+
+    def _current_state(self, user_id: int):
+        """(latest snapshot, its state), or (snapshot or None, None) when there is no usable one:
+        none yet, a rebuild pending (it may hold forgotten messages), or a damaged file."""
+        snapshot = self.storage.latest_snapshot(user_id)
+        if snapshot is None or self.storage.get_user(user_id).needs_rebuild:
+            return snapshot, None
+        with self._states_lock:
+            cached = self._states.get(user_id)
+        if cached is not None and cached[0] == snapshot.id:
+            return snapshot, cached[1]
+        try:
+            state = AdapterState.from_bytes(self.storage.read_snapshot(user_id, snapshot.id),
+                                            self.engine.generator_id, self.engine.base_model_id)
+        except (SnapshotFileError, StateError) as e:
+            log.warning("user %s: adapter snapshot v%s unusable (%s); answering without it", user_id,
+                        snapshot.version, e)
+            return snapshot, None
+        self._keep_state(user_id, snapshot.id, state)
+        return snapshot, state
+
+    def _keep_state(self, user_id: int, snapshot_id: int, state: AdapterState) -> None:
+        with self._states_lock:
+            self._states[user_id] = (snapshot_id, state)
+
+    def _drop_state(self, user_id: int) -> None:
+        with self._states_lock:
+            self._states.pop(user_id, None)
+
+    def _active_job(self, user_id: int) -> dict | None:
+        job = self.storage.active_job(user_id)
+        if job is None:
+            return None
+        return {"id": job.id, "status": job.status, "attempts": job.attempts, "error": job.error,
+                "not_before": job.not_before.isoformat(timespec="seconds")}
+
+    # --- admin -----------------------------------------------------------------------------------
+
+    def _user(self, user_id: int | None):
+        if user_id is None:
+            raise AccessDenied("please log in")
+        try:
+            return self.storage.get_user(int(user_id))
+        except NotFound:
+            raise AccessDenied("please log in") from None
+
+    def _admin(self, actor_id: int | None):
+        actor = self._user(actor_id)
+        if not actor.is_admin:
+            raise AccessDenied("admins only")
+        return actor
+
+    def admin_users(self, actor_id: int | None) -> list[dict]:
+        self._admin(actor_id)
+        rows = []
+        for user in self.storage.list_users():
+            snapshot = self.storage.latest_snapshot(user.id)
+            rows.append({"id": user.id, "username": user.username, "admin": user.is_admin,
+                         "messages": len(self.storage.history(user.id)),
+                         "adapter_version": snapshot.version if snapshot else None,
+                         "needs_rebuild": user.needs_rebuild, "created_at": user.created_at.isoformat(timespec="seconds")})
+        return rows
+
+    def admin_user(self, actor_id: int | None, user_id: int) -> dict:
+        self._admin(actor_id)
+        status = self.memory_status(int(user_id))
+        snapshots = [{"version": s.version, "created_at": s.created_at.isoformat(timespec="seconds"),
+                      "cursor": s.cursor, "tokens_absorbed": s.tokens_absorbed, "bytes": s.size_bytes,
+                      "sha256": s.sha256[:12], "generator": s.generator_id, **{k: v for k, v in s.stats.items()
+                                                                              if k in ("messages", "seconds", "rebuild")}}
+                     for s in self.storage.list_snapshots(int(user_id))]
+        return {"status": status, "snapshots": snapshots}
+
+    def admin_adapter_summary(self, actor_id: int | None, user_id: int) -> list[dict] | None:
+        self._admin(actor_id)
+        _, state = self._current_state(int(user_id))
+        return None if state is None else adapter_summary(self.engine, state)
+
+    def admin_probe(self, actor_id: int | None, user_id: int, question: str) -> dict[str, Answer]:
+        """One question answered three ways: base model, the user's adapter, full history in the prompt."""
+        self._admin(actor_id)
+        question = str(question).strip()
+        if not question:
+            raise ValidationError("question", "is empty")
+        user_id = int(user_id)
+        self._user(user_id)
+        _, state = self._current_state(user_id)
+        turns = [Turn(m.role, m.text) for m in self.storage.history(user_id)]
+        tok = self.engine.tokenizer
+        limit = self.engine.base_model.config.max_position_embeddings - self.settings.max_new_tokens
+        while turns and len(prompt_ids(tok, question, turns)) > limit:
+            turns = turns[1:]
+        cases = {"base model": (prompt_ids(tok, question), None),
+                 "adapter": (prompt_ids(tok, question), state),
+                 "full history": (prompt_ids(tok, question, turns), None)}
+        answers = {}
+        for name, (ids, use_state) in cases.items():
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = self.engine.generate(torch.tensor([ids], device=self.engine.device),
+                                           states=[use_state] if use_state is not None else None,
+                                           max_new_tokens=self.settings.max_new_tokens, do_sample=False,
+                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            text = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+            if name == "adapter" and use_state is None:
+                text = "(no adapter yet) " + text
+            answers[name] = Answer(text, len(ids), time.perf_counter() - started)
+        return answers
+
+    def admin_rebuild(self, actor_id: int | None, user_id: int) -> None:
+        actor = self._admin(actor_id)
+        self.storage.request_rebuild(int(user_id), actor_id=actor.id)
+        self._drop_state(int(user_id))
+        self.storage.queue_job(int(user_id))
+
+    def admin_reset(self, actor_id: int | None, user_id: int) -> None:
+        actor = self._admin(actor_id)
+        self.storage.reset_memory(int(user_id), actor_id=actor.id)
+        self._drop_state(int(user_id))
+
+    def admin_export_peft(self, actor_id: int | None, user_id: int) -> Path:
+        actor = self._admin(actor_id)
+        _, state = self._current_state(int(user_id))
+        if state is None:
+            raise NotFound("this user has no usable adapter yet")
+        folder = Path(tempfile.mkdtemp(prefix="memchat-peft-"))
+        export_peft(self.engine, state, folder / "peft")
+        archive = folder / f"adapter-user-{int(user_id)}-peft.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted((folder / "peft").iterdir()):
+                z.write(f, f.name)
+        self.storage.record_audit(actor.id, "export_peft", int(user_id), {"tokens": state.tokens})
+        return archive
+
+    def admin_delete_user(self, actor_id: int | None, user_id: int) -> None:
+        actor = self._admin(actor_id)
+        if int(user_id) == actor.id:
+            raise ValidationError("user", "admins cannot delete their own account here")
+        self.storage.delete_user(int(user_id), actor_id=actor.id)
+        self._drop_state(int(user_id))
+
+    def admin_set_signup(self, actor_id: int | None, open_: bool) -> None:
+        actor = self._admin(actor_id)
+        self.signup_open = bool(open_)
+        self.storage.record_audit(actor.id, "set_signup", None, {"open": self.signup_open})
+
+    def admin_audit(self, actor_id: int | None, limit: int = 100) -> list[dict]:
+        self._admin(actor_id)
+        names = {u.id: u.username for u in self.storage.list_users()}
+        return [{"time": e.created_at.isoformat(timespec="seconds"), "actor": names.get(e.actor_id, e.actor_id),
+                 "action": e.action, "user": names.get(e.target_user_id, e.target_user_id),
+                 "details": json.dumps(e.details)} for e in self.storage.list_audit(limit=limit)]
+
+
+def _printable(text: str) -> str:
+    """Model output as storable text: no control characters but newline and tab, no lone surrogates
+    (a small or untrained model can emit anything)."""
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+__all__ = ["AccessDenied", "Answer", "ChatService", "LoginFailed", "ReplyStats", "StorageError"]

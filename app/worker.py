@@ -1,0 +1,64 @@
+"""The background compression worker: one thread that absorbs users' new turns into their adapters.
+
+Jobs live in the database, so they survive a restart: on start, jobs left running by a stopped
+process are requeued (storage counts them as failed runs, retried with backoff). A failing job
+is retried with exponential backoff and its error is shown on the memory and admin pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from storage import Storage
+
+from .service import ChatService
+
+log = logging.getLogger(__name__)
+
+
+class CompressionWorker:
+    def __init__(self, service: ChatService, storage: Storage, poll_seconds: float = 1.0):
+        self.service, self.storage, self.poll_seconds = service, storage, poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        requeued = self.storage.requeue_stale_jobs()
+        if requeued:
+            log.info("requeued %d compression job(s) interrupted by the last stop", requeued)
+        self._thread = threading.Thread(target=self._run, name="compression-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # the worker must outlive any single failure
+                log.exception("compression worker step failed")
+                busy = False
+            if not busy:
+                self._stop.wait(self.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Queue idle users, then run at most one due job; True when a job ran."""
+        self.service.queue_idle(time.time())
+        job = self.storage.claim_job()
+        if job is None:
+            return False
+        started = time.perf_counter()
+        try:
+            version = self.service.compress(job.user_id)
+        except Exception as e:
+            log.exception("compression job %s for user %s failed", job.id, job.user_id)
+            self.storage.fail_job(job.id, f"{type(e).__name__}: {e}")
+            return True
+        self.storage.finish_job(job.id)
+        log.info("user %s: adapter v%s in %.1f s", job.user_id, version, time.perf_counter() - started)
+        return True

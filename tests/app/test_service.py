@@ -1,0 +1,224 @@
+import json
+import time
+import zipfile
+
+import pytest
+import torch
+
+from adapter_core import AdapterState
+from adapter_core.conversation import Turn, history_text
+from app.service import AccessDenied, LoginFailed, ReplyStats
+from app.worker import CompressionWorker
+from storage import NotFound
+
+
+def chat(service, user_id, text) -> tuple[str, ReplyStats]:
+    parts = list(service.reply(user_id, text))
+    assert isinstance(parts[-1], ReplyStats)
+    return "".join(parts[:-1]), parts[-1]
+
+
+def run_jobs(service):
+    worker = CompressionWorker(service, service.storage)
+    while worker.run_once():
+        pass
+
+
+def test_sign_up_log_in_and_wrong_password(service, password):
+    uid = service.sign_up("alice", password)
+    assert service.log_in("Alice", password) == uid  # usernames are case-folded
+    with pytest.raises(LoginFailed):
+        service.log_in("alice", "wrong password!")
+    with pytest.raises(LoginFailed):
+        service.log_in("nobody", password)
+
+
+def test_sign_up_can_be_closed_by_an_admin(service, password):
+    admin = service.ensure_admin("root", password)
+    user = service.sign_up("alice", password)
+    with pytest.raises(AccessDenied, match="admins only"):
+        service.admin_set_signup(user, False)
+    service.admin_set_signup(admin, False)
+    with pytest.raises(AccessDenied, match="sign-up is closed"):
+        service.sign_up("bob", password)
+    assert service.admin_audit(admin)[0]["action"] == "set_signup"
+
+
+def test_repeated_failed_logins_are_slowed_down(service, password, monkeypatch):
+    service.sign_up("alice", password)
+    waits = []
+    monkeypatch.setattr("app.service.time.sleep", waits.append)
+    for _ in range(5):
+        with pytest.raises(LoginFailed):
+            service.log_in("alice", "nope nope nope")
+    assert waits == [1.0, 2.0]  # from the fourth failure on, doubling
+    service.log_in("alice", password)
+    assert service._failed_logins == {}
+
+
+def test_a_turn_is_stored_streamed_and_measured(service, password):
+    uid = service.sign_up("alice", password)
+    reply, stats = chat(service, uid, "Hello there")
+    history = service.history(uid)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[0]["text"] == "Hello there"
+    assert history[1]["text"] == (reply.strip() or "…")
+    assert stats.adapter_version is None and stats.pending_turns == 1 and stats.prompt_tokens > 0
+    assert stats.total_s >= stats.first_token_s >= 0 and "prompt tokens" in stats.line()
+
+
+def test_compression_after_n_messages_moves_turns_from_prompt_to_adapter(service, password):
+    uid = service.sign_up("alice", password)
+    chat(service, uid, "My cat is called Tobrik.")
+    assert service.memory_status(uid)["job"] is None  # 1 user message < compress_every (2)
+    chat(service, uid, "I live in Quenmoor.")
+    assert service.memory_status(uid)["job"]["status"] == "queued"
+    run_jobs(service)
+    status = service.memory_status(uid)
+    assert (status["adapter_version"], status["pending_messages"], status["absorbed_messages"]) == (1, 0, 4)
+    _, stats = chat(service, uid, "What is my cat called?")
+    assert stats.adapter_version == 1 and stats.pending_turns == 1
+    # the stored state is exactly the absorption of the four turns
+    messages = service.storage.history(uid)[:4]
+    expected = service.engine.absorb(service.engine.empty_state(),
+                                     history_text([Turn(m.role, m.text) for m in messages]))
+    stored = AdapterState.from_bytes(service.storage.read_snapshot(uid))
+    assert all(torch.allclose(stored.sums[k], expected.sums[k], atol=1e-5) for k in expected.sums)
+
+
+def test_incremental_compression_reads_only_new_turns(service, password):
+    uid = service.sign_up("alice", password)
+    for text in ("one", "two", "three", "four"):
+        chat(service, uid, text)
+        run_jobs(service)
+    snapshots = service.storage.list_snapshots(uid)
+    assert [s.version for s in snapshots] == [1, 2]
+    assert snapshots[1].stats["messages"] == 4  # the second compression absorbed only the 4 new turns
+
+
+def test_idle_trigger_queues_compression(service, password):
+    uid = service.sign_up("alice", password)
+    chat(service, uid, "just one message")
+    service.settings.compress_idle_seconds = 60
+    assert service.queue_idle(time.time()) == []  # too recent
+    assert service.queue_idle(time.time() + 61) == [uid]
+    run_jobs(service)
+    assert service.memory_status(uid)["adapter_version"] == 1
+
+
+def test_forgetting_a_message_rebuilds_the_adapter_without_it(service, password):
+    uid = service.sign_up("alice", password)
+    chat(service, uid, "My secret code is 4821.")
+    chat(service, uid, "I like tea.")
+    run_jobs(service)
+    secret = service.history(uid)[0]
+    service.forget(uid, secret["id"])
+    # until the rebuild lands, answers use no adapter: the old one may still hold the message
+    _, stats = chat(service, uid, "What is my code?")
+    assert stats.adapter_version is None
+    run_jobs(service)
+    remaining = service.storage.history(uid)
+    assert "4821" not in " ".join(m.text for m in remaining)
+    rebuilt = AdapterState.from_bytes(service.storage.read_snapshot(uid))
+    never_saw_it = service.engine.absorb(service.engine.empty_state(),
+                                         history_text([Turn(m.role, m.text) for m in remaining]))
+    assert all(torch.allclose(rebuilt.sums[k], never_saw_it.sums[k], atol=1e-5) for k in rebuilt.sums)
+    assert [s.version for s in service.storage.list_snapshots(uid)] == [2]  # the old snapshot is gone
+
+
+def test_export_holds_history_and_a_peft_adapter(service, password, tmp_path):
+    uid = service.sign_up("alice", password)
+    chat(service, uid, "hello")
+    chat(service, uid, "again")
+    run_jobs(service)
+    with zipfile.ZipFile(service.export(uid)) as z:
+        names = set(z.namelist())
+        history = json.loads(z.read("history.json"))
+    assert {"history.json", "adapter/state.safetensors", "adapter/peft/adapter_config.json",
+            "adapter/peft/adapter_model.safetensors"} <= names
+    assert [m["text"] for m in history["messages"] if m["role"] == "user"] == ["hello", "again"]
+
+
+def test_a_failing_compression_is_retried_and_visible(service, password, monkeypatch):
+    uid = service.sign_up("alice", password)
+    chat(service, uid, "a")
+    chat(service, uid, "b")
+    monkeypatch.setattr(service.engine, "absorb", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    assert CompressionWorker(service, service.storage).run_once()
+    job = service.memory_status(uid)["job"]
+    assert job["status"] == "queued" and job["attempts"] == 1 and "disk on fire" in job["error"]
+
+
+def test_a_damaged_adapter_file_is_served_around_and_rebuilt(service, password):
+    uid = service.sign_up("alice", password)
+    chat(service, uid, "a")
+    chat(service, uid, "b")
+    run_jobs(service)
+    snapshot = service.storage.latest_snapshot(uid)
+    path = service.storage.files.data_dir / snapshot.path
+    path.write_bytes(b"garbage")
+    service._drop_state(uid)
+    _, stats = chat(service, uid, "c")
+    assert stats.adapter_version is None  # served without the adapter
+    service.compress_now(uid)
+    run_jobs(service)
+    _, stats = chat(service, uid, "d")
+    assert stats.adapter_version == 2
+
+
+def test_users_only_ever_see_their_own_data(service, password):
+    alice, bob = service.sign_up("alice", password), service.sign_up("bob", password)
+    chat(service, alice, "Alice's secret")
+    chat(service, alice, "more")
+    run_jobs(service)
+    assert "Alice's secret" not in json.dumps(service.history(bob))
+    with zipfile.ZipFile(service.export(bob)) as z:
+        assert "Alice" not in z.read("history.json").decode()
+        assert not any(n.startswith("adapter/") for n in z.namelist())
+    alice_message = service.history(alice)[0]["id"]
+    with pytest.raises(NotFound):
+        service.forget(bob, alice_message)
+    assert service.history(alice)[0]["id"] == alice_message
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, a, t: s.admin_users(a), lambda s, a, t: s.admin_user(a, t), lambda s, a, t: s.admin_audit(a),
+    lambda s, a, t: s.admin_adapter_summary(a, t), lambda s, a, t: s.admin_probe(a, t, "hi"),
+    lambda s, a, t: s.admin_rebuild(a, t), lambda s, a, t: s.admin_reset(a, t),
+    lambda s, a, t: s.admin_export_peft(a, t), lambda s, a, t: s.admin_delete_user(a, t),
+    lambda s, a, t: s.admin_set_signup(a, False),
+])
+def test_every_admin_action_refuses_non_admins_and_anonymous_users(service, password, call):
+    target = service.sign_up("alice", password)
+    mallory = service.sign_up("mallory", password)
+    for actor in (mallory, None, 99999):
+        with pytest.raises(AccessDenied):
+            call(service, actor, target)
+    assert service.storage.get_user(target).username == "alice"
+
+
+def test_admin_pages_and_actions(service, password):
+    admin = service.ensure_admin("root", password)
+    uid = service.sign_up("alice", password)
+    chat(service, uid, "My cat is called Tobrik.")
+    chat(service, uid, "ok")
+    run_jobs(service)
+    assert {u["username"] for u in service.admin_users(admin)} == {"root", "alice"}
+    detail = service.admin_user(admin, uid)
+    assert detail["snapshots"][0]["version"] == 1 and detail["status"]["absorbed_messages"] == 4
+    summary = service.admin_adapter_summary(admin, uid)
+    assert len(summary) == len(service.engine.adapted) and summary[0]["singular_values"][0] == 1.0
+    answers = service.admin_probe(admin, uid, "What is my cat called?")
+    assert set(answers) == {"base model", "adapter", "full history"}
+    assert answers["full history"].prompt_tokens > answers["adapter"].prompt_tokens
+    assert service.admin_export_peft(admin, uid).stat().st_size > 0
+    service.admin_rebuild(admin, uid)
+    run_jobs(service)
+    assert service.admin_user(admin, uid)["snapshots"][-1]["rebuild"] is True
+    service.admin_reset(admin, uid)
+    assert service.memory_status(uid)["messages"] == 0 and service.storage.latest_snapshot(uid) is None
+    service.admin_delete_user(admin, uid)
+    actions = [e["action"] for e in service.admin_audit(admin)]
+    assert actions[:4] == ["delete_user", "reset_memory", "rebuild_adapter", "export_peft"]
+    with pytest.raises(AccessDenied):
+        service.history(uid)
