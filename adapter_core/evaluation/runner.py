@@ -83,7 +83,6 @@ class _Ask:
 def evaluate(engine: GenerativeAdapterModel, conversations: Sequence[Conversation],
              options: EvalOptions | None = None, progress: bool = True) -> list[Result]:
     options = options or EvalOptions()
-    tok = engine.tokenizer
     limit = options.context_limit or engine.base_model.config.max_position_embeddings
     results: list[Result] = []
     bar = tqdm(total=sum(len(c.questions) for c in conversations) * len(options.modes), disable=not progress,

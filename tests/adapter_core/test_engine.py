@@ -33,3 +33,13 @@ def test_default_engine_absorbs_answers_and_exports(model_cache, tmp_path):
     assert all("Paris" in a for a in answers), answers
     folder = export_peft(engine, state, tmp_path / "export")
     assert (folder / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_the_shipped_checkpoint_is_found_for_the_default_model_only(make_engine, monkeypatch, tmp_path):
+    from adapter_core import engine as engine_module
+    monkeypatch.setattr(engine_module, "CHECKPOINTS", tmp_path)
+    assert engine_module.default_checkpoint(None) is None  # nothing shipped yet
+    make_engine("llama").save_generator(tmp_path / engine_module.DEFAULT_MODEL)
+    assert engine_module.default_checkpoint(None) == tmp_path / engine_module.DEFAULT_MODEL
+    assert engine_module.default_checkpoint(engine_module.DEFAULT_MODEL) == tmp_path / engine_module.DEFAULT_MODEL
+    assert engine_module.default_checkpoint("some/other-model") is None
