@@ -25,6 +25,7 @@ from transformers import TextIteratorStreamer
 from adapter_core import AdapterState, GenerativeAdapterModel, StateError, export_peft
 from adapter_core.conversation import Turn, history_text, prompt_ids
 from adapter_core.inspect import adapter_summary
+from storage import validation
 from storage import CursorError, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError, ValidationError
 
 from .settings import AppSettings
@@ -71,6 +72,7 @@ class ChatService:
         self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, state)
         self._states_lock = threading.Lock()
         self._failed_logins: dict[str, int] = {}
+        self._reported: set[int] = set()  # damaged snapshots already reported
 
     # --- accounts ------------------------------------------------------------------------------
 
@@ -116,13 +118,14 @@ class ChatService:
         """Store the message, stream the reply (chunks of text), store it, then yield its stats."""
         user = self._user(user_id)
         tok = self.engine.tokenizer
+        text, tokens = self.check_message(text)
+        room = self._prompt_room() - len(prompt_ids(tok, ""))
         conversation = self._conversation(user.id)
-        message = self.storage.append_message(user.id, conversation, "user", text,
-                                              len(tok(text, add_special_tokens=False)["input_ids"]))
+        message = self.storage.append_message(user.id, conversation, "user", text, tokens)
         snapshot, state = self._current_state(user.id)
         cursor = snapshot.cursor if state is not None else 0
         pending = [Turn(m.role, m.text) for m in self.storage.messages_after(user.id, cursor) if m.id < message.id]
-        pending = self._fit(pending)
+        pending = self._fit(pending, min(self.settings.recent_token_budget, room - tokens))
         ids = prompt_ids(tok, message.text, pending)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         started = time.perf_counter()
@@ -144,6 +147,15 @@ class ChatService:
         yield ReplyStats(len(ids), len(pending) + 1, snapshot.version if state is not None else None,
                          (first_token or time.perf_counter()) - started, total, stored.token_count)
 
+    def check_message(self, text: object) -> tuple[str, int]:
+        """The message as it will be stored, and its tokens; a ValidationError if it cannot be sent."""
+        text = validation.message_text(text, self.storage.settings)
+        tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        room = self._prompt_room() - len(prompt_ids(self.engine.tokenizer, ""))
+        if tokens > room:
+            raise ValidationError("text", f"is too long for the model: {tokens} tokens, at most {room}")
+        return text, tokens
+
     def _generate(self, ids: list[int], state: AdapterState | None, streamer) -> None:
         tok = self.engine.tokenizer
         try:
@@ -156,12 +168,16 @@ class ChatService:
             log.exception("generation failed")
             streamer.end()
 
-    def _fit(self, turns: list[Turn]) -> list[Turn]:
+    def _prompt_room(self) -> int:
+        """Prompt tokens the model can take and still write a whole reply."""
+        return self.engine.base_model.config.max_position_embeddings - self.settings.max_new_tokens
+
+    def _fit(self, turns: list[Turn], budget: int) -> list[Turn]:
         """The most recent pending turns within the token budget (older ones wait for compression)."""
         tok, kept, total = self.engine.tokenizer, [], 0
         for turn in reversed(turns):
             total += len(tok(turn.text, add_special_tokens=False)["input_ids"]) + 5
-            if total > self.settings.recent_token_budget:
+            if total > budget:
                 break
             kept.insert(0, turn)
         return kept
@@ -304,11 +320,24 @@ class ChatService:
             state = AdapterState.from_bytes(self.storage.read_snapshot(user_id, snapshot.id),
                                             self.engine.generator_id, self.engine.base_model_id)
         except (SnapshotFileError, StateError) as e:
-            log.warning("user %s: adapter snapshot v%s unusable (%s); answering without it", user_id,
-                        snapshot.version, e)
+            self._report_damage(user_id, snapshot, e)
             return snapshot, None
         self._keep_state(user_id, snapshot.id, state)
         return snapshot, state
+
+    def _report_damage(self, user_id: int, snapshot, error: Exception) -> None:
+        """A snapshot that cannot be used: say so once (audit log, shown on the admin page) and have
+        the adapter rebuilt from the history; answers use no adapter meanwhile."""
+        log.warning("user %s: adapter snapshot v%s unusable (%s); answering without it until rebuilt", user_id,
+                    snapshot.version, error)
+        with self._states_lock:
+            if snapshot.id in self._reported:
+                return
+            self._reported.add(snapshot.id)
+        self.storage.record_audit(None, "adapter_unreadable", user_id,
+                                  {"version": snapshot.version, "error": str(error)[:300]})
+        self.storage.request_rebuild(user_id)
+        self.storage.queue_job(user_id)
 
     def _keep_state(self, user_id: int, snapshot_id: int, state: AdapterState) -> None:
         with self._states_lock:
@@ -378,7 +407,7 @@ class ChatService:
         _, state = self._current_state(user_id)
         turns = [Turn(m.role, m.text) for m in self.storage.history(user_id)]
         tok = self.engine.tokenizer
-        limit = self.engine.base_model.config.max_position_embeddings - self.settings.max_new_tokens
+        limit = self._prompt_room()
         while turns and len(prompt_ids(tok, question, turns)) > limit:
             turns = turns[1:]
         cases = {"base model": (prompt_ids(tok, question), None),

@@ -167,10 +167,9 @@ def build_ui(service: ChatService) -> gr.Blocks:
 
         @_streaming_user_errors
         def chat(user_id, text):
-            text = str(text or "")
-            if not text.strip():
-                raise gr.Error("Type a message first.")
-            shown = _chat_messages(service.history(user_id)) + [{"role": "user", "content": text},
+            history = service.history(user_id)  # checks the login first
+            text, _ = service.check_message(text)  # nothing is shown or stored before this passes
+            shown = _chat_messages(history) + [{"role": "user", "content": text},
                                                                 {"role": "assistant", "content": ""}]
             yield shown, "", "…"
             for part in service.reply(user_id, text):

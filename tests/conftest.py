@@ -63,25 +63,38 @@ def tiny_tokenizer():
     return byte_tokenizer()
 
 
+def tiny_text_lm(tokenizer, seed: int = 0):
+    """A tiny Llama for the byte tokenizer, for training, evaluation and app tests."""
+    lm_config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            initializer_range=0.2)  # activations of a realistic size, unlike 0.02
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa").eval()
+
+
+def tiny_text_engine(tokenizer, seed: int = 0, live: bool = False, **config) -> GenerativeAdapterModel:
+    """The tiny Llama with a generator; live: random B, so that adapters change answers (an untrained,
+    B = 0 generator would hide mistakes)."""
+    options = dict(rank=8, window=64, seed=seed) | config
+    engine = GenerativeAdapterModel(tiny_text_lm(tokenizer, seed), GeneratorConfig(**options), "tiny-text", tokenizer)
+    if live:
+        gen = torch.Generator().manual_seed(seed + 3)
+        with torch.no_grad():
+            for layer in engine.adapted.values():
+                layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.5)
+        engine.generator_id = engine.compute_generator_id()
+    return engine
+
+
 @pytest.fixture
 def make_text_lm(tiny_tokenizer):
-    """A tiny Llama for the byte tokenizer, for training and evaluation tests."""
-    def make(seed: int = 0):
-        lm_config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=1024,
-                                pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                                initializer_range=0.2)  # activations of a realistic size, unlike 0.02
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa").eval()
-    return make
+    return lambda seed=0: tiny_text_lm(tiny_tokenizer, seed)
 
 
 @pytest.fixture
-def make_text_engine(make_text_lm, tiny_tokenizer):
-    def make(seed: int = 0, **config) -> GenerativeAdapterModel:
-        options = dict(rank=8, window=64, seed=seed) | config
-        return GenerativeAdapterModel(make_text_lm(seed), GeneratorConfig(**options), "tiny-text", tiny_tokenizer)
-    return make
+def make_text_engine(tiny_tokenizer):
+    return lambda seed=0, **config: tiny_text_engine(tiny_tokenizer, seed, **config)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from app.launch import start
 from app.service import ChatService
 from app.settings import AppSettings
 from storage import Storage, upgrade
+from tests.app.helpers import free_port
+from tests.conftest import tiny_text_engine
 from tests.storage.helpers import FAST, PASSWORD
 
 
@@ -18,15 +20,8 @@ def app_settings(tmp_path) -> AppSettings:
 
 
 @pytest.fixture
-def live_text_engine(make_text_engine):
-    """B random, so that adapters change answers (an untrained generator would hide mistakes)."""
-    engine = make_text_engine()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in engine.adapted.values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.5)
-    engine.generator_id = engine.compute_generator_id()
-    return engine
+def live_text_engine(tiny_tokenizer):
+    return tiny_text_engine(tiny_tokenizer, live=True)
 
 
 @pytest.fixture
@@ -45,3 +40,14 @@ def service(storage, live_text_engine, app_settings) -> ChatService:
 @pytest.fixture
 def password() -> str:
     return PASSWORD
+
+
+@pytest.fixture
+def running(app_settings, live_text_engine, password):
+    """The whole app on a free loopback port, with an admin 'root' and a fast worker."""
+    app_settings.port = free_port()
+    app_settings.admin_username, app_settings.admin_password = "root", password
+    app_settings.worker_poll_seconds = 0.1
+    running = start(app_settings, live_text_engine, FAST, block=False)
+    yield running
+    running.close()

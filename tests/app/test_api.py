@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 import json
-import socket
-import time
 import zipfile
 
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app.launch import start
+from tests.app.helpers import wait_for
 
 ADMIN_ENDPOINTS = {
     "/admin_users": (), "/admin_user": (1,), "/admin_probe": (1, "hi"), "/admin_rebuild": (1,),
     "/admin_reset": (1,), "/admin_export_peft": (1,), "/admin_delete": (1, True), "/admin_signup": (False,),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def running(app_settings, live_text_engine, password):
-    from tests.storage.helpers import FAST
-    app_settings.port = free_port()
-    app_settings.admin_username, app_settings.admin_password = "root", password
-    app_settings.worker_poll_seconds = 0.1
-    running = start(app_settings, live_text_engine, FAST, block=False)
-    yield running
-    running.close()
 
 
 def client(running) -> Client:
@@ -42,15 +23,6 @@ def client(running) -> Client:
 
 def texts(chatbot: list[dict]) -> list[str]:
     return [part["text"] for m in chatbot for part in m["content"] if part.get("type") == "text"]
-
-
-def wait_for(condition, seconds: float = 20.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_sign_up_chat_compress_and_export_over_http(running, password):

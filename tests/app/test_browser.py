@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-from tests.app.test_api import free_port
 
 CHROMIUM = os.environ.get("MEMCHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,15 +28,9 @@ def browser():
 
 
 @pytest.fixture
-def running(app_settings, live_text_engine, password):
-    from app.launch import start
-    from tests.storage.helpers import FAST
-    app_settings.port = free_port()
-    app_settings.worker_poll_seconds = 0.1
+def app_settings(app_settings):
     app_settings.compress_every = 100  # only "Compress now" compresses here
-    running = start(app_settings, live_text_engine, FAST, block=False)
-    yield running
-    running.close()
+    return app_settings
 
 
 def field(page, elem_id: str):

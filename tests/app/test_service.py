@@ -149,21 +149,26 @@ def test_a_failing_compression_is_retried_and_visible(service, password, monkeyp
     assert job["status"] == "queued" and job["attempts"] == 1 and "disk on fire" in job["error"]
 
 
-def test_a_damaged_adapter_file_is_served_around_and_rebuilt(service, password):
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_a_damaged_adapter_file_is_served_around_reported_and_rebuilt(service, password, damage):
+    admin = service.ensure_admin("root", password)
     uid = service.sign_up("alice", password)
     chat(service, uid, "a")
     chat(service, uid, "b")
     run_jobs(service)
     snapshot = service.storage.latest_snapshot(uid)
     path = service.storage.files.data_dir / snapshot.path
-    path.write_bytes(b"garbage")
+    path.write_bytes(b"garbage") if damage == "garbage" else path.unlink()
     service._drop_state(uid)
     _, stats = chat(service, uid, "c")
     assert stats.adapter_version is None  # served without the adapter
-    service.compress_now(uid)
-    run_jobs(service)
+    event = service.admin_audit(admin)[0]
+    assert (event["action"], event["user"]) == ("adapter_unreadable", "alice")
+    assert service.memory_status(uid)["needs_rebuild"]
+    run_jobs(service)  # the rebuild was queued by the detection itself
     _, stats = chat(service, uid, "d")
     assert stats.adapter_version == 2
+    assert [e["action"] for e in service.admin_audit(admin)].count("adapter_unreadable") == 1
 
 
 def test_users_only_ever_see_their_own_data(service, password):
