@@ -119,13 +119,12 @@ class ChatService:
         user = self._user(user_id)
         tok = self.engine.tokenizer
         text, tokens = self.check_message(text)
-        room = self._prompt_room() - len(prompt_ids(tok, ""))
         conversation = self._conversation(user.id)
         message = self.storage.append_message(user.id, conversation, "user", text, tokens)
         snapshot, state = self._current_state(user.id)
         cursor = snapshot.cursor if state is not None else 0
         pending = [Turn(m.role, m.text) for m in self.storage.messages_after(user.id, cursor) if m.id < message.id]
-        pending = self._fit(pending, min(self.settings.recent_token_budget, room - tokens))
+        pending = self._fit(pending, min(self.settings.recent_token_budget, self._message_room() - tokens))
         ids = prompt_ids(tok, message.text, pending)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         started = time.perf_counter()
@@ -151,7 +150,7 @@ class ChatService:
         """The message as it will be stored, and its tokens; a ValidationError if it cannot be sent."""
         text = validation.message_text(text, self.storage.settings)
         tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-        room = self._prompt_room() - len(prompt_ids(self.engine.tokenizer, ""))
+        room = self._message_room()
         if tokens > room:
             raise ValidationError("text", f"is too long for the model: {tokens} tokens, at most {room}")
         return text, tokens
@@ -171,6 +170,10 @@ class ChatService:
     def _prompt_room(self) -> int:
         """Prompt tokens the model can take and still write a whole reply."""
         return self.engine.base_model.config.max_position_embeddings - self.settings.max_new_tokens
+
+    def _message_room(self) -> int:
+        """Tokens left for the new message and the pending turns, besides the system text and framing."""
+        return self._prompt_room() - len(prompt_ids(self.engine.tokenizer, ""))
 
     def _fit(self, turns: list[Turn], budget: int) -> list[Turn]:
         """The most recent pending turns within the token budget (older ones wait for compression)."""

@@ -24,16 +24,21 @@ def tiny_causal_lm(family: str = "llama", layers: int = 3, seed: int = 0):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def live_engine(family: str = "llama", seed: int = 0, **config) -> GenerativeAdapterModel:
-    """A generator whose B is random, so adapters visibly change the model (B=0 would hide bugs)."""
-    options = dict(rank=4, window=8) | config
-    engine = GenerativeAdapterModel(tiny_causal_lm(family, seed=seed), GeneratorConfig(**options), f"tiny-{family}")
-    gen = torch.Generator().manual_seed(seed + 1)
+def randomize_outputs(engine: GenerativeAdapterModel, seed: int) -> GenerativeAdapterModel:
+    """Random B, so that adapters visibly change the model (an untrained, B = 0 generator would
+    hide mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in engine.adapted.values():
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.5)
     engine.generator_id = engine.compute_generator_id()
     return engine
+
+
+def live_engine(family: str = "llama", seed: int = 0, **config) -> GenerativeAdapterModel:
+    options = dict(rank=4, window=8) | config
+    engine = GenerativeAdapterModel(tiny_causal_lm(family, seed=seed), GeneratorConfig(**options), f"tiny-{family}")
+    return randomize_outputs(engine, seed + 1)
 
 
 CHAT_TEMPLATE = (
@@ -74,17 +79,10 @@ def tiny_text_lm(tokenizer, seed: int = 0):
 
 
 def tiny_text_engine(tokenizer, seed: int = 0, live: bool = False, **config) -> GenerativeAdapterModel:
-    """The tiny Llama with a generator; live: random B, so that adapters change answers (an untrained,
-    B = 0 generator would hide mistakes)."""
+    """The tiny Llama with a generator (live: with random B, see randomize_outputs)."""
     options = dict(rank=8, window=64, seed=seed) | config
     engine = GenerativeAdapterModel(tiny_text_lm(tokenizer, seed), GeneratorConfig(**options), "tiny-text", tokenizer)
-    if live:
-        gen = torch.Generator().manual_seed(seed + 3)
-        with torch.no_grad():
-            for layer in engine.adapted.values():
-                layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.5)
-        engine.generator_id = engine.compute_generator_id()
-    return engine
+    return randomize_outputs(engine, seed + 3) if live else engine
 
 
 @pytest.fixture
