@@ -25,17 +25,22 @@ def servable_rank(rank: int) -> int:
     return next((r for r in SERVABLE_RANKS if r >= rank), rank)
 
 
+def lora_factors(model: GenerativeAdapterModel, state: AdapterState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per adapted module, the exact LoRA (lora_A (r, d_in), lora_B (d_out, r)) that `state` applies, fp32."""
+    memories = model.memory_matrices(state)
+    return {name: (memories[name].T @ layer.lora_A.weight.detach().cpu().float(),  # (r, d_in)
+                   layer.scaling * layer.lora_B.weight.detach().cpu().float())  # (d_out, r)
+            for name, layer in model.adapted.items()}
+
+
 def lora_weights(model: GenerativeAdapterModel, state: AdapterState,
                  rank: int | None = None) -> dict[str, torch.Tensor]:
     """PEFT-named fp32 tensors of the adapter for `state`, rank padded to `rank`."""
     rank = rank or model.config.rank
     if rank < model.config.rank:
         raise ValueError(f"cannot export rank {model.config.rank} into rank {rank}")
-    memories = model.memory_matrices(state)
     tensors = {}
-    for name, layer in model.adapted.items():
-        lora_a = memories[name].T @ layer.lora_A.weight.detach().cpu().float()  # (r, d_in)
-        lora_b = layer.scaling * layer.lora_B.weight.detach().cpu().float()  # (d_out, r)
+    for name, (lora_a, lora_b) in lora_factors(model, state).items():
         pad = rank - lora_a.shape[0]
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.nn.functional.pad(lora_a, (0, 0, 0, pad))
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.nn.functional.pad(lora_b, (0, pad))

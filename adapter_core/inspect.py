@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .export import lora_factors
 from .model import GenerativeAdapterModel
 from .state import AdapterState
 
@@ -16,18 +17,15 @@ def adapter_summary(engine: GenerativeAdapterModel, state: AdapterState) -> list
     applies), singular_values (of S, largest first, divided by the largest: how many directions
     the memory uses).
     """
-    memories = engine.memory_matrices(state)
     rows = []
-    for name, layer in engine.adapted.items():
+    for name, (lora_a, lora_b) in lora_factors(engine, state).items():
         s = state.sums[name].float()
-        lora_a = memories[name].T @ layer.lora_A.weight.detach().cpu().float()  # (r, d_in)
-        lora_b = layer.scaling * layer.lora_B.weight.detach().cpu().float()  # (d_out, r)
         # ||B A||_F without forming the d_out x d_in matrix: trace((B^T B)(A A^T))
         delta = torch.sqrt(torch.clamp(((lora_b.T @ lora_b) * (lora_a @ lora_a.T)).sum(), min=0))
         sigma = torch.linalg.svdvals(s)
         top = sigma[0].item()
         rows.append({
-            "layer": int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else -1,
+            "layer": engine.layer_index[name],
             "module": name.rsplit(".", 1)[-1],
             "sum_norm": torch.linalg.matrix_norm(s).item(),
             "delta_norm": delta.item(),

@@ -73,6 +73,7 @@ class GenerativeAdapterModel(nn.Module):
         init = torch.Generator().manual_seed(config.seed)
 
         self.adapted: dict[str, AdapterLinear] = {}  # full module name -> layer, in model order
+        self.layer_index: dict[str, int] = {}  # full module name -> index of its decoder layer
         self._by_layer: dict[int, list[tuple[str, AdapterLinear]]] = {}
         for i in config.layer_indices(len(layers)):
             layer = layers[i]
@@ -85,6 +86,7 @@ class GenerativeAdapterModel(nn.Module):
                 setattr(parent, attr, wrapped)
                 name = f"{layer_names[id(layer)]}.{relative_name}"
                 self.adapted[name] = wrapped
+                self.layer_index[name] = i
                 self._by_layer.setdefault(i, []).append((name, wrapped))
             layer.register_forward_pre_hook(self._hook_for(i), with_kwargs=True)
 

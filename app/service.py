@@ -193,16 +193,10 @@ class ChatService:
 
     def memory_status(self, user_id: int | None) -> dict:
         user = self._user(user_id)
-        messages = self.storage.history(user.id)
         snapshot = self.storage.latest_snapshot(user.id)
-        absorbed = [m for m in messages if m.snapshot_id is not None]
         job = self._active_job(user.id)
         return {
-            "messages": len(messages),
-            "absorbed_messages": len(absorbed),
-            "absorbed_tokens": sum(m.token_count for m in absorbed),
-            "pending_messages": len(messages) - len(absorbed),
-            "pending_tokens": sum(m.token_count for m in messages if m.snapshot_id is None),
+            **self.storage.message_counts(user.id),  # counted by the database: this runs on a timer
             "adapter_version": snapshot.version if snapshot else None,
             "last_compression": snapshot.created_at.isoformat(timespec="seconds") if snapshot else None,
             "needs_rebuild": user.needs_rebuild,
@@ -379,7 +373,7 @@ class ChatService:
         for user in self.storage.list_users():
             snapshot = self.storage.latest_snapshot(user.id)
             rows.append({"id": user.id, "username": user.username, "admin": user.is_admin,
-                         "messages": len(self.storage.history(user.id)),
+                         "messages": self.storage.message_counts(user.id)["messages"],
                          "adapter_version": snapshot.version if snapshot else None,
                          "needs_rebuild": user.needs_rebuild, "created_at": user.created_at.isoformat(timespec="seconds")})
         return rows

@@ -24,13 +24,17 @@ INTRO = ("A chatbot that remembers you: what you say is compressed, in the backg
          "adapter for a frozen language model, instead of being re-read every turn.")
 
 
+# What the service refuses on purpose; anything else is a bug and stays a server error.
+_REFUSALS = (AccessDenied, LoginFailed, NotFound, StorageError, ValueError)
+
+
 def _user_errors(fn):
     """Turn the service's refusals into messages shown to the person (and to API clients)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (AccessDenied, LoginFailed, NotFound, StorageError, ValueError) as e:
+        except _REFUSALS as e:
             raise gr.Error(str(e)) from None
     return wrapper
 
@@ -40,7 +44,7 @@ def _streaming_user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             yield from fn(*args, **kwargs)
-        except (AccessDenied, LoginFailed, NotFound, StorageError, ValueError) as e:
+        except _REFUSALS as e:
             raise gr.Error(str(e)) from None
     return wrapper
 

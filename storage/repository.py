@@ -183,6 +183,18 @@ class Storage:
                 query = query.where(Message.conversation_id == conversation_id)
             return list(session.scalars(query.order_by(Message.id)))
 
+    def message_counts(self, user_id: int) -> dict[str, int]:
+        """Messages and tokens absorbed into the adapter and pending, counted in the database."""
+        absorbed = Message.snapshot_id.is_not(None)
+        query = select(func.count(Message.id),
+                       func.coalesce(func.sum(case((absorbed, 1), else_=0)), 0),
+                       func.coalesce(func.sum(case((absorbed, Message.token_count), else_=0)), 0),
+                       func.coalesce(func.sum(Message.token_count), 0)).where(Message.user_id == user_id)
+        with self._reading() as session:
+            messages, absorbed_messages, absorbed_tokens, tokens = session.execute(query).one()
+        return {"messages": messages, "absorbed_messages": absorbed_messages, "absorbed_tokens": absorbed_tokens,
+                "pending_messages": messages - absorbed_messages, "pending_tokens": tokens - absorbed_tokens}
+
     def messages_after(self, user_id: int, cursor: int, limit: int | None = None) -> list[Message]:
         """The user's messages with an id above the cursor, oldest first: what is not absorbed yet."""
         after = validation.count("cursor", cursor)

@@ -294,6 +294,16 @@ def test_resetting_memory_forgets_everything_but_the_account(storage, alice, bob
     assert storage.list_audit(target_user_id=alice.id)[0].action == "reset_memory"
 
 
+def test_message_counts(storage, alice, bob):
+    assert storage.message_counts(alice.id) == {"messages": 0, "absorbed_messages": 0, "absorbed_tokens": 0,
+                                                "pending_messages": 0, "pending_tokens": 0}
+    _, sent = _chat(storage, alice, "one two", "three", "four five six")  # 2, 1 and 3 tokens
+    _chat(storage, bob, "bob's words here")
+    _commit(storage, alice, sent[1].id)
+    assert storage.message_counts(alice.id) == {"messages": 3, "absorbed_messages": 2, "absorbed_tokens": 3,
+                                                "pending_messages": 1, "pending_tokens": 3}
+
+
 def test_pending_users_and_active_job(storage, alice, bob):
     assert storage.pending_users() == []
     _, sent = _chat(storage, alice, "a", "b", "c")
