@@ -28,9 +28,7 @@ def servable_rank(rank: int) -> int:
 def lora_factors(model: GenerativeAdapterModel, state: AdapterState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per adapted module, the exact LoRA (lora_A (r, d_in), lora_B (d_out, r)) that `state` applies, fp32."""
     memories = model.memory_matrices(state)
-    return {name: (memories[name].T @ layer.lora_A.weight.detach().cpu().float(),  # (r, d_in)
-                   layer.scaling * layer.lora_B.weight.detach().cpu().float())  # (d_out, r)
-            for name, layer in model.adapted.items()}
+    return {name: tuple(t.cpu() for t in layer.lora_pair(memories[name])) for name, layer in model.adapted.items()}
 
 
 def lora_weights(model: GenerativeAdapterModel, state: AdapterState,

@@ -10,6 +10,7 @@ h_t normalised by ctx_norm. Names follow PEFT (lora_A, lora_B, scaling) so expor
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -50,8 +51,32 @@ class AdapterLinear(nn.Module):
             self.lora_B.weight.zero_()  # the adapted model starts exactly as the base model
         # Per-row memory for the current call, (N, r, r) or None; set by GenerativeAdapterModel.
         self.memory: torch.Tensor | None = None
+        # W0 + delta W of one user, (d_out, d_in), or None; used instead of `memory` when every row
+        # of a call belongs to the same user, so decoding costs what the base model costs.
+        self.folded_weight: torch.Tensor | None = None
+
+    def lora_pair(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact LoRA that memory M (r, r) applies: (lora_A (r, d_in), lora_B (d_out, r)).
+
+        Reading lora_A(x) @ M as x A1^T M: delta W = scaling * B M^T A1.
+        """
+        a1 = self.lora_A.weight.detach().float()
+        b = self.lora_B.weight.detach().float()
+        return memory.to(a1.device).float().T @ a1, self.scaling * b
+
+    @torch.no_grad()
+    def fold(self, memory: torch.Tensor | None) -> None:
+        """Answer with W0 + delta W for one user's memory (r, r); None goes back to per-row memories."""
+        if memory is None:
+            self.folded_weight = None
+            return
+        lora_a, lora_b = self.lora_pair(memory)
+        weight = self.base_layer.weight
+        self.folded_weight = torch.addmm(weight.float(), lora_b, lora_a).to(weight.dtype)  # (d_out, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded_weight is not None:
+            return F.linear(x, self.folded_weight, self.base_layer.bias)
         y = self.base_layer(x)  # (N, T, d_out)
         if self.memory is None:
             return y

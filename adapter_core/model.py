@@ -170,22 +170,52 @@ class GenerativeAdapterModel(nn.Module):
     def memory_matrices(self, state: AdapterState) -> dict[str, torch.Tensor]:
         """M = normalize(S) for every adapted module, (r, r) fp32: what the adapter applies."""
         self._check_state(state)
-        return {name: normalize(s, self.config.normalization, self.config.polar_steps)
-                for name, s in state.sums.items()}
+        names = list(state.sums)
+        stacked = torch.stack([state.sums[name] for name in names])  # (modules, r, r): one batched call
+        return dict(zip(names, normalize(stacked, self.config.normalization, self.config.polar_steps)))
 
     # --- answering -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def adapters(self, states: Sequence[AdapterState | None] | None) -> Iterator[None]:
-        """Within the block, row i of every batch is adapted by states[i] (None: base model)."""
+    def adapters(self, states: Sequence[AdapterState | None] | None, fold: bool = False) -> Iterator[None]:
+        """Within the block, row i of every batch is adapted by states[i] (None: base model).
+
+        fold: with a single state, add its delta W to the frozen weights (copies, the base weights
+        are not touched) instead of applying the LoRA per row; no gradients flow then. One user's
+        decoding then costs what the base model's does.
+        """
+        states = list(states or [])
+        for state in states:
+            if state is not None:
+                self._check_state(state)
+        with self._lock:  # held even without adapters: an absorb in another thread sets memories
+            if not any(s is not None for s in states):
+                yield
+            elif fold and len(states) == 1:
+                for name, memory in self.memory_matrices(states[0]).items():
+                    self.adapted[name].fold(memory)
+                try:
+                    yield
+                finally:
+                    self._clear_memories()
+            else:
+                zero = torch.zeros(self.config.rank, self.config.rank)
+                sums = {name: torch.stack([s.sums[name] if s is not None else zero for s in states])
+                        for name in self.adapted}  # (N, r, r); a zero sum is the base model
+                with self.reading(sums):
+                    yield
+
+    @contextlib.contextmanager
+    def reading(self, sums: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> Iterator[None]:
+        """Within the block, row i of every batch is adapted by M = normalize(sums[...][rows[i]]).
+
+        sums: module name -> (U, r, r) memory sums of U users; rows: (N,) the user of each row
+        (None: row i is user i). Differentiable: training reads the sums of a memory pass with it.
+        """
         with self._lock:
-            if states is not None and any(s is not None for s in states):
-                r = self.config.rank
-                zero = torch.zeros(r, r)
-                per_row = [self.memory_matrices(s) if s is not None else None for s in states]
-                for name, layer in self.adapted.items():
-                    rows = [m[name] if m is not None else zero for m in per_row]
-                    layer.memory = torch.stack(rows).to(self.device)  # (N, r, r)
+            for name, layer in self.adapted.items():
+                memory = normalize(sums[name].to(self.device), self.config.normalization, self.config.polar_steps)
+                layer.memory = memory if rows is None else memory[rows.to(self.device)]  # (N, r, r)
             try:
                 yield
             finally:
@@ -205,7 +235,7 @@ class GenerativeAdapterModel(nn.Module):
                  states: Sequence[AdapterState | None] | None = None, **generate_kwargs) -> torch.Tensor:
         """`transformers` generate (KV cache, streamers, ...) with row i adapted by states[i]."""
         self._check_batch(input_ids, states)
-        with self.adapters(states):
+        with self.adapters(states, fold=True):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                             **generate_kwargs)
 
@@ -306,3 +336,4 @@ class GenerativeAdapterModel(nn.Module):
     def _clear_memories(self) -> None:
         for layer in self.adapted.values():
             layer.memory = None
+            layer.fold(None)

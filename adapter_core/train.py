@@ -21,12 +21,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-steps", type=int, help="stop at this step (over all sessions)")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--init-checkpoint", help="generator folder to start a new run from")
+    p.add_argument("--cache-dir", help="cache of the dequantized default model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
     overrides = {"output_dir": args.output_dir, "time_budget_minutes": args.time_budget_minutes,
-                 "max_steps": args.max_steps, "device": args.device, "init_checkpoint": args.init_checkpoint}
+                 "max_steps": args.max_steps, "device": args.device, "init_checkpoint": args.init_checkpoint, "cache_dir": args.cache_dir}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

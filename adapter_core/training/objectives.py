@@ -1,7 +1,8 @@
 """Training batches for the three objectives, and their loss.
 
-Every example is a list of windows encoded in one memory pass: window j sees windows < j only
-through the adapter (rows never attend to each other, positions restart at 0).
+Every example is a list of windows: the ones that write memory are encoded in one memory pass,
+where window j sees windows < j only through the adapter (rows never attend to each other,
+positions restart at 0); the read-only query windows after them then read the whole memory.
 
   completion      windows of generic text; loss on every window after the first: predict text
                   whose beginning is only in memory
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from ..conversation import Turn, history_text, prompt_ids
 from ..model import GenerativeAdapterModel
-from ..windows import IGNORE, PackedWindows, Window, pack_windows
+from ..windows import IGNORE, TrainingBatch, Window, pack_training_batch
 from . import corpus
 from .persona import TRAIN, make_conversation
 
@@ -76,11 +77,11 @@ class DataSource:
         names = [n for n in OBJECTIVES if self.recipe.mix.get(n, 0) > 0]
         return rng.choices(names, weights=[self.recipe.mix[n] for n in names])[0]
 
-    def batch(self, step: int) -> tuple[str, PackedWindows]:
+    def batch(self, step: int) -> tuple[str, TrainingBatch]:
         objective = self.objective_for(step)
         rng = random.Random(f"{self.seed}-batch-{step}")
         make = {"completion": self._completion, "reconstruction": self._reconstruction, "qa": self._qa}[objective]
-        return objective, pack_windows([make(rng) for _ in range(self.recipe.batch_size)], self.tok.pad_token_id)
+        return objective, pack_training_batch([make(rng) for _ in range(self.recipe.batch_size)], self.tok.pad_token_id)
 
     def _text_windows(self, rng: random.Random, count: int) -> list[list[int]]:
         w, stream = self.window, self.text_tokens
@@ -126,19 +127,34 @@ def qa_windows(tok, window: int, history: str, recent: list[Turn],
     return windows
 
 
-def batch_loss(engine: GenerativeAdapterModel, batch: PackedWindows) -> tuple[torch.Tensor, int]:
+def batch_loss(engine: GenerativeAdapterModel, batch: TrainingBatch) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over labelled positions, and their count.
 
     Only the labelled positions go through the output layer: with a 49K vocabulary, full logits
     for every window would cost gigabytes.
     """
     batch = batch.to(engine.device)
+    memory, queries = batch.memory, batch.queries
+    decoder = engine.base_model.get_decoder()
     r = engine.config.rank
-    prior = {name: torch.zeros(batch.users, r, r, device=engine.device) for name in engine.adapted}
-    with engine.memory_pass(prior, batch.rows, batch.sum_mask):
-        hidden = engine.base_model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                                 use_cache=False).last_hidden_state  # (N, T, D)
-    targets = batch.labels[:, 1:]  # position t predicts token t+1
+    prior = {name: torch.zeros(memory.users, r, r, device=engine.device) for name in engine.adapted}
+    with engine.memory_pass(prior, memory.rows, memory.sum_mask) as written:
+        hidden = decoder(input_ids=memory.input_ids, attention_mask=memory.attention_mask,
+                         use_cache=False).last_hidden_state  # (U*W, T, D)
+    picked = [_labelled(hidden, memory.labels)]
+    if queries is not None:
+        with engine.reading(written.totals, queries.user):  # each query reads all of its user's memory
+            hidden = decoder(input_ids=queries.input_ids, attention_mask=queries.attention_mask,
+                             use_cache=False).last_hidden_state  # (Q, Tq, D)
+        picked.append(_labelled(hidden, queries.labels))
+    states = torch.cat([h for h, _ in picked])  # (n, D)
+    targets = torch.cat([t for _, t in picked])  # (n,)
+    logits = engine.base_model.get_output_embeddings()(states)  # (n, V)
+    return F.cross_entropy(logits.float(), targets), int(targets.numel())
+
+
+def _labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (n, D) of the positions that predict a labelled token, and those tokens (n,)."""
+    targets = labels[:, 1:]  # position t predicts token t+1
     selected = targets != IGNORE
-    logits = engine.base_model.get_output_embeddings()(hidden[:, :-1][selected])  # (n, V)
-    return F.cross_entropy(logits.float(), targets[selected]), int(selected.sum())
+    return hidden[:, :-1][selected], targets[selected]

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ..conversation import history_text
 from ..engine import load_engine
 from ..evaluation.runner import EvalOptions, evaluate
 from ..model import GenerativeAdapterModel
-from ..windows import pack_windows
+from ..windows import pack_training_batch
 from .objectives import DataRecipe, DataSource, batch_loss, qa_windows
 from .persona import make_eval_set
 from .plot import plot_training
@@ -130,7 +131,9 @@ class Trainer:
         cfg, engine = self.config, self.engine
         engine.train()
         deadline = None if cfg.time_budget_minutes is None else time.monotonic() + 60 * cfg.time_budget_minutes
-        bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not progress, desc="training", unit="step")
+        # In a log file (no terminal) a bar redrawn ten times a second would bury everything else.
+        bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not progress, desc="training", unit="step",
+                   mininterval=0.1 if sys.stderr.isatty() else 30)
         last_save = self.state["step"]
         while self.state["step"] < cfg.max_steps:
             if deadline is not None and time.monotonic() > deadline:
@@ -147,7 +150,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - started
-            tokens = int(batch.attention_mask.sum())
+            tokens = batch.tokens
             self.state["step"] = step + 1
             self.state["tokens"] += tokens
             self.state["seconds"] += seconds
@@ -164,6 +167,8 @@ class Trainer:
                 self.save()
                 last_save = step + 1
         bar.close()
+        if engine.device.type == "cuda":  # tells the next run how far the batch size can grow
+            log.info("peak GPU memory: %.1f GiB", torch.cuda.max_memory_allocated() / 2**30)
         if self.state["step"] != last_save or not (self.out / STATE_NAME).exists():
             self.save()
         return self.state
@@ -178,7 +183,8 @@ class Trainer:
                                    [(q.question, q.answer) for q in c.questions]) for c in self._eval_set]
             losses = []
             for start in range(0, len(per_user), self.config.data.batch_size):
-                packed = pack_windows(per_user[start:start + self.config.data.batch_size], engine.tokenizer.pad_token_id)
+                packed = pack_training_batch(per_user[start:start + self.config.data.batch_size],
+                                             engine.tokenizer.pad_token_id)
                 loss, n = batch_loss(engine, packed)
                 losses.append((loss.item(), n))
             results = evaluate(engine, self._eval_set, EvalOptions(modes=("adapter",)), progress=False)

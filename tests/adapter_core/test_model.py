@@ -146,7 +146,20 @@ def test_base_weights_are_never_modified(make_engine, random_tokens):
     assert base_fingerprint(engine) == before
     assert all(not p.requires_grad for n, p in engine.base_model.named_parameters()
                if ".lora_" not in n and ".ctx_" not in n)
-    assert all(layer.memory is None for layer in engine.adapted.values())
+    assert all(layer.memory is None and layer.folded_weight is None for layer in engine.adapted.values())
+
+
+def test_one_users_adapter_folded_into_the_weights_equals_the_per_row_adapter(family, make_engine, random_tokens):
+    engine = make_engine(family)
+    alice = engine.absorb(engine.empty_state(), [random_tokens(30)])
+    ids = torch.tensor([random_tokens(9)])
+    per_row = engine(ids, states=[alice]).logits
+    with torch.no_grad(), engine.adapters([alice], fold=True):
+        assert all(layer.memory is None and layer.folded_weight is not None for layer in engine.adapted.values())
+        folded = engine.base_model(input_ids=ids).logits
+    torch.testing.assert_close(folded, per_row, rtol=1e-4, atol=1e-4)
+    assert (folded - engine(ids).logits).abs().max() > 1e-2  # the folded adapter really acts
+    assert all(layer.folded_weight is None for layer in engine.adapted.values())
 
 
 @pytest.mark.parametrize("normalization", ["svd", "polar", "frobenius"])

