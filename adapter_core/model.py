@@ -3,7 +3,8 @@
 Two kinds of call:
 
 * answering (`forward`, `generate`): row i of the batch is adapted by `states[i]` (or by nothing
-  when it is None); M = normalize(S) is fixed for the whole call.
+  when it is None); M = normalize(S) is fixed for the whole call. `generate` for one user folds
+  the adapter into copies of the adapted weights, so decoding costs what the base model's does.
 * absorbing (`absorb`, `absorb_many`, and the `memory_pass` context for training): the text is
   cut into windows, each window is one row of the batch, encoded with positions starting at 0,
   so windows never attend to each other. At every adapted decoder layer a pre-hook sums

@@ -34,7 +34,9 @@ def markdown(results: dict) -> str:
              f"whole run {results['seconds']:.0f} s.", "",
              "## Cost of one turn", "",
              f"Reply of {results['options']['reply_tokens']} tokens; adapter mode keeps the last "
-             f"{results['options']['recent_turns']} turns in the prompt and the rest in the adapter.", "",
+             f"{results['options']['recent_turns']} turns in the prompt and the rest in the adapter. Peak memory: "
+             "on the CPU, how much resident memory grew during the turn (memory that the allocator reuses "
+             "from earlier turns is not counted); on CUDA, the allocator's peak.", "",
              "| history tokens | mode | prompt tokens | first token (s) | reply (s) | peak memory (MB) | prefill GFLOPs |",
              "|---|---|---|---|---|---|---|"]
     for r in results["per_turn"]:

@@ -1,9 +1,19 @@
-import time
+import mmap
 
 import pytest
 import torch
 
 from bench import measure
+
+PAGE = mmap.PAGESIZE
+
+
+def touch_new_memory(size: int) -> mmap.mmap:
+    """Fresh pages straight from the kernel: a malloc'd buffer could reuse memory that is already resident."""
+    buffer = mmap.mmap(-1, size)
+    for offset in range(0, size, PAGE):
+        buffer[offset] = 1
+    return buffer
 
 
 @pytest.mark.parametrize("reset_allowed", [True, False], ids=["high-water mark", "sampler"])
@@ -12,9 +22,10 @@ def test_peak_memory_sees_a_buffer_that_lived_only_inside_the_block(reset_allowe
         monkeypatch.setattr(measure, "_reset_peak_resident", lambda: False)
     with measure.PeakMemory(torch.device("cpu")) as quiet:
         pass
-    with measure.PeakMemory(torch.device("cpu")) as busy:
-        buffer = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        time.sleep(0.05)  # long enough for the sampler's 2 ms period
-        del buffer
+    with measure.PeakMemory(torch.device("cpu"), interval=0.001) as busy:
+        buffer = touch_new_memory(64 * 2**20)
+        if not reset_allowed:
+            measure.time.sleep(0.05)  # several sampling periods while the buffer lives
+        buffer.close()
     assert busy.peak > 56 * 2**20, busy.peak
     assert quiet.peak < 8 * 2**20, quiet.peak
