@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from adapter_core import GenerativeAdapterModel, GeneratorConfig, StateError
+from adapter_core.layer import AdapterLinear
 
 
 def base_fingerprint(engine) -> str:
@@ -212,3 +213,18 @@ def test_a_window_is_encoded_exactly_as_answering_with_the_state_so_far(family, 
         index = int(name.split(".layers.")[1].split(".")[0])
         expected = layer.context_sums(captured[index], torch.ones(1, len(window)))[0]
         torch.testing.assert_close(after.sums[name] - before.sums[name], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, folds", [(torch.float32, True), (torch.bfloat16, False)])
+def test_generate_folds_only_fp32_weights(dtype, folds, make_engine, random_tokens, monkeypatch):
+    # in bf16, W0 + delta W would round most of delta W away
+    engine = make_engine("llama")
+    engine.base_model.to(dtype)
+    alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    folded = []
+    original = AdapterLinear.fold
+    monkeypatch.setattr(AdapterLinear, "fold", lambda self, memory: folded.append(memory is not None)
+                        or original(self, memory))
+    out = engine.generate(torch.tensor([random_tokens(5)]), states=[alice], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+    assert any(folded) is folds
