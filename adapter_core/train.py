@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
     overrides = {"output_dir": args.output_dir, "time_budget_minutes": args.time_budget_minutes,
-                 "max_steps": args.max_steps, "device": args.device, "init_checkpoint": args.init_checkpoint, "cache_dir": args.cache_dir}
+                 "max_steps": args.max_steps, "device": args.device, "init_checkpoint": args.init_checkpoint,
+                 "cache_dir": args.cache_dir}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

@@ -112,18 +112,8 @@ def pack_training_batch(per_user: Sequence[Sequence[Window]], pad_id: int = 0) -
         memory.append(list(windows[:first_query]) or [Window([])])  # no history: an empty memory
         queries.extend((u, w) for w in windows[first_query:])
     packed_queries = None
-    if queries:
-        length = max(1, max(len(w.ids) for _, w in queries))
-        ids = torch.full((len(queries), length), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(queries), length), dtype=torch.long)
-        labels = torch.full((len(queries), length), IGNORE, dtype=torch.long)
-        for row, (_, win) in enumerate(queries):
-            n = len(win.ids)
-            if win.labels is not None and len(win.labels) != n:
-                raise ValueError(f"window of {n} tokens has {len(win.labels)} labels")
-            ids[row, :n] = torch.tensor(win.ids, dtype=torch.long)
-            attention[row, :max(n, 1)] = 1
-            if win.labels is not None:
-                labels[row, :n] = torch.tensor(win.labels, dtype=torch.long)
-        packed_queries = QueryRows(ids, attention, labels, torch.tensor([u for u, _ in queries]))
+    if queries:  # one query per row: a memory-pass packing with a single window per "user"
+        rows = pack_windows([[w] for _, w in queries], pad_id)
+        packed_queries = QueryRows(rows.input_ids, rows.attention_mask, rows.labels,
+                                   torch.tensor([u for u, _ in queries]))
     return TrainingBatch(pack_windows(memory, pad_id), packed_queries)

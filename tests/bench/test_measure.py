@@ -1,4 +1,5 @@
 import mmap
+import time
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def test_peak_memory_sees_a_buffer_that_lived_only_inside_the_block(reset_allowe
     with measure.PeakMemory(torch.device("cpu"), interval=0.001) as busy:
         buffer = touch_new_memory(64 * 2**20)
         if not reset_allowed:
-            measure.time.sleep(0.05)  # several sampling periods while the buffer lives
+            time.sleep(0.05)  # several sampling periods while the buffer lives
         buffer.close()
     assert busy.peak > 56 * 2**20, busy.peak
     assert quiet.peak < 8 * 2**20, quiet.peak
