@@ -27,13 +27,15 @@ def default_checkpoint(model_name: str | None) -> Path | None:
 
 def load_engine(model_name: str | None = None, checkpoint: str | Path | None = None, *,
                 config: GeneratorConfig | None = None, device: str | torch.device | None = None,
-                cache_dir: str | Path | None = None, use_shipped: bool = True) -> GenerativeAdapterModel:
+                cache_dir: str | Path | None = None, use_shipped: bool = True,
+                int4_decode: bool | None = None) -> GenerativeAdapterModel:
     """Base model (default: the embedded SmolLM2) plus its generator.
 
     checkpoint: a generator folder; None takes the shipped one for the default model (unless
     use_shipped is False). Without any, a freshly initialised generator is built from `config`.
+    int4_decode: see load_base_model (None: on where it pays, the CPU).
     """
-    loaded = load_base_model(model_name, device=device, cache_dir=cache_dir)
+    loaded = load_base_model(model_name, device=device, cache_dir=cache_dir, int4_decode=int4_decode)
     if checkpoint is None and use_shipped:
         checkpoint = default_checkpoint(model_name)
     if checkpoint is not None:

@@ -3,8 +3,8 @@
 Two kinds of call:
 
 * answering (`forward`, `generate`): row i of the batch is adapted by `states[i]` (or by nothing
-  when it is None); M = normalize(S) is fixed for the whole call. `generate` for one user with
-  fp32 weights folds the adapter into copies of them, so decoding costs what the base model's does.
+  when it is None); M = normalize(S) is fixed for the whole call. `generate` for one user folds
+  M into a plain LoRA pair once, instead of a batched product per layer and token.
 * absorbing (`absorb`, `absorb_many`, and the `memory_pass` context for training): the text is
   cut into windows, each window is one row of the batch, encoded with positions starting at 0,
   so windows never attend to each other. At every adapted decoder layer a pre-hook sums
@@ -181,9 +181,8 @@ class GenerativeAdapterModel(nn.Module):
     def adapters(self, states: Sequence[AdapterState | None] | None, fold: bool = False) -> Iterator[None]:
         """Within the block, row i of every batch is adapted by states[i] (None: base model).
 
-        fold: with a single state, add its delta W to the frozen weights (copies, the base weights
-        are not touched) instead of applying the LoRA per row; no gradients flow then. One user's
-        decoding then costs what the base model's does.
+        fold: with a single state, fold its memories into plain LoRA pairs (AdapterLinear.fold)
+        instead of applying them per row; no gradients flow then.
         """
         states = list(states or [])
         for state in states:
@@ -236,10 +235,7 @@ class GenerativeAdapterModel(nn.Module):
                  states: Sequence[AdapterState | None] | None = None, **generate_kwargs) -> torch.Tensor:
         """`transformers` generate (KV cache, streamers, ...) with row i adapted by states[i]."""
         self._check_batch(input_ids, states)
-        # Folding pays where decoding is bound by reading weights (the CPU, fp32). In bf16 the sum
-        # W0 + delta W would round much of delta W away, so the LoRA stays separate there.
-        fold = self.base_model.dtype == torch.float32
-        with self.adapters(states, fold=fold):
+        with self.adapters(states, fold=True):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                             **generate_kwargs)
 

@@ -43,7 +43,8 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
         log.info("[2/%d] loading the language model and its generator (the first start converts the "
                  "default model, about half a minute; later starts use the cache)", steps)
         engine = load_engine(settings.model, settings.checkpoint, device=settings.device,
-                             cache_dir=settings.data_dir / "model-cache")
+                             cache_dir=settings.data_dir / "model-cache",
+                             int4_decode=None if settings.int4_decode else False)
     engine.eval()
     log.info("[2/%d] model %s, generator %s", steps, engine.base_model_id, engine.generator_id)
     service = ChatService(storage, engine, settings)

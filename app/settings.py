@@ -21,6 +21,7 @@ class AppSettings:
     model: str | None = _setting(None, "base model: Hugging Face id or local folder; default: embedded SmolLM2-135M")
     checkpoint: str | None = _setting(None, "generator folder; default: the one shipped for the default model")
     device: str | None = _setting(None, "cpu or cuda; default: cuda when available")
+    int4_decode: bool = _setting(True, "on the CPU, decode on the 4-bit weights of the model file (faster replies)")
     host: str = _setting("127.0.0.1", "interface to listen on; the default serves this machine only")
     port: int = _setting(7860, "port to listen on")
     admin_username: str | None = _setting(None, "created (or promoted) as admin at start, with --admin-password")

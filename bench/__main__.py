@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from adapter_core.engine import load_engine
+from adapter_core.int4 import four_bit_layers
 
 from .report import markdown, plot_all
 from .sections import BenchOptions, compression, many_users, memory_size, per_turn
@@ -37,18 +38,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--cache-dir", default="data/model-cache")
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    p.add_argument("--int4-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, decode on the model's 4-bit weights, as the app does (default: on)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it works, not the timings")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = QUICK if args.quick else BenchOptions()
     started = time.perf_counter()
-    engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir)
+    engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir,
+                         int4_decode=None if args.int4_decode else False)
     engine.eval()
     results = {
         "machine": {"device": str(engine.device), "cpu_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
                     "platform": platform.platform(), "torch": torch.__version__},
-        "model": engine.base_model_id, "generator": engine.generator_id, "rank": engine.config.rank,
+        "model": engine.base_model_id, "four_bit_layers": four_bit_layers(engine.base_model),
+        "generator": engine.generator_id, "rank": engine.config.rank,
         "quick": args.quick, "options": options.__dict__, "targets": TARGETS,
     }
     for name, section in (("per_turn", per_turn), ("compression", compression), ("many_users", many_users),

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from adapter_core.int4 import MAX_ROWS  # noqa: E402
+
 
 def _by_mode(rows: list[dict], mode: str) -> dict[int, dict]:
     return {r["history_tokens"]: r for r in rows if r["mode"] == mode}
@@ -24,6 +26,14 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def _decoding(results: dict) -> str:
+    layers = results.get("four_bit_layers", 0)
+    if not layers:
+        return "Decoding on the fp32 weights."
+    return (f"Decoding (inputs of at most {MAX_ROWS} rows) on the 4-bit weights of the model file in {layers} linear "
+            "layers, with bf16 activations there; prefill, absorption and the fp32 embedding as they were.")
+
+
 def markdown(results: dict) -> str:
     t = results["targets"]
     machine = results["machine"]
@@ -32,6 +42,7 @@ def markdown(results: dict) -> str:
              f"Model `{results['model']}`, generator `{results['generator']}` (rank {results['rank']}); "
              f"{'QUICK MODE: sizes too small for the targets to mean anything; ' if results['quick'] else ''}"
              f"whole run {results['seconds']:.0f} s.", "",
+             _decoding(results), "",
              "## Cost of one turn", "",
              f"Reply of {results['options']['reply_tokens']} tokens; adapter mode keeps the last "
              f"{results['options']['recent_turns']} turns in the prompt and the rest in the adapter. Peak memory: "

@@ -30,3 +30,17 @@ def test_peak_memory_sees_a_buffer_that_lived_only_inside_the_block(reset_allowe
         buffer.close()
     assert busy.peak > 56 * 2**20, busy.peak
     assert quiet.peak < 8 * 2**20, quiet.peak
+
+
+def test_flops_of_a_4_bit_layer_are_those_of_the_fp32_one():
+    from adapter_core.int4 import Int4Linear, kernel_available, quantize_int4
+
+    if not kernel_available():
+        pytest.skip("this torch build has no CPU int4 kernel")
+    base = torch.nn.Linear(64, 48, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(torch.arange(64).remainder(16).expand(48, 64) * 0.01 - 0.08)  # on a 4-bit grid
+    layer = Int4Linear(base, quantize_int4(base.weight))
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        assert measure.count_flops(lambda: layer(x)) == measure.count_flops(lambda: base(x)) == 2 * 6 * 64 * 48

@@ -1,0 +1,112 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapter_core import int4
+from adapter_core.int4 import Int4Linear, quantize_for_decoding, quantize_int4
+
+pytestmark = pytest.mark.skipif(not int4.kernel_available(), reason="this torch build has no CPU int4 kernel")
+
+
+def on_q4_1_grid(weight: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """The weight rounded the way GGUF's Q4_1 stores it: per 32 inputs, q * d + m with fp16 d and m."""
+    d_out, d_in = weight.shape
+    groups = weight.float().reshape(d_out, d_in // group, group)
+    low = groups.amin(-1, keepdim=True).half().float()
+    step = ((groups.amax(-1, keepdim=True) - low) / 15).half().float()
+    q = ((groups - low) / step).round().clamp(0, 15)
+    return (q * step + low).reshape(d_out, d_in)
+
+
+def q4_1_linear(d_in: int, d_out: int, seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(d_in, d_out, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(on_q4_1_grid(linear.weight))
+    return linear.requires_grad_(False)
+
+
+def test_a_q4_1_weight_is_recovered_to_bf16_precision():
+    base = q4_1_linear(96, 64)
+    layer = Int4Linear(base, quantize_int4(base.weight), max_rows=96)
+    with torch.no_grad():
+        recovered = (layer(torch.eye(96)) - base.bias).T  # (d_out, d_in): the kernel's own weight
+    error = (recovered - base.weight).abs().max()
+    step = (base.weight.amax() - base.weight.amin()) / 15
+    assert error < 0.1 * step  # bf16 rounding (scale, offset, output); another grid would be off by ~step / 2
+
+
+def test_few_rows_run_on_4_bits_at_bf16_precision():
+    base = q4_1_linear(96, 64)
+    layer = Int4Linear(base, quantize_int4(base.weight))
+    x = torch.randn(3, 5, 96)  # 15 rows <= max_rows
+    with torch.no_grad():
+        y, exact = layer(x), base(x)
+    assert y.shape == exact.shape == (3, 5, 64)
+    assert not torch.equal(y, exact)  # the 4-bit kernel ran, not the fp32 weight
+    assert (y - exact).norm() / exact.norm() < 1e-2
+
+
+def test_many_rows_and_training_use_the_fp32_weight_exactly():
+    base = q4_1_linear(64, 32)
+    layer = Int4Linear(base, quantize_int4(base.weight), max_rows=4)
+    many = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(many), base(many))
+    one = torch.randn(1, 64, requires_grad=True)
+    out = layer(one)  # gradients are on: the kernel has none, so the fp32 path runs
+    assert torch.equal(out, base(one))
+    out.sum().backward()
+    torch.testing.assert_close(one.grad, base.weight.sum(0, keepdim=True))
+
+
+def test_the_layer_shares_the_original_parameters():
+    base = q4_1_linear(64, 32)
+    layer = Int4Linear(base, quantize_int4(base.weight))
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert list(layer.state_dict()) == list(base.state_dict())  # the 4-bit copy is never saved
+
+
+def test_only_layers_that_are_4_bit_already_and_fit_the_kernel_are_replaced():
+    torch.manual_seed(0)
+    model = nn.Sequential(q4_1_linear(96, 64), nn.Linear(64, 32), q4_1_linear(32, 40), nn.ReLU())
+    assert quantize_int4(model[1].weight) is None  # plain fp32 weights would lose precision
+    assert quantize_for_decoding(model) == ["0"]  # [2] has 40 outputs: the kernel packs them by 16
+    assert type(model[0]) is Int4Linear and type(model[1]) is nn.Linear and type(model[2]) is nn.Linear
+
+
+def test_a_bf16_model_is_refused():
+    model = nn.Sequential(q4_1_linear(64, 32)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="fp32 weights on the CPU"):
+        quantize_for_decoding(model)
+
+
+def test_a_4_bit_engine_decodes_like_the_fp32_one_and_its_adapter_still_acts(make_engine, random_tokens):
+    engine = make_engine("llama")
+    with torch.no_grad():
+        for name, module in engine.base_model.named_modules():
+            if type(module) is nn.Linear and not name.rsplit(".", 1)[-1].startswith(("lora_", "ctx_")):
+                module.weight.copy_(on_q4_1_grid(module.weight))
+    replaced = quantize_for_decoding(engine.base_model)
+    assert len(replaced) == 3 * 7  # q, k, v, o, gate, up, down in 3 layers; lm_head (97 outputs) stays
+    alice = engine.absorb(engine.empty_state(), [random_tokens(30)])
+    ids = torch.tensor([random_tokens(6)])
+
+    def last_logits(states, max_rows):
+        for layer in replaced:
+            engine.base_model.get_submodule(layer).max_rows = max_rows
+        logits = []
+        with torch.no_grad(), engine.adapters(states, fold=True):
+            past = None
+            for t in range(ids.shape[1]):  # one token at a time, as decoding does
+                out = engine.base_model(input_ids=ids[:, t:t + 1], cache=past, use_cache=True)
+                past = out.past_key_values  # the filled cache
+                logits.append(out.logits[0, -1])
+        return torch.stack(logits)  # (T, vocab)
+
+    adapted_4bit, adapted_fp32 = last_logits([alice], 32), last_logits([alice], 0)
+    assert not torch.equal(adapted_4bit, adapted_fp32)
+    assert (adapted_4bit - adapted_fp32).norm() / adapted_fp32.norm() < 2e-2
+    plain = last_logits(None, 32)
+    assert (adapted_4bit - plain).abs().max() > 10 * (adapted_4bit - adapted_fp32).abs().max()
