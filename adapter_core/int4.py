@@ -32,7 +32,8 @@ MAX_ROWS = 32
 2-core CPU: 4x faster at 1 row, 2x at 16, 1.2x at 32, slower from 64."""
 GRID_TOLERANCE = 1e-3
 """How far (in steps) a weight may lie from its group's grid and still count as 4-bit: fp32
-arithmetic puts dequantized weights within ~1e-6 steps, weights that were never 4-bit ~0.25."""
+arithmetic puts dequantized weights within ~1e-6 steps; in weights that never were 4-bit, some
+lie up to half a step away."""
 _OUTPUT_MULTIPLE = 16  # the kernel packs output features in blocks of 16
 
 
@@ -68,14 +69,13 @@ class Int4Linear(nn.Linear):
     embeddings stay tied and the state dict is unchanged; the 4-bit copy is a non-persistent buffer.
     """
 
-    def __init__(self, base: nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor],
-                 group_size: int = GROUP_SIZE, max_rows: int = MAX_ROWS):
+    def __init__(self, base: nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor], max_rows: int = MAX_ROWS):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight = base.weight
         self.bias = base.bias
-        self.group_size = group_size
         self.max_rows = max_rows
-        packed, scales_and_zeros = quantized  # from quantize_int4(base.weight, group_size)
+        packed, scales_and_zeros = quantized  # from quantize_int4(base.weight)
+        self.group_size = base.in_features // scales_and_zeros.shape[0]
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
 
@@ -119,7 +119,7 @@ def quantize_for_decoding(model: nn.Module, group_size: int = GROUP_SIZE, max_ro
                                  f"on {child.weight.device}")
             quantized = quantize_int4(child.weight, group_size)
             if quantized is not None:
-                setattr(parent, name, Int4Linear(child, quantized, group_size, max_rows))
+                setattr(parent, name, Int4Linear(child, quantized, max_rows))
                 replaced.append(f"{parent_name}.{name}" if parent_name else name)
     return replaced
 

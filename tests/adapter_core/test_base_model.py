@@ -7,7 +7,7 @@ import torch
 
 from adapter_core import ModelLoadError, load_base_model
 from adapter_core import base_model as bm
-from adapter_core.int4 import Int4Linear
+from adapter_core.int4 import MAX_ROWS, Int4Linear
 
 
 def test_cpu_gets_sdpa_and_fp32():
@@ -137,10 +137,10 @@ def test_default_model_decodes_on_4_bits_at_the_quality_of_fp32(default_model):
         return torch.stack(out)  # (T - 1, vocab)
 
     try:
-        four, exact = stepwise_log_probs(32), stepwise_log_probs(0)
+        four, exact = stepwise_log_probs(MAX_ROWS), stepwise_log_probs(0)
     finally:
         for layer in four_bit:
-            layer.max_rows = 32
+            layer.max_rows = MAX_ROWS
     targets = ids[0, 1:]
     nll_four = -four.gather(1, targets[:, None]).mean()
     nll_exact = -exact.gather(1, targets[:, None]).mean()

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapter_core import int4
-from adapter_core.int4 import Int4Linear, quantize_for_decoding, quantize_int4
+from adapter_core.int4 import MAX_ROWS, Int4Linear, quantize_for_decoding, quantize_int4
 
 pytestmark = pytest.mark.skipif(not int4.kernel_available(), reason="this torch build has no CPU int4 kernel")
 
@@ -105,8 +105,8 @@ def test_a_4_bit_engine_decodes_like_the_fp32_one_and_its_adapter_still_acts(mak
                 logits.append(out.logits[0, -1])
         return torch.stack(logits)  # (T, vocab)
 
-    adapted_4bit, adapted_fp32 = last_logits([alice], 32), last_logits([alice], 0)
+    adapted_4bit, adapted_fp32 = last_logits([alice], MAX_ROWS), last_logits([alice], 0)
     assert not torch.equal(adapted_4bit, adapted_fp32)
     assert (adapted_4bit - adapted_fp32).norm() / adapted_fp32.norm() < 2e-2
-    plain = last_logits(None, 32)
+    plain = last_logits(None, MAX_ROWS)
     assert (adapted_4bit - plain).abs().max() > 10 * (adapted_4bit - adapted_fp32).abs().max()
