@@ -7,12 +7,14 @@ adapter_core nor app. SQLite by default (data/memchat.db), any SQLAlchemy URL ot
 
 from .db import default_url, make_engine, upgrade
 from .errors import (
-    CursorError, NotFound, RebuildRequired, SnapshotFileError, StorageError, UsernameTaken, ValidationError,
+    CursorError, NotFound, RebuildRequired, SnapshotFileError, StorageError, UsernameLookAlike, UsernameTaken,
+    ValidationError,
 )
 from .repository import Storage
 from .settings import StorageSettings
 
 __all__ = [
     "CursorError", "NotFound", "RebuildRequired", "SnapshotFileError", "Storage", "StorageError",
-    "StorageSettings", "UsernameTaken", "ValidationError", "default_url", "make_engine", "upgrade",
+    "StorageSettings", "UsernameLookAlike", "UsernameTaken", "ValidationError", "default_url", "make_engine",
+    "upgrade",
 ]

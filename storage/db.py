@@ -4,11 +4,13 @@ SQLite (the default, one file under the data folder) and PostgreSQL run the same
 every connection gets WAL (readers do not block the writer), foreign keys (off by default in
 SQLite, and the ON DELETE CASCADE of user deletion needs them) and a busy timeout. SQLAlchemy takes
 over BEGIN from the sqlite3 driver, as its SQLite dialect documentation advises, so that reads are
-transactional too and writers can take the write lock up front (see `writer`).
+transactional too and writers can take the write lock up front (see `writer`). The SQLite file is
+made 0600 before the driver first opens it (SQLite gives its -wal and -shm files the same mode).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 
+from .files import FILE_MODE, make_private_dirs, restrict_mode
 from .settings import StorageSettings
 
 DB_FILENAME = "memchat.db"
@@ -33,8 +36,8 @@ def make_engine(url: str | URL, settings: StorageSettings | None = None, *, fore
     url = make_url(url)
     if url.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    if url.database and url.database != ":memory:" and not url.query.get("uri"):
+        _private_database_file(Path(url.database))
     engine = create_engine(url)
     busy_timeout_ms = (settings or StorageSettings()).busy_timeout_ms
 
@@ -53,6 +56,17 @@ def make_engine(url: str | URL, settings: StorageSettings | None = None, *, fore
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _private_database_file(path: Path) -> None:
+    """Create the SQLite file (and its missing folders, 0700) with mode 0600 before SQLite opens
+    it, which would make it readable by everyone; an existing one, and its -wal and -shm files,
+    lose any looser bits. An existing folder is left alone: the database may live in one shared."""
+    make_private_dirs(path.parent)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, FILE_MODE))  # an empty file is an empty database
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        if file.exists():
+            restrict_mode(file, FILE_MODE)
 
 
 def writer(engine: Engine) -> Engine:

@@ -23,6 +23,15 @@ class UsernameTaken(ValidationError):
         super().__init__("username", f"{username!r} is already taken")
 
 
+class UsernameLookAlike(UsernameTaken):
+    """The username looks like another account's (the same Unicode TS #39 skeleton): the Cyrillic
+    'ѕсоре' next to 'scope', or 'rnodern' next to 'modern'. A kind of UsernameTaken, so that code
+    which handles a taken name handles this one too."""
+
+    def __init__(self, username: str) -> None:
+        ValidationError.__init__(self, "username", f"{username!r} looks too much like an existing account")
+
+
 class NotFound(StorageError, LookupError):
     """No such row, or a row that belongs to another user (the two are not told apart on purpose)."""
 

@@ -4,6 +4,9 @@ A file's name is the sha256 of its bytes, in a folder of its own per user, so th
 user deletes the folder and nothing of theirs is left behind. A file is written to a temporary
 name in the same folder, flushed to disk, renamed over its final name, and the folder itself is
 flushed, so that after a crash a snapshot file is either whole or absent, never half written.
+
+A user's memory is private: folders are 0700 and files 0600, whatever the umask, and a folder
+found with looser bits is tightened before a file goes into it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Collection
@@ -23,6 +27,8 @@ ADAPTERS_DIR = "adapters"
 TMP_PREFIX = ".tmp-"
 SUFFIX = ".state"
 USER_DIR_PREFIX = "user-"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,13 @@ class SnapshotFiles:
         """Store the bytes durably; returns once they would survive a power cut."""
         digest = hashlib.sha256(data).hexdigest()
         folder = self.user_dir(user_id)
-        _make_dirs(folder)
+        make_private_dirs(folder)
+        restrict_mode(self.root, DIR_MODE)
+        restrict_mode(folder, DIR_MODE)
         final = folder / f"{digest}{SUFFIX}"
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
         try:
+            os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 already, but said here rather than assumed
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -111,16 +120,25 @@ class SnapshotFiles:
         return full
 
 
-def _make_dirs(folder: Path) -> None:
-    """mkdir -p, flushing each new folder's parent so that the new entry itself is durable."""
+def make_private_dirs(folder: Path) -> None:
+    """mkdir -p giving each new folder mode 0700, and flushing its parent so that the new entry
+    itself is durable. Folders that were there already are left as they are."""
     missing = []
     parent = folder
     while not parent.exists():
         missing.append(parent)
         parent = parent.parent
-    folder.mkdir(parents=True, exist_ok=True)
     for created in reversed(missing):
+        created.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(created, DIR_MODE)  # mkdir's mode passes through the umask
         _fsync_dir(created.parent)
+
+
+def restrict_mode(path: Path, mode: int) -> None:
+    """Take away the permission bits of `path` that `mode` does not have (0755 -> 0700 for 0700)."""
+    current = stat.S_IMODE(os.stat(path).st_mode)
+    if current & ~mode:
+        os.chmod(path, current & mode)
 
 
 def _fsync_dir(folder: Path) -> None:

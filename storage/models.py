@@ -21,6 +21,10 @@ from sqlalchemy.types import TypeDecorator
 
 from .settings import USERNAME_COLUMN_CHARS
 
+USERNAME_SKELETON_CHARS = 8 * USERNAME_COLUMN_CHARS
+"""Width of the skeleton column: a character spells out to at most 7 in its skeleton (a Hangul
+syllable), so eight per character of the widest username leaves room."""
+
 JOB_STATUSES = ("queued", "running", "done", "failed")
 ACTIVE_JOB = "status IN ('queued', 'running')"
 
@@ -70,6 +74,10 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(USERNAME_COLUMN_CHARS), unique=True)
     """NFKC-normalised and case-folded (see storage.validation.username)."""
+    username_skeleton: Mapped[str | None] = mapped_column(String(USERNAME_SKELETON_CHARS), unique=True, index=True)
+    """What the name looks like (storage.validation.username_skeleton); unique, so that no new name
+    looks like an existing one. NULL only for an account made before migration 0002 whose name
+    already looked like an older account's."""
     password_hash: Mapped[str] = mapped_column(String(255))
     """Argon2id, in the PHC string format (parameters and salt included)."""
     is_admin: Mapped[bool] = mapped_column(default=False)

@@ -27,9 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import validation
 from .db import default_url, make_engine, upgrade, writer
-from .errors import CursorError, NotFound, RebuildRequired, StorageError, UsernameTaken, ValidationError
-from .files import SnapshotFiles
-from .models import AdapterSnapshot, AuditEntry, CompressionJob, Conversation, Message, User, utcnow
+from .errors import (
+    CursorError, NotFound, RebuildRequired, StorageError, UsernameLookAlike, UsernameTaken, ValidationError,
+)
+from .files import DIR_MODE, SnapshotFiles, make_private_dirs, restrict_mode
+from .models import (
+    USERNAME_SKELETON_CHARS, AdapterSnapshot, AuditEntry, CompressionJob, Conversation, Message, User, utcnow,
+)
 from .settings import StorageSettings
 
 ID_MAX_CHARS = 200
@@ -46,6 +50,8 @@ class Storage:
                  settings: StorageSettings | None = None) -> None:
         self.settings = settings or StorageSettings()
         self.data_dir = Path(data_dir)
+        make_private_dirs(self.data_dir)  # 0700: the database and every user's memory live here
+        restrict_mode(self.data_dir, DIR_MODE)
         self.url = url or default_url(self.data_dir)
         self.engine = make_engine(self.url, self.settings)
         self.files = SnapshotFiles(self.data_dir)
@@ -72,20 +78,28 @@ class Storage:
     # --- users -----------------------------------------------------------------------------
 
     def create_user(self, username: str, password: str, *, is_admin: bool = False) -> User:
+        """A new account; UsernameTaken if the name is taken, UsernameLookAlike (a kind of
+        UsernameTaken) if it looks like an existing one (storage.validation.username_skeleton)."""
         name = validation.username(username, self.settings)
         secret = validation.password(password, self.settings)
-        user = User(username=name, password_hash=self._hasher.hash(secret), is_admin=bool(is_admin))
+        if validation.normalize_username(secret) in (name, validation.normalize_username(str(username))):
+            raise ValidationError("password", "must not be the username")
+        skeleton = validation.username_skeleton(name)
+        if len(skeleton) > USERNAME_SKELETON_CHARS:
+            raise ValidationError("username", "is too long once spelled out for the look-alike check")
+        user = User(username=name, username_skeleton=skeleton, password_hash=self._hasher.hash(secret),
+                    is_admin=bool(is_admin))
         try:
             with self._writing() as session:
                 session.add(user)
-        except IntegrityError as e:  # the only unique column is the username
-            raise UsernameTaken(name) from e
+        except IntegrityError as e:  # the unique columns are the username and its skeleton
+            raise self._name_refusal(name) from e
         return user
 
     def authenticate(self, username: str, password: str) -> User | None:
         """The user if the password is right, else None; rehashes it if the Argon2 costs changed."""
         try:
-            name = validation.username(username, self.settings)
+            name = validation.username(username, self.settings, new=False)
             secret = validation.password(password, self.settings, new=False)
         except ValidationError:
             return None  # no account can have an invalid name or password
@@ -111,7 +125,7 @@ class Storage:
     def find_user(self, username: str) -> User | None:
         """By username, compared after the same normalisation as at sign-up."""
         try:
-            name = validation.username(username, self.settings)
+            name = validation.username(username, self.settings, new=False)
         except ValidationError:
             return None
         with self._reading() as session:
@@ -204,17 +218,32 @@ class Storage:
         with self._reading() as session:
             return list(session.scalars(query))
 
-    def delete_message(self, user_id: int, message_id: int) -> None:
-        """Delete one message; the adapter may hold it, so it is marked for a rebuild from scratch."""
+    def delete_message(self, user_id: int, message_id: int, *, with_reply: bool = False) -> list[int]:
+        """Delete one message; the adapter may hold it, so it is marked for a rebuild from scratch.
+
+        With with_reply, a user's message takes the assistant's reply to it along (the next message
+        of the conversation, if the assistant wrote it), in the same transaction: forgetting what
+        one said must not leave the answer that repeats it. Returns the ids deleted.
+        """
         with self._writing() as session:
             user = self._lock_user(session, user_id)
             message = session.scalars(
                 select(Message).where(Message.id == message_id, Message.user_id == user_id)).one_or_none()
             if message is None:
                 raise NotFound(f"user {user_id} has no message {message_id}")
-            session.delete(message)
+            doomed = [message]
+            if with_reply and message.role == "user":
+                following = session.scalars(select(Message).where(
+                    Message.user_id == user_id, Message.conversation_id == message.conversation_id,
+                    Message.id > message.id).order_by(Message.id).limit(1)).first()
+                if following is not None and following.role == "assistant":
+                    doomed.append(following)
+            deleted = [m.id for m in doomed]
+            for doomed_message in doomed:
+                session.delete(doomed_message)
             user.needs_rebuild = True
             user.history_revision += 1
+        return deleted
 
     def request_rebuild(self, user_id: int, *, actor_id: int | None = None) -> None:
         """Mark the user's adapter for a rebuild from the whole history (for example by an admin)."""
@@ -447,6 +476,12 @@ class Storage:
     def _writing(self) -> Iterator[Session]:
         with self._write.begin() as session:
             yield session
+
+    def _name_refusal(self, name: str) -> UsernameTaken:
+        """Why the database refused a new name: it is taken, or its skeleton is (a look-alike)."""
+        with self._reading() as session:
+            taken = session.scalar(select(User.id).where(User.username == name)) is not None
+        return UsernameTaken(name) if taken else UsernameLookAlike(name)
 
     def _verify(self, password_hash: str, secret: str) -> bool:
         try:

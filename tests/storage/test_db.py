@@ -1,16 +1,18 @@
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Integer, MetaData, Table, inspect
+from sqlalchemy import Column, Integer, MetaData, Table, insert, inspect
 
-from storage import Storage, default_url, make_engine, upgrade
+from storage import Storage, UsernameTaken, default_url, make_engine, upgrade
 from storage.db import alembic_config, current_revision
 from storage.models import Base
 from tests.storage.helpers import FAST, PASSWORD
 
-HEAD = "0001"
+HEAD = "0002"
 
 
 def _schema_differences(url: str, metadata: MetaData) -> list:
@@ -90,3 +92,26 @@ def test_downgrade_to_nothing_and_up_again(db_url):
     assert current_revision(db_url) is None
     upgrade(db_url)
     assert _schema_differences(db_url, Base.metadata) == []
+
+
+def test_upgrade_to_0002_backfills_username_skeletons(db_url, data_dir: Path):
+    """Existing names get their skeleton; one that already looked like an older account's keeps
+    NULL (the unique index allows it) and can still log in."""
+    upgrade(db_url, "0001")
+    users = Table("users", MetaData(), autoload_with=(engine := make_engine(db_url)))
+    hasher = FAST.password_hasher()
+    names = ["paypal", "p\u0430ypal", "bob", "rnodern", "modern"]  # the 2nd and 5th look like the 1st and 4th
+    with engine.begin() as connection:
+        connection.execute(insert(users), [
+            dict(username=name, password_hash=hasher.hash(PASSWORD), is_admin=False, needs_rebuild=False,
+                 history_revision=0, created_at=datetime.now(timezone.utc)) for name in names])
+    engine.dispose()
+    upgrade(db_url)
+    assert current_revision(db_url) == HEAD
+    with Storage(db_url, data_dir, FAST) as store:
+        assert [(u.username, u.username_skeleton) for u in store.list_users()] == [
+            ("paypal", "paypal"), ("p\u0430ypal", None), ("bob", "bob"), ("rnodern", "rnodern"), ("modern", None)]
+        assert store.authenticate("p\u0430ypal", PASSWORD).username == "p\u0430ypal"
+        with pytest.raises(UsernameTaken, match="looks too much like"):
+            store.create_user("PAYPA1", PASSWORD)
+        assert store.create_user("alice", PASSWORD).username_skeleton == "alice"

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from argon2 import PasswordHasher
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from storage import CursorError, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError
 from storage.models import CompressionJob, Message
@@ -256,6 +256,67 @@ def test_deleting_a_message_asks_for_a_rebuild(storage, alice, data_dir):
     assert files_under(data_dir / "adapters") == [data_dir / rebuilt.path]
     assert _marks(storage, alice) == {sent[0].id: rebuilt.id, sent[2].id: rebuilt.id, newer.id: None}
     assert _commit(storage, alice, newer.id, b"next").version == rebuilt.version + 1
+
+
+def test_forgetting_a_turn_deletes_the_reply_too(storage, alice):
+    conversation, sent = _chat(storage, alice, "my pin is 4821", "noted: 4821", "hello", "hi")
+    _commit(storage, alice, sent[3].id)
+    assert storage.delete_message(alice.id, sent[0].id, with_reply=True) == [sent[0].id, sent[1].id]
+    assert [m.text for m in storage.history(alice.id)] == ["hello", "hi"]
+    user = storage.get_user(alice.id)
+    assert user.needs_rebuild and user.history_revision == 1  # one deletion, one revision
+    with pytest.raises(RebuildRequired):
+        _commit(storage, alice, sent[3].id)
+
+
+def test_forgetting_takes_only_the_reply_that_follows_in_the_same_conversation(storage, alice):
+    first = storage.start_conversation(alice.id)
+    second = storage.start_conversation(alice.id)
+    asked = storage.append_message(alice.id, first.id, "user", "question", 1)
+    elsewhere = storage.append_message(alice.id, second.id, "assistant", "another chat's answer", 3)
+    answer = storage.append_message(alice.id, first.id, "assistant", "answer", 1)
+    unanswered = storage.append_message(alice.id, first.id, "user", "no answer yet", 3)
+    follow_up = storage.append_message(alice.id, first.id, "user", "still waiting", 2)
+    assert storage.delete_message(alice.id, asked.id, with_reply=True) == [asked.id, answer.id]
+    assert storage.delete_message(alice.id, unanswered.id, with_reply=True) == [unanswered.id]
+    assert storage.delete_message(alice.id, elsewhere.id, with_reply=True) == [elsewhere.id]  # not a user's
+    assert [m.id for m in storage.history(alice.id)] == [follow_up.id]
+    assert storage.get_user(alice.id).history_revision == 3
+
+
+def test_deleting_without_the_reply_returns_the_one_id(storage, alice):
+    _, sent = _chat(storage, alice, "question", "answer")
+    assert storage.delete_message(alice.id, sent[0].id) == [sent[0].id]
+    assert [m.id for m in storage.history(alice.id)] == [sent[1].id]
+
+
+def test_nobody_forgets_another_users_turn(storage, alice, bob):
+    _, sent = _chat(storage, alice, "question", "answer")
+    before = table_counts(storage)
+    with pytest.raises(NotFound):
+        storage.delete_message(bob.id, sent[0].id, with_reply=True)
+    with pytest.raises(NotFound):
+        storage.delete_message(alice.id, 999_999, with_reply=True)
+    assert table_counts(storage) == before
+    assert storage.get_user(bob.id).history_revision == storage.get_user(alice.id).history_revision == 0
+
+
+def test_a_turn_is_forgotten_in_one_transaction(storage, alice):
+    """Should the bookkeeping fail after the deletions, the question and the answer both stay."""
+    _, sent = _chat(storage, alice, "question", "answer")
+
+    def fail_on_bookkeeping(connection, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("UPDATE USERS"):
+            raise RuntimeError("crash before the history revision is bumped")
+
+    event.listen(storage.engine, "before_cursor_execute", fail_on_bookkeeping)
+    try:
+        with pytest.raises(RuntimeError, match="crash"):
+            storage.delete_message(alice.id, sent[0].id, with_reply=True)
+    finally:
+        event.remove(storage.engine, "before_cursor_execute", fail_on_bookkeeping)
+    assert [m.id for m in storage.history(alice.id)] == [sent[0].id, sent[1].id]
+    assert storage.get_user(alice.id).history_revision == 0
 
 
 def test_a_rebuild_may_start_from_nothing(storage, alice):
