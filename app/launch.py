@@ -1,4 +1,8 @@
-"""Starting the whole app: storage (migrated), engine, service, background worker, web UI."""
+"""Starting the whole app: storage (migrated), engine, service, background worker, web server.
+
+The port answers at once: a loading page (app/loading.py) shows the start-up's progress until the
+model is loaded, then hands the port to the real server and reloads itself into the app.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from adapter_core import GenerativeAdapterModel
 from adapter_core.engine import load_engine
 from storage import Storage, StorageSettings
 
+from .loading import LoadingServer, StartupProgress
+from .server import WebServer, create_app
 from .service import ChatService
 from .settings import AppSettings
 from .ui import build_ui
@@ -18,54 +24,82 @@ from .worker import CompressionWorker
 
 log = logging.getLogger(__name__)
 
+STEPS = ["database", "language model and memory generator", "web page"]
+
 
 @dataclass
 class RunningApp:
     service: ChatService
     worker: CompressionWorker
     ui: gr.Blocks
-    url: str
+    server: WebServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
 
     def close(self) -> None:
-        self.ui.close()
+        self.server.stop()
         self.worker.stop()
+        self.service.downloads.close()
         self.service.storage.close()
 
 
 def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
           storage_settings: StorageSettings | None = None, block: bool = True) -> RunningApp:
     """Everything up and serving; with block=False it returns once the server listens."""
-    steps = 4
-    log.info("[1/%d] database at %s", steps, settings.database_url or settings.data_dir / "memchat.db")
+    progress = StartupProgress(STEPS, settings.data_dir / "startup.json")
+    loading = LoadingServer(progress, settings.host, settings.port)
+    loading.start()
+    log.info("starting; %s shows the progress", loading.url)
+    try:
+        service, worker, ui, app = _prepare(settings, engine, storage_settings, progress)
+    except BaseException as e:
+        progress.fail(str(e))
+        loading.stop()
+        raise
+    loading.stop()
+    server = WebServer(app, settings.host, settings.port)
+    server.start()
+    progress.ready()
+    log.info("ready: open %s in a browser", server.url)
+    running = RunningApp(service, worker, ui, server)
+    if block:
+        try:
+            server.wait()
+        finally:
+            running.close()
+    return running
+
+
+def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
+             storage_settings: StorageSettings | None, progress: StartupProgress):
+    progress.begin("database")
+    log.info("database at %s", settings.database_url or settings.data_dir / "memchat.db")
     storage = Storage(settings.database_url, settings.data_dir, storage_settings)
     storage.migrate()
+    progress.begin("language model and memory generator")
     if engine is None:
-        log.info("[2/%d] loading the language model and its generator (the first start converts the "
-                 "default model, about half a minute; later starts use the cache)", steps)
+        log.info("loading the language model and its generator (the first start converts the default model, "
+                 "about half a minute; later starts use the cache)")
         engine = load_engine(settings.model, settings.checkpoint, device=settings.device,
                              cache_dir=settings.data_dir / "model-cache",
                              int4_decode=None if settings.int4_decode else False)
     engine.eval()
-    log.info("[2/%d] model %s, generator %s", steps, engine.base_model_id, engine.generator_id)
+    log.info("model %s, generator %s", engine.base_model_id, engine.generator_id)
+    progress.begin("web page")
     service = ChatService(storage, engine, settings)
     if settings.admin_username and settings.admin_password:
         service.ensure_admin(settings.admin_username, settings.admin_password)
         log.info("admin account: %s", settings.admin_username)
     elif not any(u.is_admin for u in storage.list_users()):
-        log.warning("no admin account: pass --admin-username and --admin-password to create one")
-    log.info("[3/%d] background compression: every %d messages or after %.0f idle seconds", steps,
+        log.warning("no admin account: set --admin-username and MEMCHAT_ADMIN_PASSWORD (or "
+                    "--admin-password-file) to create one")
+    log.info("background compression: every %d messages or after %.0f idle seconds",
              settings.compress_every, settings.compress_idle_seconds)
     worker = CompressionWorker(service, storage, settings.worker_poll_seconds)
     worker.start()
+    service.downloads.start_sweeping()
     ui = build_ui(service)
     ui.queue(default_concurrency_limit=4)
-    _, url, _ = ui.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True,
-                          quiet=True, show_error=True)
-    log.info("[4/%d] open %s in a browser", steps, url)
-    running = RunningApp(service, worker, ui, url)
-    if block:
-        try:
-            ui.block_thread()
-        finally:
-            running.close()
-    return running
+    return service, worker, ui, create_app(service, ui)

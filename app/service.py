@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import re
+import shutil
 import threading
 import time
 import unicodedata
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,20 +26,16 @@ from transformers import TextIteratorStreamer
 from adapter_core import AdapterState, GenerativeAdapterModel, StateError, export_peft
 from adapter_core.conversation import Turn, history_text, prompt_ids
 from adapter_core.inspect import adapter_summary
+from adapter_core.sampling import SamplingConfig
 from storage import validation
-from storage import CursorError, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError, ValidationError
+from storage import CursorError, NotFound, RebuildRequired, SnapshotFileError, Storage, ValidationError
 
+from .downloads import Download, DownloadStore
+from .errors import AccessDenied, AppError, LoginFailed
+from .limits import RateLimits
 from .settings import AppSettings
 
 log = logging.getLogger(__name__)
-
-
-class AccessDenied(PermissionError):
-    """The acting user may not do this (not logged in, or not an admin)."""
-
-
-class LoginFailed(PermissionError):
-    """Unknown user or wrong password (the two are not told apart)."""
 
 
 @dataclass
@@ -66,33 +63,71 @@ class Answer:
 
 
 class ChatService:
-    def __init__(self, storage: Storage, engine: GenerativeAdapterModel, settings: AppSettings):
+    def __init__(self, storage: Storage, engine: GenerativeAdapterModel, settings: AppSettings,
+                 limits: RateLimits | None = None, downloads: DownloadStore | None = None):
         self.storage, self.engine, self.settings = storage, engine, settings
+        self.limits = limits or RateLimits()
+        self.downloads = downloads or DownloadStore(settings.data_dir / "downloads")
         self.signup_open = settings.allow_signup
         self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, state)
         self._states_lock = threading.Lock()
-        self._failed_logins: dict[str, int] = {}
         self._reported: set[int] = set()  # damaged snapshots already reported
 
     # --- accounts ------------------------------------------------------------------------------
 
-    def sign_up(self, username: str, password: str) -> int:
+    def sign_up(self, username: str, password: str, address: str | None = None) -> int:
         if not self.signup_open:
-            raise AccessDenied("sign-up is closed; ask an admin for an account")
-        return self.storage.create_user(username, password).id
+            raise AccessDenied("Sign-up is closed; ask an admin for an account")
+        per_address, per_server = self.settings.signups_per_address, self.settings.signups_per_server
+        failures = self.settings.login_failures_per_address  # refused sign-ups count as failed tries too
+        self.limits.check(failures, "login", str(address), what="Too many failed tries from this address")
+        try:
+            # the rules first, so that a mistake is told as such, then the limits
+            validation.username(username, self.storage.settings)
+            validation.password(password, self.storage.settings)
+            self.limits.check(per_address, "signup", str(address), what="Too many new accounts from this address")
+            self.limits.check(per_server, "signup", what="Too many new accounts just now")
+            user = self.storage.create_user(username, password)
+        except ValidationError as e:
+            self.limits.record(failures, "login", str(address))
+            self.storage.record_audit(None, "signup_refused", None, {
+                "username": validation.normalize_username(str(username))[:64], "reason": e.reason[:200],
+                "address": address})
+            raise
+        self.limits.record(per_address, "signup", str(address))
+        self.limits.record(per_server, "signup")
+        self.storage.record_audit(user.id, "signup", user.id, {"address": address})
+        return user.id
 
-    def log_in(self, username: str, password: str) -> int:
-        """The user's id; repeated failures for a name are answered ever more slowly."""
-        key = str(username).strip().casefold()[:200]
-        failures = self._failed_logins.get(key, 0)
-        if failures >= 3:
-            time.sleep(min(2.0 ** (failures - 3), 30.0))
+    def log_in(self, username: str, password: str, address: str | None = None) -> int:
+        """The user's id. Failures are counted per normalised name and address, and per address;
+        once either is used up, tries are refused at once (no password is checked, nobody waits)."""
+        name = validation.normalize_username(str(username))[:64]
+        per_name, per_address = self.settings.login_failures_per_name, self.settings.login_failures_per_address
+        self.limits.check(per_name, "login", name, str(address), what="Too many failed logins for this account")
+        self.limits.check(per_address, "login", str(address), what="Too many failed logins from this address")
         user = self.storage.authenticate(username, password)
         if user is None:
-            self._failed_logins[key] = failures + 1
-            raise LoginFailed("wrong username or password")
-        self._failed_logins.pop(key, None)
+            self.limits.record(per_name, "login", name, str(address))
+            self.limits.record(per_address, "login", str(address))
+            known = self.storage.find_user(name)
+            self.storage.record_audit(None, "login_failed", known.id if known else None,
+                                      {"username": name, "address": address})
+            raise LoginFailed("Wrong username or password")
+        self.limits.clear(per_name, "login", name, str(address))
         return user.id
+
+    def log_out(self, user_id: int | None) -> None:
+        """Drop what this browser session was handed (its download links)."""
+        if user_id is not None:
+            self.downloads.remove_user(int(user_id))
+
+    def user_exists(self, user_id: int) -> bool:
+        try:
+            self.storage.get_user(int(user_id))
+        except NotFound:
+            return False
+        return True
 
     def ensure_admin(self, username: str, password: str) -> int:
         """Create the configured admin account, or promote it; used at start."""
@@ -119,6 +154,8 @@ class ChatService:
         user = self._user(user_id)
         tok = self.engine.tokenizer
         text, tokens = self.check_message(text)
+        self.limits.hit(self.settings.messages_per_user, "message", str(user.id),
+                        what="You are sending messages faster than the model can answer")
         conversation = self._conversation(user.id)
         message = self.storage.append_message(user.id, conversation, "user", text, tokens)
         snapshot, state = self._current_state(user.id)
@@ -129,7 +166,8 @@ class ChatService:
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         started = time.perf_counter()
         first_token = None
-        generation = threading.Thread(target=self._generate, args=(ids, state, streamer), daemon=True)
+        outcome: dict[str, bool] = {}
+        generation = threading.Thread(target=self._generate, args=(ids, state, streamer, outcome), daemon=True)
         generation.start()
         parts = []
         for chunk in map(_printable, streamer):
@@ -138,7 +176,10 @@ class ChatService:
                 parts.append(chunk)
                 yield chunk
         generation.join()
-        answer = "".join(parts).strip() or "…"
+        answer = "".join(parts).strip()
+        if outcome.get("hit_cap"):  # cut off by the length cap: keep the whole sentences
+            answer = _whole_sentences(answer)
+        answer = answer or "…"
         stored = self.storage.append_message(user.id, conversation, "assistant", answer,
                                              len(tok(answer, add_special_tokens=False)["input_ids"]))
         self._maybe_queue(user.id)
@@ -148,21 +189,27 @@ class ChatService:
 
     def check_message(self, text: object) -> tuple[str, int]:
         """The message as it will be stored, and its tokens; a ValidationError if it cannot be sent."""
+        if isinstance(text, str) and len(text) > self.settings.max_message_chars:  # refused unread
+            raise ValidationError("text", f"is too long: {len(text):,} characters, at most "
+                                          f"{self.settings.max_message_chars:,}")
         text = validation.message_text(text, self.storage.settings)
         tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
         room = self._message_room()
         if tokens > room:
-            raise ValidationError("text", f"is too long for the model: {tokens} tokens, at most {room}")
+            raise ValidationError("text", f"is too long for the model: {tokens:,} tokens, at most {room:,}")
         return text, tokens
 
-    def _generate(self, ids: list[int], state: AdapterState | None, streamer) -> None:
-        tok = self.engine.tokenizer
+    def _generate(self, ids: list[int], state: AdapterState | None, streamer, outcome: dict[str, bool]) -> None:
+        """Decode into the streamer; outcome['hit_cap'] says whether the reply ran to the length cap."""
+        sampling = SamplingConfig(max_new_tokens=self.settings.max_new_tokens)
+        kwargs = sampling.generate_kwargs(self.engine.tokenizer)
         try:
             with torch.inference_mode():
-                self.engine.generate(torch.tensor([ids], device=self.engine.device),
-                                     states=[state] if state is not None else None, streamer=streamer,
-                                     max_new_tokens=self.settings.max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                out = self.engine.generate(torch.tensor([ids], device=self.engine.device),
+                                           states=[state] if state is not None else None, streamer=streamer,
+                                           **kwargs)
+            written = out[0, len(ids):].tolist()
+            outcome["hit_cap"] = len(written) >= sampling.max_new_tokens and written[-1] not in kwargs["eos_token_id"]
         except Exception:  # the streamer must end, or the reply would hang
             log.exception("generation failed")
             streamer.end()
@@ -204,33 +251,60 @@ class ChatService:
         }
 
     def compress_now(self, user_id: int | None) -> None:
-        self.storage.queue_job(self._user(user_id).id)
-
-    def forget(self, user_id: int | None, message_id: int) -> None:
-        """Delete one message; until the rebuild lands, answers use no adapter (it may hold the message)."""
         user = self._user(user_id)
-        self.storage.delete_message(user.id, int(message_id))
-        self._drop_state(user.id)
+        self._costly(user.id)
         self.storage.queue_job(user.id)
 
-    def export(self, user_id: int | None) -> Path:
-        """A zip of the user's history (JSON) and adapter (state file + PEFT LoRA folder)."""
+    def forget(self, user_id: int | None, message_id: object) -> int:
+        """Delete one of the user's messages and, for a message of theirs, the reply to it; until
+        the rebuild lands, answers use no adapter (it may hold them). The number deleted."""
         user = self._user(user_id)
-        folder = Path(tempfile.mkdtemp(prefix="memchat-export-"))
-        archive = folder / f"memchat-{user.username}.zip"
+        try:
+            message_id = validation.count("message", int(str(message_id)))
+        except (TypeError, ValueError):
+            raise NotFound(f"no message {message_id!r}") from None
+        deleted = self.storage.delete_message(user.id, message_id, with_reply=True)
+        self._drop_state(user.id)
+        self.storage.queue_job(user.id)
+        return len(deleted)
+
+    def export(self, user_id: int | None, address: str | None = None) -> Download:
+        """A link to a zip of the user's history (JSON) and adapter (state file + PEFT LoRA folder)."""
+        user = self._user(user_id)
+        self._costly(user.id)
         snapshot, state = self._current_state(user.id)
-        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("history.json", json.dumps({"user": user.username, "messages": self.history(user.id)},
-                                                  indent=2, ensure_ascii=False))
-            if state is not None:
-                z.writestr("adapter/state.safetensors", state.to_bytes())
-                peft = export_peft(self.engine, state, folder / "peft")
-                for f in sorted(peft.iterdir()):
-                    z.write(f, f"adapter/peft/{f.name}")
-                z.writestr("adapter/snapshot.json", json.dumps({
-                    "version": snapshot.version, "generator_id": snapshot.generator_id,
-                    "base_model_id": snapshot.base_model_id, "tokens_absorbed": snapshot.tokens_absorbed}, indent=2))
-        return archive
+        history = self.history(user.id)
+
+        def write(archive: Path) -> None:
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+                z.writestr("history.json", json.dumps({"user": user.username, "messages": history},
+                                                      indent=2, ensure_ascii=False))
+                if state is not None:
+                    z.writestr("adapter/state.safetensors", state.to_bytes())
+                    self._zip_peft(z, state, "adapter/peft/")
+                    z.writestr("adapter/snapshot.json", json.dumps({
+                        "version": snapshot.version, "generator_id": snapshot.generator_id,
+                        "base_model_id": snapshot.base_model_id, "tokens_absorbed": snapshot.tokens_absorbed},
+                        indent=2))
+
+        download = self.downloads.add(user.id, f"memchat-{user.username}.zip", write, address)
+        self.storage.record_audit(user.id, "export", user.id, {"address": address})
+        return download
+
+    def _zip_peft(self, z: zipfile.ZipFile, state: AdapterState, prefix: str) -> None:
+        """The state as a PEFT LoRA folder inside the zip (built in a private scratch folder)."""
+        scratch = self.downloads.scratch()
+        try:
+            peft = export_peft(self.engine, state, scratch / "peft")
+            for f in sorted(peft.iterdir()):
+                z.write(f, f"{prefix}{f.name}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _costly(self, user_id: int) -> None:
+        """Count one costly action (export, compress now, probe) against the user's limit."""
+        self.limits.hit(self.settings.actions_per_user, "action", str(user_id),
+                        what="That was asked for several times in a short while")
 
     # --- compression (called by the worker) ---------------------------------------------------------
 
@@ -355,17 +429,24 @@ class ChatService:
 
     def _user(self, user_id: int | None):
         if user_id is None:
-            raise AccessDenied("please log in")
+            raise AccessDenied("Please log in")
         try:
             return self.storage.get_user(int(user_id))
-        except NotFound:
-            raise AccessDenied("please log in") from None
+        except (NotFound, TypeError, ValueError):
+            raise AccessDenied("Please log in") from None
 
     def _admin(self, actor_id: int | None):
         actor = self._user(actor_id)
         if not actor.is_admin:
-            raise AccessDenied("admins only")
+            raise AccessDenied("Admins only")
         return actor
+
+    def _target(self, user_id: object):
+        """The user an admin acts on."""
+        try:
+            return self.storage.get_user(_user_id(user_id))
+        except NotFound:
+            raise AppError("That user no longer exists") from None
 
     def admin_users(self, actor_id: int | None) -> list[dict]:
         self._admin(actor_id)
@@ -380,27 +461,30 @@ class ChatService:
 
     def admin_user(self, actor_id: int | None, user_id: int) -> dict:
         self._admin(actor_id)
-        status = self.memory_status(int(user_id))
+        user = self._target(user_id)
+        status = self.memory_status(user.id)
         snapshots = [{"version": s.version, "created_at": s.created_at.isoformat(timespec="seconds"),
                       "cursor": s.cursor, "tokens_absorbed": s.tokens_absorbed, "bytes": s.size_bytes,
                       "sha256": s.sha256[:12], "generator": s.generator_id, **{k: v for k, v in s.stats.items()
                                                                               if k in ("messages", "seconds", "rebuild")}}
-                     for s in self.storage.list_snapshots(int(user_id))]
-        return {"status": status, "snapshots": snapshots}
+                     for s in self.storage.list_snapshots(user.id)]
+        return {"username": user.username, "status": status, "snapshots": snapshots}
 
     def admin_adapter_summary(self, actor_id: int | None, user_id: int) -> list[dict] | None:
         self._admin(actor_id)
-        _, state = self._current_state(int(user_id))
+        _, state = self._current_state(self._target(user_id).id)
         return None if state is None else adapter_summary(self.engine, state)
 
-    def admin_probe(self, actor_id: int | None, user_id: int, question: str) -> dict[str, Answer]:
-        """One question answered three ways: base model, the user's adapter, full history in the prompt."""
-        self._admin(actor_id)
+    def admin_probe(self, actor_id: int | None, user_id: int, question: str,
+                    on_step: Callable[[int, int, str], None] | None = None) -> dict[str, Answer]:
+        """One question answered three ways: base model, the user's adapter, full history in the
+        prompt; on_step(done, total, name) is called before each answer (it takes a while)."""
+        actor = self._admin(actor_id)
+        self._costly(actor.id)
         question = str(question).strip()
         if not question:
             raise ValidationError("question", "is empty")
-        user_id = int(user_id)
-        self._user(user_id)
+        user_id = self._target(user_id).id
         _, state = self._current_state(user_id)
         turns = [Turn(m.role, m.text) for m in self.storage.history(user_id)]
         tok = self.engine.tokenizer
@@ -410,51 +494,60 @@ class ChatService:
         cases = {"base model": (prompt_ids(tok, question), None),
                  "adapter": (prompt_ids(tok, question), state),
                  "full history": (prompt_ids(tok, question, turns), None)}
+        # greedy, so that the three answers differ only by what the model was shown
+        sampling = SamplingConfig.greedy(self.settings.max_new_tokens,
+                                         repetition_penalty=SamplingConfig.repetition_penalty)
         answers = {}
-        for name, (ids, use_state) in cases.items():
+        for done, (name, (ids, use_state)) in enumerate(cases.items()):
+            if on_step is not None:
+                on_step(done, len(cases), name)
             started = time.perf_counter()
             with torch.inference_mode():
                 out = self.engine.generate(torch.tensor([ids], device=self.engine.device),
                                            states=[use_state] if use_state is not None else None,
-                                           max_new_tokens=self.settings.max_new_tokens, do_sample=False,
-                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                           **sampling.generate_kwargs(tok))
             text = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
             if name == "adapter" and use_state is None:
                 text = "(no adapter yet) " + text
             answers[name] = Answer(text, len(ids), time.perf_counter() - started)
+        # the answers show what the user's history holds: who looked is on record
+        self.storage.record_audit(actor.id, "probe", user_id, {"question": question[:200]})
         return answers
 
     def admin_rebuild(self, actor_id: int | None, user_id: int) -> None:
-        actor = self._admin(actor_id)
-        self.storage.request_rebuild(int(user_id), actor_id=actor.id)
-        self._drop_state(int(user_id))
-        self.storage.queue_job(int(user_id))
+        actor, user = self._admin(actor_id), self._target(user_id)
+        self.storage.request_rebuild(user.id, actor_id=actor.id)
+        self._drop_state(user.id)
+        self.storage.queue_job(user.id)
 
     def admin_reset(self, actor_id: int | None, user_id: int) -> None:
-        actor = self._admin(actor_id)
-        self.storage.reset_memory(int(user_id), actor_id=actor.id)
-        self._drop_state(int(user_id))
+        actor, user = self._admin(actor_id), self._target(user_id)
+        self.storage.reset_memory(user.id, actor_id=actor.id)
+        self._drop_state(user.id)
 
-    def admin_export_peft(self, actor_id: int | None, user_id: int) -> Path:
-        actor = self._admin(actor_id)
-        _, state = self._current_state(int(user_id))
+    def admin_export_peft(self, actor_id: int | None, user_id: int, address: str | None = None) -> Download:
+        """A link for the admin to the user's adapter as a PEFT LoRA (zip)."""
+        actor, user = self._admin(actor_id), self._target(user_id)
+        self._costly(actor.id)
+        _, state = self._current_state(user.id)
         if state is None:
-            raise NotFound("this user has no usable adapter yet")
-        folder = Path(tempfile.mkdtemp(prefix="memchat-peft-"))
-        export_peft(self.engine, state, folder / "peft")
-        archive = folder / f"adapter-user-{int(user_id)}-peft.zip"
-        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in sorted((folder / "peft").iterdir()):
-                z.write(f, f.name)
-        self.storage.record_audit(actor.id, "export_peft", int(user_id), {"tokens": state.tokens})
-        return archive
+            raise AppError(f"{user.username} has no usable adapter yet")
+
+        def write(archive: Path) -> None:
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+                self._zip_peft(z, state, "")
+
+        download = self.downloads.add(actor.id, f"adapter-{user.username}-peft.zip", write, address)
+        self.storage.record_audit(actor.id, "export_peft", user.id, {"tokens": state.tokens})
+        return download
 
     def admin_delete_user(self, actor_id: int | None, user_id: int) -> None:
-        actor = self._admin(actor_id)
-        if int(user_id) == actor.id:
-            raise ValidationError("user", "admins cannot delete their own account here")
-        self.storage.delete_user(int(user_id), actor_id=actor.id)
-        self._drop_state(int(user_id))
+        actor, user = self._admin(actor_id), self._target(user_id)
+        if user.id == actor.id:
+            raise AppError("Admins cannot delete their own account here")
+        self.storage.delete_user(user.id, actor_id=actor.id)
+        self._drop_state(user.id)
+        self.downloads.remove_user(user.id)
 
     def admin_set_signup(self, actor_id: int | None, open_: bool) -> None:
         actor = self._admin(actor_id)
@@ -469,6 +562,26 @@ class ChatService:
                  "details": json.dumps(e.details)} for e in self.storage.list_audit(limit=limit)]
 
 
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")
+
+
+def _whole_sentences(text: str) -> str:
+    """A reply cut off by the length cap, up to its last whole sentence; when that would drop most
+    of it, the reply as it is with an ellipsis."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if ends and ends[-1] >= len(text) // 3:
+        return text[:ends[-1]]
+    return text + "…"
+
+
+def _user_id(value: object) -> int:
+    """A user id chosen on the admin page (a custom value can be anything)."""
+    try:
+        return validation.count("user", int(str(value)))
+    except (TypeError, ValueError):
+        raise AppError("Choose a user from the list") from None
+
+
 def _printable(text: str) -> str:
     """Model output as storable text: no control characters but newline and tab, no lone surrogates
     (a small or untrained model can emit anything)."""
@@ -476,4 +589,4 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-__all__ = ["AccessDenied", "Answer", "ChatService", "LoginFailed", "ReplyStats", "StorageError"]
+__all__ = ["Answer", "ChatService", "ReplyStats"]

@@ -7,11 +7,22 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from adapter_core.sampling import SamplingConfig
+
+from .limits import check_limit
+
 ENV_PREFIX = "MEMCHAT_"
+LIMITS = ("login_failures_per_name", "login_failures_per_address", "signups_per_address", "signups_per_server",
+          "messages_per_user", "actions_per_user")
 
 
 def _setting(default, doc: str):
     return field(default=default, metadata={"help": doc})
+
+
+def _secret(doc: str):
+    """A value read only from the environment (a flag would show in `ps`), never printed."""
+    return field(default=None, repr=False, metadata={"help": doc, "secret": True})
 
 
 @dataclass
@@ -24,13 +35,23 @@ class AppSettings:
     int4_decode: bool = _setting(True, "on the CPU, decode on the 4-bit weights of the model file (faster replies)")
     host: str = _setting("127.0.0.1", "interface to listen on; the default serves this machine only")
     port: int = _setting(7860, "port to listen on")
-    admin_username: str | None = _setting(None, "created (or promoted) as admin at start, with --admin-password")
-    admin_password: str | None = _setting(None, "password of that admin account")
+    admin_username: str | None = _setting(None, "created (or promoted) as admin at start, with its password")
+    admin_password: str | None = _secret("password of that admin account")
+    admin_password_file: Path | None = _setting(None, "file holding that password (instead of the variable)")
     allow_signup: bool = _setting(True, "anyone may create an account (admins can change this at run time)")
     compress_every: int = _setting(4, "compress a user's new turns once this many of their messages are pending")
     compress_idle_seconds: float = _setting(120.0, "...or once their newest message is this old (0: never)")
     worker_poll_seconds: float = _setting(1.0, "how often the background worker looks for due work")
-    max_new_tokens: int = _setting(200, "longest reply, in tokens")
+    max_new_tokens: int = _setting(SamplingConfig.max_new_tokens, "longest reply, in tokens (most end sooner, "
+                                                                   "at the end of their turn)")
+    max_message_chars: int = _setting(4000, "longest chat message, in characters (each costs model time)")
+    # --- rate limits, each as 'N/period' ('12/minute', '20/15 minutes')
+    login_failures_per_name: str = _setting("5/15 minutes", "wrong passwords for one username from one address")
+    login_failures_per_address: str = _setting("20/15 minutes", "wrong passwords from one address, any username")
+    signups_per_address: str = _setting("5/hour", "new accounts from one address")
+    signups_per_server: str = _setting("100/hour", "new accounts in all")
+    messages_per_user: str = _setting("12/minute", "chat messages of one user (each costs a reply)")
+    actions_per_user: str = _setting("6/minute", "exports, compress-now and admin probes of one user")
     recent_token_budget: int = _setting(3072, "most tokens of not-yet-absorbed turns kept in a prompt")
 
     @classmethod
@@ -38,26 +59,39 @@ class AppSettings:
         """Defaults, overridden by MEMCHAT_* environment variables, overridden by flags."""
         environ = os.environ if environ is None else environ
         parser = argparse.ArgumentParser(description="Memory chat: a chatbot that remembers you in its weights.")
+        secrets = {}
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             env = ENV_PREFIX + f.name.upper()
             default = _convert(f, environ[env]) if env in environ else f.default
+            if f.metadata.get("secret"):
+                secrets[f.name] = default
+                parser.epilog = (parser.epilog or "") + f"{env}: {f.metadata['help']} (environment only). "
+                continue
             help_text = f"{f.metadata['help']} (env {env}; now {default})"
             if f.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             else:
                 parser.add_argument(flag, type=lambda v, f=f: _convert(f, v), default=default, help=help_text)
-        return cls(**vars(parser.parse_args(argv)))
+        settings = cls(**vars(parser.parse_args(argv)), **secrets)
+        if settings.admin_password_file is not None:
+            try:
+                settings.admin_password = settings.admin_password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeError) as e:
+                parser.error(f"--admin-password-file: cannot read {settings.admin_password_file} ({getattr(e, 'strerror', None) or e})")
+        return settings
 
 
 def _convert(f, value: str):
     kind = str(f.type)
+    if f.name in LIMITS:
+        return check_limit(value)
     if kind == "bool":
         return value.strip().lower() in ("1", "true", "yes", "on")
     if kind == "int":
         return int(value)
     if kind == "float":
         return float(value)
-    if kind == "Path":
-        return Path(value)
+    if kind.startswith("Path"):
+        return Path(value) if value else None
     return value or None

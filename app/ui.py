@@ -3,80 +3,156 @@
 Who is logged in lives in a gr.State, which Gradio keeps on the server for each browser session
 (a client cannot set it). Every handler passes it to the service, which checks it again; hiding
 the admin tab is a convenience, not the protection.
+
+Refusals and faults never raise into Gradio (which would cover the form in "Error" badges and,
+for a fault, show the exception's text): they become a message beside the form that was used,
+and the form stays as it was. Everything a person or the model wrote is shown as text, never as
+HTML (see `text_markdown`). Logging out resets every per-user component and state of the page.
 """
 
 from __future__ import annotations
 
 import functools
+import html
+import inspect
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import gradio as gr
 import pandas as pd
 
-from storage import NotFound, StorageError
-
+from .downloads import Download
+from .errors import AppError, describe
 from .plots import adapter_figure
-from .service import AccessDenied, ChatService, LoginFailed, ReplyStats
+from .service import ChatService, ReplyStats
 
 TITLE = "memchat"
-SNAPSHOT_COLUMNS = ["version", "created_at", "cursor", "tokens_absorbed", "bytes", "sha256", "generator", "messages",
+SNAPSHOT_COLUMNS = ["version", "created", "cursor", "tokens absorbed", "bytes", "sha256", "generator", "messages",
                     "seconds", "rebuild"]
+USER_COLUMNS = ["id", "username", "admin", "messages", "adapter version", "needs rebuild", "created"]
+AUDIT_COLUMNS = ["time", "actor", "action", "user", "details"]
 INTRO = ("A chatbot that remembers you: what you say is compressed, in the background, into a small "
          "adapter for a frozen language model, instead of being re-read every turn.")
+# The chat's own trash icon would only empty the view, not the history: it is not offered
+# (forgetting happens on the Memory tab, through the service).
+CSS = """
+#chatbot button[aria-label="Clear"], #chatbot button[title="Clear"] { display: none !important; }
+.notice p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+"""
+# The browser's time zone, so that times are shown as the person reads a clock.
+TIMEZONE_JS = "() => Intl.DateTimeFormat().resolvedOptions().timeZone"
 
 
-# What the service refuses on purpose; anything else is a bug and stays a server error.
-_REFUSALS = (AccessDenied, LoginFailed, NotFound, StorageError, ValueError)
+# --- text and times -----------------------------------------------------------------------------
+
+def text_markdown(text: str) -> str:
+    """A person's or the model's text for a Markdown component: every '<', '>' and '&' is escaped,
+    so that no HTML (a form, an input, a button, a script) can render, whatever the sanitizer
+    lets through; and no image loads from an address someone wrote (it would tell that server who
+    read the page). Markdown emphasis, lists and links still render."""
+    return html.escape(text, quote=False).replace("![", "!\\[")
 
 
-def _user_errors(fn):
-    """Turn the service's refusals into messages shown to the person (and to API clients)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except _REFUSALS as e:
-            raise gr.Error(str(e)) from None
-    return wrapper
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
-def _streaming_user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            yield from fn(*args, **kwargs)
-        except _REFUSALS as e:
-            raise gr.Error(str(e)) from None
-    return wrapper
+def local_time(value: str | datetime | None, zone: str | None) -> str:
+    """An ISO time (UTC when it carries no zone) as the reader's local time, e.g. '27 Nov 2026, 14:05 CET'."""
+    if not value:
+        return ""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    try:
+        moment = moment.astimezone(ZoneInfo(zone)) if zone else moment
+    except (ZoneInfoNotFoundError, ValueError):
+        pass  # an unknown zone from the browser: UTC, and the label says so
+    return f"{moment.day} {moment:%b %Y, %H:%M} {moment.tzname() or ''}".rstrip()
+
+
+def _notice(text: str) -> str:
+    return text_markdown(text) if text else ""
+
+
+def _download_html(download: Download, what: str) -> str:
+    minutes = max(1, round((download.expires_at - datetime.now().timestamp()) / 60))
+    return (f'<a href="{html.escape(download.url)}" download="{html.escape(download.filename)}">'
+            f"Download {html.escape(what)}</a> ({html.escape(download.filename)}; the link works from this "
+            f"browser for {plural(minutes, 'minute')}, then the file is deleted)")
 
 
 def _chat_messages(history: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["text"]} for m in history]
+    return [{"role": m["role"], "content": text_markdown(m["text"])} for m in history]
 
 
-def _memory_markdown(status: dict) -> str:
-    version = f"v{status['adapter_version']}" if status["adapter_version"] else "none yet"
+def _memory_markdown(status: dict, zone: str | None, *, admin: bool = False) -> str:
+    if status["adapter_version"]:
+        adapter = f"v{status['adapter_version']}, last compressed {local_time(status['last_compression'], zone)}"
+    else:
+        adapter = "none yet"
     lines = [
-        f"**Adapter**: {version}" + (f", last compressed {status['last_compression']} UTC"
-                                     if status["last_compression"] else ""),
-        f"**In memory**: {status['absorbed_messages']} messages, {status['absorbed_tokens']} tokens",
-        f"**Waiting to be absorbed**: {status['pending_messages']} messages, {status['pending_tokens']} tokens",
+        f"**Adapter**: {adapter}",
+        f"**In memory**: {plural(status['absorbed_messages'], 'message')}, "
+        f"{plural(status['absorbed_tokens'], 'token')}",
+        f"**Waiting to be absorbed**: {plural(status['pending_messages'], 'message')}, "
+        f"{plural(status['pending_tokens'], 'token')}",
     ]
     if status["needs_rebuild"]:
-        lines.append("**Rebuilding** from your remaining history (answers use no adapter until it is done)")
+        lines.append("**Rebuilding** from the remaining history (answers use no adapter until it is done)")
     job = status["job"]
     if job:
-        line = f"**Compression**: {job['status']}"
-        if job["attempts"]:
-            line += f", attempt {job['attempts']}"
+        line = "**Compression**: " + {"queued": "waiting its turn", "running": "running now"}.get(
+            job["status"], job["status"])
         if job["error"]:
-            line += f"; last error: `{job['error'][:200]}` (retrying after {job['not_before']} UTC)"
+            line += f"; the last attempt failed, next try {local_time(job['not_before'], zone)}"
+            if admin:  # the error text is for the people who run the server
+                line += f" (error: {text_markdown(job['error'][:200])})"
         lines.append(line)
     return "  \n".join(lines)
 
 
+# --- handlers' guard ----------------------------------------------------------------------------
+
+def guarded(action: str, outputs: int):
+    """Refusals and faults of a handler become a message in its last output (its notice); the
+    other outputs are left as they are, so the form stays usable."""
+    def failed(error: Exception) -> tuple:
+        return (*[gr.skip()] * (outputs - 1), _notice(describe(error, action)))
+
+    def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def streaming(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
+                    yield failed(e)
+            return streaming
+
+        @functools.wraps(fn)
+        def plain(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                return failed(e)
+        return plain
+    return wrap
+
+
+def _address(request: gr.Request | None) -> str | None:
+    return request.client.host if request is not None and request.client is not None else None
+
+
+# --- the page -----------------------------------------------------------------------------------
+
 def build_ui(service: ChatService) -> gr.Blocks:
+    rules = service.storage.settings
     with gr.Blocks(title=TITLE) as ui:
-        session = gr.State(None)
+        session = gr.State(None)        # the logged-in user's id
+        pending_forget = gr.State(None)  # a message id waiting for "Yes, forget"
+        pending_admin = gr.State(None)   # (action, user id) waiting for "Yes"
+        zone = gr.Textbox(value="UTC", visible=False, elem_id="timezone")
 
         if service.engine.checkpoint_meta is None:
             gr.Markdown("**Note: this server runs an untrained memory generator.** Conversations are stored and "
@@ -84,23 +160,31 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         elem_id="untrained-warning")
         with gr.Column(visible=True) as login_box:
             gr.Markdown(f"# {TITLE}\n{INTRO}")
+            # no max_length: the browser would cut what is pasted silently; the server says what is too long
             username = gr.Textbox(label="Username", elem_id="username")
             password = gr.Textbox(label="Password", type="password", elem_id="password")
+            gr.Markdown(f"Usernames: {rules.username_max_chars} characters at most, letters and digits of one "
+                        f"alphabet, and '.', '_' or '-'. Passwords: at least {rules.password_min_chars} characters, "
+                        "not the username.",
+                        elem_id="account-rules")
             with gr.Row():
                 login_button = gr.Button("Log in", variant="primary", elem_id="login")
                 signup_button = gr.Button("Sign up", elem_id="signup")
+            login_notice = gr.Markdown(elem_id="login-notice", elem_classes="notice")
 
         with gr.Column(visible=False) as main_box:
             with gr.Row():
                 whoami = gr.Markdown(elem_id="whoami")
-                logout_button = gr.Button("Log out", size="sm", scale=0)
+                logout_button = gr.Button("Log out", size="sm", scale=0, elem_id="logout")
             with gr.Tabs():
                 with gr.Tab("Chat", id="chat"):
-                    chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
+                    chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot",
+                                         buttons=["copy", "copy_all"], allow_tags=False)
                     with gr.Row():
                         message = gr.Textbox(placeholder="Say something…", show_label=False, scale=8,
                                              elem_id="message")
                         send_button = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    chat_notice = gr.Markdown(elem_id="chat-notice", elem_classes="notice")
                     reply_stats = gr.Markdown(elem_id="reply-stats")
                 with gr.Tab("Memory", id="memory"):
                     memory_status = gr.Markdown(elem_id="memory-status")
@@ -109,192 +193,300 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         compress_button = gr.Button("Compress now", elem_id="compress-now")
                     with gr.Row():
                         # custom values pass: the service, not the list shown, decides what a user may touch
-                        forget_choice = gr.Dropdown(label="Forget one of your messages", choices=[], scale=4,
-                                                    allow_custom_value=True)
-                        forget_button = gr.Button("Forget it", variant="stop", scale=1)
-                    export_button = gr.Button("Export my data (history + adapter, zip)")
-                    export_file = gr.File(label="Your data", interactive=False)
+                        forget_choice = gr.Dropdown(label="Forget one of your messages (and the reply to it)",
+                                                    choices=[], scale=4, allow_custom_value=True,
+                                                    elem_id="forget-choice")
+                        forget_button = gr.Button("Forget it", variant="stop", scale=1, elem_id="forget")
+                    with gr.Row(visible=False) as forget_confirm:
+                        forget_question = gr.Markdown(elem_id="forget-question")
+                        forget_yes = gr.Button("Yes, forget", variant="stop", scale=0, elem_id="forget-yes")
+                        forget_no = gr.Button("Cancel", scale=0, elem_id="forget-no")
+                    export_button = gr.Button("Export my data (history + adapter, zip)", elem_id="export")
+                    export_link = gr.HTML(elem_id="export-link")
+                    memory_notice = gr.Markdown(elem_id="memory-notice", elem_classes="notice")
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                    users_table = gr.Dataframe(label="Users", interactive=False)
+                    users_table = gr.Dataframe(label="Users", interactive=False, elem_id="admin-users")
                     with gr.Row():
                         admin_user = gr.Dropdown(label="User", choices=[], scale=3, allow_custom_value=True,
                                                  elem_id="admin-user")
                         admin_refresh = gr.Button("Refresh", scale=1, elem_id="admin-refresh")
-                    user_detail = gr.Markdown()
-                    snapshots_table = gr.Dataframe(label="Snapshot history", interactive=False)
-                    adapter_plot = gr.Plot(label="Adapter")
-                    probe_question = gr.Textbox(label="Probe: ask one question three ways", elem_id="probe-question")
+                    user_detail = gr.Markdown(elem_id="admin-detail")
+                    snapshots_table = gr.Dataframe(label="Snapshot history", interactive=False, elem_id="admin-snapshots")
+                    adapter_plot = gr.Plot(label="Adapter", elem_id="admin-plot")
+                    probe_question = gr.Textbox(label="Probe: ask one question three ways (about a minute)",
+                                                elem_id="probe-question")
                     probe_button = gr.Button("Ask", elem_id="probe")
+                    # a visible status line: the probe takes about a minute, its progress shows here
+                    probe_status = gr.Markdown(elem_id="probe-status", min_height=48)
                     with gr.Row():
-                        probe_base = gr.Markdown(label="base model")
-                        probe_adapter = gr.Markdown(label="adapter")
-                        probe_full = gr.Markdown(label="full history")
+                        probe_base = gr.Markdown(elem_id="probe-base")
+                        probe_adapter = gr.Markdown(elem_id="probe-adapter")
+                        probe_full = gr.Markdown(elem_id="probe-full")
                     with gr.Row():
-                        rebuild_button = gr.Button("Rebuild from scratch")
-                        reset_button = gr.Button("Reset memory", variant="stop")
-                        peft_button = gr.Button("Export PEFT adapter")
-                        delete_confirm = gr.Checkbox(label="yes, delete this user", value=False)
-                        delete_button = gr.Button("Delete user", variant="stop")
-                    peft_file = gr.File(label="PEFT adapter", interactive=False)
-                    admin_message = gr.Markdown()
-                    signup_open = gr.Checkbox(label="Sign-up open", value=service.signup_open)
-                    audit_table = gr.Dataframe(label="Audit log", interactive=False)
+                        rebuild_button = gr.Button("Rebuild from scratch", elem_id="admin-rebuild")
+                        reset_button = gr.Button("Reset memory", variant="stop", elem_id="admin-reset")
+                        peft_button = gr.Button("Export PEFT adapter", elem_id="admin-peft")
+                        delete_button = gr.Button("Delete user", variant="stop", elem_id="admin-delete")
+                    with gr.Row(visible=False) as admin_confirm:
+                        admin_question = gr.Markdown(elem_id="admin-question")
+                        admin_yes = gr.Button("Yes", variant="stop", scale=0, elem_id="admin-yes")
+                        admin_no = gr.Button("Cancel", scale=0, elem_id="admin-no")
+                    admin_link = gr.HTML(elem_id="admin-link")
+                    admin_notice = gr.Markdown(elem_id="admin-notice", elem_classes="notice")
+                    signup_open = gr.Checkbox(label="Sign-up open", value=service.signup_open, elem_id="signup-open")
+                    audit_table = gr.Dataframe(label="Audit log", interactive=False, elem_id="admin-audit")
         timer = gr.Timer(5.0)
+        ui.load(None, None, zone, js=TIMEZONE_JS)
 
         # --- accounts -------------------------------------------------------------------------
 
-        def entered(user_id: int):
+        # What a page shows for nobody logged in; logging out puts every one of these back.
+        blank = {
+            session: None, pending_forget: None, pending_admin: None,
+            login_box: gr.update(visible=True), main_box: gr.update(visible=False),
+            admin_tab: gr.update(visible=False), whoami: "", username: "", password: "", login_notice: "",
+            chatbot: [], message: "", chat_notice: "", reply_stats: "",
+            memory_status: "", forget_choice: gr.update(choices=[], value=None),
+            forget_confirm: gr.update(visible=False), forget_question: "", export_link: "", memory_notice: "",
+            users_table: None, admin_user: gr.update(choices=[], value=None), user_detail: "",
+            snapshots_table: None, adapter_plot: None, probe_question: "", probe_status: "", probe_base: "",
+            probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False), admin_question: "", admin_link: "",
+            admin_notice: "", audit_table: None,
+        }
+        page_outputs = list(blank)
+
+        def entered(user_id: int) -> dict:
             me = service.whoami(user_id)
-            return (user_id, gr.update(visible=False), gr.update(visible=True), gr.update(visible=me["is_admin"]),
-                    f"Logged in as **{me['username']}**" + (" (admin)" if me["is_admin"] else ""),
-                    _chat_messages(service.history(user_id)), "")
+            return blank | {
+                session: user_id, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
+                admin_tab: gr.update(visible=me["is_admin"]),
+                whoami: f"Logged in as **{text_markdown(me['username'])}**" + (" (admin)" if me["is_admin"] else ""),
+                chatbot: _chat_messages(service.history(user_id)),
+            }
 
-        entered_outputs = [session, login_box, main_box, admin_tab, whoami, chatbot, password]
+        def refused(notice_text: str) -> dict:
+            """Only the notice changes: what was typed stays, so it can be corrected."""
+            return {login_notice: _notice(notice_text)}
 
-        @_user_errors
-        def log_in(_, name, secret):
-            return entered(service.log_in(name, secret))
+        def log_in(name, secret, request: gr.Request):
+            try:
+                return entered(service.log_in(name, secret, _address(request)))
+            except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
+                return refused(describe(e, "log in"))
 
-        @_user_errors
-        def sign_up(_, name, secret):
-            return entered(service.sign_up(name, secret))
+        def sign_up(name, secret, request: gr.Request):
+            try:
+                return entered(service.sign_up(name, secret, _address(request)))
+            except Exception as e:  # noqa: BLE001
+                return refused(describe(e, "sign up"))
 
-        def log_out():
-            return None, gr.update(visible=True), gr.update(visible=False), gr.update(visible=False), "", [], ""
+        def log_out(user_id):
+            service.log_out(user_id)
+            return blank
 
-        login_button.click(log_in, [session, username, password], entered_outputs, api_name="login")
-        password.submit(log_in, [session, username, password], entered_outputs, api_visibility="private")
-        signup_button.click(sign_up, [session, username, password], entered_outputs, api_name="signup")
-        logout_button.click(log_out, None, entered_outputs, api_name="logout")
+        login_button.click(log_in, [username, password], page_outputs, api_name="login")
+        password.submit(log_in, [username, password], page_outputs, api_visibility="private")
+        signup_button.click(sign_up, [username, password], page_outputs, api_name="signup")
+        logout_button.click(log_out, [session], page_outputs, api_name="logout")
 
         # --- chat ---------------------------------------------------------------------------------
 
-        @_streaming_user_errors
         def chat(user_id, text):
-            history = service.history(user_id)  # checks the login first
-            text, _ = service.check_message(text)  # nothing is shown or stored before this passes
-            shown = _chat_messages(history) + [{"role": "user", "content": text},
-                                                                {"role": "assistant", "content": ""}]
-            yield shown, "", "…"
-            for part in service.reply(user_id, text):
-                if isinstance(part, ReplyStats):
-                    yield _chat_messages(service.history(user_id)), "", part.line()
-                else:
-                    shown[-1]["content"] += part
-                    yield shown, "", gr.skip()
+            history = _chat_messages(service.history(user_id))  # checks the login first
+            try:
+                text, _ = service.check_message(text)  # nothing is shown or stored before this passes
+                shown = history + [{"role": "user", "content": text_markdown(text)},
+                                   {"role": "assistant", "content": "…"}]
+                yield shown, "", "…", ""
+                written = ""
+                for part in service.reply(user_id, text):
+                    if isinstance(part, ReplyStats):
+                        yield _chat_messages(service.history(user_id)), "", part.line(), ""
+                    else:
+                        written += part
+                        shown[-1]["content"] = text_markdown(written)
+                        yield shown, "", gr.skip(), ""
+            except Exception as e:  # noqa: BLE001 - the message stays in the box, the view is the history
+                yield _chat_messages(service.history(user_id)), gr.skip(), "", _notice(describe(e, "chat"))
 
-        send_button.click(chat, [session, message], [chatbot, message, reply_stats], api_name="chat")
-        message.submit(chat, [session, message], [chatbot, message, reply_stats], api_visibility="private")
+        chat_outputs = [chatbot, message, reply_stats, chat_notice]
+        send_button.click(guarded("chat", 4)(chat), [session, message], chat_outputs, api_name="chat")
+        message.submit(guarded("chat", 4)(chat), [session, message], chat_outputs, api_visibility="private")
+        # should a client still send the chat's "clear" event, the view shows the stored history again
+        chatbot.clear(guarded("show history", 2)(lambda user_id: (_chat_messages(service.history(user_id)), "")),
+                      [session], [chatbot, chat_notice], api_visibility="private")
 
         # --- memory -------------------------------------------------------------------------------
 
-        @_user_errors
-        def memory(user_id):
+        def memory_view(user_id, tz) -> tuple:
             status = service.memory_status(user_id)
-            choices = [(f"#{m['id']} {m['role']}: {m['text'][:60]}", m["id"])
+            choices = [(f"{local_time(m['created_at'], tz)} · {m['text'][:60]}", m["id"])
                        for m in service.history(user_id) if m["role"] == "user"]
-            return _memory_markdown(status), gr.update(choices=choices, value=None)
+            return _memory_markdown(status, tz), gr.update(choices=choices, value=None)
 
-        def memory_tick(user_id):
+        def memory(user_id, tz):
+            return (*memory_view(user_id, tz), "")
+
+        def memory_tick(user_id, tz):
             if user_id is None:
-                return gr.skip(), gr.skip()
-            return _memory_markdown(service.memory_status(user_id)), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip()
+            return _memory_markdown(service.memory_status(user_id), tz), gr.skip(), gr.skip()
 
-        @_user_errors
-        def compress_now(user_id):
+        def compress_now(user_id, tz):
             service.compress_now(user_id)
             gr.Info("Compression queued: your newest turns will move into your adapter shortly.")
-            return memory(user_id)
+            return memory(user_id, tz)
 
-        @_user_errors
-        def forget(user_id, message_id):
+        def ask_forget(user_id, message_id):
+            chosen = [m for m in service.history(user_id) if str(m["id"]) == str(message_id) and m["role"] == "user"]
+            if not chosen:
+                raise AppError("Choose one of your messages from the list first")
+            excerpt = chosen[0]["text"][:80] + ("…" if len(chosen[0]["text"]) > 80 else "")
+            question = (f"Forget “{text_markdown(excerpt)}” and the reply to it? Your adapter is rebuilt "
+                        "without them; this cannot be undone.")
+            return chosen[0]["id"], gr.update(visible=True), question, ""
+
+        def forget(user_id, message_id, tz):
+            service.whoami(user_id)  # a login first, then what is waiting
             if message_id is None:
-                raise gr.Error("Choose a message to forget.")
-            service.forget(user_id, int(message_id))
-            gr.Info("Forgotten. Your adapter is being rebuilt without it.")
-            status, choices = memory(user_id)
-            return status, choices, _chat_messages(service.history(user_id))
+                raise AppError("Choose one of your messages from the list first")
+            deleted = service.forget(user_id, message_id)
+            gr.Info(f"Forgotten ({plural(deleted, 'message')}). Your adapter is being rebuilt without them.")
+            return (None, gr.update(visible=False), *memory_view(user_id, tz),
+                    _chat_messages(service.history(user_id)), "")
 
-        @_user_errors
-        def export(user_id):
-            return str(service.export(user_id))
+        def cancel_forget():
+            return None, gr.update(visible=False), ""
 
-        memory_outputs = [memory_status, forget_choice]
-        refresh_button.click(memory, [session], memory_outputs, api_name="memory")
-        compress_button.click(compress_now, [session], memory_outputs, api_name="compress_now")
-        forget_button.click(forget, [session, forget_choice], memory_outputs + [chatbot], api_name="forget")
-        export_button.click(export, [session], [export_file], api_name="export")
-        timer.tick(memory_tick, [session], memory_outputs, api_visibility="private", show_progress="hidden")
+        def export(user_id, request: gr.Request):
+            return _download_html(service.export(user_id, _address(request)), "your data"), ""
+
+        memory_outputs = [memory_status, forget_choice, memory_notice]
+        refresh_button.click(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_name="memory")
+        compress_button.click(guarded("compress now", 3)(compress_now), [session, zone], memory_outputs,
+                              api_name="compress_now")
+        forget_button.click(guarded("forget", 4)(ask_forget), [session, forget_choice],
+                            [pending_forget, forget_confirm, forget_question, memory_notice], api_name="ask_forget")
+        forget_yes.click(guarded("forget", 6)(forget), [session, pending_forget, zone],
+                         [pending_forget, forget_confirm, memory_status, forget_choice, chatbot, memory_notice],
+                         api_name="forget")
+        forget_no.click(cancel_forget, None, [pending_forget, forget_confirm, memory_notice],
+                        api_visibility="private")
+        export_button.click(guarded("export", 2)(export), [session], [export_link, memory_notice], api_name="export")
+        timer.tick(memory_tick, [session, zone], memory_outputs, api_visibility="private", show_progress="hidden")
 
         # --- admin --------------------------------------------------------------------------------
 
-        @_user_errors
-        def admin_overview(actor):
+        def overview(actor, tz) -> tuple:
             users = service.admin_users(actor)
             choices = [(f"{u['username']} (#{u['id']})", u["id"]) for u in users]
-            audit = pd.DataFrame(service.admin_audit(actor), columns=["time", "actor", "action", "user", "details"])
-            return pd.DataFrame(users), gr.update(choices=choices), audit, service.signup_open
+            for u in users:
+                u["created_at"] = local_time(u["created_at"], tz)
+            audit = service.admin_audit(actor)
+            for entry in audit:
+                entry["time"] = local_time(entry["time"], tz)
+            return (pd.DataFrame([list(u.values()) for u in users], columns=USER_COLUMNS),
+                    gr.update(choices=choices), pd.DataFrame(audit, columns=AUDIT_COLUMNS), service.signup_open)
 
-        @_user_errors
-        def admin_detail(actor, user_id):
+        def admin_overview(actor, tz):
+            return (*overview(actor, tz), "")
+
+        def admin_detail(actor, user_id, tz):
             if user_id is None:
-                raise gr.Error("Choose a user.")
-            detail = service.admin_user(actor, user_id)
+                return "", None, None, ""
+            try:
+                detail = service.admin_user(actor, user_id)
+            except Exception as e:  # noqa: BLE001 - nothing of the user chosen before may stay on screen
+                return "", None, None, _notice(describe(e, "admin detail"))
             summary = service.admin_adapter_summary(actor, user_id)
-            figure = adapter_figure(summary, f"user #{user_id}") if summary else None
-            snapshots = pd.DataFrame(detail["snapshots"], columns=SNAPSHOT_COLUMNS)
-            return _memory_markdown(detail["status"]), snapshots, figure
+            figure = adapter_figure(summary, f"{detail['username']}'s adapter") if summary else None
+            rows = [[local_time(s["created_at"], tz) if c == "created_at" else s.get(c) for c in
+                     ("version", "created_at", "cursor", "tokens_absorbed", "bytes", "sha256", "generator",
+                      "messages", "seconds", "rebuild")] for s in detail["snapshots"]]
+            heading = f"### {text_markdown(detail['username'])}\n"
+            return (heading + _memory_markdown(detail["status"], tz, admin=True),
+                    pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS), figure, "")
 
-        @_user_errors
-        def admin_probe(actor, user_id, question):
+        def admin_probe(actor, user_id, question, progress=gr.Progress()):
             if user_id is None:
-                raise gr.Error("Choose a user.")
-            answers = service.admin_probe(actor, user_id, question)
-            return tuple(f"**{name}** ({a.prompt_tokens} prompt tokens, {a.seconds:.2f} s)\n\n{a.text}"
-                         for name, a in answers.items())
+                raise AppError("Choose a user first")
+            answers = service.admin_probe(
+                actor, user_id, question,
+                on_step=lambda done, total, name: progress((done, total), desc=f"answering with the {name}"))
+            took = sum(a.seconds for a in answers.values())
+            return (f"Answered three ways in {took:.0f} s.",
+                    *(f"**{name}** ({a.prompt_tokens:,} prompt tokens, {a.seconds:.1f} s)\n\n{text_markdown(a.text)}"
+                      for name, a in answers.items()), "")
 
-        def admin_action(action):
-            @_user_errors
-            def run(actor, user_id, *extra):
+        # destructive actions ask first; the question names the user
+        confirmations = {"reset": "Reset {name}'s memory? Every message and adapter of theirs is deleted; the "
+                                  "account stays. This cannot be undone.",
+                         "delete": "Delete {name}'s account and all their data? This cannot be undone."}
+
+        def ask_admin(action):
+            def ask(actor, user_id):
                 if user_id is None:
-                    raise gr.Error("Choose a user.")
-                result = action(actor, user_id, *extra)
-                overview = admin_overview(actor)
-                return (result if isinstance(result, str) else None, f"Done: {action.__name__}.", *overview)
-            return run
+                    raise AppError("Choose a user first")
+                detail = service.admin_user(actor, user_id)
+                question = confirmations[action].format(name=text_markdown(detail["username"]))
+                return (action, user_id), gr.update(visible=True), question, ""
+            return ask
 
-        def rebuild(actor, user_id):
+        def admin_confirmed(actor, pending, tz):
+            if pending is None:
+                raise AppError("Nothing is waiting for confirmation")
+            action, user_id = pending
+            name = service.admin_user(actor, user_id)["username"]
+            if action == "reset":
+                service.admin_reset(actor, user_id)
+                done = f"{name}'s memory was reset."
+            else:
+                service.admin_delete_user(actor, user_id)
+                done = f"{name}'s account was deleted."
+            gr.Info(done)
+            return (None, gr.update(visible=False), *overview(actor, tz), "")
+
+        def rebuild(actor, user_id, tz):
+            if user_id is None:
+                raise AppError("Choose a user first")
             service.admin_rebuild(actor, user_id)
+            gr.Info(f"A rebuild of {service.admin_user(actor, user_id)['username']}'s adapter is queued.")
+            return (*overview(actor, tz), "")
 
-        def reset(actor, user_id):
-            service.admin_reset(actor, user_id)
+        def export_peft(actor, user_id, request: gr.Request):
+            if user_id is None:
+                raise AppError("Choose a user first")
+            return _download_html(service.admin_export_peft(actor, user_id, _address(request)),
+                                  "the PEFT adapter"), ""
 
-        def export_peft(actor, user_id):
-            return str(service.admin_export_peft(actor, user_id))
-
-        def delete(actor, user_id, confirmed):
-            if not confirmed:
-                raise gr.Error("Tick the confirmation box first.")
-            service.admin_delete_user(actor, user_id)
-
-        @_user_errors
-        def set_signup(actor, is_open):
+        def set_signup(actor, is_open, tz):
             service.admin_set_signup(actor, is_open)
-            return admin_overview(actor)
+            return (*overview(actor, tz), "")
 
-        overview_outputs = [users_table, admin_user, audit_table, signup_open]
-        action_outputs = [peft_file, admin_message] + overview_outputs
-        admin_tab.select(admin_overview, [session], overview_outputs, api_visibility="private")
-        admin_refresh.click(admin_overview, [session], overview_outputs, api_name="admin_users")
-        admin_user.change(admin_detail, [session, admin_user], [user_detail, snapshots_table, adapter_plot],
-                          api_name="admin_user")
-        probe_button.click(admin_probe, [session, admin_user, probe_question], [probe_base, probe_adapter, probe_full],
-                           api_name="admin_probe")
-        rebuild_button.click(admin_action(rebuild), [session, admin_user], action_outputs, api_name="admin_rebuild")
-        reset_button.click(admin_action(reset), [session, admin_user], action_outputs, api_name="admin_reset")
-        peft_button.click(admin_action(export_peft), [session, admin_user], action_outputs,
+        overview_outputs = [users_table, admin_user, audit_table, signup_open, admin_notice]
+        confirm_outputs = [pending_admin, admin_confirm, admin_question, admin_notice]
+        admin_tab.select(guarded("admin overview", 5)(admin_overview), [session, zone], overview_outputs,
+                         api_visibility="private")
+        admin_refresh.click(guarded("admin overview", 5)(admin_overview), [session, zone], overview_outputs,
+                            api_name="admin_users")
+        admin_user.change(guarded("admin detail", 4)(admin_detail), [session, admin_user, zone],
+                          [user_detail, snapshots_table, adapter_plot, admin_notice], api_name="admin_user")
+        probe_button.click(guarded("probe", 5)(admin_probe), [session, admin_user, probe_question],
+                           [probe_status, probe_base, probe_adapter, probe_full, admin_notice],
+                           api_name="admin_probe", show_progress_on=[probe_status])
+        rebuild_button.click(guarded("rebuild", 5)(rebuild), [session, admin_user, zone], overview_outputs,
+                             api_name="admin_rebuild")
+        reset_button.click(guarded("reset", 4)(ask_admin("reset")), [session, admin_user], confirm_outputs,
+                           api_name="admin_ask_reset")
+        delete_button.click(guarded("delete", 4)(ask_admin("delete")), [session, admin_user], confirm_outputs,
+                            api_name="admin_ask_delete")
+        admin_yes.click(guarded("admin action", 7)(admin_confirmed), [session, pending_admin, zone],
+                        [pending_admin, admin_confirm, *overview_outputs], api_name="admin_confirm")
+        admin_no.click(lambda: (None, gr.update(visible=False), ""), None,
+                       [pending_admin, admin_confirm, admin_notice], api_visibility="private")
+        peft_button.click(guarded("export PEFT", 2)(export_peft), [session, admin_user], [admin_link, admin_notice],
                           api_name="admin_export_peft")
-        delete_button.click(admin_action(delete), [session, admin_user, delete_confirm], action_outputs,
-                            api_name="admin_delete")
-        signup_open.input(set_signup, [session, signup_open], overview_outputs, api_name="admin_signup")
+        signup_open.input(guarded("sign-up switch", 5)(set_signup), [session, signup_open, zone], overview_outputs,
+                          api_name="admin_signup")
     return ui
+

@@ -64,3 +64,81 @@ def test_sign_up_chat_compress_and_see_memory_change(browser, running, password)
             break
     text = status.inner_text()
     assert "Adapter: v1" in text and "In memory: 2 messages" in text and "Waiting to be absorbed: 0 messages" in text
+
+
+def sign_up(page, url, name, password):
+    page.goto(url)
+    field(page, "username").fill(name)
+    field(page, "password").fill(password)
+    page.locator("#signup").click()
+    page.locator("#whoami").get_by_text(f"Logged in as {name}").wait_for(timeout=20_000)
+
+
+def send(page, text):
+    field(page, "message").fill(text)
+    page.locator("#send").click()
+    page.locator("#reply-stats").get_by_text("prompt tokens").wait_for(timeout=30_000)
+
+
+def test_nothing_secret_is_kept_in_the_browser(browser, running, password):
+    page = browser.new_page()
+    sign_up(page, running.url, "carol", password)
+    send(page, "my private note")
+    page.locator("#logout").click()
+    page.locator("#login").wait_for()
+    kept = page.evaluate("JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])")
+    assert password not in kept and "my private note" not in kept
+
+
+def test_the_next_person_on_the_same_tab_sees_nothing_of_the_last(browser, running, password):
+    page = browser.new_page()
+    sign_up(page, running.url, "alice", password)
+    send(page, "Alice's diary entry")
+    page.get_by_role("tab", name="Memory").click()
+    page.locator("#refresh-memory").click()
+    page.locator("#export").click()
+    page.locator("#export-link a").wait_for(timeout=20_000)
+    page.locator("#logout").click()
+
+    field(page, "username").fill("bob")
+    field(page, "password").fill(password)
+    page.locator("#signup").click()
+    page.locator("#whoami").get_by_text("Logged in as bob").wait_for(timeout=20_000)
+    page.get_by_role("tab", name="Memory").click()
+    assert page.locator("#export-link a").count() == 0
+    assert "diary" not in page.locator("body").inner_text()
+    page.locator("#forget-choice input").click()
+    assert "diary" not in page.locator("body").inner_text()
+
+
+def test_html_in_a_message_is_shown_as_text(browser, running, password):
+    page = browser.new_page()
+    sign_up(page, running.url, "carol", password)
+    send(page, '<form action="https://evil.example/"><input type="password" name="pw">'
+               "<button>Sign in again</button></form>")
+    chat = page.locator("#chatbot")
+    assert chat.locator("form, input, textarea, select").count() == 0
+    assert chat.get_by_role("button", name="Sign in again").count() == 0
+    assert '<input type="password" name="pw">' in chat.inner_text()
+
+
+def test_a_refusal_is_a_message_beside_the_form_which_stays_usable(browser, running, password):
+    page = browser.new_page()
+    page.goto(running.url)
+    field(page, "username").fill("carol")
+    field(page, "password").fill("wrong password")
+    page.locator("#login").click()
+    page.locator("#login-notice").get_by_text("Wrong username or password.").wait_for(timeout=20_000)
+    assert page.get_by_text("Error", exact=True).count() == 0
+    assert field(page, "username").input_value() == "carol"  # what was typed stays, to be corrected
+    field(page, "password").fill(password)
+    page.locator("#signup").click()
+    page.locator("#whoami").get_by_text("Logged in as carol").wait_for(timeout=20_000)
+    running.service.settings.max_message_chars = 20
+    field(page, "message").fill("a message that is far too long")
+    page.locator("#send").click()
+    page.locator("#chat-notice").get_by_text("too long").wait_for(timeout=20_000)
+    assert field(page, "message").input_value() == "a message that is far too long"
+    assert page.get_by_text("Error", exact=True).count() == 0
+    # the chat's own trash icon would only empty the view: it is not offered
+    assert page.locator('#chatbot button[aria-label="Clear"]:visible').count() == 0

@@ -7,15 +7,22 @@ import torch
 
 from adapter_core import AdapterState
 from adapter_core.conversation import Turn, history_text
-from app.service import AccessDenied, LoginFailed, ReplyStats
+from app.errors import AccessDenied, AppError, LoginFailed, RateLimited
+from app.service import ReplyStats, _whole_sentences
 from app.worker import CompressionWorker
-from storage import NotFound
+from storage import NotFound, ValidationError
 
 
 def chat(service, user_id, text) -> tuple[str, ReplyStats]:
     parts = list(service.reply(user_id, text))
     assert isinstance(parts[-1], ReplyStats)
     return "".join(parts[:-1]), parts[-1]
+
+
+def exported(service, download):
+    """The file behind a download link, opened as its owner would."""
+    path, _ = service.downloads.find(download.token, None, service.user_exists)
+    return zipfile.ZipFile(path)
 
 
 def run_jobs(service):
@@ -36,24 +43,76 @@ def test_sign_up_log_in_and_wrong_password(service, password):
 def test_sign_up_can_be_closed_by_an_admin(service, password):
     admin = service.ensure_admin("root", password)
     user = service.sign_up("alice", password)
-    with pytest.raises(AccessDenied, match="admins only"):
+    with pytest.raises(AccessDenied, match="Admins only"):
         service.admin_set_signup(user, False)
     service.admin_set_signup(admin, False)
-    with pytest.raises(AccessDenied, match="sign-up is closed"):
+    with pytest.raises(AccessDenied, match="Sign-up is closed"):
         service.sign_up("bob", password)
     assert service.admin_audit(admin)[0]["action"] == "set_signup"
 
 
-def test_repeated_failed_logins_are_slowed_down(service, password, monkeypatch):
+def test_failed_logins_are_throttled_per_normalised_name_and_address_without_waiting(service, password,
+                                                                                   monkeypatch):
+    service.settings.login_failures_per_name = "3/15 minutes"
     service.sign_up("alice", password)
-    waits = []
-    monkeypatch.setattr("app.service.time.sleep", waits.append)
-    for _ in range(5):
+    monkeypatch.setattr("time.sleep", lambda s: pytest.fail("a login handler must not sleep"))
+    for spelling in ("alice", "ALICE", "ａｌｉｃｅ"):  # look-alike spellings of one stored name share a count
         with pytest.raises(LoginFailed):
-            service.log_in("alice", "nope nope nope")
-    assert waits == [1.0, 2.0]  # from the fourth failure on, doubling
-    service.log_in("alice", password)
-    assert service._failed_logins == {}
+            service.log_in(spelling, "wrong password", "10.0.0.1")
+    checked = []
+    monkeypatch.setattr(service.storage, "authenticate", lambda *a: checked.append(a))
+    with pytest.raises(RateLimited, match="Too many failed logins for this account"):
+        service.log_in("Alice", password, "10.0.0.1")
+    assert checked == []  # refused before any password is checked
+    monkeypatch.undo()
+    assert service.log_in("alice", password, "10.0.0.2") > 0  # from elsewhere the owner still gets in
+    audit = service.storage.list_audit()
+    failed = [e for e in audit if e.action == "login_failed"]
+    assert len(failed) == 3 and failed[0].details == {"username": "alice", "address": "10.0.0.1"}
+    assert failed[0].target_user_id == service.storage.find_user("alice").id
+
+
+def test_many_names_from_one_address_are_throttled_too(service, password):
+    service.settings.login_failures_per_address = "4/15 minutes"
+    for i in range(4):
+        with pytest.raises(LoginFailed):
+            service.log_in(f"user{i}", "wrong password", "10.0.0.9")
+    with pytest.raises(RateLimited, match="from this address"):
+        service.log_in("someone-else", "wrong password", "10.0.0.9")
+
+
+def test_sign_ups_are_limited_and_audited(service, password):
+    service.settings.signups_per_address = "2/hour"
+    service.sign_up("alice", password, "10.0.0.1")
+    with pytest.raises(ValidationError):
+        service.sign_up("bob", "short", "10.0.0.1")  # a refused sign-up is audited, and not counted
+    service.sign_up("bob", password, "10.0.0.1")
+    with pytest.raises(RateLimited, match="Too many new accounts from this address"):
+        service.sign_up("carol", password, "10.0.0.1")
+    service.sign_up("carol", password, "10.0.0.2")
+    actions = [(e.action, e.details.get("address")) for e in reversed(service.storage.list_audit())]
+    assert actions == [("signup", "10.0.0.1"), ("signup_refused", "10.0.0.1"), ("signup", "10.0.0.1"),
+                       ("signup", "10.0.0.2")]
+    service.settings.login_failures_per_address = "2/15 minutes"  # refused sign-ups are failed tries too
+    with pytest.raises(ValidationError):
+        service.sign_up("dave", "short", "10.0.0.3")
+    with pytest.raises(ValidationError):
+        service.sign_up("dave", "short", "10.0.0.3")
+    with pytest.raises(RateLimited, match="failed tries from this address"):
+        service.sign_up("dave", password, "10.0.0.3")
+
+
+def test_messages_are_limited_in_size_and_rate(service, password):
+    uid = service.sign_up("alice", password)
+    service.settings.max_message_chars = 50
+    with pytest.raises(ValidationError, match="at most 50"):
+        chat(service, uid, "x" * 51)
+    service.settings.messages_per_user = "2/minute"
+    chat(service, uid, "one")
+    chat(service, uid, "two")
+    with pytest.raises(RateLimited, match="faster than the model can answer"):
+        chat(service, uid, "three")
+    assert [m["text"] for m in service.history(uid) if m["role"] == "user"] == ["one", "two"]
 
 
 def test_a_turn_is_stored_streamed_and_measured(service, password):
@@ -62,7 +121,8 @@ def test_a_turn_is_stored_streamed_and_measured(service, password):
     history = service.history(uid)
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[0]["text"] == "Hello there"
-    assert history[1]["text"] == (reply.strip() or "…")
+    # as streamed, or (cut off by the 6-token cap) up to its last whole sentence
+    assert history[1]["text"] in (reply.strip() or "…", _whole_sentences(reply.strip()))
     assert stats.adapter_version is None and stats.pending_turns == 1 and stats.prompt_tokens > 0
     assert stats.total_s >= stats.first_token_s >= 0 and "prompt tokens" in stats.line()
 
@@ -112,7 +172,8 @@ def test_forgetting_a_message_rebuilds_the_adapter_without_it(service, password)
     chat(service, uid, "I like tea.")
     run_jobs(service)
     secret = service.history(uid)[0]
-    service.forget(uid, secret["id"])
+    assert service.forget(uid, secret["id"]) == 2  # the message and the reply to it
+    assert [m["text"] for m in service.history(uid)][0] == "I like tea."
     # until the rebuild lands, answers use no adapter: the old one may still hold the message
     _, stats = chat(service, uid, "What is my code?")
     assert stats.adapter_version is None
@@ -131,7 +192,7 @@ def test_export_holds_history_and_a_peft_adapter(service, password, tmp_path):
     chat(service, uid, "hello")
     chat(service, uid, "again")
     run_jobs(service)
-    with zipfile.ZipFile(service.export(uid)) as z:
+    with exported(service, service.export(uid)) as z:
         names = set(z.namelist())
         history = json.loads(z.read("history.json"))
     assert {"history.json", "adapter/state.safetensors", "adapter/peft/adapter_config.json",
@@ -177,12 +238,13 @@ def test_users_only_ever_see_their_own_data(service, password):
     chat(service, alice, "more")
     run_jobs(service)
     assert "Alice's secret" not in json.dumps(service.history(bob))
-    with zipfile.ZipFile(service.export(bob)) as z:
+    with exported(service, service.export(bob)) as z:
         assert "Alice" not in z.read("history.json").decode()
         assert not any(n.startswith("adapter/") for n in z.namelist())
     alice_message = service.history(alice)[0]["id"]
-    with pytest.raises(NotFound):
-        service.forget(bob, alice_message)
+    for guess in (alice_message, "not a number", -1, None):
+        with pytest.raises((NotFound, ValidationError)):
+            service.forget(bob, guess)
     assert service.history(alice)[0]["id"] == alice_message
 
 
@@ -216,7 +278,7 @@ def test_admin_pages_and_actions(service, password):
     answers = service.admin_probe(admin, uid, "What is my cat called?")
     assert set(answers) == {"base model", "adapter", "full history"}
     assert answers["full history"].prompt_tokens > answers["adapter"].prompt_tokens
-    assert service.admin_export_peft(admin, uid).stat().st_size > 0
+    assert "adapter_config.json" in exported(service, service.admin_export_peft(admin, uid)).namelist()
     service.admin_rebuild(admin, uid)
     run_jobs(service)
     assert service.admin_user(admin, uid)["snapshots"][-1]["rebuild"] is True
@@ -227,3 +289,20 @@ def test_admin_pages_and_actions(service, password):
     assert actions[:4] == ["delete_user", "reset_memory", "rebuild_adapter", "export_peft"]
     with pytest.raises(AccessDenied):
         service.history(uid)
+
+
+def test_admin_actions_on_a_missing_or_malformed_user_are_refusals(service, password):
+    admin = service.ensure_admin("root", password)
+    for target in (99999, "abc", None):
+        with pytest.raises(AppError):
+            service.admin_user(admin, target)
+    with pytest.raises(AppError, match="own account"):
+        service.admin_delete_user(admin, admin)
+
+
+def test_a_reply_cut_off_by_the_cap_ends_at_its_last_whole_sentence():
+    assert _whole_sentences("I like tea. It is warm! And then the") == "I like tea. It is warm!"
+    assert _whole_sentences('She said "go." Then she') == 'She said "go."'
+    assert _whole_sentences("no end of a sentence here") == "no end of a sentence here…"
+    assert _whole_sentences("Hi. Then a long tail that never ends at all") == "Hi. Then a long tail that never ends at all…"
+    assert _whole_sentences("version 1.5 is out and") == "version 1.5 is out and…"  # a dot inside a number

@@ -18,3 +18,27 @@ def test_a_bad_value_is_refused(capsys):
     with pytest.raises(SystemExit):
         AppSettings.from_args(["--port", "many"], environ={})
     assert "--port" in capsys.readouterr().err
+
+
+def test_the_admin_password_is_never_a_flag_nor_printed(capsys, tmp_path):
+    env = {"MEMCHAT_ADMIN_PASSWORD": "hunter2-very-secret"}
+    with pytest.raises(SystemExit):
+        AppSettings.from_args(["--help"], environ=env)
+    shown = capsys.readouterr().out
+    assert "hunter2" not in shown and "MEMCHAT_ADMIN_PASSWORD" in shown
+    with pytest.raises(SystemExit):  # a flag would show in `ps`
+        AppSettings.from_args(["--admin-password", "x"], environ={})
+    settings = AppSettings.from_args(["--admin-username", "root"], environ=env)
+    assert settings.admin_password == "hunter2-very-secret" and "hunter2" not in repr(settings)
+    secret = tmp_path / "admin-password"
+    secret.write_text("from a file\n")
+    assert AppSettings.from_args(["--admin-password-file", str(secret)], environ={}).admin_password == "from a file"
+    with pytest.raises(SystemExit):
+        AppSettings.from_args(["--admin-password-file", str(tmp_path / "missing")], environ={})
+
+
+def test_rate_limits_are_settings_checked_when_read(capsys):
+    settings = AppSettings.from_args(["--messages-per-user", "30/minute"], environ={})
+    assert settings.messages_per_user == "30/minute"
+    with pytest.raises(SystemExit):
+        AppSettings.from_args(["--signups-per-address", "lots"], environ={})

@@ -10,7 +10,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gradio_client import Client
+from tests.app.helpers import Visitor
 
 
 def test_many_users_chat_at_once_without_errors(running, password):
@@ -19,22 +19,21 @@ def test_many_users_chat_at_once_without_errors(running, password):
 
     def session(i: int) -> tuple[list[float], list[str]]:
         latencies, errors = [], []
-        client = Client(running.url, verbose=False)
+        visitor = Visitor(running)
         try:
-            client.predict(f"loaduser{i}", password, api_name="/signup")
+            visitor.call("signup", f"loaduser{i}", password)
             for r in range(requests):
                 started = time.perf_counter()
-                chatbot, _, stats = client.predict(f"User {i} says hello, message {r}.", api_name="/chat")
+                page = visitor.call("chat", f"User {i} says hello, message {r}.")
                 latencies.append(time.perf_counter() - started)
-                if "prompt tokens" not in stats or len(chatbot) != 2 * (r + 1):
-                    errors.append(f"user {i} request {r}: unexpected answer")
-            status, _ = client.predict(api_name="/memory")
-            if "**In memory**" not in status:
+                if "prompt tokens" not in page["reply-stats"] or len(page["chatbot"]) != 2 * (r + 1):
+                    errors.append(f"user {i} request {r}: unexpected answer {page['chat-notice']!r}")
+            if "**In memory**" not in visitor.call("memory")["memory-status"]:
                 errors.append(f"user {i}: no memory panel")
         except Exception as e:  # every failure counts, whatever its kind
             errors.append(f"user {i}: {type(e).__name__}: {e}")
         finally:
-            client.close()
+            visitor.client.close()
         return latencies, errors
 
     started = time.perf_counter()

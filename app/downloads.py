@@ -1,0 +1,131 @@
+"""Files handed to their owner for a short time: data exports and admins' adapter exports.
+
+A file is written into the data folder (never the system's shared temp folder) with mode 0600 and
+served at an unguessable link that only the owner's page is shown. The link works only from the
+address that asked for it, only while the owner's account exists, and only for a few minutes;
+then the file is deleted. A newer export of the same user replaces the older one, and deleting a
+user (or their logging out) deletes every copy at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROUTE = "/downloads"
+"""Where the web server serves these files: f'{ROUTE}/{token}'."""
+
+
+@dataclass(frozen=True)
+class Download:
+    token: str
+    filename: str
+    """The name the browser saves it as."""
+    expires_at: float
+    """time.time() after which the link stops working and the file is deleted."""
+
+    @property
+    def url(self) -> str:
+        """Relative to the page, so that it also works under a proxy's path prefix."""
+        return f"{ROUTE.lstrip('/')}/{self.token}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    download: Download
+    owner_id: int
+    address: str | None
+    path: Path
+
+
+class DownloadStore:
+    def __init__(self, folder: str | Path, ttl_s: float = 600.0) -> None:
+        self.folder = Path(folder)
+        self.ttl_s = ttl_s
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        # what a previous process left is unreachable (its links died with it): delete it
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(mode=0o700, parents=True)
+
+    def add(self, owner_id: int, filename: str, write: Callable[[Path], None], address: str | None) -> Download:
+        """Write a file with `write(path)` and return its link; replaces the owner's older ones."""
+        self.remove_user(owner_id)
+        token = secrets.token_urlsafe(32)
+        path = self.folder / token
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from the start
+        os.close(fd)
+        try:
+            write(path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        download = Download(token, _safe_filename(filename), time.time() + self.ttl_s)
+        with self._lock:
+            self._entries[token] = _Entry(download, owner_id, address, path)
+        self.sweep()
+        return download
+
+    def scratch(self) -> Path:
+        """A private folder for building a file (removed by the caller)."""
+        return Path(tempfile.mkdtemp(prefix=".build-", dir=self.folder))  # mode 0700
+
+    def find(self, token: str, address: str | None, owner_exists: Callable[[int], bool]) -> tuple[Path, str] | None:
+        """(path, filename) if the link is live for this address and its owner still exists."""
+        self.sweep()
+        with self._lock:
+            entry = self._entries.get(token)
+        if entry is None or (entry.address is not None and entry.address != address):
+            return None
+        if not owner_exists(entry.owner_id):
+            self.remove_user(entry.owner_id)
+            return None
+        return entry.path, entry.download.filename
+
+    def remove_user(self, owner_id: int) -> None:
+        with self._lock:
+            gone = [t for t, e in self._entries.items() if e.owner_id == owner_id]
+            entries = [self._entries.pop(t) for t in gone]
+        for entry in entries:
+            entry.path.unlink(missing_ok=True)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete expired files; the number deleted."""
+        now = time.time() if now is None else now
+        with self._lock:
+            expired = [t for t, e in self._entries.items() if e.download.expires_at <= now]
+            entries = [self._entries.pop(t) for t in expired]
+        for entry in entries:
+            entry.path.unlink(missing_ok=True)
+        return len(entries)
+
+    def start_sweeping(self, every_s: float = 30.0) -> None:
+        """Delete expired files in the background too, not only when a link is used."""
+        def run() -> None:
+            while not self._closed.wait(every_s):
+                self.sweep()
+        threading.Thread(target=run, name="download-sweeper", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._entries.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _safe_filename(name: str) -> str:
+    """ASCII letters, digits, '.', '-' and '_' only: it goes into a Content-Disposition header."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "download"
+

@@ -1,0 +1,66 @@
+"""Rate limits: what one person, one address or the whole server may ask for in a while.
+
+Counted in moving windows by the `limits` library, in memory (one process serves the app). A
+refused request is answered at once with how long to wait; nothing sleeps in a request handler,
+so a flood of wrong passwords for one name cannot occupy the workers that serve everyone else.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from limits import RateLimitItem, parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from .errors import RateLimited
+
+
+def check_limit(text: str) -> str:
+    """A limit as the settings take it ('5/hour', '20/15 minutes'); ValueError if it is not one."""
+    parse(text)
+    return text
+
+
+class RateLimits:
+    """Counts uses against limits written as '5/hour' (the limits given by the app's settings)."""
+
+    def __init__(self) -> None:
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._items: dict[str, RateLimitItem] = {}
+
+    def check(self, limit: str, *keys: str, what: str) -> None:
+        """Refuse (RateLimited) if the limit is used up for these keys, without counting a hit."""
+        item = self._item(limit)
+        if not self._limiter.test(item, *keys):
+            self._refuse(item, keys, what)
+
+    def hit(self, limit: str, *keys: str, what: str) -> None:
+        """Count one use; refuse (RateLimited) if the limit was already used up."""
+        item = self._item(limit)
+        if not self._limiter.hit(item, *keys):
+            self._refuse(item, keys, what)
+
+    def record(self, limit: str, *keys: str) -> None:
+        """Count one use without refusing (a failed login is counted after it failed)."""
+        self._limiter.hit(self._item(limit), *keys)
+
+    def clear(self, limit: str, *keys: str) -> None:
+        self._limiter.clear(self._item(limit), *keys)
+
+    def _item(self, limit: str) -> RateLimitItem:
+        if limit not in self._items:
+            self._items[limit] = parse(limit)
+        return self._items[limit]
+
+    def _refuse(self, item: RateLimitItem, keys: tuple[str, ...], what: str) -> None:
+        reset = self._limiter.get_window_stats(item, *keys).reset_time
+        wait = max(1, math.ceil(reset - time.time()))
+        raise RateLimited(f"{what}; please try again in {_duration(wait)}", wait)
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 90:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes} minutes"

@@ -1,0 +1,121 @@
+"""The web server: our FastAPI app with the Gradio page mounted on it, run by uvicorn in a thread.
+
+Owning the app (instead of letting Gradio launch its own) gives one place for what Gradio does
+not do for us: refusing uploads and oversized bodies before they are read, serving download
+links to their owners only, and answering /healthz (which the loading page polls).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+
+from .downloads import ROUTE as DOWNLOADS_ROUTE
+from .service import ChatService
+from .ui import CSS
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024
+"""Largest request body: a chat message is at most a few thousand characters; nothing is uploaded."""
+
+
+class RequestGuard:
+    """ASGI middleware: no uploads (the app uses none) and no body above MAX_BODY_BYTES.
+
+    A declared Content-Length above the cap is refused before the app sees the request; a
+    streamed body is cut off where it passes the cap (the app then sees a disconnect)."""
+
+    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["method"] == "POST" and "/upload" in scope["path"]:
+            return await _refuse(send, 403, "This app takes no file uploads.")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return await _refuse(send, 413, f"Request too large (at most {self.max_body_bytes // 1024} KiB).")
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_body_bytes:
+                    return {"type": "http.disconnect"}
+            return event
+
+        return await self.app(scope, capped_receive, send)
+
+
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(service: ChatService, ui: gr.Blocks) -> FastAPI:
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"ready": True}
+
+    @app.get(DOWNLOADS_ROUTE + "/{token}")
+    def download(token: str, request: Request):
+        address = request.client.host if request.client else None
+        found = service.downloads.find(token, address, service.user_exists)
+        if found is None:
+            return PlainTextResponse("This download link has expired or is not yours. Export again from the app.",
+                                     status_code=404, headers={"Cache-Control": "no-store"})
+        path, filename = found
+        return FileResponse(path, media_type="application/zip", filename=filename,
+                            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+    # run_history=False: Gradio would otherwise keep every call's inputs (passwords included) in the
+    # browser's localStorage; it also deletes what an older version of the page saved there.
+    gr.mount_gradio_app(app, ui, path="/", run_history=False, footer_links=[], show_error=False,
+                        max_file_size="1kb", css=CSS)
+    app.add_middleware(RequestGuard)
+    return app
+
+
+class WebServer:
+    """uvicorn serving the app in a daemon thread; start() returns once the port listens."""
+
+    def __init__(self, app, host: str, port: int) -> None:
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                     lifespan="on", timeout_graceful_shutdown=1))
+        self._thread = threading.Thread(target=self._server.run, name="web-server", daemon=True)
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the web server did not start on {self.url} (is the port in use?)")
+            time.sleep(0.02)
+
+    def wait(self) -> None:
+        """Block until the server stops; Ctrl-C stops it."""
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            log.info("stopping")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)

@@ -1,0 +1,31 @@
+import pytest
+
+from app.errors import RateLimited
+from app.limits import RateLimits, check_limit
+
+
+def test_a_used_up_limit_refuses_at_once_and_says_how_long_to_wait():
+    limits = RateLimits()
+    limits.hit("2/minute", "alice", what="Too many messages")
+    limits.hit("2/minute", "alice", what="Too many messages")
+    with pytest.raises(RateLimited, match=r"Too many messages; please try again in \d+ seconds") as refused:
+        limits.hit("2/minute", "alice", what="Too many messages")
+    assert 1 <= refused.value.retry_after_s <= 60
+    limits.hit("2/minute", "bob", what="Too many messages")  # another key has its own count
+
+
+def test_check_does_not_count_and_clear_forgets():
+    limits = RateLimits()
+    for _ in range(5):
+        limits.check("1/hour", "k", what="x")
+    limits.record("1/hour", "k")
+    with pytest.raises(RateLimited, match="minutes"):
+        limits.check("1/hour", "k", what="x")
+    limits.clear("1/hour", "k")
+    limits.check("1/hour", "k", what="x")
+
+
+def test_limits_are_checked_when_read():
+    assert check_limit("20/15 minutes") == "20/15 minutes"
+    with pytest.raises(ValueError):
+        check_limit("many per day")

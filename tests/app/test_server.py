@@ -1,0 +1,65 @@
+"""The web server over HTTP on loopback: what it refuses before Gradio sees it, and downloads."""
+
+import io
+import re
+import stat
+import zipfile
+
+import httpx
+
+from tests.app.helpers import Visitor
+
+
+def link(html: str) -> str:
+    return re.search(r'href="([^"]+)"', html).group(1)
+
+
+def test_health_and_no_run_history_in_the_browser(running):
+    assert httpx.get(running.url + "healthz").json() == {"ready": True}
+    config = httpx.get(running.url + "config").json()
+    assert config["run_history"] is False  # Gradio would keep every call's inputs in localStorage
+
+
+def test_uploads_and_oversized_bodies_are_refused_unread(running):
+    upload = httpx.post(running.url + "gradio_api/upload", files={"files": ("a.txt", b"x" * 10)})
+    assert upload.status_code == 403 and "no file uploads" in upload.json()["error"]["message"]
+    huge = httpx.post(running.url + "gradio_api/queue/join", content=b"{" + b" " * 400_000 + b"}",
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+
+
+def test_an_export_is_served_to_its_owner_briefly_and_dies_with_the_account(running, password):
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    alice.call("chat", "My cat is called Tobrik.")
+    url = running.url + link(alice.call("export")["export-link"])
+    response = httpx.get(url)
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    assert 'filename="memchat-alice.zip"' in response.headers["content-disposition"]
+    history = zipfile.ZipFile(io.BytesIO(response.content)).read("history.json").decode()
+    assert "Tobrik" in history
+    files = list(running.service.downloads.folder.iterdir())
+    assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
+
+    admin = Visitor(running)
+    admin.call("login", "root", password)
+    alice_id = running.service.storage.find_user("alice").id
+    admin.call("admin_ask_delete", alice_id)
+    admin.call("admin_confirm")
+    assert httpx.get(url).status_code == 404
+    assert list(running.service.downloads.folder.iterdir()) == []
+
+
+def test_logging_out_drops_the_session_s_download_links(running, password):
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    url = running.url + link(alice.call("export")["export-link"])
+    page = alice.call("logout")
+    assert page["export-link"] == "" and not page["chatbot"]
+    assert httpx.get(url).status_code == 404
+
+
+def test_the_data_folder_is_private(running):
+    data_dir = running.service.storage.data_dir
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data_dir / "memchat.db").stat().st_mode) == 0o600

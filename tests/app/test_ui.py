@@ -1,0 +1,68 @@
+"""The page's pure parts, and the page's wiring checked on the Blocks themselves."""
+
+import logging
+
+import gradio as gr
+import pytest
+
+from app.errors import AppError
+from app.ui import build_ui, guarded, local_time, plural, text_markdown
+
+
+def test_text_is_shown_as_text_never_as_html():
+    shown = text_markdown('<form action="https://evil.example"><input type="password"><button>Go</button></form> & *hi*')
+    assert "<" not in shown and ">" not in shown
+    assert shown.startswith("&lt;form") and "&amp;" in shown and "*hi*" in shown  # Markdown still renders
+    assert "![" not in text_markdown("look ![pixel](https://tracker.example/p.png)")
+
+
+def test_words_and_times_for_people():
+    assert (plural(1, "message"), plural(0, "message"), plural(1200, "token")) == (
+        "1 message", "0 messages", "1,200 tokens")
+    assert local_time("2026-11-27T13:05:00", "Europe/Berlin") == "27 Nov 2026, 14:05 CET"
+    assert local_time("2026-07-01T13:05:00+00:00", "America/New_York") == "1 Jul 2026, 09:05 EDT"
+    assert local_time("2026-11-27T13:05:00", "Not/AZone") == "27 Nov 2026, 13:05 UTC"
+    assert local_time(None, "UTC") == ""
+
+
+def test_a_refusal_is_a_notice_and_one_log_line(caplog):
+    @guarded("do it", 3)
+    def refuse(x):
+        raise AppError("Choose a user first")
+
+    with caplog.at_level(logging.INFO):
+        result = refuse(1)
+    assert result[:2] == (gr.skip(), gr.skip()) and result[2] == "Choose a user first."
+    assert [r.exc_info for r in caplog.records] == [None]
+
+
+def test_a_fault_is_logged_with_its_traceback_and_hidden_from_the_person(caplog):
+    @guarded("do it", 2)
+    def broken():
+        yield 1, ""
+        int("not a number")
+
+    results = list(broken())
+    assert "Something went wrong on our side" in results[-1][1]
+    assert "invalid literal" not in results[-1][1]
+    assert any(r.exc_info and "invalid literal" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_logging_out_resets_every_per_user_part_of_the_page(service):
+    ui = build_ui(service)
+    logout = next(fn for fn in ui.fns.values() if fn.api_name == "logout")
+    reset = set(logout.outputs)
+    main_box = next(b for b in ui.blocks.values() if isinstance(b, gr.Column) and not b.visible)
+
+    def holders(block):
+        for child in getattr(block, "children", []):
+            if isinstance(child, gr.components.Component) and not isinstance(child, gr.Button):
+                yield child
+            yield from holders(child)
+
+    per_user = list(holders(main_box))
+    assert len(per_user) > 20  # the server-wide sign-up switch is the one part that is nobody's own
+    missing = [b.elem_id or type(b).__name__ for b in per_user if b not in reset and b.elem_id != "signup-open"]
+    assert missing == []
+    states = [b for b in ui.blocks.values() if isinstance(b, gr.State)]
+    assert states and all(s in reset for s in states)  # the server-side state of the session too
