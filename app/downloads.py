@@ -4,12 +4,12 @@ A file is written into the data folder (never the system's shared temp folder) w
 served at an unguessable link that only the owner's page is shown. The link works only from the
 address that asked for it, only while the owner's account exists, and only for a few minutes;
 then the file is deleted. A newer export of the same user replaces the older one, and deleting a
-user (or their logging out) deletes every copy at once.
+user, forgetting one of their messages or their logging out deletes every copy at once, and
+refuses an export of theirs still being written.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import secrets
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from .errors import AppError
 
 ROUTE = "/downloads"
 """Where the web server serves these files: f'{ROUTE}/{token}'."""
@@ -45,8 +45,15 @@ class Download:
 class _Entry:
     download: Download
     owner_id: int
+    """Who may download it."""
+    subject_id: int
+    """Whose data it holds (the owner's own, or a user an admin exported)."""
     address: str | None
     path: Path
+
+
+class LinkRevoked(AppError):
+    """The owner logged out, or the data's owner was deleted or forgot it, while the file was made."""
 
 
 class DownloadStore:
@@ -54,15 +61,22 @@ class DownloadStore:
         self.folder = Path(folder)
         self.ttl_s = ttl_s
         self._entries: dict[str, _Entry] = {}
+        self._revocations: dict[int, int] = {}  # user -> how often their links were revoked
         self._lock = threading.Lock()
         self._closed = threading.Event()
         # what a previous process left is unreachable (its links died with it): delete it
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(mode=0o700, parents=True)
 
-    def add(self, owner_id: int, filename: str, write: Callable[[Path], None], address: str | None) -> Download:
-        """Write a file with `write(path)` and return its link; replaces the owner's older ones."""
-        self.remove_user(owner_id)
+    def add(self, owner_id: int, filename: str, write: Callable[[Path], None], address: str | None,
+            subject_id: int | None = None) -> Download:
+        """Write a file with `write(path)` and return its link; replaces the owner's older ones.
+
+        Should the owner's or the subject's links be revoked while the file is written (a logout,
+        a deletion, a forgotten message), the file is deleted and LinkRevoked raised instead."""
+        subject_id = owner_id if subject_id is None else subject_id
+        with self._lock:
+            before = self._revoked(owner_id, subject_id)
         token = secrets.token_urlsafe(32)
         path = self.folder / token
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from the start
@@ -74,9 +88,21 @@ class DownloadStore:
             raise
         download = Download(token, _safe_filename(filename), time.time() + self.ttl_s)
         with self._lock:
-            self._entries[token] = _Entry(download, owner_id, address, path)
+            revoked = self._revoked(owner_id, subject_id) != before
+            older = [] if revoked else [t for t, e in self._entries.items() if e.owner_id == owner_id]
+            replaced = [self._entries.pop(t) for t in older]
+            if not revoked:
+                self._entries[token] = _Entry(download, owner_id, subject_id, address, path)
+        for entry in replaced:
+            entry.path.unlink(missing_ok=True)
+        if revoked:
+            path.unlink(missing_ok=True)
+            raise LinkRevoked("That export was cancelled: its data changed or you logged out meanwhile")
         self.sweep()
         return download
+
+    def _revoked(self, *user_ids: int) -> tuple[int, ...]:
+        return tuple(self._revocations.get(u, 0) for u in user_ids)
 
     def scratch(self) -> Path:
         """A private folder for building a file (removed by the caller)."""
@@ -94,9 +120,12 @@ class DownloadStore:
             return None
         return entry.path, entry.download.filename
 
-    def remove_user(self, owner_id: int) -> None:
+    def remove_user(self, user_id: int) -> None:
+        """Delete every link the user holds and every file holding the user's data, and refuse
+        those being written right now (their data may be out of date, or their owner gone)."""
         with self._lock:
-            gone = [t for t, e in self._entries.items() if e.owner_id == owner_id]
+            self._revocations[user_id] = self._revocations.get(user_id, 0) + 1
+            gone = [t for t, e in self._entries.items() if user_id in (e.owner_id, e.subject_id)]
             entries = [self._entries.pop(t) for t in gone]
         for entry in entries:
             entry.path.unlink(missing_ok=True)

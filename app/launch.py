@@ -7,6 +7,7 @@ model is loaded, then hands the port to the real server and reloads itself into 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -18,13 +19,15 @@ from storage import Storage, StorageSettings
 from .loading import LoadingServer, StartupProgress
 from .server import WebServer, create_app
 from .service import ChatService
-from .settings import AppSettings
+from .settings import AppSettings, redact_url
 from .ui import build_ui
 from .worker import CompressionWorker
 
 log = logging.getLogger(__name__)
 
 STEPS = ["database", "language model and memory generator", "web page"]
+FAILURE_SHOWN_S = 5.0
+"""How long the loading page shows that start-up failed before the process exits."""
 
 
 @dataclass
@@ -54,12 +57,15 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
     log.info("starting; %s shows the progress", loading.url)
     try:
         service, worker, ui, app = _prepare(settings, engine, storage_settings, progress)
-    except BaseException as e:
-        progress.fail(str(e))
+    except BaseException:
+        # the page says so for a moment; why is for the server's log (it may name paths or hosts)
+        progress.fail("memchat could not start; the server's log says why")
+        if block:
+            time.sleep(FAILURE_SHOWN_S)
         loading.stop()
         raise
     loading.stop()
-    server = WebServer(app, settings.host, settings.port)
+    server = WebServer(app, settings.host, settings.port, settings.forwarded_allow_ips)
     server.start()
     progress.ready()
     log.info("ready: open %s in a browser", server.url)
@@ -75,7 +81,7 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
 def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
              storage_settings: StorageSettings | None, progress: StartupProgress):
     progress.begin("database")
-    log.info("database at %s", settings.database_url or settings.data_dir / "memchat.db")
+    log.info("database at %s", redact_url(settings.database_url) or settings.data_dir / "memchat.db")
     storage = Storage(settings.database_url, settings.data_dir, storage_settings)
     storage.migrate()
     progress.begin("language model and memory generator")

@@ -7,6 +7,7 @@ so a flood of wrong passwords for one name cannot occupy the workers that serve 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from limits import RateLimitItem, parse
@@ -14,6 +15,22 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from .errors import RateLimited
+
+
+def address_key(host: str | None) -> str | None:
+    """What counts as one client: its IPv4 address, or its IPv6 /64 (one home or server gets a
+    whole /64, and could otherwise step through its addresses to escape every limit)."""
+    if not host:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an address (a test client's name): itself
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is the IPv4 client a.b.c.d
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
 def check_limit(text: str) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .downloads import ROUTE as DOWNLOADS_ROUTE
 from .service import ChatService
@@ -23,6 +24,8 @@ from .ui import CSS
 
 log = logging.getLogger(__name__)
 
+UPLOAD_ROUTES = ("/upload", "/process_recording", "/component_server")
+"""Gradio's routes that take files; the app has no component that needs them."""
 MAX_BODY_BYTES = 256 * 1024
 """Largest request body: a chat message is at most a few thousand characters; nothing is uploaded."""
 
@@ -30,8 +33,10 @@ MAX_BODY_BYTES = 256 * 1024
 class RequestGuard:
     """ASGI middleware: no uploads (the app uses none) and no body above MAX_BODY_BYTES.
 
-    A declared Content-Length above the cap is refused before the app sees the request; a
-    streamed body is cut off where it passes the cap (the app then sees a disconnect)."""
+    Files reach Gradio as multipart bodies (its upload, recording and component routes), so every
+    multipart request is refused, whatever its path. A declared Content-Length above the cap is
+    refused before the app sees the request; a streamed body is cut off where it passes the cap
+    (the app then sees a disconnect)."""
 
     def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -39,9 +44,11 @@ class RequestGuard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] == "POST" and "/upload" in scope["path"]:
+        headers = dict(scope.get("headers") or [])
+        if b"multipart/" in headers.get(b"content-type", b"").lower() or scope["path"].rstrip("/").endswith(
+                UPLOAD_ROUTES):
             return await _refuse(send, 403, "This app takes no file uploads.")
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return await _refuse(send, 413, f"Request too large (at most {self.max_body_bytes // 1024} KiB).")
         received = 0
@@ -76,12 +83,25 @@ def create_app(service: ChatService, ui: gr.Blocks) -> FastAPI:
     def download(token: str, request: Request):
         address = request.client.host if request.client else None
         found = service.downloads.find(token, address, service.user_exists)
+        gone = PlainTextResponse("This download link has expired or is not yours. Export again from the app.",
+                                 status_code=404, headers={"Cache-Control": "no-store"})
         if found is None:
-            return PlainTextResponse("This download link has expired or is not yours. Export again from the app.",
-                                     status_code=404, headers={"Cache-Control": "no-store"})
+            return gone
         path, filename = found
-        return FileResponse(path, media_type="application/zip", filename=filename,
-                            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+        try:  # opened now: a sweep may delete the name meanwhile, the open file stays readable
+            handle = path.open("rb")
+        except FileNotFoundError:
+            return gone
+        size = os.fstat(handle.fileno()).st_size
+
+        def chunks():
+            with handle:
+                while chunk := handle.read(1 << 16):
+                    yield chunk
+
+        return StreamingResponse(chunks(), media_type="application/zip", headers={
+            "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size),
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
     # run_history=False: Gradio would otherwise keep every call's inputs (passwords included) in the
     # browser's localStorage; it also deletes what an older version of the page saved there.
@@ -91,14 +111,25 @@ def create_app(service: ChatService, ui: gr.Blocks) -> FastAPI:
     return app
 
 
+def server_url(host: str, port: int) -> str:
+    """The address to open in a browser on this machine."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 class WebServer:
     """uvicorn serving the app in a daemon thread; start() returns once the port listens."""
 
-    def __init__(self, app, host: str, port: int) -> None:
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                     lifespan="on", timeout_graceful_shutdown=1))
+    def __init__(self, app, host: str, port: int, forwarded_allow_ips: str | None = None) -> None:
+        # Client addresses key the rate limits and download links: X-Forwarded-For is believed
+        # only from the proxies named (uvicorn would otherwise believe any client on 127.0.0.1).
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=1, proxy_headers=forwarded_allow_ips is not None,
+                                forwarded_allow_ips=forwarded_allow_ips)
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="web-server", daemon=True)
-        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"
+        self.url = server_url(host, port)
 
     def start(self, timeout_s: float = 60.0) -> None:
         self._thread.start()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from adapter_core import AdapterState, GenerativeAdapterModel, StateError, export_peft
 from adapter_core.conversation import Turn, history_text, prompt_ids
@@ -67,7 +67,7 @@ class ChatService:
                  limits: RateLimits | None = None, downloads: DownloadStore | None = None):
         self.storage, self.engine, self.settings = storage, engine, settings
         self.limits = limits or RateLimits()
-        self.downloads = downloads or DownloadStore(settings.data_dir / "downloads")
+        self.downloads = downloads or DownloadStore(settings.data_dir / "download-links")
         self.signup_open = settings.allow_signup
         self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, state)
         self._states_lock = threading.Lock()
@@ -167,14 +167,19 @@ class ChatService:
         started = time.perf_counter()
         first_token = None
         outcome: dict[str, bool] = {}
-        generation = threading.Thread(target=self._generate, args=(ids, state, streamer, outcome), daemon=True)
+        stop = threading.Event()
+        generation = threading.Thread(target=self._generate, args=(ids, state, streamer, outcome, stop),
+                                      daemon=True)
         generation.start()
         parts = []
-        for chunk in map(_printable, streamer):
-            if chunk:
-                first_token = first_token or time.perf_counter()
-                parts.append(chunk)
-                yield chunk
+        try:
+            for chunk in map(_printable, streamer):
+                if chunk:
+                    first_token = first_token or time.perf_counter()
+                    parts.append(chunk)
+                    yield chunk
+        finally:  # a reader that went away (logged out, disconnected) stops the decoding too
+            stop.set()
         generation.join()
         answer = "".join(parts).strip()
         if outcome.get("hit_cap"):  # cut off by the length cap: keep the whole sentences
@@ -199,15 +204,17 @@ class ChatService:
             raise ValidationError("text", f"is too long for the model: {tokens:,} tokens, at most {room:,}")
         return text, tokens
 
-    def _generate(self, ids: list[int], state: AdapterState | None, streamer, outcome: dict[str, bool]) -> None:
-        """Decode into the streamer; outcome['hit_cap'] says whether the reply ran to the length cap."""
+    def _generate(self, ids: list[int], state: AdapterState | None, streamer, outcome: dict[str, bool],
+                  stop: threading.Event) -> None:
+        """Decode into the streamer until the end of the turn, the length cap or `stop`;
+        outcome['hit_cap'] says whether the reply ran to the length cap."""
         sampling = SamplingConfig(max_new_tokens=self.settings.max_new_tokens)
         kwargs = sampling.generate_kwargs(self.engine.tokenizer)
         try:
             with torch.inference_mode():
                 out = self.engine.generate(torch.tensor([ids], device=self.engine.device),
                                            states=[state] if state is not None else None, streamer=streamer,
-                                           **kwargs)
+                                           stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]), **kwargs)
             written = out[0, len(ids):].tolist()
             outcome["hit_cap"] = len(written) >= sampling.max_new_tokens and written[-1] not in kwargs["eos_token_id"]
         except Exception:  # the streamer must end, or the reply would hang
@@ -265,6 +272,7 @@ class ChatService:
             raise NotFound(f"no message {message_id!r}") from None
         deleted = self.storage.delete_message(user.id, message_id, with_reply=True)
         self._drop_state(user.id)
+        self.downloads.remove_user(user.id)  # an export made before holds what was forgotten
         self.storage.queue_job(user.id)
         return len(deleted)
 
@@ -481,9 +489,9 @@ class ChatService:
         prompt; on_step(done, total, name) is called before each answer (it takes a while)."""
         actor = self._admin(actor_id)
         self._costly(actor.id)
-        question = str(question).strip()
-        if not question:
+        if not isinstance(question, str) or not question.strip():
             raise ValidationError("question", "is empty")
+        question, _ = self.check_message(question.strip())
         user_id = self._target(user_id).id
         _, state = self._current_state(user_id)
         turns = [Turn(m.role, m.text) for m in self.storage.history(user_id)]
@@ -524,6 +532,7 @@ class ChatService:
         actor, user = self._admin(actor_id), self._target(user_id)
         self.storage.reset_memory(user.id, actor_id=actor.id)
         self._drop_state(user.id)
+        self.downloads.remove_user(user.id)
 
     def admin_export_peft(self, actor_id: int | None, user_id: int, address: str | None = None) -> Download:
         """A link for the admin to the user's adapter as a PEFT LoRA (zip)."""
@@ -537,7 +546,8 @@ class ChatService:
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
                 self._zip_peft(z, state, "")
 
-        download = self.downloads.add(actor.id, f"adapter-{user.username}-peft.zip", write, address)
+        download = self.downloads.add(actor.id, f"adapter-{user.username}-peft.zip", write, address,
+                                      subject_id=user.id)
         self.storage.record_audit(actor.id, "export_peft", user.id, {"tokens": state.tokens})
         return download
 
@@ -560,6 +570,16 @@ class ChatService:
         return [{"time": e.created_at.isoformat(timespec="seconds"), "actor": names.get(e.actor_id, e.actor_id),
                  "action": e.action, "user": names.get(e.target_user_id, e.target_user_id),
                  "details": json.dumps(e.details)} for e in self.storage.list_audit(limit=limit)]
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends decoding at the next token once the event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)")

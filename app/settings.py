@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from sqlalchemy import make_url
+
 from adapter_core.sampling import SamplingConfig
 
 from .limits import check_limit
@@ -28,13 +30,16 @@ def _secret(doc: str):
 @dataclass
 class AppSettings:
     data_dir: Path = _setting(Path("data"), "folder of the SQLite database, the adapter files and the model cache")
-    database_url: str | None = _setting(None, "any SQLAlchemy URL; default: SQLite at <data-dir>/memchat.db")
+    database_url: str | None = _setting(None, "any SQLAlchemy URL; default: SQLite at <data-dir>/memchat.db "
+                                              "(one with a password belongs in the variable, not the flag)")
     model: str | None = _setting(None, "base model: Hugging Face id or local folder; default: embedded SmolLM2-135M")
     checkpoint: str | None = _setting(None, "generator folder; default: the one shipped for the default model")
     device: str | None = _setting(None, "cpu or cuda; default: cuda when available")
     int4_decode: bool = _setting(True, "on the CPU, decode on the 4-bit weights of the model file (faster replies)")
     host: str = _setting("127.0.0.1", "interface to listen on; the default serves this machine only")
     port: int = _setting(7860, "port to listen on")
+    forwarded_allow_ips: str | None = _setting(None, "behind a reverse proxy: its address(es), whose "
+                                                     "X-Forwarded-For then names the client")
     admin_username: str | None = _setting(None, "created (or promoted) as admin at start, with its password")
     admin_password: str | None = _secret("password of that admin account")
     admin_password_file: Path | None = _setting(None, "file holding that password (instead of the variable)")
@@ -68,7 +73,8 @@ class AppSettings:
                 secrets[f.name] = default
                 parser.epilog = (parser.epilog or "") + f"{env}: {f.metadata['help']} (environment only). "
                 continue
-            help_text = f"{f.metadata['help']} (env {env}; now {default})"
+            shown = redact_url(default) if f.name == "database_url" else default
+            help_text = f"{f.metadata['help']} (env {env}; now {shown})"
             if f.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             else:
@@ -78,8 +84,19 @@ class AppSettings:
             try:
                 settings.admin_password = settings.admin_password_file.read_text(encoding="utf-8").rstrip("\r\n")
             except (OSError, UnicodeError) as e:
-                parser.error(f"--admin-password-file: cannot read {settings.admin_password_file} ({getattr(e, 'strerror', None) or e})")
+                reason = getattr(e, "strerror", None) or e
+                parser.error(f"--admin-password-file: cannot read {settings.admin_password_file} ({reason})")
         return settings
+
+
+def redact_url(url: str | None) -> str | None:
+    """A database URL fit to print: its password replaced by ***."""
+    if not url:
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: print nothing of it
+        return "(a URL that cannot be read)"
 
 
 def _convert(f, value: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import re
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -22,7 +23,8 @@ import gradio as gr
 import pandas as pd
 
 from .downloads import Download
-from .errors import AppError, describe
+from .errors import REFUSALS, AppError, describe
+from .limits import address_key
 from .plots import adapter_figure
 from .service import ChatService, ReplyStats
 
@@ -34,9 +36,10 @@ AUDIT_COLUMNS = ["time", "actor", "action", "user", "details"]
 INTRO = ("A chatbot that remembers you: what you say is compressed, in the background, into a small "
          "adapter for a frozen language model, instead of being re-read every turn.")
 # The chat's own trash icon would only empty the view, not the history: it is not offered
-# (forgetting happens on the Memory tab, through the service).
+# (forgetting happens on the Memory tab, through the service). Its label is translated, so it is
+# found by place: with buttons=["copy", "copy_all"] the chat's top panel holds [clear, copy all].
 CSS = """
-#chatbot button[aria-label="Clear"], #chatbot button[title="Clear"] { display: none !important; }
+#chatbot .top-panel > button:first-child:not(:only-child) { display: none !important; }
 .notice p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
 """
 # The browser's time zone, so that times are shown as the person reads a clock.
@@ -51,6 +54,11 @@ def text_markdown(text: str) -> str:
     lets through; and no image loads from an address someone wrote (it would tell that server who
     read the page). Markdown emphasis, lists and links still render."""
     return html.escape(text, quote=False).replace("![", "!\\[")
+
+
+def name_markdown(name: str) -> str:
+    """A username inside Markdown: '_a_' stays '_a_', not an italic 'a'."""
+    return re.sub(r"([\\`*_~\[\]])", r"\\\1", text_markdown(name))
 
 
 def plural(count: int, noun: str) -> str:
@@ -140,8 +148,17 @@ def guarded(action: str, outputs: int):
     return wrap
 
 
+def _sendable(text: object) -> bool:
+    """Text the page can be sent back (a lone surrogate cannot travel as UTF-8)."""
+    try:
+        return isinstance(text, str) and bool(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+
+
 def _address(request: gr.Request | None) -> str | None:
-    return request.client.host if request is not None and request.client is not None else None
+    """The client, as rate limits and download links count it."""
+    return address_key(request.client.host if request is not None and request.client is not None else None)
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -211,7 +228,8 @@ def build_ui(service: ChatService) -> gr.Blocks:
                                                  elem_id="admin-user")
                         admin_refresh = gr.Button("Refresh", scale=1, elem_id="admin-refresh")
                     user_detail = gr.Markdown(elem_id="admin-detail")
-                    snapshots_table = gr.Dataframe(label="Snapshot history", interactive=False, elem_id="admin-snapshots")
+                    snapshots_table = gr.Dataframe(label="Snapshot history", interactive=False,
+                                                   elem_id="admin-snapshots")
                     adapter_plot = gr.Plot(label="Adapter", elem_id="admin-plot")
                     probe_question = gr.Textbox(label="Probe: ask one question three ways (about a minute)",
                                                 elem_id="probe-question")
@@ -250,8 +268,8 @@ def build_ui(service: ChatService) -> gr.Blocks:
             forget_confirm: gr.update(visible=False), forget_question: "", export_link: "", memory_notice: "",
             users_table: None, admin_user: gr.update(choices=[], value=None), user_detail: "",
             snapshots_table: None, adapter_plot: None, probe_question: "", probe_status: "", probe_base: "",
-            probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False), admin_question: "", admin_link: "",
-            admin_notice: "", audit_table: None,
+            probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False), admin_question: "",
+            admin_link: "", admin_notice: "", audit_table: None,
         }
         page_outputs = list(blank)
 
@@ -260,7 +278,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
             return blank | {
                 session: user_id, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
                 admin_tab: gr.update(visible=me["is_admin"]),
-                whoami: f"Logged in as **{text_markdown(me['username'])}**" + (" (admin)" if me["is_admin"] else ""),
+                whoami: f"Logged in as **{name_markdown(me['username'])}**" + (" (admin)" if me["is_admin"] else ""),
                 chatbot: _chat_messages(service.history(user_id)),
             }
 
@@ -287,12 +305,12 @@ def build_ui(service: ChatService) -> gr.Blocks:
         login_button.click(log_in, [username, password], page_outputs, api_name="login")
         password.submit(log_in, [username, password], page_outputs, api_visibility="private")
         signup_button.click(sign_up, [username, password], page_outputs, api_name="signup")
-        logout_button.click(log_out, [session], page_outputs, api_name="logout")
 
         # --- chat ---------------------------------------------------------------------------------
 
         def chat(user_id, text):
             history = _chat_messages(service.history(user_id))  # checks the login first
+            typed = text
             try:
                 text, _ = service.check_message(text)  # nothing is shown or stored before this passes
                 shown = history + [{"role": "user", "content": text_markdown(text)},
@@ -306,12 +324,16 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         written += part
                         shown[-1]["content"] = text_markdown(written)
                         yield shown, "", gr.skip(), ""
-            except Exception as e:  # noqa: BLE001 - the message stays in the box, the view is the history
-                yield _chat_messages(service.history(user_id)), gr.skip(), "", _notice(describe(e, "chat"))
+            except Exception as e:  # noqa: BLE001 - the view shows the history; a refused message is
+                # back in the box to be sent again (a fault may have stored it: then it is not)
+                box = typed if isinstance(e, REFUSALS) and _sendable(typed) else gr.skip()
+                yield _chat_messages(service.history(user_id)), box, "", _notice(describe(e, "chat"))
 
         chat_outputs = [chatbot, message, reply_stats, chat_notice]
-        send_button.click(guarded("chat", 4)(chat), [session, message], chat_outputs, api_name="chat")
-        message.submit(guarded("chat", 4)(chat), [session, message], chat_outputs, api_visibility="private")
+        running = []  # events that can outlive a logout: logging out cancels them (see the end)
+        running.append(send_button.click(guarded("chat", 4)(chat), [session, message], chat_outputs, api_name="chat"))
+        running.append(message.submit(guarded("chat", 4)(chat), [session, message], chat_outputs,
+                                      api_visibility="private"))
         # should a client still send the chat's "clear" event, the view shows the stored history again
         chatbot.clear(guarded("show history", 2)(lambda user_id: (_chat_messages(service.history(user_id)), "")),
                       [session], [chatbot, chat_notice], api_visibility="private")
@@ -367,12 +389,13 @@ def build_ui(service: ChatService) -> gr.Blocks:
                               api_name="compress_now")
         forget_button.click(guarded("forget", 4)(ask_forget), [session, forget_choice],
                             [pending_forget, forget_confirm, forget_question, memory_notice], api_name="ask_forget")
-        forget_yes.click(guarded("forget", 6)(forget), [session, pending_forget, zone],
+        running.append(forget_yes.click(guarded("forget", 6)(forget), [session, pending_forget, zone],
                          [pending_forget, forget_confirm, memory_status, forget_choice, chatbot, memory_notice],
-                         api_name="forget")
+                         api_name="forget"))
         forget_no.click(cancel_forget, None, [pending_forget, forget_confirm, memory_notice],
                         api_visibility="private")
-        export_button.click(guarded("export", 2)(export), [session], [export_link, memory_notice], api_name="export")
+        running.append(export_button.click(guarded("export", 2)(export), [session], [export_link, memory_notice],
+                                           api_name="export"))
         timer.tick(memory_tick, [session, zone], memory_outputs, api_visibility="private", show_progress="hidden")
 
         # --- admin --------------------------------------------------------------------------------
@@ -403,7 +426,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
             rows = [[local_time(s["created_at"], tz) if c == "created_at" else s.get(c) for c in
                      ("version", "created_at", "cursor", "tokens_absorbed", "bytes", "sha256", "generator",
                       "messages", "seconds", "rebuild")] for s in detail["snapshots"]]
-            heading = f"### {text_markdown(detail['username'])}\n"
+            heading = f"### {name_markdown(detail['username'])}\n"
             return (heading + _memory_markdown(detail["status"], tz, admin=True),
                     pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS), figure, "")
 
@@ -428,7 +451,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
                 if user_id is None:
                     raise AppError("Choose a user first")
                 detail = service.admin_user(actor, user_id)
-                question = confirmations[action].format(name=text_markdown(detail["username"]))
+                question = confirmations[action].format(name=name_markdown(detail["username"]))
                 return (action, user_id), gr.update(visible=True), question, ""
             return ask
 
@@ -469,24 +492,28 @@ def build_ui(service: ChatService) -> gr.Blocks:
                          api_visibility="private")
         admin_refresh.click(guarded("admin overview", 5)(admin_overview), [session, zone], overview_outputs,
                             api_name="admin_users")
-        admin_user.change(guarded("admin detail", 4)(admin_detail), [session, admin_user, zone],
-                          [user_detail, snapshots_table, adapter_plot, admin_notice], api_name="admin_user")
-        probe_button.click(guarded("probe", 5)(admin_probe), [session, admin_user, probe_question],
+        running.append(admin_user.change(guarded("admin detail", 4)(admin_detail), [session, admin_user, zone],
+                          [user_detail, snapshots_table, adapter_plot, admin_notice], api_name="admin_user"))
+        running.append(probe_button.click(guarded("probe", 5)(admin_probe), [session, admin_user, probe_question],
                            [probe_status, probe_base, probe_adapter, probe_full, admin_notice],
-                           api_name="admin_probe", show_progress_on=[probe_status])
+                           api_name="admin_probe", show_progress_on=[probe_status]))
         rebuild_button.click(guarded("rebuild", 5)(rebuild), [session, admin_user, zone], overview_outputs,
                              api_name="admin_rebuild")
         reset_button.click(guarded("reset", 4)(ask_admin("reset")), [session, admin_user], confirm_outputs,
                            api_name="admin_ask_reset")
         delete_button.click(guarded("delete", 4)(ask_admin("delete")), [session, admin_user], confirm_outputs,
                             api_name="admin_ask_delete")
-        admin_yes.click(guarded("admin action", 7)(admin_confirmed), [session, pending_admin, zone],
-                        [pending_admin, admin_confirm, *overview_outputs], api_name="admin_confirm")
+        running.append(admin_yes.click(guarded("admin action", 7)(admin_confirmed), [session, pending_admin, zone],
+                        [pending_admin, admin_confirm, *overview_outputs], api_name="admin_confirm"))
         admin_no.click(lambda: (None, gr.update(visible=False), ""), None,
                        [pending_admin, admin_confirm, admin_notice], api_visibility="private")
-        peft_button.click(guarded("export PEFT", 2)(export_peft), [session, admin_user], [admin_link, admin_notice],
-                          api_name="admin_export_peft")
+        running.append(peft_button.click(guarded("export PEFT", 2)(export_peft), [session, admin_user],
+                                         [admin_link, admin_notice], api_name="admin_export_peft"))
         signup_open.input(guarded("sign-up switch", 5)(set_signup), [session, signup_open, zone], overview_outputs,
                           api_name="admin_signup")
+
+        # A reply, export or probe still running would write the last person's data into the
+        # page after the logout: logging out cancels them first.
+        logout_button.click(log_out, [session], page_outputs, api_name="logout", cancels=running)
     return ui
 

@@ -72,6 +72,10 @@ def username(value: object, settings: StorageSettings, *, new: bool = True) -> s
     return text
 
 
+_FAINT_MARKS = frozenset("\u0307\u0323")
+"""Combining dot above and dot below: at a username's size they are easy to miss."""
+
+
 def username_skeleton(text: str) -> str:
     """What the name looks like: two names that look alike have the same skeleton (Unicode TS #39).
 
@@ -80,7 +84,7 @@ def username_skeleton(text: str) -> str:
     look-alike of an existing account. Computed from normalize_username(text), and like it never
     raises for a str. The character-by-character mapping (after NFD) is repeated until nothing
     changes, since a few prototypes in the data are not their own skeleton; then the name's
-    punctuation and nonspacing marks are dropped.
+    punctuation and faint dots are dropped.
     """
     skeleton = unicodedata.normalize("NFD", normalize_username(text))
     prototypes = _prototypes()
@@ -89,10 +93,10 @@ def username_skeleton(text: str) -> str:
         if mapped == skeleton:
             break
         skeleton = mapped
-    # What is easy to miss on screen goes too: a name's punctuation and the marks over its letters
-    # ('admin.', '_admin' and 'admın' with a faint dot all pass for 'admin').
-    return "".join(ch for ch in skeleton
-                   if ch not in _USERNAME_PUNCTUATION and unicodedata.category(ch) != "Mn")
+    # What is easy to miss on screen goes too: a name's punctuation ('admin.' and '_admin' pass
+    # for 'admin') and a faint dot above or below a letter ('ilvarȧ'). Other marks stay: they
+    # tell apart 'lê' from 'le', and Hindi or Thai vowel signs from their absence.
+    return "".join(ch for ch in skeleton if ch not in _USERNAME_PUNCTUATION and ch not in _FAINT_MARKS)
 
 
 def password(value: object, settings: StorageSettings, *, new: bool = True) -> str:

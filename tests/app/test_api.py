@@ -105,3 +105,13 @@ def test_forgetting_asks_first_and_takes_the_reply_too(running, password):
     page = alice.call("forget")
     assert texts(page["chatbot"])[0] == "I like tea." and "4821" not in json.dumps(page["chatbot"])
     assert notice(alice.call("forget")) == "Choose one of your messages from the list first."  # asked once only
+
+
+def test_a_refused_message_stays_in_the_box(running, password):
+    running.service.settings.messages_per_user = "1/minute"
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    alice.call("chat", "first")
+    page = alice.call("chat", "second, too soon")
+    assert "faster than the model can answer" in page["chat-notice"]
+    assert page["message"] == "second, too soon" and "second" not in json.dumps(page["chatbot"])

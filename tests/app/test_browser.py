@@ -123,7 +123,7 @@ def test_html_in_a_message_is_shown_as_text(browser, running, password):
 
 
 def test_a_refusal_is_a_message_beside_the_form_which_stays_usable(browser, running, password):
-    page = browser.new_page()
+    page = browser.new_page(locale="de-DE")  # Gradio translates its own labels
     page.goto(running.url)
     field(page, "username").fill("carol")
     field(page, "password").fill("wrong password")
@@ -134,11 +134,13 @@ def test_a_refusal_is_a_message_beside_the_form_which_stays_usable(browser, runn
     field(page, "password").fill(password)
     page.locator("#signup").click()
     page.locator("#whoami").get_by_text("Logged in as carol").wait_for(timeout=20_000)
+    send(page, "hello")
     running.service.settings.max_message_chars = 20
     field(page, "message").fill("a message that is far too long")
     page.locator("#send").click()
     page.locator("#chat-notice").get_by_text("too long").wait_for(timeout=20_000)
     assert field(page, "message").input_value() == "a message that is far too long"
     assert page.get_by_text("Error", exact=True).count() == 0
-    # the chat's own trash icon would only empty the view: it is not offered
-    assert page.locator('#chatbot button[aria-label="Clear"]:visible').count() == 0
+    # the chat's own trash icon would only empty the view: it is not offered, in any language
+    assert page.locator("#chatbot .top-panel > button:visible").count() == 1  # "copy all" alone
+    assert page.locator('#chatbot button[aria-label="Chat leeren"]:visible').count() == 0

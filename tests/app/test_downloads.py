@@ -2,7 +2,9 @@ import stat
 import time
 from pathlib import Path
 
-from app.downloads import DownloadStore
+import pytest
+
+from app.downloads import DownloadStore, LinkRevoked
 
 
 def mode(path: Path) -> int:
@@ -61,3 +63,24 @@ def test_odd_file_names_cannot_break_the_download_header(tmp_path):
     store = DownloadStore(tmp_path / "downloads")
     download = store.add(1, 'memchat-ä"\r\nX: y.zip', write("x"), None)
     assert download.filename == "memchat-_X_y.zip"
+
+
+def test_a_link_revoked_while_its_file_is_written_is_never_handed_out(tmp_path):
+    store = DownloadStore(tmp_path / "downloads")
+
+    def logged_out_meanwhile(path):
+        path.write_text("alice's data")
+        store.remove_user(1)  # the owner logs out (or is deleted) while the zip is built
+
+    with pytest.raises(LinkRevoked):
+        store.add(1, "a.zip", logged_out_meanwhile, None)
+    assert list(store.folder.iterdir()) == []
+    store.add(1, "a.zip", write("fine now"), None)  # the next export works
+
+
+def test_deleting_a_user_deletes_what_an_admin_exported_of_them(tmp_path):
+    store = DownloadStore(tmp_path / "downloads")
+    admin_copy = store.add(99, "adapter-alice.zip", write("alice's adapter"), None, subject_id=1)
+    store.remove_user(1)
+    assert store.find(admin_copy.token, None, lambda user: True) is None
+    assert list(store.folder.iterdir()) == []

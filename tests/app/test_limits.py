@@ -1,7 +1,7 @@
 import pytest
 
 from app.errors import RateLimited
-from app.limits import RateLimits, check_limit
+from app.limits import RateLimits, address_key, check_limit
 
 
 def test_a_used_up_limit_refuses_at_once_and_says_how_long_to_wait():
@@ -29,3 +29,11 @@ def test_limits_are_checked_when_read():
     assert check_limit("20/15 minutes") == "20/15 minutes"
     with pytest.raises(ValueError):
         check_limit("many per day")
+
+
+def test_a_client_is_its_ipv4_address_or_its_ipv6_slash_64():
+    assert address_key("203.0.113.7") == "203.0.113.7"
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key(None) is None and address_key("testclient") == "testclient"

@@ -23,6 +23,9 @@ def test_health_and_no_run_history_in_the_browser(running):
 def test_uploads_and_oversized_bodies_are_refused_unread(running):
     upload = httpx.post(running.url + "gradio_api/upload", files={"files": ("a.txt", b"x" * 10)})
     assert upload.status_code == 403 and "no file uploads" in upload.json()["error"]["message"]
+    for route in ("gradio_api/process_recording", "gradio_api/component_server", "anything/else"):
+        sneaked = httpx.post(running.url + route, files={"files": ("a.wav", b"x" * 10)})
+        assert sneaked.status_code == 403, route  # every multipart body, whatever the path
     huge = httpx.post(running.url + "gradio_api/queue/join", content=b"{" + b" " * 400_000 + b"}",
                       headers={"content-type": "application/json"})
     assert huge.status_code == 413

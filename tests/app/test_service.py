@@ -1,15 +1,18 @@
 import json
+import threading
 import time
 import zipfile
 
 import pytest
 import torch
+from transformers import TextIteratorStreamer
 
 from adapter_core import AdapterState
 from adapter_core.conversation import Turn, history_text
 from app.errors import AccessDenied, AppError, LoginFailed, RateLimited
 from app.service import ReplyStats, _whole_sentences
 from app.worker import CompressionWorker
+from tests.app.helpers import wait_for
 from storage import NotFound, ValidationError
 
 
@@ -304,5 +307,39 @@ def test_a_reply_cut_off_by_the_cap_ends_at_its_last_whole_sentence():
     assert _whole_sentences("I like tea. It is warm! And then the") == "I like tea. It is warm!"
     assert _whole_sentences('She said "go." Then she') == 'She said "go."'
     assert _whole_sentences("no end of a sentence here") == "no end of a sentence here…"
-    assert _whole_sentences("Hi. Then a long tail that never ends at all") == "Hi. Then a long tail that never ends at all…"
+    tail = "Hi. Then a long tail that never ends at all"
+    assert _whole_sentences(tail) == tail + "…"
     assert _whole_sentences("version 1.5 is out and") == "version 1.5 is out and…"  # a dot inside a number
+
+
+def test_a_reply_whose_reader_goes_away_stops_decoding(service, password, monkeypatch):
+    uid = service.sign_up("alice", password)
+    stopped = []
+
+    def decoding(ids, state, streamer, outcome, stop):
+        streamer.on_finalized_text("First words ", stream_end=False)
+        stopped.append(stop.wait(10))  # decoding goes on until told to stop
+        streamer.end()
+
+    monkeypatch.setattr(service, "_generate", decoding)
+    replies = service.reply(uid, "hi")
+    assert next(replies) == "First words "
+    replies.close()  # as when the person logs out or the tab closes mid-reply
+    wait_for(lambda: stopped)
+    assert stopped == [True]
+
+
+def test_a_stop_ends_decoding_at_the_next_token(service, monkeypatch):
+    stop, outcome = threading.Event(), {}
+    stop.set()
+    written = []
+    generate = service.engine.generate
+
+    def recording(input_ids, **kwargs):
+        out = generate(input_ids, **kwargs)
+        written.append(out.shape[1] - input_ids.shape[1])
+        return out
+
+    monkeypatch.setattr(service.engine, "generate", recording)
+    service._generate([5, 6, 7], None, TextIteratorStreamer(service.engine.tokenizer), outcome, stop)
+    assert written == [1] and outcome == {"hit_cap": False}

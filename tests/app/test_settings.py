@@ -42,3 +42,11 @@ def test_rate_limits_are_settings_checked_when_read(capsys):
     assert settings.messages_per_user == "30/minute"
     with pytest.raises(SystemExit):
         AppSettings.from_args(["--signups-per-address", "lots"], environ={})
+
+
+def test_a_database_password_is_not_printed(capsys):
+    env = {"MEMCHAT_DATABASE_URL": "postgresql+psycopg://memchat:s3cret-pw@db.example/memchat"}
+    with pytest.raises(SystemExit):
+        AppSettings.from_args(["--help"], environ=env)
+    shown = capsys.readouterr().out
+    assert "s3cret-pw" not in shown and "memchat:***@db.example" in shown

@@ -6,14 +6,19 @@ import gradio as gr
 import pytest
 
 from app.errors import AppError
-from app.ui import build_ui, guarded, local_time, plural, text_markdown
+from app.ui import build_ui, guarded, local_time, name_markdown, plural, text_markdown
 
 
 def test_text_is_shown_as_text_never_as_html():
-    shown = text_markdown('<form action="https://evil.example"><input type="password"><button>Go</button></form> & *hi*')
+    shown = text_markdown('<form action="https://evil.example"><input type="password"><button>Go</button></form>'
+                          " & *hi*")
     assert "<" not in shown and ">" not in shown
     assert shown.startswith("&lt;form") and "&amp;" in shown and "*hi*" in shown  # Markdown still renders
     assert "![" not in text_markdown("look ![pixel](https://tracker.example/p.png)")
+
+
+def test_a_username_is_shown_as_written():
+    assert name_markdown("_a_") == "\\_a\\_" and name_markdown("x<b>") == "x&lt;b&gt;"
 
 
 def test_words_and_times_for_people():
