@@ -14,12 +14,15 @@ from adapter_core.sampling import SamplingConfig
 from .limits import check_limit
 
 ENV_PREFIX = "MEMCHAT_"
-LIMITS = ("login_failures_per_name", "login_failures_per_address", "signups_per_address", "signups_per_server",
-          "messages_per_user", "actions_per_user")
 
 
 def _setting(default, doc: str):
     return field(default=default, metadata={"help": doc})
+
+
+def _limit(default: str, doc: str):
+    """A rate limit written as 'N/period' ('12/minute', '20/15 minutes'), checked when read."""
+    return field(default=default, metadata={"help": f"{doc}, as N/period", "limit": True})
 
 
 def _secret(doc: str):
@@ -50,13 +53,13 @@ class AppSettings:
     max_new_tokens: int = _setting(SamplingConfig.max_new_tokens, "longest reply, in tokens (most end sooner, "
                                                                    "at the end of their turn)")
     max_message_chars: int = _setting(4000, "longest chat message, in characters (each costs model time)")
-    # --- rate limits, each as 'N/period' ('12/minute', '20/15 minutes')
-    login_failures_per_name: str = _setting("5/15 minutes", "wrong passwords for one username from one address")
-    login_failures_per_address: str = _setting("20/15 minutes", "wrong passwords from one address, any username")
-    signups_per_address: str = _setting("5/hour", "new accounts from one address")
-    signups_per_server: str = _setting("100/hour", "new accounts in all")
-    messages_per_user: str = _setting("12/minute", "chat messages of one user (each costs a reply)")
-    actions_per_user: str = _setting("6/minute", "exports, compress-now and admin probes of one user")
+    # --- rate limits
+    login_failures_per_name: str = _limit("5/15 minutes", "wrong passwords for one username from one address")
+    login_failures_per_address: str = _limit("20/15 minutes", "wrong passwords from one address, any username")
+    signups_per_address: str = _limit("5/hour", "new accounts from one address")
+    signups_per_server: str = _limit("100/hour", "new accounts in all")
+    messages_per_user: str = _limit("12/minute", "chat messages of one user (each costs a reply)")
+    actions_per_user: str = _limit("6/minute", "exports, compress-now and admin probes of one user")
     recent_token_budget: int = _setting(3072, "most tokens of not-yet-absorbed turns kept in a prompt")
 
     @classmethod
@@ -101,7 +104,7 @@ def redact_url(url: str | None) -> str | None:
 
 def _convert(f, value: str):
     kind = str(f.type)
-    if f.name in LIMITS:
+    if f.metadata.get("limit"):
         return check_limit(value)
     if kind == "bool":
         return value.strip().lower() in ("1", "true", "yes", "on")

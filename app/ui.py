@@ -79,6 +79,11 @@ def local_time(value: str | datetime | None, zone: str | None) -> str:
     return f"{moment.day} {moment:%b %Y, %H:%M} {moment.tzname() or ''}".rstrip()
 
 
+def _empty(columns: list[str]) -> pd.DataFrame:
+    """A table with its headings and no rows (Gradio would show '1 2 3' for none)."""
+    return pd.DataFrame(columns=columns)
+
+
 def _notice(text: str) -> str:
     return text_markdown(text) if text else ""
 
@@ -222,14 +227,15 @@ def build_ui(service: ChatService) -> gr.Blocks:
                     export_link = gr.HTML(elem_id="export-link")
                     memory_notice = gr.Markdown(elem_id="memory-notice", elem_classes="notice")
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                    users_table = gr.Dataframe(label="Users", interactive=False, elem_id="admin-users")
+                    users_table = gr.Dataframe(_empty(USER_COLUMNS), label="Users", interactive=False,
+                                               elem_id="admin-users")
                     with gr.Row():
                         admin_user = gr.Dropdown(label="User", choices=[], scale=3, allow_custom_value=True,
                                                  elem_id="admin-user")
                         admin_refresh = gr.Button("Refresh", scale=1, elem_id="admin-refresh")
                     user_detail = gr.Markdown(elem_id="admin-detail")
-                    snapshots_table = gr.Dataframe(label="Snapshot history", interactive=False,
-                                                   elem_id="admin-snapshots")
+                    snapshots_table = gr.Dataframe(_empty(SNAPSHOT_COLUMNS), label="Snapshot history",
+                                                   interactive=False, elem_id="admin-snapshots")
                     adapter_plot = gr.Plot(label="Adapter", elem_id="admin-plot")
                     probe_question = gr.Textbox(label="Probe: ask one question three ways (about a minute)",
                                                 elem_id="probe-question")
@@ -252,7 +258,8 @@ def build_ui(service: ChatService) -> gr.Blocks:
                     admin_link = gr.HTML(elem_id="admin-link")
                     admin_notice = gr.Markdown(elem_id="admin-notice", elem_classes="notice")
                     signup_open = gr.Checkbox(label="Sign-up open", value=service.signup_open, elem_id="signup-open")
-                    audit_table = gr.Dataframe(label="Audit log", interactive=False, elem_id="admin-audit")
+                    audit_table = gr.Dataframe(_empty(AUDIT_COLUMNS), label="Audit log", interactive=False,
+                                               elem_id="admin-audit")
         timer = gr.Timer(5.0)
         ui.load(None, None, zone, js=TIMEZONE_JS)
 
@@ -266,10 +273,10 @@ def build_ui(service: ChatService) -> gr.Blocks:
             chatbot: [], message: "", chat_notice: "", reply_stats: "",
             memory_status: "", forget_choice: gr.update(choices=[], value=None),
             forget_confirm: gr.update(visible=False), forget_question: "", export_link: "", memory_notice: "",
-            users_table: None, admin_user: gr.update(choices=[], value=None), user_detail: "",
-            snapshots_table: None, adapter_plot: None, probe_question: "", probe_status: "", probe_base: "",
+            users_table: _empty(USER_COLUMNS), admin_user: gr.update(choices=[], value=None), user_detail: "",
+            snapshots_table: _empty(SNAPSHOT_COLUMNS), adapter_plot: None, probe_question: "", probe_status: "", probe_base: "",
             probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False), admin_question: "",
-            admin_link: "", admin_notice: "", audit_table: None,
+            admin_link: "", admin_notice: "", audit_table: _empty(AUDIT_COLUMNS),
         }
         page_outputs = list(blank)
 
@@ -416,11 +423,11 @@ def build_ui(service: ChatService) -> gr.Blocks:
 
         def admin_detail(actor, user_id, tz):
             if user_id is None:
-                return "", None, None, ""
+                return "", _empty(SNAPSHOT_COLUMNS), None, ""
             try:
                 detail = service.admin_user(actor, user_id)
             except Exception as e:  # noqa: BLE001 - nothing of the user chosen before may stay on screen
-                return "", None, None, _notice(describe(e, "admin detail"))
+                return "", _empty(SNAPSHOT_COLUMNS), None, _notice(describe(e, "admin detail"))
             summary = service.admin_adapter_summary(actor, user_id)
             figure = adapter_figure(summary, f"{detail['username']}'s adapter") if summary else None
             rows = [[local_time(s["created_at"], tz) if c == "created_at" else s.get(c) for c in
