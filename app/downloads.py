@@ -87,19 +87,22 @@ class DownloadStore:
             path.unlink(missing_ok=True)
             raise
         download = Download(token, _safe_filename(filename), time.time() + self.ttl_s)
+        entry = _Entry(download, owner_id, subject_id, address, path)
         with self._lock:
             revoked = self._revoked(owner_id, subject_id) != before
-            older = [] if revoked else [t for t, e in self._entries.items() if e.owner_id == owner_id]
-            replaced = [self._entries.pop(t) for t in older]
+            replaced = [] if revoked else self._take(lambda e: e.owner_id == owner_id)
             if not revoked:
-                self._entries[token] = _Entry(download, owner_id, subject_id, address, path)
-        for entry in replaced:
-            entry.path.unlink(missing_ok=True)
+                self._entries[token] = entry
+        _delete([entry] if revoked else replaced)
         if revoked:
-            path.unlink(missing_ok=True)
             raise LinkRevoked("That export was cancelled: its data changed or you logged out meanwhile")
         self.sweep()
         return download
+
+    def _take(self, matches: Callable[[_Entry], bool]) -> list[_Entry]:
+        """Remove the matching entries from the table (the caller holds the lock) and return them."""
+        tokens = [t for t, e in self._entries.items() if matches(e)]
+        return [self._entries.pop(t) for t in tokens]
 
     def _revoked(self, *user_ids: int) -> tuple[int, ...]:
         return tuple(self._revocations.get(u, 0) for u in user_ids)
@@ -125,20 +128,16 @@ class DownloadStore:
         those being written right now (their data may be out of date, or their owner gone)."""
         with self._lock:
             self._revocations[user_id] = self._revocations.get(user_id, 0) + 1
-            gone = [t for t, e in self._entries.items() if user_id in (e.owner_id, e.subject_id)]
-            entries = [self._entries.pop(t) for t in gone]
-        for entry in entries:
-            entry.path.unlink(missing_ok=True)
+            gone = self._take(lambda e: user_id in (e.owner_id, e.subject_id))
+        _delete(gone)
 
     def sweep(self, now: float | None = None) -> int:
         """Delete expired files; the number deleted."""
         now = time.time() if now is None else now
         with self._lock:
-            expired = [t for t, e in self._entries.items() if e.download.expires_at <= now]
-            entries = [self._entries.pop(t) for t in expired]
-        for entry in entries:
-            entry.path.unlink(missing_ok=True)
-        return len(entries)
+            expired = self._take(lambda e: e.download.expires_at <= now)
+        _delete(expired)
+        return len(expired)
 
     def start_sweeping(self, every_s: float = 30.0) -> None:
         """Delete expired files in the background too, not only when a link is used."""
@@ -152,6 +151,12 @@ class DownloadStore:
         with self._lock:
             self._entries.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _delete(entries: list[_Entry]) -> None:
+    """Their files (outside the lock: a slow disk must not hold up the table)."""
+    for entry in entries:
+        entry.path.unlink(missing_ok=True)
 
 
 def _safe_filename(name: str) -> str:

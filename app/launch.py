@@ -17,10 +17,11 @@ from adapter_core.engine import load_engine
 from storage import Storage, StorageSettings
 
 from .loading import LoadingServer, StartupProgress
-from .server import WebServer, create_app
+from .server import create_app
 from .service import ChatService
 from .settings import AppSettings, redact_url
 from .ui import build_ui
+from .webserver import WebServer
 from .worker import CompressionWorker
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,12 @@ class RunningApp:
         return self.server.url
 
     def close(self) -> None:
-        self.server.stop()
-        self.worker.stop()
-        self.service.downloads.close()
-        self.service.storage.close()
+        try:
+            self.server.stop()
+        finally:
+            self.worker.stop()
+            self.service.downloads.close()
+            self.service.storage.close()
 
 
 def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
@@ -65,7 +68,11 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
         loading.stop()
         raise
     loading.stop()
-    server = WebServer(app, settings.host, settings.port, settings.forwarded_allow_ips)
+    # Client addresses key the rate limits and download links: X-Forwarded-For is believed only
+    # from the proxies named (uvicorn would otherwise believe any client on 127.0.0.1).
+    server = WebServer(app, settings.host, settings.port, log_level="warning", lifespan="on",
+                       proxy_headers=settings.forwarded_allow_ips is not None,
+                       forwarded_allow_ips=settings.forwarded_allow_ips)
     server.start()
     progress.ready()
     log.info("ready: open %s in a browser", server.url)

@@ -17,6 +17,12 @@ from limits.strategies import MovingWindowRateLimiter
 from .errors import RateLimited
 
 
+def client_address(request) -> str | None:
+    """The client of a request (Starlette's or Gradio's), as rate limits and download links count it."""
+    client = getattr(request, "client", None)
+    return address_key(client.host if client is not None else None)
+
+
 def address_key(host: str | None) -> str | None:
     """What counts as one client: its IPv4 address, or its IPv6 /64 (one home or server gets a
     whole /64, and could otherwise step through its addresses to escape every limit)."""

@@ -32,11 +32,12 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+
+from .webserver import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -222,71 +223,17 @@ def _health(progress: StartupProgress) -> JSONResponse:
     return JSONResponse(body, headers=_NO_STORE)
 
 
-class LoadingServer:
-    """The loading app served by uvicorn in a daemon thread, on the host and port the app will use."""
+class LoadingServer(WebServer):
+    """The loading app on the host and port the app will use."""
 
     def __init__(self, progress: StartupProgress, host: str, port: int, retry_after: int = 5) -> None:
-        self.progress = progress
-        self.host, self.port = host, port
-        config = uvicorn.Config(
-            build_loading_app(progress, retry_after), host=host, port=port,
+        super().__init__(
+            build_loading_app(progress, retry_after), host, port, name="loading-server",
             log_config=None,          # leave the app's logging configuration alone
             access_log=False, server_header=False,
             lifespan="off", ws="none",  # websocket upgrades get the plain 503 like other API calls
-            loop="asyncio", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Return once the port listens; OSError if it cannot be bound (e.g. already in use)."""
-        if self._thread is not None:
-            raise RuntimeError("the loading server was already started")
-        # uvicorn installs signal handlers only from the main thread, so Ctrl+C stays the app's.
-        self._thread = threading.Thread(target=self._serve, name="loading-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise OSError(f"the loading page could not listen on {self.host}:{self.port} (see the log)")
-            if time.monotonic() > deadline:
-                self._server.should_exit = True
-                raise TimeoutError(f"the loading page did not listen on {self.host}:{self.port} in {timeout:.0f} s")
-            time.sleep(0.01)
-        log.info("loading page at %s", self.url)
-
-    def _serve(self) -> None:
-        try:
-            self._server.run()
-        except SystemExit:
-            # uvicorn's answer to a port it cannot bind (it has logged why); start() reports it.
-            pass
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Shut down and return once the listening socket is closed, so the real app can bind the port.
-
-        uvicorn closes its listening sockets, closes idle keep-alive connections (the page's polls),
-        finishes requests in flight (at most 1 s) and then its thread ends; joining it is the wait.
-        """
-        thread = self._thread
-        if thread is None:
-            return
-        self._server.should_exit = True
-        thread.join(timeout)
-        if thread.is_alive():
-            raise TimeoutError(f"the loading page on port {self.port} did not stop in {timeout:.0f} s")
-        self._thread = None
-
-    def __enter__(self) -> "LoadingServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+            loop="asyncio")
+        self.progress = progress
 
 
 # --- the page ----------------------------------------------------------------------------------

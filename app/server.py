@@ -1,4 +1,4 @@
-"""The web server: our FastAPI app with the Gradio page mounted on it, run by uvicorn in a thread.
+"""The web app: our FastAPI app with the Gradio page mounted on it (app/webserver.py serves it).
 
 Owning the app (instead of letting Gradio launch its own) gives one place for what Gradio does
 not do for us: refusing uploads and oversized bodies before they are read, serving download
@@ -8,21 +8,16 @@ links to their owners only, and answering /healthz (which the loading page polls
 from __future__ import annotations
 
 import json
-import logging
 import os
-import threading
-import time
 
 import gradio as gr
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .downloads import ROUTE as DOWNLOADS_ROUTE
+from .limits import client_address
 from .service import ChatService
 from .ui import CSS
-
-log = logging.getLogger(__name__)
 
 UPLOAD_ROUTES = ("/upload", "/process_recording", "/component_server")
 """Gradio's routes that take files; the app has no component that needs them."""
@@ -81,8 +76,7 @@ def create_app(service: ChatService, ui: gr.Blocks) -> FastAPI:
 
     @app.get(DOWNLOADS_ROUTE + "/{token}")
     def download(token: str, request: Request):
-        address = request.client.host if request.client else None
-        found = service.downloads.find(token, address, service.user_exists)
+        found = service.downloads.find(token, client_address(request), service.user_exists)
         gone = PlainTextResponse("This download link has expired or is not yours. Export again from the app.",
                                  status_code=404, headers={"Cache-Control": "no-store"})
         if found is None:
@@ -109,44 +103,3 @@ def create_app(service: ChatService, ui: gr.Blocks) -> FastAPI:
                         max_file_size="1kb", css=CSS)
     app.add_middleware(RequestGuard)
     return app
-
-
-def server_url(host: str, port: int) -> str:
-    """The address to open in a browser on this machine."""
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
-class WebServer:
-    """uvicorn serving the app in a daemon thread; start() returns once the port listens."""
-
-    def __init__(self, app, host: str, port: int, forwarded_allow_ips: str | None = None) -> None:
-        # Client addresses key the rate limits and download links: X-Forwarded-For is believed
-        # only from the proxies named (uvicorn would otherwise believe any client on 127.0.0.1).
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=1, proxy_headers=forwarded_allow_ips is not None,
-                                forwarded_allow_ips=forwarded_allow_ips)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="web-server", daemon=True)
-        self.url = server_url(host, port)
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the web server did not start on {self.url} (is the port in use?)")
-            time.sleep(0.02)
-
-    def wait(self) -> None:
-        """Block until the server stops; Ctrl-C stops it."""
-        try:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
-        except KeyboardInterrupt:
-            log.info("stopping")
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)

@@ -266,11 +266,10 @@ class ChatService:
         """Delete one of the user's messages and, for a message of theirs, the reply to it; until
         the rebuild lands, answers use no adapter (it may hold them). The number deleted."""
         user = self._user(user_id)
-        try:
-            message_id = validation.count("message", int(str(message_id)))
-        except (TypeError, ValueError):
-            raise NotFound(f"no message {message_id!r}") from None
-        deleted = self.storage.delete_message(user.id, message_id, with_reply=True)
+        chosen = _chosen_id("message", message_id)
+        if chosen is None:
+            raise NotFound(f"no message {message_id!r}")
+        deleted = self.storage.delete_message(user.id, chosen, with_reply=True)
         self._drop_state(user.id)
         self.downloads.remove_user(user.id)  # an export made before holds what was forgotten
         self.storage.queue_job(user.id)
@@ -451,10 +450,18 @@ class ChatService:
 
     def _target(self, user_id: object):
         """The user an admin acts on."""
+        chosen = _chosen_id("user", user_id)
+        if chosen is None:
+            raise AppError("Choose a user from the list")
         try:
-            return self.storage.get_user(_user_id(user_id))
+            return self.storage.get_user(chosen)
         except NotFound:
             raise AppError("That user no longer exists") from None
+
+    def admin_username(self, actor_id: int | None, user_id: int) -> str:
+        """The name of the user an admin is about to act on (for the question asked first)."""
+        self._admin(actor_id)
+        return self._target(user_id).username
 
     def admin_users(self, actor_id: int | None) -> list[dict]:
         self._admin(actor_id)
@@ -522,17 +529,21 @@ class ChatService:
         self.storage.record_audit(actor.id, "probe", user_id, {"question": question[:200]})
         return answers
 
-    def admin_rebuild(self, actor_id: int | None, user_id: int) -> None:
+    def admin_rebuild(self, actor_id: int | None, user_id: int) -> str:
+        """Queue a rebuild of the user's adapter from their history; the user's name."""
         actor, user = self._admin(actor_id), self._target(user_id)
         self.storage.request_rebuild(user.id, actor_id=actor.id)
         self._drop_state(user.id)
         self.storage.queue_job(user.id)
+        return user.username
 
-    def admin_reset(self, actor_id: int | None, user_id: int) -> None:
+    def admin_reset(self, actor_id: int | None, user_id: int) -> str:
+        """Delete the user's messages and adapters, keeping the account; the user's name."""
         actor, user = self._admin(actor_id), self._target(user_id)
         self.storage.reset_memory(user.id, actor_id=actor.id)
         self._drop_state(user.id)
         self.downloads.remove_user(user.id)
+        return user.username
 
     def admin_export_peft(self, actor_id: int | None, user_id: int, address: str | None = None) -> Download:
         """A link for the admin to the user's adapter as a PEFT LoRA (zip)."""
@@ -551,13 +562,15 @@ class ChatService:
         self.storage.record_audit(actor.id, "export_peft", user.id, {"tokens": state.tokens})
         return download
 
-    def admin_delete_user(self, actor_id: int | None, user_id: int) -> None:
+    def admin_delete_user(self, actor_id: int | None, user_id: int) -> str:
+        """Delete the account and all its data; the user's name."""
         actor, user = self._admin(actor_id), self._target(user_id)
         if user.id == actor.id:
             raise AppError("Admins cannot delete their own account here")
         self.storage.delete_user(user.id, actor_id=actor.id)
         self._drop_state(user.id)
         self.downloads.remove_user(user.id)
+        return user.username
 
     def admin_set_signup(self, actor_id: int | None, open_: bool) -> None:
         actor = self._admin(actor_id)
@@ -594,12 +607,12 @@ def _whole_sentences(text: str) -> str:
     return text + "…"
 
 
-def _user_id(value: object) -> int:
-    """A user id chosen on the admin page (a custom value can be anything)."""
+def _chosen_id(field: str, value: object) -> int | None:
+    """A row id chosen on the page (a dropdown's custom value can be anything); None if it is none."""
     try:
-        return validation.count("user", int(str(value)))
-    except (TypeError, ValueError):
-        raise AppError("Choose a user from the list") from None
+        return validation.count(field, int(str(value)))
+    except (TypeError, ValueError):  # storage's ValidationError is a ValueError
+        return None
 
 
 def _printable(text: str) -> str:

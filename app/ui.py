@@ -24,7 +24,7 @@ import pandas as pd
 
 from .downloads import Download
 from .errors import REFUSALS, AppError, describe
-from .limits import address_key
+from .limits import client_address
 from .plots import adapter_figure
 from .service import ChatService, ReplyStats
 
@@ -155,15 +155,13 @@ def guarded(action: str, outputs: int):
 
 def _sendable(text: object) -> bool:
     """Text the page can be sent back (a lone surrogate cannot travel as UTF-8)."""
+    if not isinstance(text, str):
+        return False
     try:
-        return isinstance(text, str) and bool(text.encode("utf-8"))
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return False
-
-
-def _address(request: gr.Request | None) -> str | None:
-    """The client, as rate limits and download links count it."""
-    return address_key(request.client.host if request is not None and request.client is not None else None)
+    return True
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -274,9 +272,9 @@ def build_ui(service: ChatService) -> gr.Blocks:
             memory_status: "", forget_choice: gr.update(choices=[], value=None),
             forget_confirm: gr.update(visible=False), forget_question: "", export_link: "", memory_notice: "",
             users_table: _empty(USER_COLUMNS), admin_user: gr.update(choices=[], value=None), user_detail: "",
-            snapshots_table: _empty(SNAPSHOT_COLUMNS), adapter_plot: None, probe_question: "", probe_status: "", probe_base: "",
-            probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False), admin_question: "",
-            admin_link: "", admin_notice: "", audit_table: _empty(AUDIT_COLUMNS),
+            snapshots_table: _empty(SNAPSHOT_COLUMNS), adapter_plot: None, probe_question: "", probe_status: "",
+            probe_base: "", probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False),
+            admin_question: "", admin_link: "", admin_notice: "", audit_table: _empty(AUDIT_COLUMNS),
         }
         page_outputs = list(blank)
 
@@ -295,13 +293,13 @@ def build_ui(service: ChatService) -> gr.Blocks:
 
         def log_in(name, secret, request: gr.Request):
             try:
-                return entered(service.log_in(name, secret, _address(request)))
+                return entered(service.log_in(name, secret, client_address(request)))
             except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
                 return refused(describe(e, "log in"))
 
         def sign_up(name, secret, request: gr.Request):
             try:
-                return entered(service.sign_up(name, secret, _address(request)))
+                return entered(service.sign_up(name, secret, client_address(request)))
             except Exception as e:  # noqa: BLE001
                 return refused(describe(e, "sign up"))
 
@@ -388,7 +386,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
             return None, gr.update(visible=False), ""
 
         def export(user_id, request: gr.Request):
-            return _download_html(service.export(user_id, _address(request)), "your data"), ""
+            return _download_html(service.export(user_id, client_address(request)), "your data"), ""
 
         memory_outputs = [memory_status, forget_choice, memory_notice]
         refresh_button.click(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_name="memory")
@@ -457,8 +455,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
             def ask(actor, user_id):
                 if user_id is None:
                     raise AppError("Choose a user first")
-                detail = service.admin_user(actor, user_id)
-                question = confirmations[action].format(name=name_markdown(detail["username"]))
+                question = confirmations[action].format(name=name_markdown(service.admin_username(actor, user_id)))
                 return (action, user_id), gr.update(visible=True), question, ""
             return ask
 
@@ -466,27 +463,22 @@ def build_ui(service: ChatService) -> gr.Blocks:
             if pending is None:
                 raise AppError("Nothing is waiting for confirmation")
             action, user_id = pending
-            name = service.admin_user(actor, user_id)["username"]
             if action == "reset":
-                service.admin_reset(actor, user_id)
-                done = f"{name}'s memory was reset."
+                gr.Info(f"{service.admin_reset(actor, user_id)}'s memory was reset.")
             else:
-                service.admin_delete_user(actor, user_id)
-                done = f"{name}'s account was deleted."
-            gr.Info(done)
+                gr.Info(f"{service.admin_delete_user(actor, user_id)}'s account was deleted.")
             return (None, gr.update(visible=False), *overview(actor, tz), "")
 
         def rebuild(actor, user_id, tz):
             if user_id is None:
                 raise AppError("Choose a user first")
-            service.admin_rebuild(actor, user_id)
-            gr.Info(f"A rebuild of {service.admin_user(actor, user_id)['username']}'s adapter is queued.")
+            gr.Info(f"A rebuild of {service.admin_rebuild(actor, user_id)}'s adapter is queued.")
             return (*overview(actor, tz), "")
 
         def export_peft(actor, user_id, request: gr.Request):
             if user_id is None:
                 raise AppError("Choose a user first")
-            return _download_html(service.admin_export_peft(actor, user_id, _address(request)),
+            return _download_html(service.admin_export_peft(actor, user_id, client_address(request)),
                                   "the PEFT adapter"), ""
 
         def set_signup(actor, is_open, tz):

@@ -2,12 +2,16 @@
 
 import io
 import re
+import socket
 import stat
 import zipfile
 
 import httpx
+import pytest
 
-from tests.app.helpers import Visitor
+from app.launch import start
+from tests.app.helpers import Visitor, free_port
+from tests.storage.helpers import FAST
 
 
 def link(html: str) -> str:
@@ -66,3 +70,20 @@ def test_the_data_folder_is_private(running):
     data_dir = running.service.storage.data_dir
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((data_dir / "memchat.db").stat().st_mode) == 0o600
+
+
+def test_an_ipv6_client_gets_its_export(app_settings, live_text_engine, password):
+    """The page and the download route count an IPv6 client alike (by its /64)."""
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    app_settings.host, app_settings.port = "::1", free_port()
+    running = start(app_settings, live_text_engine, FAST, block=False)
+    try:
+        alice = Visitor(running)
+        alice.call("signup", "alice", password)
+        response = httpx.get(running.url + link(alice.call("export")["export-link"]))
+        assert response.status_code == 200 and "history.json" in zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+    finally:
+        running.close()

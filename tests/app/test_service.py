@@ -253,6 +253,7 @@ def test_users_only_ever_see_their_own_data(service, password):
 
 @pytest.mark.parametrize("call", [
     lambda s, a, t: s.admin_users(a), lambda s, a, t: s.admin_user(a, t), lambda s, a, t: s.admin_audit(a),
+    lambda s, a, t: s.admin_username(a, t),
     lambda s, a, t: s.admin_adapter_summary(a, t), lambda s, a, t: s.admin_probe(a, t, "hi"),
     lambda s, a, t: s.admin_rebuild(a, t), lambda s, a, t: s.admin_reset(a, t),
     lambda s, a, t: s.admin_export_peft(a, t), lambda s, a, t: s.admin_delete_user(a, t),
@@ -282,12 +283,12 @@ def test_admin_pages_and_actions(service, password):
     assert set(answers) == {"base model", "adapter", "full history"}
     assert answers["full history"].prompt_tokens > answers["adapter"].prompt_tokens
     assert "adapter_config.json" in exported(service, service.admin_export_peft(admin, uid)).namelist()
-    service.admin_rebuild(admin, uid)
+    assert service.admin_rebuild(admin, uid) == "alice"
     run_jobs(service)
     assert service.admin_user(admin, uid)["snapshots"][-1]["rebuild"] is True
-    service.admin_reset(admin, uid)
+    assert service.admin_reset(admin, uid) == "alice"
     assert service.memory_status(uid)["messages"] == 0 and service.storage.latest_snapshot(uid) is None
-    service.admin_delete_user(admin, uid)
+    assert service.admin_delete_user(admin, uid) == "alice"
     actions = [e["action"] for e in service.admin_audit(admin)]
     assert actions[:4] == ["delete_user", "reset_memory", "rebuild_adapter", "export_peft"]
     with pytest.raises(AccessDenied):
@@ -299,6 +300,9 @@ def test_admin_actions_on_a_missing_or_malformed_user_are_refusals(service, pass
     for target in (99999, "abc", None):
         with pytest.raises(AppError):
             service.admin_user(admin, target)
+        with pytest.raises(AppError):
+            service.admin_username(admin, target)
+    assert service.admin_username(admin, admin) == "root"
     with pytest.raises(AppError, match="own account"):
         service.admin_delete_user(admin, admin)
 
