@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .data.conversation import prompt_ids
+from .decoding import ReplyRequest, reply
 from .engine import load_engine
 from .export import export_peft
+from .sampling import SamplingConfig
 
 HISTORY = [
     "User: Hi! My name is Ilvara and I live in a town called Quenmoor.",
@@ -40,21 +43,18 @@ def main(argv: list[str] | None = None) -> None:
 
     t = time.perf_counter()
     state = engine.absorb(engine.empty_state(), "\n".join(HISTORY))
-    print(f"absorbed {state.tokens} tokens in {state.chunks} window(s) in {time.perf_counter() - t:.2f}s; "
+    print(f"absorbed {state.tokens} tokens in {state.windows} window(s) in {time.perf_counter() - t:.2f}s; "
           f"state is {state.nbytes() / 1024:.0f} KiB")
 
     tok = engine.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                     return_tensors="pt", return_dict=True)
-    ids = prompt["input_ids"].to(engine.device)
-    mask = prompt["attention_mask"].to(engine.device)
-    two_rows = dict(input_ids=ids.repeat(2, 1), attention_mask=mask.repeat(2, 1))
+    ids = prompt_ids(tok, QUESTION, system=None)
+    greedy = SamplingConfig.greedy(args.max_new_tokens)
     t = time.perf_counter()
-    out = engine.generate(**two_rows, states=[None, state], max_new_tokens=args.max_new_tokens, do_sample=False)
+    replies = reply(engine, [ReplyRequest(ids, None, greedy), ReplyRequest(ids, state, greedy)])
     elapsed = time.perf_counter() - t
-    print(f"\nQ: {QUESTION}  ({ids.shape[1]} prompt tokens; both rows in one batch, {elapsed:.2f}s)")
-    for label, row in zip(("base model ", "with memory"), out):
-        print(f"  {label}: {tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip()!r}")
+    print(f"\nQ: {QUESTION}  ({len(ids)} prompt tokens; both rows in one batch, {elapsed:.2f}s)")
+    for label, answer in zip(("base model ", "with memory"), replies):
+        print(f"  {label}: {answer.text!r}")
 
     folder = export_peft(engine, state, data / "demo-peft-export")
     size = sum(f.stat().st_size for f in folder.iterdir())

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from .engine import load_engine
-from .evaluation.dataset import read_jsonl, write_jsonl
+from .data.dataset import read_jsonl, write_jsonl
+from .data.personas import make_eval_set
 from .evaluation.runner import MODES, EvalOptions, evaluate, markdown_report, results_as_dicts, summarize
-from .training.persona import make_eval_set
 
 
 def parser() -> argparse.ArgumentParser:

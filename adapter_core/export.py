@@ -25,38 +25,38 @@ def servable_rank(rank: int) -> int:
     return next((r for r in SERVABLE_RANKS if r >= rank), rank)
 
 
-def lora_factors(model: GenerativeAdapterModel, state: AdapterState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_factors(engine: GenerativeAdapterModel, state: AdapterState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per adapted module, the exact LoRA (lora_A (r, d_in), lora_B (d_out, r)) that `state` applies, fp32."""
-    memories = model.memory_matrices(state)
-    return {name: tuple(t.cpu() for t in layer.lora_pair(memories[name])) for name, layer in model.adapted.items()}
+    memories = engine.memory_matrices(state)
+    return {name: tuple(t.cpu() for t in layer.lora_pair(memories[name])) for name, layer in engine.adapted.items()}
 
 
-def lora_weights(model: GenerativeAdapterModel, state: AdapterState,
+def lora_weights(engine: GenerativeAdapterModel, state: AdapterState,
                  rank: int | None = None) -> dict[str, torch.Tensor]:
     """PEFT-named fp32 tensors of the adapter for `state`, rank padded to `rank`."""
-    rank = rank or model.config.rank
-    if rank < model.config.rank:
-        raise ValueError(f"cannot export rank {model.config.rank} into rank {rank}")
+    rank = rank or engine.config.rank
+    if rank < engine.config.rank:
+        raise ValueError(f"cannot export rank {engine.config.rank} into rank {rank}")
     tensors = {}
-    for name, (lora_a, lora_b) in lora_factors(model, state).items():
+    for name, (lora_a, lora_b) in lora_factors(engine, state).items():
         pad = rank - lora_a.shape[0]
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.nn.functional.pad(lora_a, (0, 0, 0, pad))
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.nn.functional.pad(lora_b, (0, pad))
     return {k: v.contiguous() for k, v in tensors.items()}
 
 
-def export_peft(model: GenerativeAdapterModel, state: AdapterState, folder: str | Path,
+def export_peft(engine: GenerativeAdapterModel, state: AdapterState, folder: str | Path,
                 pad_to_servable_rank: bool = True, dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter_config.json + adapter_model.safetensors into `folder` and return it."""
-    cfg = model.config
+    cfg = engine.config
     rank = servable_rank(cfg.rank) if pad_to_servable_rank else cfg.rank
-    tensors = {k: v.to(dtype) for k, v in lora_weights(model, state, rank).items()}
-    num_layers = len(decoder_layers(model.base_model))
+    tensors = {k: v.to(dtype) for k, v in lora_weights(engine, state, rank).items()}
+    num_layers = len(decoder_layers(engine.base_model))
     layers = cfg.layer_indices(num_layers)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": model.base_model_id,
+        "base_model_name_or_path": engine.base_model_id,
         "r": rank,
         "lora_alpha": rank,
         "lora_dropout": 0.0,

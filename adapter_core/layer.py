@@ -65,19 +65,16 @@ class AdapterLinear(nn.Module):
         return memory.to(a1.device).float().T @ a1, self.scaling * b
 
     @torch.no_grad()
-    def fold(self, memory: torch.Tensor | None) -> None:
-        """Answer with one user's memory (r, r) as a fixed LoRA pair; None goes back to per-row memories.
+    def folded_pair(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One user's memory (r, r) as a fixed LoRA pair in the generator's dtype, for `folded`.
 
         Cheaper than the per-row path (two small matmuls, no batched product), and unlike adding
         delta W into a copy of W0 it keeps W0 as it is: 4-bit on the CPU, bf16 on a GPU, where
         W0 + delta W would round most of delta W away.
         """
-        if memory is None:
-            self.folded = None
-            return
         dtype = self.lora_A.weight.dtype
         lora_a, lora_b = self.lora_pair(memory)
-        self.folded = (lora_a.to(dtype), lora_b.to(dtype))
+        return lora_a.to(dtype), lora_b.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (N, T, d_out)
@@ -86,24 +83,21 @@ class AdapterLinear(nn.Module):
             return y + F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
         if self.memory is None:
             return y
-        memory = self.memory
-        if memory.shape[0] != x.shape[0]:
-            # generate() expands each sample into consecutive rows (beams, several sequences).
-            if x.shape[0] % memory.shape[0]:
-                raise RuntimeError(f"batch of {x.shape[0]} rows but {memory.shape[0]} adapters were set")
-            memory = memory.repeat_interleave(x.shape[0] // memory.shape[0], dim=0)
+        if self.memory.shape[0] != x.shape[0]:
+            raise RuntimeError(f"batch of {x.shape[0]} rows but {self.memory.shape[0]} adapters were set")
         a = self.lora_A(x.to(self.lora_A.weight.dtype))  # (N, T, r)
-        a = torch.bmm(a, memory.to(a.dtype))  # (N, T, r)
+        a = torch.bmm(a, self.memory.to(a.dtype))  # (N, T, r)
         return y + (self.scaling * self.lora_B(a)).to(y.dtype)
 
-    def context_sums(self, h: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """S_c = sum over the valid tokens of each row of k_t v_t^T, in fp32.
+    def context_sums(self, h: torch.Tensor, write_mask: torch.Tensor) -> torch.Tensor:
+        """S_c = sum over the written tokens of each row of k_t v_t^T, in fp32.
 
-        h: (N, T, D) decoder-layer inputs; token_mask: (N, T), 1 for real tokens. Returns (N, r, r).
+        h: (N, T, D) decoder-layer inputs; write_mask: (N, T), 1 for tokens written into memory.
+        Returns (N, r, r).
         """
         hn = self.ctx_norm(h.to(self.ctx_norm.weight.dtype))  # (N, T, D)
         k = self.ctx_key(hn).float()  # (N, T, r)
-        k = torch.where(token_mask.unsqueeze(-1).bool(), k, 0.0)  # padding writes nothing
+        k = torch.where(write_mask.unsqueeze(-1).bool(), k, 0.0)  # padding and queries write nothing
         v = self.ctx_value(hn).float()  # (N, T, r)
         return torch.einsum("ntr,nts->nrs", k, v)  # (N, r, r)
 

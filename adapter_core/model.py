@@ -2,15 +2,26 @@
 
 Two kinds of call:
 
-* answering (`forward`, `generate`): row i of the batch is adapted by `states[i]` (or by nothing
-  when it is None); M = normalize(S) is fixed for the whole call. `generate` for one user folds
-  M into a plain LoRA pair once, instead of a batched product per layer and token.
-* absorbing (`absorb`, `absorb_many`, and the `memory_pass` context for training): the text is
-  cut into windows, each window is one row of the batch, encoded with positions starting at 0,
-  so windows never attend to each other. At every adapted decoder layer a pre-hook sums
-  k_t v_t^T over each window's tokens and gives window j the memory of the prior state plus the
-  windows before j. One pass over W windows therefore equals W sequential absorptions, and
-  information crosses windows only through the adapter.
+* answering (`forward`, the `adapters` and `applying` contexts): row i of the batch is adapted
+  by `states[i]` (or by nothing when it is None); M = normalize(S) is fixed for the whole call.
+  A single row folds M into a plain LoRA pair once, instead of a batched product per layer and
+  token. Replies are decoded by adapter_core.decoding (and served by adapter_core.scheduler).
+* writing memory (`absorb`, `absorb_many`, and the training `loss`, both through one private
+  memory pass): the text is cut into windows, each window is one row of the batch, encoded with
+  positions starting at 0, so windows never attend to each other. At every adapted decoder layer
+  a pre-hook sums k_t v_t^T over each window's written tokens (the write mask) and gives window j
+  the memory of the prior state plus the windows before j. One pass over W windows therefore
+  equals W sequential absorptions, and information crosses windows only through the adapter.
+
+The memory pass over U users x W windows (s_uj: the k v^T sums of window j of user u):
+
+               window 0          window 1                  window W-1
+    user 0   row 0          ->  row 1              -> ...  row W-1                       => total[0]
+             M(prior[0])        M(prior[0] + s_00)         M(prior[0] + s_00 + .. + s_0,W-2)
+    user 1   row W          ->  row W+1            -> ...  row 2W-1                      => total[1]
+    ...
+    row u*W + j reads M = normalize(prior[u] + s_u0 + .. + s_u,j-1)   (rows user-major)
+    total[u] = prior[u] + s_u0 + .. + s_u,W-1                          (the user's new sums)
 """
 
 from __future__ import annotations
@@ -19,11 +30,12 @@ import contextlib
 import hashlib
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_sharded, save_sharded, tensor_digest
@@ -31,31 +43,43 @@ from .config import ConfigError, GeneratorConfig, find_target
 from .layer import AdapterLinear
 from .normalize import normalize
 from .state import AdapterState
-from .windows import Window, pack_windows
+from .windows import IGNORE, PackedWindows, TrainingBatch, Window, pack_windows
 
 CONFIG_NAME = "generator_config.json"
 
 # What absorb() accepts: one text, several texts, or several lists of token ids.
-Chunks = str | Sequence[str] | Sequence[Sequence[int]]
+Texts = str | Sequence[str] | Sequence[Sequence[int]]
 
 
 @dataclass
 class _MemoryPass:
-    """Bookkeeping of one absorbing pass over U users x W windows (rows ordered user-major)."""
+    """Bookkeeping of one memory pass over U users x W windows (rows ordered user-major)."""
 
     prior: dict[str, torch.Tensor]  # module name -> (U, r, r) fp32
-    token_mask: torch.Tensor  # (U*W, T)
+    write_mask: torch.Tensor  # (U*W, T); 1 where a token is written into memory
     users: int
     windows: int
     totals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> (U, r, r)
+    pause: Callable[[], None] | None = None  # called before each adapted decoder layer (see absorb)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+@dataclass(frozen=True)
+class RowAdapters:
+    """The adapters of a batch's rows as the adapted layers apply them (see `row_adapters`)."""
+
+    rows: int
+    memory: dict[str, torch.Tensor] | None = None
+    """module name -> (N, r, r): row i's normalized memory M (zeros: the base model)."""
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """module name -> (lora_A (r, d_in), lora_B (d_out, r)): one row's M folded into a LoRA pair."""
+
+
+def decoder_layers(base_model: nn.Module) -> nn.ModuleList:
     """The stack of decoder layers of a Hugging Face causal LM (Llama, Mistral, Qwen2, ...)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    decoder = base_model.get_decoder() if hasattr(base_model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}")
+        raise ConfigError(f"cannot find the decoder layers of {type(base_model).__name__}")
     return layers
 
 
@@ -133,10 +157,10 @@ class GenerativeAdapterModel(nn.Module):
                 f"generator in {folder} was trained for base model {meta['base_model_id']!r}, "
                 f"not {base_model_id!r}"
             )
-        model = cls(base_model, GeneratorConfig.from_dict(meta["config"]), base_model_id, tokenizer)
-        model.load_generator_weights(folder)
-        model.checkpoint_meta = meta
-        return model
+        engine = cls(base_model, GeneratorConfig.from_dict(meta["config"]), base_model_id, tokenizer)
+        engine.load_generator_weights(folder)
+        engine.checkpoint_meta = meta
+        return engine
 
     def load_generator_weights(self, folder: str | Path) -> None:
         """Copy a checkpoint's weights into this generator (same config), e.g. to resume training."""
@@ -178,32 +202,45 @@ class GenerativeAdapterModel(nn.Module):
     # --- answering -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def adapters(self, states: Sequence[AdapterState | None] | None, fold: bool = False) -> Iterator[None]:
-        """Within the block, row i of every batch is adapted by states[i] (None: base model).
+    def adapters(self, states: Sequence[AdapterState | None] | None) -> Iterator[None]:
+        """Within the block, row i of every batch is adapted by states[i] (None: base model)."""
+        memories = [None if s is None else self.memory_matrices(s) for s in states or []]
+        with self.applying(self.row_adapters(memories)):
+            yield
 
-        fold: with a single state, fold its memories into plain LoRA pairs (AdapterLinear.fold)
-        instead of applying them per row; no gradients flow then.
-        """
-        states = list(states or [])
-        for state in states:
-            if state is not None:
-                self._check_state(state)
+    def row_adapters(self, memories: Sequence[dict[str, torch.Tensor] | None]) -> RowAdapters | None:
+        """What `applying` sets for a batch whose row i has memories[i] (from memory_matrices; None:
+        the base model). None when no row has one. A single row is folded into plain LoRA pairs
+        (AdapterLinear.folded_pair), cheaper than the per-row product, unless gradients are on."""
+        if not any(m is not None for m in memories):
+            return None
+        if len(memories) == 1 and not torch.is_grad_enabled():
+            return RowAdapters(rows=1, folded={name: layer.folded_pair(memories[0][name])
+                                               for name, layer in self.adapted.items()})
+        zero = torch.zeros(self.config.rank, self.config.rank)  # M = 0 adds nothing: the base model
+        return RowAdapters(rows=len(memories), memory={
+            name: torch.stack([zero if m is None else m[name] for m in memories]).to(self.device)  # (N, r, r)
+            for name in self.adapted})
+
+    @contextlib.contextmanager
+    def applying(self, adapters: RowAdapters | None) -> Iterator[None]:
+        """Within the block, every batch is adapted row by row as `adapters` says (None: base model)."""
         with self._lock:  # held even without adapters: an absorb in another thread sets memories
-            if not any(s is not None for s in states):
+            # a memory pass paused between layers (see absorb's pause) leaves its memories on the
+            # layers it went through: this call must not read them
+            self._clear_memories()
+            if adapters is None:
                 yield
-            elif fold and len(states) == 1:
-                for name, memory in self.memory_matrices(states[0]).items():
-                    self.adapted[name].fold(memory)
-                try:
-                    yield
-                finally:
-                    self._clear_memories()
-            else:
-                zero = torch.zeros(self.config.rank, self.config.rank)
-                sums = {name: torch.stack([s.sums[name] if s is not None else zero for s in states])
-                        for name in self.adapted}  # (N, r, r); a zero sum is the base model
-                with self.reading(sums):
-                    yield
+                return
+            for name, layer in self.adapted.items():
+                if adapters.folded is not None:
+                    layer.folded = adapters.folded[name]
+                else:
+                    layer.memory = adapters.memory[name]
+            try:
+                yield
+            finally:
+                self._clear_memories()
 
     @contextlib.contextmanager
     def reading(self, sums: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> Iterator[None]:
@@ -230,15 +267,6 @@ class GenerativeAdapterModel(nn.Module):
         with self.adapters(states):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 states: Sequence[AdapterState | None] | None = None, **generate_kwargs) -> torch.Tensor:
-        """`transformers` generate (KV cache, streamers, ...) with row i adapted by states[i]."""
-        self._check_batch(input_ids, states)
-        with self.adapters(states, fold=True):
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                            **generate_kwargs)
-
     @staticmethod
     def _check_batch(input_ids: torch.Tensor, states) -> None:
         if states is not None and len(states) != input_ids.shape[0]:
@@ -246,34 +274,40 @@ class GenerativeAdapterModel(nn.Module):
 
     # --- absorbing -------------------------------------------------------------------------------
 
-    def windows_of(self, chunks: Chunks) -> list[list[int]]:
-        """Token windows of at most config.window tokens; each chunk is split on its own."""
-        if isinstance(chunks, str):
-            chunks = [chunks]
-        token_chunks = []
-        for chunk in chunks:
-            if isinstance(chunk, str):
+    def windows_of(self, texts: Texts) -> list[list[int]]:
+        """Token windows of at most config.window tokens; each text is split on its own."""
+        if isinstance(texts, str):
+            texts = [texts]
+        token_lists = []
+        for text in texts:
+            if isinstance(text, str):
                 if self.tokenizer is None:
-                    raise ValueError("text given but the model has no tokenizer; pass token ids")
-                chunk = self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            token_chunks.append([int(t) for t in chunk])
+                    raise ValueError("text given but the engine has no tokenizer; pass token ids")
+                text = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            token_lists.append([int(t) for t in text])
         w = self.config.window
-        return [c[i:i + w] for c in token_chunks for i in range(0, len(c), w)]
+        return [ids[i:i + w] for ids in token_lists for i in range(0, len(ids), w)]
 
     @torch.no_grad()
-    def absorb(self, state: AdapterState, chunks: Chunks, windows_per_pass: int = 16) -> AdapterState:
-        """A new state that also holds `chunks`; the old state is left as it is."""
-        return self.absorb_many([state], [chunks], windows_per_pass)[0]
+    def absorb(self, state: AdapterState, texts: Texts, windows_per_pass: int = 16,
+               pause: Callable[[], None] | None = None) -> AdapterState:
+        """A new state that also holds `texts`; the old state is left as it is.
+
+        pause: called before each adapted decoder layer of every pass, where the caller may run
+        other work on this engine (adapter_core.scheduler decodes replies there) and return to
+        carry on; the pass is unchanged by it, so the state is the same bit for bit.
+        """
+        return self.absorb_many([state], [texts], windows_per_pass, pause)[0]
 
     @torch.no_grad()
-    def absorb_many(self, states: Sequence[AdapterState], chunks_per_user: Sequence[Chunks],
-                    windows_per_pass: int = 16) -> list[AdapterState]:
+    def absorb_many(self, states: Sequence[AdapterState], texts_per_user: Sequence[Texts],
+                    windows_per_pass: int = 16, pause: Callable[[], None] | None = None) -> list[AdapterState]:
         """absorb() for several users in shared passes (each user's windows stay in order)."""
-        if len(states) != len(chunks_per_user):
-            raise ValueError(f"{len(states)} states but {len(chunks_per_user)} chunk lists")
+        if len(states) != len(texts_per_user):
+            raise ValueError(f"{len(states)} states but {len(texts_per_user)} lists of texts")
         for state in states:
             self._check_state(state)
-        windows = [self.windows_of(c) for c in chunks_per_user]
+        windows = [self.windows_of(t) for t in texts_per_user]
         sums = [dict(s.sums) for s in states]
         longest = max((len(w) for w in windows), default=0)
         for start in range(0, longest, windows_per_pass):
@@ -281,52 +315,90 @@ class GenerativeAdapterModel(nn.Module):
             active = [u for u, g in enumerate(group) if g]
             packed = pack_windows([[Window(ids) for ids in group[u]] for u in active]).to(self.device)
             prior = {name: torch.stack([sums[u][name] for u in active]) for name in self.adapted}
-            with self.memory_pass(prior, packed.rows, packed.sum_mask) as p:
-                self.base_model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                              use_cache=False)
+            _, totals = self._write_memory(packed, prior, pause)
             for j, u in enumerate(active):
-                sums[u] = {name: total[j].cpu() for name, total in p.totals.items()}
+                sums[u] = {name: total[j].cpu() for name, total in totals.items()}
         return [
             AdapterState(sums=new_sums, generator_id=s.generator_id, base_model_id=s.base_model_id,
-                         tokens=s.tokens + sum(map(len, w)), chunks=s.chunks + len(w), extra=dict(s.extra))
+                         tokens=s.tokens + sum(map(len, w)), windows=s.windows + len(w), extra=dict(s.extra))
             for s, new_sums, w in zip(states, sums, windows)
         ]
 
-    @contextlib.contextmanager
-    def memory_pass(self, prior: dict[str, torch.Tensor], rows: int,
-                    sum_mask: torch.Tensor) -> Iterator[_MemoryPass]:
-        """Within the block, one forward over `rows` = U*W rows absorbs W windows for each of U users.
+    # --- training --------------------------------------------------------------------------------
+
+    def loss(self, batch: TrainingBatch) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over the batch's labelled positions, and their count.
+
+        The memory windows go through one memory pass from an empty memory; the queries then read
+        the whole memory of their user. Only the labelled positions go through the output layer:
+        with a 49K vocabulary, full logits for every window would cost gigabytes.
+        """
+        batch = batch.to(self.device)
+        memory, queries = batch.memory, batch.queries
+        r = self.config.rank
+        prior = {name: torch.zeros(memory.users, r, r, device=self.device) for name in self.adapted}
+        hidden, totals = self._write_memory(memory, prior)  # (U*W, T, D)
+        picked = [_labelled(hidden, memory.labels)]
+        if queries is not None:
+            decoder = self.base_model.get_decoder()
+            with self.reading(totals, queries.user):  # each query reads all of its user's memory
+                hidden = decoder(input_ids=queries.input_ids, attention_mask=queries.attention_mask,
+                                 use_cache=False).last_hidden_state  # (Q, Tq, D)
+            picked.append(_labelled(hidden, queries.labels))
+        hidden = torch.cat([h for h, _ in picked])  # (n, D)
+        targets = torch.cat([t for _, t in picked])  # (n,)
+        logits = self.base_model.get_output_embeddings()(hidden)  # (n, V)
+        return F.cross_entropy(logits.float(), targets), int(targets.numel())
+
+    # --- the memory pass, shared by absorb and loss --------------------------------------------
+
+    def _write_memory(self, packed: PackedWindows, prior: dict[str, torch.Tensor],
+                      pause: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward over U*W rows that writes W windows into memory for each of U users.
 
         prior: module name -> (U, r, r) sums before the first window. Window j of user u (row
-        u*W + j) is adapted by prior[u] + the sums of its windows < j. sum_mask (U*W, T) marks the
-        tokens written into memory. After the block, the returned object's `totals` holds prior +
-        all windows. Works with gradients (training) as well as without (absorb).
+        u*W + j) is adapted by prior[u] + the sums of its windows < j (see the module docstring);
+        packed.write_mask marks the tokens written. Returns the decoder's last hidden states
+        (U*W, T, D) and the totals, module name -> (U, r, r) fp32: prior + all windows. Works with
+        gradients (loss) as well as without (absorb).
         """
         users = next(iter(prior.values())).shape[0]
-        if rows % users or sum_mask.shape[0] != rows:
-            raise ValueError(f"{rows} rows (sum_mask {tuple(sum_mask.shape)}) cannot be split among {users} users")
+        if users != packed.users or packed.rows % users:
+            raise ValueError(f"{packed.rows} rows of {packed.users} users cannot be split among {users} priors")
         p = _MemoryPass(prior={n: s.to(self.device, torch.float32) for n, s in prior.items()},
-                        token_mask=sum_mask.to(self.device), users=users, windows=rows // users)
+                        write_mask=packed.write_mask.to(self.device), users=users,
+                        windows=packed.rows // users, pause=pause)
+        decoder = self.base_model.get_decoder()
         with self._lock:
             self._pass = p
             try:
-                yield p
+                hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                 use_cache=False).last_hidden_state  # (U*W, T, D)
             finally:
                 self._pass = None
                 self._clear_memories()
+        return hidden, p.totals
 
     def _hook_for(self, layer_index: int):
         def hook(_module, args, kwargs):
-            if self._pass is not None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self._write_layer_memories(layer_index, hidden)
+            p = self._pass
+            if p is None:
+                return
+            if p.pause is not None:
+                self._pass = None  # what runs during the pause (a decode step) is not part of this pass
+                try:
+                    p.pause()
+                finally:
+                    self._pass = p
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._write_layer_memories(layer_index, hidden)
         return hook
 
     def _write_layer_memories(self, layer_index: int, hidden: torch.Tensor) -> None:
         p = self._pass
         r = self.config.rank
         for name, layer in self._by_layer[layer_index]:
-            sums = layer.context_sums(hidden, p.token_mask).view(p.users, p.windows, r, r)  # (U, W, r, r)
+            sums = layer.context_sums(hidden, p.write_mask).view(p.users, p.windows, r, r)  # (U, W, r, r)
             inclusive = p.prior[name].unsqueeze(1) + sums.cumsum(1)  # (U, W, r, r)
             before = torch.cat([p.prior[name].unsqueeze(1), inclusive[:, :-1]], dim=1)  # (U, W, r, r)
             memory = normalize(before, self.config.normalization, self.config.polar_steps)
@@ -336,4 +408,11 @@ class GenerativeAdapterModel(nn.Module):
     def _clear_memories(self) -> None:
         for layer in self.adapted.values():
             layer.memory = None
-            layer.fold(None)
+            layer.folded = None
+
+
+def _labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (n, D) of the positions that predict a labelled token, and those tokens (n,)."""
+    targets = labels[:, 1:]  # position t predicts token t+1
+    selected = targets != IGNORE
+    return hidden[:, :-1][selected], targets[selected]

@@ -4,7 +4,8 @@ Greedy decoding of SmolLM2-135M-Instruct falls into loops (one phrase repeated u
 cap), and so does sampling at the model card's temperature without a repetition penalty. The
 defaults below sample as the card recommends (temperature 0.2, top-p 0.9), penalize tokens the
 reply has already used (1.2, the reply only: a penalty on the prompt also hits every earlier end
-of turn and makes replies run long) and stop at the chat template's end of turn.
+of turn and makes replies run long) and stop at the chat template's end of turn. `TokenPicker`
+applies them, one reply at a time, inside adapter_core.decoding's batched loop.
 `repetition_stats` is the measure they were chosen by; scripts/reply_quality.py measures,
 docs/reply-quality.md has the figures.
 """
@@ -17,17 +18,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 """End-of-turn tokens of common chat templates, looked for when rendering a turn does not tell."""
 
 _SENTINEL = "\u2063memchat-end-of-turn-probe\u2063"
 
+NUCLEUS_CANDIDATES = 256
+"""Likeliest tokens searched for the top-p nucleus before the whole vocabulary is sorted."""
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How one reply is decoded; `generate_kwargs` turns it into arguments for `generate`.
+    """How one reply is decoded (applied by `TokenPicker`).
 
     The defaults are for chat replies; `SamplingConfig.greedy()` is for deterministic uses.
     """
@@ -52,6 +56,8 @@ class SamplingConfig:
     # --- length ---
     max_new_tokens: int = 160
     """Longest reply in tokens; with these settings 59 of 60 measured replies ended by themselves within it."""
+    min_new_tokens: int = 0
+    """The end of turn is not chosen before this many tokens (benchmarks use it for replies of one length)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, bool):
@@ -71,59 +77,90 @@ class SamplingConfig:
                              f"got {self.no_repeat_ngram_size!r}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be an integer from 0 to max_new_tokens, got {self.min_new_tokens!r}")
 
     @classmethod
     def greedy(cls, max_new_tokens: int = 160, repetition_penalty: float = 1.0) -> "SamplingConfig":
         """Deterministic decoding (evaluation, tests): always the most likely token."""
         return cls(do_sample=False, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
 
-    def generate_kwargs(self, tokenizer) -> dict:
-        """Keyword arguments for `generate` (transformers), ending at the end of the turn.
 
-        The reply-only penalty is a logits processor: build the kwargs anew for each call of generate.
-        """
-        eos = end_of_turn_ids(tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        if self.repetition_penalty != 1 and self.penalize_prompt:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        elif self.repetition_penalty != 1:
-            kwargs["logits_processor"] = LogitsProcessorList([ReplyRepetitionPenalty(self.repetition_penalty)])
-        if self.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        kwargs.update(pad_token_id=pad, eos_token_id=eos)
-        return kwargs
+class TokenPicker:
+    """Chooses the tokens of one reply as its SamplingConfig says, from the model's logits.
 
-
-class ReplyRepetitionPenalty(LogitsProcessor):
-    """transformers' repetition penalty (CTRL paper) on the tokens of the reply only, not the prompt's.
-
-    The prompt is what the input holds at the first step; a later call whose input does not start
-    with that prompt is taken for a new generation. transformers runs custom processors before
-    temperature and top-p, so the penalty acts on the model's own distribution.
+    The penalty and the n-gram ban are transformers' own processors (the reply-only penalty is
+    not shown the prompt at all). Temperature and top-p are done here rather than by transformers'
+    warpers, which sort the whole vocabulary for every row at every step (4 ms a token for a 49K
+    vocabulary on a 2-core CPU, most of a 16-user decode step): the nucleus is looked for among
+    the `NUCLEUS_CANDIDATES` likeliest tokens first, and the whole vocabulary is sorted only when
+    they hold less than top_p; `choose_tokens` does that for all rows of a batch at once. Each
+    reply has its own random generator, so replies decoded in one batch do not share a stream.
     """
 
-    def __init__(self, penalty: float):
-        if not (_is_number(penalty) and penalty >= 1):
-            raise ValueError(f"penalty must be a finite number >= 1, got {penalty!r}")
-        self.penalty = float(penalty)
-        self.prompt: torch.Tensor | None = None
+    def __init__(self, sampling: SamplingConfig, prompt: Sequence[int], seed: int | None = None):
+        self.sampling = sampling
+        # the processors see the prompt only when a setting needs it (it can be thousands of tokens)
+        self.context = [int(t) for t in prompt] if sampling.penalize_prompt or sampling.no_repeat_ngram_size else []
+        processors = []
+        if sampling.repetition_penalty != 1:
+            ignore = None if sampling.penalize_prompt or not self.context else len(self.context)
+            processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=ignore))
+        if sampling.no_repeat_ngram_size:
+            processors.append(NoRepeatNGramLogitsProcessor(sampling.no_repeat_ngram_size))
+        self.processors = LogitsProcessorList(processors)
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
 
-    def __repr__(self) -> str:
-        return f"ReplyRepetitionPenalty({self.penalty})"
+    def __call__(self, logits: torch.Tensor, reply: Sequence[int]) -> int:
+        """The next token after `reply` (the tokens chosen so far), given logits (V,) for it."""
+        token = choose_tokens([self], self.adjust(logits, reply).unsqueeze(0))[0]
+        if isinstance(token, Exception):
+            raise token
+        return token
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        known = self.prompt
-        if (known is None or input_ids.shape[0] != known.shape[0] or input_ids.shape[1] <= known.shape[1]
-                or not torch.equal(input_ids[:, :known.shape[1]], known)):
-            self.prompt = input_ids.clone()
-            return scores
-        reply = input_ids[:, known.shape[1]:]
-        seen = scores.gather(1, reply)
-        penalized = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-        return scores.scatter(1, reply, penalized)
+    def adjust(self, logits: torch.Tensor, reply: Sequence[int]) -> torch.Tensor:
+        """The logits (V,) after the penalty, the n-gram ban and the temperature (fp32)."""
+        scores = logits.float().unsqueeze(0)  # (1, V)
+        if self.processors:
+            ids = torch.tensor([self.context + list(reply)], dtype=torch.long, device=scores.device)  # (1, L)
+            scores = self.processors(ids, scores)
+        return scores[0] / self.sampling.temperature if self.sampling.do_sample else scores[0]
+
+    def draw(self, top: torch.Tensor, ids: torch.Tensor, log_total: torch.Tensor, scores: torch.Tensor) -> int:
+        """A token from the nucleus: top (k,) the likeliest adjusted scores and their ids, log_total
+        the log of the softmax's normalizer; scores (V,) all of them, for a nucleus wider than k."""
+        probs = (top - log_total).exp()  # (k,)
+        before = probs.cumsum(0) - probs  # (k,) mass of the likelier tokens
+        if before[-1] + probs[-1] < self.sampling.top_p and top.numel() < scores.numel():
+            top, ids = scores.topk(scores.numel())  # the nucleus is wider: the whole vocabulary, sorted
+            probs = (top - log_total).exp()
+            before = probs.cumsum(0) - probs
+        keep = before < self.sampling.top_p  # (k,) at least the likeliest token
+        choice = torch.multinomial(probs[keep], 1, generator=self.generator)
+        return int(ids[keep][choice])
+
+
+def choose_tokens(pickers: Sequence[TokenPicker], scores: torch.Tensor) -> list[int | Exception]:
+    """The next token of each row: scores (N, V) from each row's picker.adjust. What takes a pass
+    over the vocabulary (the normalizer, the likeliest candidates) is done for all sampled rows in
+    one call; a row whose draw fails (NaN scores, ...) gets its exception, the others their token."""
+    scores = scores.cpu()
+    chosen: list[int | Exception] = [int(t) for t in scores.argmax(-1)]  # greedy rows are done
+    sampled = [i for i, p in enumerate(pickers) if p.sampling.do_sample]
+    if sampled:
+        rows = scores[sampled]  # (S, V)
+        log_totals = torch.logsumexp(rows, dim=-1)  # (S,)
+        tops, ids = rows.topk(min(NUCLEUS_CANDIDATES, rows.shape[-1]), dim=-1)  # (S, k) each
+        for j, i in enumerate(sampled):
+            try:
+                chosen[i] = pickers[i].draw(tops[j], ids[j], log_totals[j], rows[j])
+            except Exception as e:  # noqa: BLE001 - this row's failure, for the caller to report
+                chosen[i] = e
+    return chosen
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -36,7 +36,7 @@ class AdapterState:
     """Id of the frozen base model the generator belongs to."""
     tokens: int = 0
     """Tokens absorbed so far."""
-    chunks: int = 0
+    windows: int = 0
     """Windows absorbed so far."""
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form string metadata kept with the state (for example the app's cursor)."""
@@ -67,7 +67,7 @@ class AdapterState:
             "generator_id": self.generator_id,
             "base_model_id": self.base_model_id,
             "tokens": str(self.tokens),
-            "chunks": str(self.chunks),
+            "windows": str(self.windows),
             "extra": json.dumps(self.extra, sort_keys=True),
         }
 
@@ -97,7 +97,8 @@ class AdapterState:
                 generator_id=metadata["generator_id"],
                 base_model_id=metadata["base_model_id"],
                 tokens=int(metadata["tokens"]),
-                chunks=int(metadata["chunks"]),
+                # files written before the field was renamed call it "chunks"
+                windows=int(metadata["windows"] if "windows" in metadata else metadata["chunks"]),
                 extra=json.loads(metadata["extra"]),
             )
         except (KeyError, ValueError) as e:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .training.trainer import Trainer, TrainConfig
+from .training.trainer import Trainer, TrainConfig, TrainingProgress
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> TrainingProgress:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file with TrainConfig fields (see adapter_core/training/trainer.py)")
     p.add_argument("--output-dir", help="run folder (resumed when it holds a run)")
@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
-    state = Trainer(config).train(progress=not args.no_progress)
-    print(f"stopped at step {state['step']} after {state['tokens']:,} tokens; run folder: {config.output_dir}")
-    return state
+    done = Trainer(config).train(show_progress=not args.no_progress)
+    print(f"stopped at step {done.step} after {done.tokens:,} tokens; run folder: {config.output_dir}")
+    return done
 
 
 if __name__ == "__main__":

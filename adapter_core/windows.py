@@ -34,7 +34,7 @@ class Window:
 class PackedWindows:
     input_ids: torch.Tensor  # (U*W, T)
     attention_mask: torch.Tensor  # (U*W, T); an empty row attends to one padding token
-    sum_mask: torch.Tensor  # (U*W, T); 1 where a token is written into memory
+    write_mask: torch.Tensor  # (U*W, T); 1 where a token is written into memory
     labels: torch.Tensor  # (U*W, T); IGNORE where there is no loss
     users: int
 
@@ -43,7 +43,7 @@ class PackedWindows:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> "PackedWindows":
-        return PackedWindows(self.input_ids.to(device), self.attention_mask.to(device), self.sum_mask.to(device),
+        return PackedWindows(self.input_ids.to(device), self.attention_mask.to(device), self.write_mask.to(device),
                              self.labels.to(device), self.users)
 
 
@@ -54,7 +54,7 @@ def pack_windows(per_user: Sequence[Sequence[Window]], pad_id: int = 0) -> Packe
     length = max(1, max(len(win.ids) for w in per_user for win in w))
     ids = torch.full((users * windows, length), pad_id, dtype=torch.long)
     attention = torch.zeros((users * windows, length), dtype=torch.long)
-    writes = torch.zeros((users * windows, length), dtype=torch.long)
+    write_mask = torch.zeros((users * windows, length), dtype=torch.long)
     labels = torch.full((users * windows, length), IGNORE, dtype=torch.long)
     for u, user_windows in enumerate(per_user):
         slots = list(range(len(user_windows) - 1)) + [windows - 1]  # last window in the last row
@@ -64,11 +64,11 @@ def pack_windows(per_user: Sequence[Sequence[Window]], pad_id: int = 0) -> Packe
                 raise ValueError(f"window of {n} tokens has {len(win.labels)} labels")
             ids[row, :n] = torch.tensor(win.ids, dtype=torch.long)
             attention[row, :n] = 1
-            writes[row, :n] = int(win.writes_memory)
+            write_mask[row, :n] = int(win.writes_memory)
             if win.labels is not None:
                 labels[row, :n] = torch.tensor(win.labels, dtype=torch.long)
     attention[attention.sum(-1) == 0, 0] = 1  # attention over nothing would be NaN
-    return PackedWindows(ids, attention, writes, labels, users)
+    return PackedWindows(ids, attention, write_mask, labels, users)
 
 
 @dataclass
@@ -96,7 +96,7 @@ class TrainingBatch:
     def tokens(self) -> int:
         """Real tokens in the batch (padding not counted)."""
         queries = int(self.queries.attention_mask.sum()) if self.queries is not None else 0
-        return int(self.memory.sum_mask.sum()) + queries
+        return int(self.memory.write_mask.sum()) + queries
 
     def to(self, device: torch.device) -> "TrainingBatch":
         return TrainingBatch(self.memory.to(device), self.queries.to(device) if self.queries is not None else None)

@@ -1,2 +1,2 @@
-"""How people talk to it: the chat service (storage + adapter engine), its background
-compression worker, and the Gradio user interface."""
+"""How people talk to it: the services (accounts, chat, memory, exports, admin) joining storage
+and the adapter engine, the background compression worker, and the Gradio user interface."""

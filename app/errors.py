@@ -1,14 +1,18 @@
 """What the app refuses on purpose, told apart from what goes wrong.
 
-A refusal (an `AppError`, or storage's ValidationError / NotFound) is the person's to fix: its
-message is shown to them as it is and the log gets one line. Anything else is a fault: the log
-gets the traceback and the person a generic message with a reference to find it in the log.
+A refusal is an `AppError`: the person's to fix, its message written for them, shown as it is,
+and the log gets one line. Storage's own errors are not refusals by themselves: the services
+translate them (`refusing`) where they are the person's mistake (a name taken, a message too
+long, a message id that is not theirs). Anything else is a fault: the log gets the traceback and
+the person a generic message with a reference to find it in the log.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from storage import NotFound, ValidationError
 
@@ -35,27 +39,47 @@ class RateLimited(AppError):
         self.retry_after_s = retry_after_s
 
 
-REFUSALS = (AppError, ValidationError, NotFound)
-"""Every exception whose message is meant for the person; anything else is a fault."""
+class InvalidInput(AppError):
+    """What the person typed or chose cannot be taken: which field, and why in words for them."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{_FIELD_WORDS.get(field, field.capitalize())} {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class Gone(AppError):
+    """What the person chose does not exist, or is not theirs (the two are not told apart)."""
+
+    def __init__(self) -> None:
+        super().__init__("That no longer exists, or is not yours")
+
 
 _FIELD_WORDS = {"username": "The username", "password": "The password", "text": "The message",
-                "question": "The question", "user": "That user"}
+                "question": "The question"}
 
 
-def user_message(error: BaseException) -> str:
-    """The words shown for a refusal: storage's 'text: is empty' becomes 'The message is empty.'"""
-    if isinstance(error, ValidationError):
-        text = f"{_FIELD_WORDS.get(error.field, error.field.capitalize())} {error.reason}"
-    elif isinstance(error, NotFound):
-        text = "That no longer exists, or is not yours."
-    else:
-        text = str(error)
+@contextmanager
+def refusing() -> Iterator[None]:
+    """Storage's refusals inside, as the person's own mistake: its ValidationError becomes
+    InvalidInput and NotFound becomes Gone. Only for calls on what the person typed or chose."""
+    try:
+        yield
+    except ValidationError as e:
+        raise InvalidInput(e.field, e.reason) from e
+    except NotFound as e:
+        raise Gone() from e
+
+
+def user_message(error: AppError) -> str:
+    """The words shown for a refusal, ending as a sentence does."""
+    text = str(error)
     return text if text.endswith((".", "?", "!")) else text + "."
 
 
 def describe(error: BaseException, action: str) -> str:
     """Log a refusal in one line or a fault with its traceback; the words to show the person."""
-    if isinstance(error, REFUSALS):
+    if isinstance(error, AppError):
         log.info("refused %s: %s", action, user_message(error))
         return user_message(error)
     reference = secrets.token_hex(4)

@@ -1,4 +1,5 @@
-"""Starting the whole app: storage (migrated), engine, service, background worker, web server.
+"""Starting the whole app: storage (migrated), engine, inference loop, services, background
+worker, web server.
 
 The port answers at once: a loading page (app/loading.py) shows the start-up's progress until the
 model is loaded, then hands the port to the real server and reloads itself into the app.
@@ -7,6 +8,7 @@ model is loaded, then hands the port to the real server and reloads itself into 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -14,11 +16,12 @@ import gradio as gr
 
 from adapter_core import GenerativeAdapterModel
 from adapter_core.engine import load_engine
+from adapter_core.scheduler import InferenceLoop
 from storage import Storage, StorageSettings
 
 from .loading import LoadingServer, StartupProgress
 from .server import create_app
-from .service import ChatService
+from .services import Services
 from .settings import AppSettings, redact_url
 from .ui import build_ui
 from .webserver import WebServer
@@ -33,7 +36,8 @@ FAILURE_SHOWN_S = 5.0
 
 @dataclass
 class RunningApp:
-    service: ChatService
+    services: Services
+    loop: InferenceLoop
     worker: CompressionWorker
     ui: gr.Blocks
     server: WebServer
@@ -47,8 +51,9 @@ class RunningApp:
             self.server.stop()
         finally:
             self.worker.stop()
-            self.service.downloads.close()
-            self.service.storage.close()
+            self.loop.stop()  # after the worker: a compression it runs needs the loop to the end
+            self.services.downloads.close()
+            self.services.storage.close()
 
 
 def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
@@ -59,7 +64,7 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
     loading.start()
     log.info("starting; %s shows the progress", loading.url)
     try:
-        service, worker, ui, app = _prepare(settings, engine, storage_settings, progress)
+        services, loop, worker, ui, app = _prepare(settings, engine, storage_settings, progress, block)
     except BaseException:
         # the page says so for a moment; why is for the server's log (it may name paths or hosts)
         progress.fail("memchat could not start; the server's log says why")
@@ -76,17 +81,21 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
     server.start()
     progress.ready()
     log.info("ready: open %s in a browser", server.url)
-    running = RunningApp(service, worker, ui, server)
+    running = RunningApp(services, loop, worker, ui, server)
     if block:
+        # the inference loop runs on this, the main, thread (see InferenceLoop.run); Ctrl+C lands here
+        threading.Thread(target=lambda: (server.wait(), loop.stop()), name="server-watch", daemon=True).start()
         try:
-            server.wait()
+            loop.run()
+        except KeyboardInterrupt:
+            log.info("stopping")
         finally:
             running.close()
     return running
 
 
 def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
-             storage_settings: StorageSettings | None, progress: StartupProgress):
+             storage_settings: StorageSettings | None, progress: StartupProgress, block: bool):
     progress.begin("database")
     log.info("database at %s", redact_url(settings.database_url) or settings.data_dir / "memchat.db")
     storage = Storage(settings.database_url, settings.data_dir, storage_settings)
@@ -101,18 +110,20 @@ def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
     engine.eval()
     log.info("model %s, generator %s", engine.base_model_id, engine.generator_id)
     progress.begin("web page")
-    service = ChatService(storage, engine, settings)
+    loop = InferenceLoop(engine)
+    services = Services.create(storage, engine, loop, settings)
     if settings.admin_username and settings.admin_password:
-        service.ensure_admin(settings.admin_username, settings.admin_password)
+        services.accounts.ensure_admin(settings.admin_username, settings.admin_password)
         log.info("admin account: %s", settings.admin_username)
-    elif not any(u.is_admin for u in storage.list_users()):
+    elif not services.accounts.any_admin():
         log.warning("no admin account: set --admin-username and MEMCHAT_ADMIN_PASSWORD (or "
                     "--admin-password-file) to create one")
     log.info("background compression: every %d messages or after %.0f idle seconds",
              settings.compress_every, settings.compress_idle_seconds)
-    worker = CompressionWorker(service, storage, settings.worker_poll_seconds)
+    loop.start(own_thread=not block)  # before the worker, whose compressions run on it
+    worker = CompressionWorker(services.memory, settings.worker_poll_seconds)
     worker.start()
-    service.downloads.start_sweeping()
-    ui = build_ui(service)
+    services.downloads.start_sweeping()
+    ui = build_ui(services)
     ui.queue(default_concurrency_limit=4)
-    return service, worker, ui, create_app(service, ui)
+    return services, loop, worker, ui, create_app(services, ui)

@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .downloads import ROUTE as DOWNLOADS_ROUTE
 from .limits import client_address
-from .service import ChatService
+from .services import Services
 from .ui import CSS
 
 UPLOAD_ROUTES = ("/upload", "/process_recording", "/component_server")
@@ -67,7 +67,7 @@ async def _refuse(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(service: ChatService, ui: gr.Blocks) -> FastAPI:
+def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
@@ -76,7 +76,7 @@ def create_app(service: ChatService, ui: gr.Blocks) -> FastAPI:
 
     @app.get(DOWNLOADS_ROUTE + "/{token}")
     def download(token: str, request: Request):
-        found = service.downloads.find(token, client_address(request), service.user_exists)
+        found = services.downloads.find(token, client_address(request), services.accounts.exists)
         gone = PlainTextResponse("This download link has expired or is not yours. Export again from the app.",
                                  status_code=404, headers={"Cache-Control": "no-store"})
         if found is None:

@@ -1,13 +1,15 @@
 """The Gradio interface: login and sign-up, the chat, the memory panel and the admin page.
 
 Who is logged in lives in a gr.State, which Gradio keeps on the server for each browser session
-(a client cannot set it). Every handler passes it to the service, which checks it again; hiding
-the admin tab is a convenience, not the protection.
+(a client cannot set it). Every handler passes it to the services (app/services.py), which check
+it again; hiding the admin tab is a convenience, not the protection. The services hand back
+typed results (frozen dataclasses), read here by attribute.
 
-Refusals and faults never raise into Gradio (which would cover the form in "Error" badges and,
-for a fault, show the exception's text): they become a message beside the form that was used,
-and the form stays as it was. Everything a person or the model wrote is shown as text, never as
-HTML (see `text_markdown`). Logging out resets every per-user component and state of the page.
+Refusals (AppError) and faults never raise into Gradio (which would cover the form in "Error"
+badges and, for a fault, show the exception's text): they become a message beside the form that
+was used (for a fault a generic one, its traceback in the log), and the form stays as it was.
+Everything a person or the model wrote is shown as text, never as HTML (see `text_markdown`).
+Logging out resets every per-user component and state of the page.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import gradio as gr
 import pandas as pd
 
+from .accounts import Account
+from .chat import FinishedReply, HistoryMessage, TurnOpened
 from .downloads import Download
-from .errors import REFUSALS, AppError, describe
+from .errors import AppError, describe
 from .limits import client_address
+from .memory import MemoryStatus
 from .plots import adapter_figure
-from .service import ChatService, ReplyStats
+from .services import Services
 
 TITLE = "memchat"
 SNAPSHOT_COLUMNS = ["version", "created", "cursor", "tokens absorbed", "bytes", "sha256", "generator", "messages",
@@ -36,7 +41,7 @@ AUDIT_COLUMNS = ["time", "actor", "action", "user", "details"]
 INTRO = ("A chatbot that remembers you: what you say is compressed, in the background, into a small "
          "adapter for a frozen language model, instead of being re-read every turn.")
 # The chat's own trash icon would only empty the view, not the history: it is not offered
-# (forgetting happens on the Memory tab, through the service). Its label is translated, so it is
+# (forgetting happens on the Memory tab, through app/memory.py). Its label is translated, so it is
 # found by place: with buttons=["copy", "copy_all"] the chat's top panel holds [clear, copy all].
 CSS = """
 #chatbot .top-panel > button:first-child:not(:only-child) { display: none !important; }
@@ -95,32 +100,31 @@ def _download_html(download: Download, what: str) -> str:
             f"browser for {plural(minutes, 'minute')}, then the file is deleted)")
 
 
-def _chat_messages(history: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": text_markdown(m["text"])} for m in history]
+def _chat_messages(history: tuple[HistoryMessage, ...]) -> list[dict]:
+    return [{"role": m.role, "content": text_markdown(m.text)} for m in history]
 
 
-def _memory_markdown(status: dict, zone: str | None, *, admin: bool = False) -> str:
-    if status["adapter_version"]:
-        adapter = f"v{status['adapter_version']}, last compressed {local_time(status['last_compression'], zone)}"
+def _memory_markdown(status: MemoryStatus, zone: str | None, *, admin: bool = False) -> str:
+    if status.adapter_version:
+        adapter = f"v{status.adapter_version}, last compressed {local_time(status.last_compression, zone)}"
     else:
         adapter = "none yet"
     lines = [
         f"**Adapter**: {adapter}",
-        f"**In memory**: {plural(status['absorbed_messages'], 'message')}, "
-        f"{plural(status['absorbed_tokens'], 'token')}",
-        f"**Waiting to be absorbed**: {plural(status['pending_messages'], 'message')}, "
-        f"{plural(status['pending_tokens'], 'token')}",
+        f"**In memory**: {plural(status.absorbed_messages, 'message')}, {plural(status.absorbed_tokens, 'token')}",
+        f"**Waiting to be absorbed**: {plural(status.pending_messages, 'message')}, "
+        f"{plural(status.pending_tokens, 'token')}",
     ]
-    if status["needs_rebuild"]:
+    if status.needs_rebuild:
         lines.append("**Rebuilding** from the remaining history (answers use no adapter until it is done)")
-    job = status["job"]
+    job = status.job
     if job:
         line = "**Compression**: " + {"queued": "waiting its turn", "running": "running now"}.get(
-            job["status"], job["status"])
-        if job["error"]:
-            line += f"; the last attempt failed, next try {local_time(job['not_before'], zone)}"
+            job.status, job.status)
+        if job.error:
+            line += f"; the last attempt failed, next try {local_time(job.not_before, zone)}"
             if admin:  # the error text is for the people who run the server
-                line += f" (error: {text_markdown(job['error'][:200])})"
+                line += f" (error: {text_markdown(job.error[:200])})"
         lines.append(line)
     return "  \n".join(lines)
 
@@ -166,15 +170,17 @@ def _sendable(text: object) -> bool:
 
 # --- the page -----------------------------------------------------------------------------------
 
-def build_ui(service: ChatService) -> gr.Blocks:
-    rules = service.storage.settings
+def build_ui(services: Services) -> gr.Blocks:
+    accounts, chat_service, memory_service, exports, admin = (
+        services.accounts, services.chat, services.memory, services.exports, services.admin)
+    rules = services.storage.settings
     with gr.Blocks(title=TITLE) as ui:
         session = gr.State(None)        # the logged-in user's id
         pending_forget = gr.State(None)  # a message id waiting for "Yes, forget"
         pending_admin = gr.State(None)   # (action, user id) waiting for "Yes"
         zone = gr.Textbox(value="UTC", visible=False, elem_id="timezone")
 
-        if service.engine.checkpoint_meta is None:
+        if services.engine.checkpoint_meta is None:
             gr.Markdown("**Note: this server runs an untrained memory generator.** Conversations are stored and "
                         "compressed into adapters, but the adapters do not remember anything useful yet.",
                         elem_id="untrained-warning")
@@ -212,7 +218,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         refresh_button = gr.Button("Refresh", elem_id="refresh-memory")
                         compress_button = gr.Button("Compress now", elem_id="compress-now")
                     with gr.Row():
-                        # custom values pass: the service, not the list shown, decides what a user may touch
+                        # custom values pass: the services, not the list shown, decide what a user may touch
                         forget_choice = gr.Dropdown(label="Forget one of your messages (and the reply to it)",
                                                     choices=[], scale=4, allow_custom_value=True,
                                                     elem_id="forget-choice")
@@ -255,7 +261,8 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         admin_no = gr.Button("Cancel", scale=0, elem_id="admin-no")
                     admin_link = gr.HTML(elem_id="admin-link")
                     admin_notice = gr.Markdown(elem_id="admin-notice", elem_classes="notice")
-                    signup_open = gr.Checkbox(label="Sign-up open", value=service.signup_open, elem_id="signup-open")
+                    signup_open = gr.Checkbox(label="Sign-up open", value=accounts.signup_open,
+                                              elem_id="signup-open")
                     audit_table = gr.Dataframe(_empty(AUDIT_COLUMNS), label="Audit log", interactive=False,
                                                elem_id="admin-audit")
         timer = gr.Timer(5.0)
@@ -278,13 +285,12 @@ def build_ui(service: ChatService) -> gr.Blocks:
         }
         page_outputs = list(blank)
 
-        def entered(user_id: int) -> dict:
-            me = service.whoami(user_id)
+        def entered(me: Account) -> dict:
             return blank | {
-                session: user_id, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
-                admin_tab: gr.update(visible=me["is_admin"]),
-                whoami: f"Logged in as **{name_markdown(me['username'])}**" + (" (admin)" if me["is_admin"] else ""),
-                chatbot: _chat_messages(service.history(user_id)),
+                session: me.id, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
+                admin_tab: gr.update(visible=me.is_admin),
+                whoami: f"Logged in as **{name_markdown(me.username)}**" + (" (admin)" if me.is_admin else ""),
+                chatbot: _chat_messages(chat_service.history(me.id)),
             }
 
         def refused(notice_text: str) -> dict:
@@ -293,18 +299,18 @@ def build_ui(service: ChatService) -> gr.Blocks:
 
         def log_in(name, secret, request: gr.Request):
             try:
-                return entered(service.log_in(name, secret, client_address(request)))
+                return entered(accounts.log_in(name, secret, client_address(request)))
             except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
                 return refused(describe(e, "log in"))
 
         def sign_up(name, secret, request: gr.Request):
             try:
-                return entered(service.sign_up(name, secret, client_address(request)))
+                return entered(accounts.sign_up(name, secret, client_address(request)))
             except Exception as e:  # noqa: BLE001
                 return refused(describe(e, "sign up"))
 
         def log_out(user_id):
-            service.log_out(user_id)
+            accounts.log_out(user_id)
             return blank
 
         login_button.click(log_in, [username, password], page_outputs, api_name="login")
@@ -314,41 +320,46 @@ def build_ui(service: ChatService) -> gr.Blocks:
         # --- chat ---------------------------------------------------------------------------------
 
         def chat(user_id, text):
-            history = _chat_messages(service.history(user_id))  # checks the login first
             typed = text
             try:
-                text, _ = service.check_message(text)  # nothing is shown or stored before this passes
-                shown = history + [{"role": "user", "content": text_markdown(text)},
-                                   {"role": "assistant", "content": "…"}]
-                yield shown, "", "…", ""
-                written = ""
-                for part in service.reply(user_id, text):
-                    if isinstance(part, ReplyStats):
-                        yield _chat_messages(service.history(user_id)), "", part.line(), ""
+                written, shown = "", []
+                # the turn itself reads the history, stored message last (one transaction for both)
+                for part in chat_service.reply(user_id, text, with_history=True):
+                    if isinstance(part, TurnOpened):
+                        shown = _chat_messages(part.history) + [{"role": "assistant", "content": "…"}]
+                        yield shown, "", "…", ""
+                    elif isinstance(part, FinishedReply):  # the reply as stored: no need to read the history again
+                        shown[-1]["content"] = text_markdown(part.text)
+                        yield shown, "", part.stats.line(), ""
                     else:
                         written += part
                         shown[-1]["content"] = text_markdown(written)
                         yield shown, "", gr.skip(), ""
             except Exception as e:  # noqa: BLE001 - the view shows the history; a refused message is
                 # back in the box to be sent again (a fault may have stored it: then it is not)
-                box = typed if isinstance(e, REFUSALS) and _sendable(typed) else gr.skip()
-                yield _chat_messages(service.history(user_id)), box, "", _notice(describe(e, "chat"))
+                notice = _notice(describe(e, "chat"))  # first: a fault is logged even if reading the history fails
+                box = typed if isinstance(e, AppError) and _sendable(typed) else gr.skip()
+                yield _chat_messages(chat_service.history(user_id)), box, "", notice
 
         chat_outputs = [chatbot, message, reply_stats, chat_notice]
         running = []  # events that can outlive a logout: logging out cancels them (see the end)
-        running.append(send_button.click(guarded("chat", 4)(chat), [session, message], chat_outputs, api_name="chat"))
+        # as many replies at once as the inference loop decodes together (Gradio's default would cap them at 4)
+        replies_at_once = chat_service.loop.max_rows
+        running.append(send_button.click(guarded("chat", 4)(chat), [session, message], chat_outputs, api_name="chat",
+                                         concurrency_limit=replies_at_once, concurrency_id="chat"))
         running.append(message.submit(guarded("chat", 4)(chat), [session, message], chat_outputs,
-                                      api_visibility="private"))
+                                      api_visibility="private", concurrency_limit=replies_at_once,
+                                      concurrency_id="chat"))
         # should a client still send the chat's "clear" event, the view shows the stored history again
-        chatbot.clear(guarded("show history", 2)(lambda user_id: (_chat_messages(service.history(user_id)), "")),
+        chatbot.clear(guarded("show history", 2)(lambda user_id: (_chat_messages(chat_service.history(user_id)), "")),
                       [session], [chatbot, chat_notice], api_visibility="private")
 
         # --- memory -------------------------------------------------------------------------------
 
         def memory_view(user_id, tz) -> tuple:
-            status = service.memory_status(user_id)
-            choices = [(f"{local_time(m['created_at'], tz)} · {m['text'][:60]}", m["id"])
-                       for m in service.history(user_id) if m["role"] == "user"]
+            status = memory_service.status(user_id)
+            choices = [(f"{local_time(m.created_at, tz)} · {m.text[:60]}", m.id)
+                       for m in chat_service.history(user_id) if m.role == "user"]
             return _memory_markdown(status, tz), gr.update(choices=choices, value=None)
 
         def memory(user_id, tz):
@@ -357,36 +368,36 @@ def build_ui(service: ChatService) -> gr.Blocks:
         def memory_tick(user_id, tz):
             if user_id is None:
                 return gr.skip(), gr.skip(), gr.skip()
-            return _memory_markdown(service.memory_status(user_id), tz), gr.skip(), gr.skip()
+            return _memory_markdown(memory_service.status(user_id), tz), gr.skip(), gr.skip()
 
         def compress_now(user_id, tz):
-            service.compress_now(user_id)
+            memory_service.compress_now(user_id)
             gr.Info("Compression queued: your newest turns will move into your adapter shortly.")
             return memory(user_id, tz)
 
         def ask_forget(user_id, message_id):
-            chosen = [m for m in service.history(user_id) if str(m["id"]) == str(message_id) and m["role"] == "user"]
+            chosen = [m for m in chat_service.history(user_id) if str(m.id) == str(message_id) and m.role == "user"]
             if not chosen:
                 raise AppError("Choose one of your messages from the list first")
-            excerpt = chosen[0]["text"][:80] + ("…" if len(chosen[0]["text"]) > 80 else "")
+            excerpt = chosen[0].text[:80] + ("…" if len(chosen[0].text) > 80 else "")
             question = (f"Forget “{text_markdown(excerpt)}” and the reply to it? Your adapter is rebuilt "
                         "without them; this cannot be undone.")
-            return chosen[0]["id"], gr.update(visible=True), question, ""
+            return chosen[0].id, gr.update(visible=True), question, ""
 
         def forget(user_id, message_id, tz):
-            service.whoami(user_id)  # a login first, then what is waiting
+            accounts.whoami(user_id)  # a login first, then what is waiting
             if message_id is None:
                 raise AppError("Choose one of your messages from the list first")
-            deleted = service.forget(user_id, message_id)
+            deleted = memory_service.forget(user_id, message_id)
             gr.Info(f"Forgotten ({plural(deleted, 'message')}). Your adapter is being rebuilt without them.")
             return (None, gr.update(visible=False), *memory_view(user_id, tz),
-                    _chat_messages(service.history(user_id)), "")
+                    _chat_messages(chat_service.history(user_id)), "")
 
         def cancel_forget():
             return None, gr.update(visible=False), ""
 
         def export(user_id, request: gr.Request):
-            return _download_html(service.export(user_id, client_address(request)), "your data"), ""
+            return _download_html(exports.my_data(user_id, client_address(request)), "your data"), ""
 
         memory_outputs = [memory_status, forget_choice, memory_notice]
         refresh_button.click(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_name="memory")
@@ -406,15 +417,13 @@ def build_ui(service: ChatService) -> gr.Blocks:
         # --- admin --------------------------------------------------------------------------------
 
         def overview(actor, tz) -> tuple:
-            users = service.admin_users(actor)
-            choices = [(f"{u['username']} (#{u['id']})", u["id"]) for u in users]
-            for u in users:
-                u["created_at"] = local_time(u["created_at"], tz)
-            audit = service.admin_audit(actor)
-            for entry in audit:
-                entry["time"] = local_time(entry["time"], tz)
-            return (pd.DataFrame([list(u.values()) for u in users], columns=USER_COLUMNS),
-                    gr.update(choices=choices), pd.DataFrame(audit, columns=AUDIT_COLUMNS), service.signup_open)
+            users = admin.users(actor)
+            choices = [(f"{u.username} (#{u.id})", u.id) for u in users]
+            user_rows = [[u.id, u.username, u.admin, u.messages, u.adapter_version, u.needs_rebuild,
+                          local_time(u.created_at, tz)] for u in users]
+            audit_rows = [[local_time(e.time, tz), e.actor, e.action, e.user, e.details] for e in admin.audit(actor)]
+            return (pd.DataFrame(user_rows, columns=USER_COLUMNS), gr.update(choices=choices),
+                    pd.DataFrame(audit_rows, columns=AUDIT_COLUMNS), accounts.signup_open)
 
         def admin_overview(actor, tz):
             return (*overview(actor, tz), "")
@@ -423,28 +432,25 @@ def build_ui(service: ChatService) -> gr.Blocks:
             if user_id is None:
                 return "", _empty(SNAPSHOT_COLUMNS), None, ""
             try:
-                detail = service.admin_user(actor, user_id)
+                detail = admin.user(actor, user_id)
             except Exception as e:  # noqa: BLE001 - nothing of the user chosen before may stay on screen
                 return "", _empty(SNAPSHOT_COLUMNS), None, _notice(describe(e, "admin detail"))
-            summary = service.admin_adapter_summary(actor, user_id)
-            figure = adapter_figure(summary, f"{detail['username']}'s adapter") if summary else None
-            rows = [[local_time(s["created_at"], tz) if c == "created_at" else s.get(c) for c in
-                     ("version", "created_at", "cursor", "tokens_absorbed", "bytes", "sha256", "generator",
-                      "messages", "seconds", "rebuild")] for s in detail["snapshots"]]
-            heading = f"### {name_markdown(detail['username'])}\n"
-            return (heading + _memory_markdown(detail["status"], tz, admin=True),
+            summary = admin.adapter_summary(actor, user_id)
+            figure = adapter_figure(summary, f"{detail.username}'s adapter") if summary else None
+            rows = [[s.version, local_time(s.created_at, tz), s.cursor, s.tokens_absorbed, s.bytes, s.sha256,
+                     s.generator, s.messages, s.seconds, s.rebuild] for s in detail.snapshots]
+            heading = f"### {name_markdown(detail.username)}\n"
+            return (heading + _memory_markdown(detail.status, tz, admin=True),
                     pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS), figure, "")
 
         def admin_probe(actor, user_id, question, progress=gr.Progress()):
             if user_id is None:
                 raise AppError("Choose a user first")
-            answers = service.admin_probe(
-                actor, user_id, question,
-                on_step=lambda done, total, name: progress((done, total), desc=f"answering with the {name}"))
-            took = sum(a.seconds for a in answers.values())
-            return (f"Answered three ways in {took:.0f} s.",
-                    *(f"**{name}** ({a.prompt_tokens:,} prompt tokens, {a.seconds:.1f} s)\n\n{text_markdown(a.text)}"
-                      for name, a in answers.items()), "")
+            progress(0, desc="answering with the base model, the adapter and the full history")
+            probe = admin.probe(actor, user_id, question)
+            return (f"Answered three ways in {probe.seconds:.0f} s.",
+                    *(f"**{a.name}** ({a.prompt_tokens:,} prompt tokens, {a.seconds:.1f} s)\n\n{text_markdown(a.text)}"
+                      for a in probe.answers), "")
 
         # destructive actions ask first; the question names the user
         confirmations = {"reset": "Reset {name}'s memory? Every message and adapter of theirs is deleted; the "
@@ -455,7 +461,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
             def ask(actor, user_id):
                 if user_id is None:
                     raise AppError("Choose a user first")
-                question = confirmations[action].format(name=name_markdown(service.admin_username(actor, user_id)))
+                question = confirmations[action].format(name=name_markdown(admin.username(actor, user_id)))
                 return (action, user_id), gr.update(visible=True), question, ""
             return ask
 
@@ -464,25 +470,25 @@ def build_ui(service: ChatService) -> gr.Blocks:
                 raise AppError("Nothing is waiting for confirmation")
             action, user_id = pending
             if action == "reset":
-                gr.Info(f"{service.admin_reset(actor, user_id)}'s memory was reset.")
+                gr.Info(f"{admin.reset(actor, user_id)}'s memory was reset.")
             else:
-                gr.Info(f"{service.admin_delete_user(actor, user_id)}'s account was deleted.")
+                gr.Info(f"{admin.delete_user(actor, user_id)}'s account was deleted.")
             return (None, gr.update(visible=False), *overview(actor, tz), "")
 
         def rebuild(actor, user_id, tz):
             if user_id is None:
                 raise AppError("Choose a user first")
-            gr.Info(f"A rebuild of {service.admin_rebuild(actor, user_id)}'s adapter is queued.")
+            gr.Info(f"A rebuild of {admin.rebuild(actor, user_id)}'s adapter is queued.")
             return (*overview(actor, tz), "")
 
         def export_peft(actor, user_id, request: gr.Request):
             if user_id is None:
                 raise AppError("Choose a user first")
-            return _download_html(service.admin_export_peft(actor, user_id, client_address(request)),
+            return _download_html(admin.export_peft(actor, user_id, client_address(request)),
                                   "the PEFT adapter"), ""
 
         def set_signup(actor, is_open, tz):
-            service.admin_set_signup(actor, is_open)
+            admin.set_signup(actor, is_open)
             return (*overview(actor, tz), "")
 
         overview_outputs = [users_table, admin_user, audit_table, signup_open, admin_notice]

@@ -2,7 +2,8 @@
 
 Jobs live in the database, so they survive a restart: on start, jobs left running by a stopped
 process are requeued (storage counts them as failed runs, retried with backoff). A failing job
-is retried with exponential backoff and its error is shown on the memory and admin pages.
+is retried with exponential backoff and its error is shown on the memory and admin pages. What
+a job does is app/memory.py's, the worker's only collaborator; the worker decides when.
 """
 
 from __future__ import annotations
@@ -11,21 +12,19 @@ import logging
 import threading
 import time
 
-from storage import Storage
-
-from .service import ChatService
+from .memory import Memory
 
 log = logging.getLogger(__name__)
 
 
 class CompressionWorker:
-    def __init__(self, service: ChatService, storage: Storage, poll_seconds: float = 1.0):
-        self.service, self.storage, self.poll_seconds = service, storage, poll_seconds
+    def __init__(self, memory: Memory, poll_seconds: float = 1.0):
+        self.memory, self.poll_seconds = memory, poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        requeued = self.storage.requeue_stale_jobs()
+        requeued = self.memory.requeue_interrupted_jobs()
         if requeued:
             log.info("requeued %d compression job(s) interrupted by the last stop", requeued)
         self._thread = threading.Thread(target=self._run, name="compression-worker", daemon=True)
@@ -48,17 +47,5 @@ class CompressionWorker:
 
     def run_once(self) -> bool:
         """Queue idle users, then run at most one due job; True when a job ran."""
-        self.service.queue_idle(time.time())
-        job = self.storage.claim_job()
-        if job is None:
-            return False
-        started = time.perf_counter()
-        try:
-            version = self.service.compress(job.user_id)
-        except Exception as e:
-            log.exception("compression job %s for user %s failed", job.id, job.user_id)
-            self.storage.fail_job(job.id, f"{type(e).__name__}: {e}")
-            return True
-        self.storage.finish_job(job.id)
-        log.info("user %s: adapter v%s in %.1f s", job.user_id, version, time.perf_counter() - started)
-        return True
+        self.memory.queue_idle(time.time())
+        return self.memory.run_due_job()

@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.generation.streamers import BaseStreamer
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -80,27 +79,6 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self._high, resident_bytes()) - self._base
-
-
-class FirstTokenClock(BaseStreamer):
-    """Notes when generate() emits its first new token (its first put() carries the prompt)."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.first_token_at: float | None = None
-        self._calls = 0
-
-    def put(self, value) -> None:
-        self._calls += 1
-        if self._calls == 2 and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-    @property
-    def seconds_to_first_token(self) -> float:
-        return (self.first_token_at or time.perf_counter()) - self.start
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

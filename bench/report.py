@@ -82,6 +82,7 @@ def markdown(results: dict) -> str:
     if last["users"] == 16:
         lines.append(f"\nTarget at 16 users: overhead <= {100 * t['many_users_overhead_16']:.0f}%: "
                      f"{_verdict(last['adapter_overhead'] <= t['many_users_overhead_16'])}.")
+    lines += _concurrency(results)
     lines += ["", "## Memory per user", "", "| history tokens | adapter state | KV cache of the history | raw text |",
               "|---|---|---|---|"]
     for r in results["memory_size"]:
@@ -89,8 +90,46 @@ def markdown(results: dict) -> str:
                      f"{r['kv_cache_bytes'] / 1e6:.1f} MB | {r['raw_text_bytes'] / 1e3:.1f} kB |")
     state = results["memory_size"][0]["adapter_state_bytes"]
     lines.append(f"\nTarget: state <= 1 MB per user: {state / 1e6:.2f} MB, {_verdict(state <= t['state_bytes'])}.")
-    lines += ["", "Plots: `per_turn.png`, `many_users.png`, `memory_size.png`.", ""]
+    lines += ["", "Plots: `per_turn.png`, `many_users.png`, `concurrent_users.png`, `memory_size.png`.", ""]
     return "\n".join(lines)
+
+
+def _concurrency(results: dict) -> list[str]:
+    c, t = results["concurrent_users"], results["targets"]
+    lines = ["", "## Concurrent users", "",
+             f"Users send a message at the same moment through the app's services (storage, chat, memory); each has "
+             f"about {c['history_tokens']} tokens of history in the adapter; replies of {c['reply_tokens']} tokens, "
+             "sampled as in the app (the end of turn held back, so both modes decode as much). *serialized*: one "
+             "reply at a time, and a compression runs to its end before anything else (as when every engine call "
+             "held one lock); *scheduler*: the inference loop (adapter_core.scheduler), replies in one running "
+             "batch, a compression stepping aside between layers when a reply waits.", "",
+             "| mode | users | tokens/s | first token p50 (s) | p95 (s) | whole reply p50 (s) | p95 (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['mode']} | {r['users']} | {r['tokens_per_s']:.1f} | {r['first_token_p50_s']:.2f} | "
+                     f"{r['first_token_p95_s']:.2f} | {r['reply_p50_s']:.2f} | {r['reply_p95_s']:.2f} |")
+    by = {(r["mode"], r["users"]): r for r in c["rows"]}
+    if ("scheduler", 16) in by and ("serialized", 16) in by:
+        speedup = by["scheduler", 16]["tokens_per_s"] / by["serialized", 16]["tokens_per_s"]
+        p95 = by["scheduler", 16]["first_token_p95_s"]
+        lines += ["", f"Target at 16 users: tokens/s >= {t['concurrent_speedup_16']:.0f}x the serialized path: "
+                      f"{speedup:.1f}x, {_verdict(speedup >= t['concurrent_speedup_16'])}; p95 first token <= "
+                      f"{t['concurrent_first_token_p95_16_s']:.0f} s: {p95:.2f} s, "
+                      f"{_verdict(p95 <= t['concurrent_first_token_p95_16_s'])}."]
+    lines += ["", "First token of replies sent one after another while a compression runs:", "",
+              "| mode | compression tokens | compression (s) | replies | first token, each (s) | worst (s) |",
+              "|---|---|---|---|---|---|"]
+    for d in c["during_compression"]:
+        each = ", ".join(f"{s:.2f}" for s in d["first_token_s"])
+        lines.append(f"| {d['mode']} | {d['compression_tokens']} | {d['compression_s']:.1f} | {len(d['first_token_s'])} "
+                     f"| {each} | {d['first_token_max_s']:.2f} |")
+    for d in c["during_compression"]:
+        if d["mode"] == "scheduler":
+            limit = t["first_token_during_compression_s"]
+            lines += ["", f"Target: during a {d['compression_tokens']}-token compression a new reply's first token "
+                          f"within {limit:.0f} s: worst {d['first_token_max_s']:.2f} s, "
+                          f"{_verdict(d['first_token_max_s'] <= limit)}."]
+    return lines
 
 
 def _save(fig, path: Path) -> None:
@@ -123,6 +162,21 @@ def plot_all(results: dict, folder: Path) -> None:
                                             "one adapter per user": [r["adapter_tokens_per_s"] for r in rows]},
            xlabel="users in the batch", ylabel="decoded tokens/s", title="many users, one batch")
     _save(fig, folder / "many_users.png")
+
+    rows = results["concurrent_users"]["rows"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    users = sorted({r["users"] for r in rows})
+    by = {(r["mode"], r["users"]): r for r in rows}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, label) in zip(axes, (("tokens_per_s", "tokens/s, all users together"),
+                                       ("first_token_p95_s", "first token, p95 (s)"),
+                                       ("reply_p95_s", "whole reply, p95 (s)"))):
+        _lines(ax, users, {m: [by[m, n][key] for n in users] for m in modes}, xlabel="users sending at once",
+               ylabel=label, title=label, xticks=users)
+    axes[1].axhline(results["targets"]["concurrent_first_token_p95_16_s"], color="grey", linestyle=":",
+                    label="target at 16 users")
+    axes[1].legend()
+    _save(fig, folder / "concurrent_users.png")
 
     rows = results["memory_size"]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import time
@@ -10,11 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from adapter_core import GenerativeAdapterModel
-from adapter_core.conversation import Turn, history_text, left_pad, prompt_ids
-from adapter_core.training.persona import TRAIN, make_conversation
+from adapter_core.data.conversation import Turn, history_text, prompt_ids
+from adapter_core.data.personas import TRAIN, make_conversation
+from adapter_core.decoding import ReplyRequest, count_tokens, reply
+from adapter_core.sampling import SamplingConfig
 from adapter_core.windows import Window, pack_windows
 
-from .measure import FirstTokenClock, PeakMemory, count_flops, interleaved_medians
+from .measure import PeakMemory, count_flops, interleaved_medians
 
 QUESTION = "Can you remind me what I told you about my trip?"
 
@@ -35,6 +38,15 @@ class BenchOptions:
     users: tuple[int, ...] = (1, 4, 16)
     """Batch sizes of the many-users decode test, one adapter per user."""
     decode_tokens: int = 32
+    concurrent_users: tuple[int, ...] = (1, 4, 16)
+    """Users sending a message at the same moment, through the app's services."""
+    concurrent_reply_tokens: int = 32
+    """Longest reply in the concurrent-users test (the app's max_new_tokens there)."""
+    concurrent_history_tokens: int = 2048
+    """History already absorbed into each of those users' adapters."""
+    compression_tokens: int = 4096
+    """Size of the compression that runs while replies are measured."""
+    replies_during_compression: int = 5
 
 
 def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:
@@ -42,7 +54,7 @@ def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:
     conversation = make_conversation(random.Random(seed), TRAIN, 10, int(tokens * 1.5) + 400)
     kept, total = [], 0
     for turn in reversed(conversation.turns):
-        n = len(tokenizer(history_text([turn]), add_special_tokens=False)["input_ids"])
+        n = count_tokens(tokenizer, history_text([turn]))
         if total + n > tokens:
             break
         kept.insert(0, turn)
@@ -54,7 +66,7 @@ def prefill_flops(engine: GenerativeAdapterModel, ids: torch.Tensor, states) -> 
     """FLOPs of the prefill: matmuls counted by PyTorch, attention scores and values added as
     4 * layers * T^2 * width (the counter misses attention on the CPU).
 
-    Counted matmul FLOPs are a*T + c (c: the output layer at the last position only, as generate
+    Counted matmul FLOPs are a*T + c (c: the output layer at the last position only, as decoding
     computes it), so two short counts give them for any length without running a long prompt again.
     """
     def counted(n: int) -> int:
@@ -69,32 +81,35 @@ def prefill_flops(engine: GenerativeAdapterModel, ids: torch.Tensor, states) -> 
     return int(per_token * length + fixed + 4 * config.num_hidden_layers * length ** 2 * width)
 
 
+def fixed_length(tokens: int) -> SamplingConfig:
+    """Greedy replies of exactly `tokens` tokens, so that every case decodes the same amount."""
+    return dataclasses.replace(SamplingConfig.greedy(tokens), min_new_tokens=tokens)
+
+
 @torch.inference_mode()
 def per_turn(engine: GenerativeAdapterModel, options: BenchOptions) -> list[dict]:
     tok = engine.tokenizer
-    generate = dict(max_new_tokens=options.reply_tokens, min_new_tokens=options.reply_tokens, do_sample=False,
-                    pad_token_id=tok.pad_token_id)
-    engine.generate(torch.tensor([prompt_ids(tok, QUESTION)], device=engine.device), **generate)  # warm-up
+    sampling = fixed_length(options.reply_tokens)
+    reply(engine, [ReplyRequest(prompt_ids(tok, QUESTION), None, sampling)])  # warm-up
     rows = []
     for length in options.lengths:
         turns = history_turns(tok, length)
         recent = turns[-options.recent_turns:] if options.recent_turns else []
         state = engine.absorb(engine.empty_state(), history_text(turns[:len(turns) - len(recent)]))
-        cases = {"full_history": (prompt_ids(tok, QUESTION, turns), None),
-                 "adapter": (prompt_ids(tok, QUESTION, recent), [state])}
+        cases = {"full_history": ReplyRequest(prompt_ids(tok, QUESTION, turns), None, sampling),
+                 "adapter": ReplyRequest(prompt_ids(tok, QUESTION, recent), state, sampling)}
         first, total, peak = {m: [] for m in cases}, {m: [] for m in cases}, dict.fromkeys(cases, 0)
         for _ in range(options.repeats):
-            for mode, (prompt, states) in cases.items():  # interleaved: a slow phase hits both modes
-                clock = FirstTokenClock()
+            for mode, request in cases.items():  # interleaved: a slow phase hits both modes
                 with PeakMemory(engine.device) as memory:
-                    engine.generate(torch.tensor([prompt], device=engine.device), states=states, streamer=clock,
-                                    **generate)
-                total[mode].append(time.perf_counter() - clock.start)
-                first[mode].append(clock.seconds_to_first_token)
+                    answer = reply(engine, [request])[0]
+                total[mode].append(answer.total_s)
+                first[mode].append(answer.first_token_s)
                 peak[mode] = max(peak[mode], memory.peak)
-        for mode, (prompt, states) in cases.items():
-            ids = torch.tensor([prompt], device=engine.device)
-            rows.append({"history_tokens": length, "mode": mode, "prompt_tokens": len(prompt),
+        for mode, request in cases.items():
+            ids = torch.tensor([request.prompt], device=engine.device)
+            states = None if request.state is None else [request.state]
+            rows.append({"history_tokens": length, "mode": mode, "prompt_tokens": len(request.prompt),
                          "time_to_first_token_s": statistics.median(first[mode]),
                          "reply_s": statistics.median(total[mode]), "peak_memory_mb": peak[mode] / 2**20,
                          "prefill_gflops": prefill_flops(engine, ids, states) / 1e9})
@@ -141,17 +156,15 @@ def compression(engine: GenerativeAdapterModel, options: BenchOptions) -> dict:
 @torch.inference_mode()
 def many_users(engine: GenerativeAdapterModel, options: BenchOptions) -> list[dict]:
     tok = engine.tokenizer
-    generate = dict(max_new_tokens=options.decode_tokens, min_new_tokens=options.decode_tokens, do_sample=False,
-                    pad_token_id=tok.pad_token_id)
+    sampling = fixed_length(options.decode_tokens)
     rows = []
     for users in options.users:
         histories = [history_text(history_turns(tok, 300, seed=100 + u)) for u in range(users)]
         states = engine.absorb_many([engine.empty_state()] * users, histories)
         prompts = [prompt_ids(tok, f"{QUESTION} ({u})") for u in range(users)]
-        ids, mask = (t.to(engine.device) for t in left_pad(prompts, tok.pad_token_id))
         run = {
-            "base": lambda: engine.generate(ids, attention_mask=mask, **generate),
-            "adapters": lambda: engine.generate(ids, attention_mask=mask, states=states, **generate),
+            "base": lambda: reply(engine, [ReplyRequest(p, None, sampling) for p in prompts]),
+            "adapters": lambda: reply(engine, [ReplyRequest(p, s, sampling) for p, s in zip(prompts, states)]),
         }
         run["base"]()  # warm-up at this batch size
         seconds = interleaved_medians(run, options.repeats)
@@ -172,7 +185,7 @@ def memory_size(engine: GenerativeAdapterModel, options: BenchOptions) -> list[d
     rows = []
     for length in options.lengths:
         text = history_text(history_turns(tok, length))
-        tokens = len(tok(text, add_special_tokens=False)["input_ids"])
+        tokens = count_tokens(tok, text)
         rows.append({"history_tokens": tokens, "adapter_state_bytes": state_bytes,
                      "kv_cache_bytes": kv_per_token * tokens, "raw_text_bytes": len(text.encode())})
     return rows

@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapter_core.conversation import Turn, prompt_ids  # noqa: E402
+from adapter_core.data.conversation import Turn, prompt_ids  # noqa: E402
+from adapter_core.decoding import Reply, ReplyRequest, reply  # noqa: E402
 from adapter_core.sampling import SamplingConfig, end_of_turn_ids, repetition_stats  # noqa: E402
 
 PROMPTS: tuple[tuple[str, tuple[Turn, ...]], ...] = (
@@ -59,7 +59,8 @@ between two compressions (it absorbs a user's turns once 4 of their messages are
 MODES["conversation"] = MODES["conversation"].format(CONVERSATION_TURNS)
 
 OLD = "old"
-"""The app before SamplingConfig: greedy, 200 tokens, the tokenizer's eos (passed as they were, not as a config)."""
+"""The app before SamplingConfig: greedy, 200 tokens, no penalty (it stopped at the tokenizer's eos,
+which for SmolLM2 is also the end of turn)."""
 OLD_MAX_NEW_TOKENS = 200
 
 CANDIDATES: dict[str, SamplingConfig] = {
@@ -75,31 +76,21 @@ CANDIDATES: dict[str, SamplingConfig] = {
 """Candidates at the old cap of 200 (to see where replies end by themselves), and the new defaults."""
 
 
-def settings_kwargs(name: str, tokenizer) -> tuple[dict, dict]:
-    """(generate kwargs, description) of a setting."""
-    if name == OLD:
-        kwargs = dict(max_new_tokens=OLD_MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
-        return kwargs, dict(do_sample=False, max_new_tokens=OLD_MAX_NEW_TOKENS, eos="tokenizer.eos_token_id")
-    config = CANDIDATES[name]
-    return config.generate_kwargs(tokenizer), asdict(config)
+def settings(name: str) -> SamplingConfig:
+    """The decoding setting called `name`."""
+    return SamplingConfig.greedy(OLD_MAX_NEW_TOKENS) if name == OLD else CANDIDATES[name]
 
 
-def generate_one(engine, ids: list[int], kwargs: dict, seed: int) -> tuple[list[int], float]:
-    torch.manual_seed(seed)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = engine.generate(torch.tensor([ids], device=engine.device), **kwargs)
-    return out[0, len(ids):].tolist(), time.perf_counter() - started
+def generate_one(engine, ids: list[int], sampling: SamplingConfig, seed: int) -> Reply:
+    return reply(engine, [ReplyRequest(ids, None, sampling, seed=seed)])[0]
 
 
-def reply_record(tokenizer, prompt: str, seed: int, new: list[int], seconds: float, cap: int,
-                 end_ids: list[int]) -> dict:
-    stopped = bool(new) and new[-1] in end_ids
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return dict(prompt=prompt, seed=seed, text=text, tokens=len(new) - stopped,
-                hit_cap=len(new) >= cap and not stopped, stopped_at_end_of_turn=stopped,
-                repeated_4gram_share=round(repetition_stats(text, 4).repeated_share, 4), seconds=round(seconds, 3))
+def reply_record(prompt: str, seed: int, answer: Reply) -> dict:
+    stopped = answer.finish == "end"
+    return dict(prompt=prompt, seed=seed, text=answer.text, tokens=len(answer.tokens),
+                hit_cap=answer.finish == "length", stopped_at_end_of_turn=stopped,
+                repeated_4gram_share=round(repetition_stats(answer.text, 4).repeated_share, 4),
+                seconds=round(answer.total_s, 3))
 
 
 def summarize(replies: list[dict]) -> dict:
@@ -151,26 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     end_ids = end_of_turn_ids(tok)
     print(f"eos {tok.eos_token!r} ({tok.eos_token_id}); end of turn ids {end_ids} "
           f"({', '.join(tok.convert_ids_to_tokens(end_ids))}); {torch.get_num_threads()} torch threads", flush=True)
-    generate_one(engine, prompt_ids(tok, "Hello"), dict(max_new_tokens=4, do_sample=False,
-                                                        pad_token_id=tok.pad_token_id), 0)  # warm-up
+    generate_one(engine, prompt_ids(tok, "Hello"), SamplingConfig.greedy(4), 0)  # warm-up
 
     # Settings take turns prompt by prompt, so that load from other programs on the machine falls on
-    # all of them alike; each reply gets fresh kwargs (see SamplingConfig.generate_kwargs).
+    # all of them alike.
     modes = ["single", "conversation"] if args.mode == "both" else [args.mode]
     replies = {mode: {name: [] for name in names} for mode in modes}
     chats: dict[tuple[str, int], list[Turn]] = {}  # (setting, seed index) -> the conversation so far
     for i, (message, turns) in enumerate(prompts):
         for mode in modes:
             for name in names:
-                sampled = settings_kwargs(name, tok)[0]["do_sample"]
+                sampled = settings(name).do_sample
                 for s in range(args.seeds) if sampled else range(1):
                     chat = chats.setdefault((name, s), []) if mode == "conversation" else []
                     pending = (*chat[-CONVERSATION_TURNS:], *turns)
                     ids = prompt_ids(tok, message, pending)
                     seed = 1000 * s + i
-                    kwargs = settings_kwargs(name, tok)[0]  # fresh for each call (a stateful processor)
-                    new, seconds = generate_one(engine, ids, kwargs, seed)
-                    r = reply_record(tok, message, seed, new, seconds, kwargs["max_new_tokens"], end_ids)
+                    r = reply_record(message, seed, generate_one(engine, ids, settings(name), seed))
                     r.update(earlier_turns=len(pending), prompt_tokens=len(ids))
                     replies[mode][name].append(r)
                     chat += [Turn("user", message), Turn("assistant", r["text"] or "…")]
@@ -181,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {mode: {} for mode in modes}
     for mode in modes:
         for name in names:
-            kwargs, described = settings_kwargs(name, tok)
-            kwargs = {k: (repr(list(v)) if k == "logits_processor" else v) for k, v in kwargs.items()}
-            results[mode][name] = dict(settings=described, generate_kwargs=kwargs,
+            results[mode][name] = dict(settings=asdict(settings(name)),
                                        summary=summarize(replies[mode][name]), replies=replies[mode][name])
         print(f"\n{mode} ({MODES[mode]})\n" + table({n: r["summary"] for n, r in results[mode].items()}))
     report = dict(date=date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs, "

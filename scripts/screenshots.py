@@ -66,8 +66,8 @@ def main() -> None:
             page.locator("#whoami").get_by_text("Logged in as ilvara").wait_for(timeout=30_000)
             say(page, "Hi! My name is Ilvara and I live in a small town called Quenmoor.")
             say(page, "My cat Tobrik sleeps all day while I work as a glassblower.")
-            user_id = running.service.storage.find_user("ilvara").id
-            while running.service.storage.latest_snapshot(user_id) is None:  # the worker compresses
+            user_id = running.services.storage.find_user("ilvara").id
+            while running.services.storage.latest_snapshot(user_id) is None:  # the worker compresses
                 page.wait_for_timeout(500)
             say(page, "What is the name of my cat?")
             page.screenshot(path=str(out / "chat.png"), full_page=True)

@@ -34,6 +34,7 @@ from .files import DIR_MODE, SnapshotFiles, make_private_dirs, restrict_mode
 from .models import (
     USERNAME_SKELETON_CHARS, AdapterSnapshot, AuditEntry, CompressionJob, Conversation, Message, User, utcnow,
 )
+from .results import MemorySummary, MessageCounts, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
 
 ID_MAX_CHARS = 200
@@ -135,6 +136,18 @@ class Storage:
         with self._reading() as session:
             return list(session.scalars(select(User).order_by(User.id)))
 
+    def user_summaries(self) -> list[UserSummary]:
+        """Every user with their number of messages and latest adapter version, in one query."""
+        messages = (select(Message.user_id, func.count(Message.id).label("n"))
+                    .group_by(Message.user_id).subquery())
+        versions = (select(AdapterSnapshot.user_id, func.max(AdapterSnapshot.version).label("version"))
+                    .group_by(AdapterSnapshot.user_id).subquery())
+        query = (select(User, func.coalesce(messages.c.n, 0), versions.c.version)
+                 .outerjoin(messages, messages.c.user_id == User.id)
+                 .outerjoin(versions, versions.c.user_id == User.id).order_by(User.id))
+        with self._reading() as session:
+            return [UserSummary(user, count, version) for user, count, version in session.execute(query)]
+
     def set_admin(self, user_id: int, is_admin: bool, *, actor_id: int | None = None) -> User:
         """Grant or revoke admin rights; with an actor, the change is audited in the same transaction."""
         with self._writing() as session:
@@ -177,16 +190,63 @@ class Storage:
 
     def append_message(self, user_id: int, conversation_id: int, role: str, text: str,
                        token_count: int) -> Message:
-        checked_role = validation.role(role)
-        checked_text = validation.message_text(text, self.settings)
-        tokens = validation.count("token_count", token_count)
+        message = self._checked_message(user_id, conversation_id, role, text, token_count)
         with self._writing() as session:
             self._lock_user(session, user_id)  # one user's ids in commit order (see module doc)
             self._conversation(session, user_id, conversation_id)
-            message = Message(user_id=user_id, conversation_id=conversation_id, role=checked_role,
-                              text=checked_text, token_count=tokens)
             session.add(message)
         return message
+
+    # --- turns: one chat turn in two transactions ------------------------------------------
+
+    def begin_turn(self, user_id: int, text: str, token_count: int, *, with_history: bool = False) -> TurnStart:
+        """Store a user's new message and read what answering it needs, in one transaction.
+
+        The message goes into the user's latest conversation (a new one if they have none). Read
+        with it: the latest snapshot, whether it awaits a rebuild, the messages before the new
+        one that no usable adapter holds (see TurnStart.pending) and, with_history, all of the
+        user's messages (what a chat page shows).
+        """
+        message = self._checked_message(user_id, None, "user", text, token_count)
+        with self._writing() as session:
+            user = self._lock_user(session, user_id)  # one user's ids in commit order (see module doc)
+            conversation_id = session.scalar(select(Conversation.id).where(Conversation.user_id == user_id)
+                                             .order_by(Conversation.id.desc()).limit(1))
+            if conversation_id is None:
+                conversation = Conversation(user_id=user_id)
+                session.add(conversation)
+                session.flush()
+                conversation_id = conversation.id
+            message.conversation_id = conversation_id
+            session.add(message)
+            session.flush()
+            snapshot = self._latest_snapshot(session, user_id)
+            cursor = snapshot.cursor if snapshot is not None and not user.needs_rebuild else 0
+            pending = session.scalars(select(Message).where(
+                Message.user_id == user_id, Message.id > cursor, Message.id < message.id).order_by(Message.id))
+            history = None
+            if with_history:
+                history = tuple(session.scalars(select(Message).where(Message.user_id == user_id)
+                                                .order_by(Message.id)))
+            return TurnStart(message, snapshot, user.needs_rebuild, tuple(pending), history)
+
+    def finish_turn(self, user_id: int, conversation_id: int, text: str, token_count: int, *,
+                    compress_every: int) -> TurnEnd:
+        """Store the reply of a turn and, once at least `compress_every` of the user's own messages
+        wait after the latest snapshot's cursor, queue their compression; one transaction."""
+        message = self._checked_message(user_id, conversation_id, "assistant", text, token_count)
+        threshold = validation.count("compress_every", compress_every)
+        with self._writing() as session:
+            self._lock_user(session, user_id)
+            self._conversation(session, user_id, conversation_id)
+            session.add(message)
+            session.flush()
+            snapshot = self._latest_snapshot(session, user_id)
+            waiting = session.scalar(select(func.count(Message.id)).where(
+                Message.user_id == user_id, Message.role == "user",
+                Message.id > (snapshot.cursor if snapshot is not None else 0)))
+            job = self._queue_job(session, user_id) if waiting >= threshold else None
+        return TurnEnd(message, job)
 
     def history(self, user_id: int, conversation_id: int | None = None) -> list[Message]:
         """The user's messages, oldest first; of one conversation if given."""
@@ -197,17 +257,17 @@ class Storage:
                 query = query.where(Message.conversation_id == conversation_id)
             return list(session.scalars(query.order_by(Message.id)))
 
-    def message_counts(self, user_id: int) -> dict[str, int]:
+    def message_counts(self, user_id: int) -> MessageCounts:
         """Messages and tokens absorbed into the adapter and pending, counted in the database."""
-        absorbed = Message.snapshot_id.is_not(None)
-        query = select(func.count(Message.id),
-                       func.coalesce(func.sum(case((absorbed, 1), else_=0)), 0),
-                       func.coalesce(func.sum(case((absorbed, Message.token_count), else_=0)), 0),
-                       func.coalesce(func.sum(Message.token_count), 0)).where(Message.user_id == user_id)
         with self._reading() as session:
-            messages, absorbed_messages, absorbed_tokens, tokens = session.execute(query).one()
-        return {"messages": messages, "absorbed_messages": absorbed_messages, "absorbed_tokens": absorbed_tokens,
-                "pending_messages": messages - absorbed_messages, "pending_tokens": tokens - absorbed_tokens}
+            return self._message_counts(session, user_id)
+
+    def memory_summary(self, user_id: int) -> MemorySummary:
+        """The user, their message counts, latest snapshot and active compression job, in one transaction."""
+        with self._reading() as session:
+            user = self._user(session, user_id)
+            return MemorySummary(user, self._message_counts(session, user_id), self._latest_snapshot(session, user_id),
+                                 self._active_job(session, user_id))
 
     def messages_after(self, user_id: int, cursor: int, limit: int | None = None) -> list[Message]:
         """The user's messages with an id above the cursor, oldest first: what is not absorbed yet."""
@@ -291,7 +351,29 @@ class Storage:
                     AdapterSnapshot.id == snapshot_id, AdapterSnapshot.user_id == user_id)).one_or_none()
         if snapshot is None:
             raise NotFound(f"user {user_id} has no adapter snapshot {snapshot_id or ''}".rstrip())
+        return self.read_snapshot_file(snapshot)
+
+    def read_snapshot_file(self, snapshot: AdapterSnapshot) -> bytes:
+        """The bytes of a snapshot row already read (from the disk only), checked against their sha256."""
         return self.files.read(snapshot.path, snapshot.sha256, snapshot.size_bytes)
+
+    def report_unusable_snapshot(self, user_id: int, snapshot_id: int, details: dict[str, Any]) -> list[Message]:
+        """A snapshot whose file cannot be used: mark the adapter for a rebuild from the history,
+        queue it and record why in the audit log (`adapter_unreadable`), in one transaction.
+
+        Reported once: nothing is marked again while a rebuild is awaited, nor when a newer snapshot
+        has replaced this one meanwhile. Returns all the user's messages, oldest first: until the
+        rebuild lands no adapter holds any of them, so answers must show them instead.
+        """
+        checked_details = validation.json_document("details", details, self.settings)
+        with self._writing() as session:
+            user = self._lock_user(session, user_id)
+            latest = self._latest_snapshot(session, user_id)
+            if latest is not None and latest.id == snapshot_id and not user.needs_rebuild:
+                user.needs_rebuild = True
+                self._audit(session, None, "adapter_unreadable", user_id, {"version": latest.version} | checked_details)
+                self._queue_job(session, user_id)
+            return list(session.scalars(select(Message).where(Message.user_id == user_id).order_by(Message.id)))
 
     def commit_snapshot(self, user_id: int, data: bytes, *, generator_id: str, base_model_id: str,
                         cursor: int, tokens_absorbed: int, stats: dict[str, Any] | None = None,
@@ -360,14 +442,7 @@ class Storage:
         """
         with self._writing() as session:
             self._lock_user(session, user_id)
-            job = session.scalars(select(CompressionJob).where(
-                CompressionJob.user_id == user_id, CompressionJob.status.in_(("queued", "running")))).one_or_none()
-            if job is None:
-                job = CompressionJob(user_id=user_id)
-                session.add(job)
-            elif job.status == "running":
-                job.rerun = True
-        return job
+            return self._queue_job(session, user_id)
 
     def claim_job(self) -> CompressionJob | None:
         """Take the oldest due queued job and mark it running; None when there is none.
@@ -399,8 +474,7 @@ class Storage:
     def active_job(self, user_id: int) -> CompressionJob | None:
         """The user's queued or running job, if any."""
         with self._reading() as session:
-            return session.scalars(select(CompressionJob).where(
-                CompressionJob.user_id == user_id, CompressionJob.status.in_(("queued", "running")))).one_or_none()
+            return self._active_job(session, user_id)
 
     def pending_users(self) -> list[tuple[int, int, datetime]]:
         """(user id, messages not absorbed yet, time of the newest one) for every user with any."""
@@ -510,6 +584,40 @@ class Storage:
         if conversation is None:
             raise NotFound(f"user {user_id} has no conversation {conversation_id}")
         return conversation
+
+    def _checked_message(self, user_id: int, conversation_id: int | None, role: str, text: str,
+                         token_count: int) -> Message:
+        """A new message row, its input checked before any transaction starts."""
+        return Message(user_id=user_id, conversation_id=conversation_id, role=validation.role(role),
+                       text=validation.message_text(text, self.settings),
+                       token_count=validation.count("token_count", token_count))
+
+    @staticmethod
+    def _active_job(session: Session, user_id: int) -> CompressionJob | None:
+        return session.scalars(select(CompressionJob).where(
+            CompressionJob.user_id == user_id, CompressionJob.status.in_(("queued", "running")))).one_or_none()
+
+    def _queue_job(self, session: Session, user_id: int) -> CompressionJob:
+        """See queue_job; the caller holds the user's lock."""
+        job = self._active_job(session, user_id)
+        if job is None:
+            job = CompressionJob(user_id=user_id)
+            session.add(job)
+            session.flush()
+        elif job.status == "running":
+            job.rerun = True
+        return job
+
+    @staticmethod
+    def _message_counts(session: Session, user_id: int) -> MessageCounts:
+        absorbed = Message.snapshot_id.is_not(None)
+        messages, absorbed_messages, absorbed_tokens, tokens = session.execute(
+            select(func.count(Message.id),
+                   func.coalesce(func.sum(case((absorbed, 1), else_=0)), 0),
+                   func.coalesce(func.sum(case((absorbed, Message.token_count), else_=0)), 0),
+                   func.coalesce(func.sum(Message.token_count), 0)).where(Message.user_id == user_id)).one()
+        return MessageCounts(messages, absorbed_messages, absorbed_tokens, messages - absorbed_messages,
+                             tokens - absorbed_tokens)
 
     @staticmethod
     def _latest_snapshot(session: Session, user_id: int) -> AdapterSnapshot | None:

@@ -1,1 +1,1 @@
-"""Measuring what adapters remember: the JSONL conversation format, metrics and the runner."""
+"""Measuring what adapters remember: answer metrics and the runner (the data is in adapter_core.data)."""

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..conversation import Turn, history_text, left_pad, prompt_ids
+from ..data.conversation import history_text, left_pad, prompt_ids
+from ..data.dataset import Conversation
+from ..decoding import ReplyRequest, count_tokens, fit_prompt, reply
 from ..model import GenerativeAdapterModel
+from ..sampling import SamplingConfig
 from ..state import AdapterState
-from .dataset import Conversation
 from .metrics import contains_answer, token_f1
 
 MODES = ("closed_book", "full_history", "adapter", "adapter_recent")
@@ -36,7 +38,7 @@ class EvalOptions:
     recent_turns: int = 4
     """Turns kept in the prompt, not in the adapter, in adapter_recent mode."""
     batch_size: int = 8
-    """Questions per generate call (prompts of the same mode are batched together)."""
+    """Questions decoded together (prompts of the same mode are batched together)."""
     conversations_per_pass: int = 8
     """Conversations absorbed together in one batch."""
     context_limit: int | None = None
@@ -119,12 +121,13 @@ def _prepare(engine: GenerativeAdapterModel, group: list[Conversation], options:
                                                       [history_text(h[:len(h) - k]) for h in histories])
     asks = []
     for u, (conversation, turns) in enumerate(zip(group, histories)):
-        history_tokens = len(tok(history_text(turns), add_special_tokens=False)["input_ids"])
+        history_tokens = count_tokens(tok, history_text(turns))
         for i, q in enumerate(conversation.questions):
             for mode in options.modes:
                 truncated = False
                 if mode == "full_history":
-                    prompt, truncated = _fitting_prompt(tok, q.question, turns, limit - options.max_new_tokens)
+                    prompt, kept = fit_prompt(tok, q.question, turns, limit - options.max_new_tokens)
+                    truncated = len(kept) < len(turns)
                 elif mode == "adapter_recent":
                     prompt = prompt_ids(tok, q.question, turns[len(turns) - k:] if k else [])
                 else:
@@ -134,29 +137,10 @@ def _prepare(engine: GenerativeAdapterModel, group: list[Conversation], options:
     return asks
 
 
-def _fitting_prompt(tok, question: str, turns: list[Turn], budget: int) -> tuple[list[int], bool]:
-    """The full-history prompt, dropping the earliest turns until it fits the model's window."""
-    ids = prompt_ids(tok, question, turns)
-    if len(ids) <= budget:
-        return ids, False
-    low, high = 0, len(turns)  # find the fewest dropped turns that fit
-    while low < high:
-        mid = (low + high) // 2
-        if len(prompt_ids(tok, question, turns[mid:])) <= budget:
-            high = mid
-        else:
-            low = mid + 1
-    return prompt_ids(tok, question, turns[low:]), True
-
-
-@torch.no_grad()
 def _generate(engine: GenerativeAdapterModel, batch: list[_Ask], max_new_tokens: int) -> list[str]:
-    tok = engine.tokenizer
-    ids, mask = left_pad([a.prompt for a in batch], tok.pad_token_id)
-    out = engine.generate(ids.to(engine.device), attention_mask=mask.to(engine.device),
-                          states=[a.state for a in batch], max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+    """Greedy answers, each row with its own adapter state, decoded together."""
+    greedy = SamplingConfig.greedy(max_new_tokens)
+    return [r.text for r in reply(engine, [ReplyRequest(a.prompt, a.state, greedy) for a in batch])]
 
 
 @torch.no_grad()

@@ -1,1 +1,2 @@
-"""Teaching the generator to store: training data, objectives and the training loop."""
+"""Teaching the generator to store: the objectives' batches and the training loop (the data is in
+adapter_core.data)."""

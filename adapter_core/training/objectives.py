@@ -1,4 +1,4 @@
-"""Training batches for the three objectives, and their loss.
+"""Training batches for the three objectives; the engine computes their loss (`engine.loss`).
 
 Every example is a list of windows: the ones that write memory are encoded in one memory pass,
 where window j sees windows < j only through the adapter (rows never attend to each other,
@@ -18,14 +18,10 @@ import random
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import torch
-import torch.nn.functional as F
-
-from ..conversation import Turn, history_text, prompt_ids
-from ..model import GenerativeAdapterModel
+from ..data import corpus
+from ..data.conversation import Turn, history_text, prompt_ids
+from ..data.personas import TRAIN, make_conversation
 from ..windows import IGNORE, TrainingBatch, Window, pack_training_batch
-from . import corpus
-from .persona import TRAIN, make_conversation
 
 OBJECTIVES = ("completion", "reconstruction", "qa")
 
@@ -125,36 +121,3 @@ def qa_windows(tok, window: int, history: str, recent: list[Turn],
         windows.append(Window(prompt + answer_ids, labels=[IGNORE] * len(prompt) + answer_ids,
                               writes_memory=False))
     return windows
-
-
-def batch_loss(engine: GenerativeAdapterModel, batch: TrainingBatch) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over labelled positions, and their count.
-
-    Only the labelled positions go through the output layer: with a 49K vocabulary, full logits
-    for every window would cost gigabytes.
-    """
-    batch = batch.to(engine.device)
-    memory, queries = batch.memory, batch.queries
-    decoder = engine.base_model.get_decoder()
-    r = engine.config.rank
-    prior = {name: torch.zeros(memory.users, r, r, device=engine.device) for name in engine.adapted}
-    with engine.memory_pass(prior, memory.rows, memory.sum_mask) as written:
-        hidden = decoder(input_ids=memory.input_ids, attention_mask=memory.attention_mask,
-                         use_cache=False).last_hidden_state  # (U*W, T, D)
-    picked = [_labelled(hidden, memory.labels)]
-    if queries is not None:
-        with engine.reading(written.totals, queries.user):  # each query reads all of its user's memory
-            hidden = decoder(input_ids=queries.input_ids, attention_mask=queries.attention_mask,
-                             use_cache=False).last_hidden_state  # (Q, Tq, D)
-        picked.append(_labelled(hidden, queries.labels))
-    states = torch.cat([h for h, _ in picked])  # (n, D)
-    targets = torch.cat([t for _, t in picked])  # (n,)
-    logits = engine.base_model.get_output_embeddings()(states)  # (n, V)
-    return F.cross_entropy(logits.float(), targets), int(targets.numel())
-
-
-def _labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states (n, D) of the positions that predict a labelled token, and those tokens (n,)."""
-    targets = labels[:, 1:]  # position t predicts token t+1
-    selected = targets != IGNORE
-    return hidden[:, :-1][selected], targets[selected]

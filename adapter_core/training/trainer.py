@@ -1,9 +1,12 @@
 """The training loop: resumable, time-budgeted, with periodic held-out evaluation.
 
-A run lives in one folder: the generator (config + shards), trainer_state.json (step, tokens,
-elapsed time, log, the training config with its data recipe), optionally the optimizer state
-(shards too), train_log.jsonl and training_curve.png. Saving writes a new folder and swaps it in,
-so a crash never leaves a half-written checkpoint.
+A run lives in one folder: the generator (config + shards), trainer_state.json (the progress:
+step, tokens, elapsed time, log; beside it the training config with its data recipe),
+optionally the optimizer state (shards too), train_log.jsonl and training_curve.png. Saving
+writes a new folder and swaps it in, so a crash never leaves a half-written checkpoint.
+
+The held-out check scores greedy answers with the evaluator, so training imports evaluation
+(the runner) and never the reverse; the data both are made of lives in adapter_core.data.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_sharded, save_sharded
 from ..config import GeneratorConfig
-from ..conversation import history_text
+from ..data.conversation import history_text
+from ..data.personas import make_eval_set
 from ..engine import load_engine
 from ..evaluation.runner import EvalOptions, evaluate
 from ..model import GenerativeAdapterModel
 from ..windows import pack_training_batch
-from .objectives import DataRecipe, DataSource, batch_loss, qa_windows
-from .persona import make_eval_set
+from .objectives import DataRecipe, DataSource, qa_windows
 from .plot import plot_training
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,29 @@ class TrainConfig:
         return d
 
 
+@dataclass
+class TrainingProgress:
+    """How far a run has got, over all of its sessions: saved as trainer_state.json."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    tokens: int = 0
+    """Real (unpadded) tokens trained on."""
+    seconds: float = 0.0
+    """Time spent in training steps (evaluation and saving not counted)."""
+    log: list[dict] = field(default_factory=list)
+    """One entry per step (objective, loss, grad_norm, tokens_per_s) and per held-out evaluation."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainingProgress":
+        """Read trainer_state.json; the config and ids saved beside the progress are not part of it."""
+        saved = json.loads(Path(path).read_text())
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, engine: GenerativeAdapterModel | None = None):
         self.config = config
@@ -113,10 +139,9 @@ class Trainer:
         elif resuming:
             engine.load_generator_weights(self.out)
         self.engine = engine
-        self.state = json.loads((self.out / STATE_NAME).read_text()) if resuming else {
-            "step": 0, "tokens": 0, "seconds": 0.0, "log": []}
+        self.progress = TrainingProgress.load(self.out / STATE_NAME) if resuming else TrainingProgress()
         if resuming:
-            log.info("resuming %s at step %d", self.out, self.state["step"])
+            log.info("resuming %s at step %d", self.out, self.progress.step)
         torch.manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(engine.generator_parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
@@ -127,51 +152,51 @@ class Trainer:
 
     # --- loop ---------------------------------------------------------------------------------------
 
-    def train(self, progress: bool = True) -> dict:
+    def train(self, show_progress: bool = True) -> TrainingProgress:
         cfg, engine = self.config, self.engine
         engine.train()
         deadline = None if cfg.time_budget_minutes is None else time.monotonic() + 60 * cfg.time_budget_minutes
         # In a log file (no terminal) a bar redrawn ten times a second would bury everything else.
-        bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not progress, desc="training", unit="step",
-                   mininterval=0.1 if sys.stderr.isatty() else 30)
-        last_save = self.state["step"]
-        while self.state["step"] < cfg.max_steps:
+        bar = tqdm(total=cfg.max_steps, initial=self.progress.step, disable=not show_progress, desc="training",
+                   unit="step", mininterval=0.1 if sys.stderr.isatty() else 30)
+        last_save = self.progress.step
+        while self.progress.step < cfg.max_steps:
             if deadline is not None and time.monotonic() > deadline:
                 log.info("time budget of %.1f minutes reached", cfg.time_budget_minutes)
                 break
             started = time.perf_counter()
-            step = self.state["step"]
+            step = self.progress.step
             objective, batch = self.data.batch(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            loss, labelled = batch_loss(engine, batch)
+            loss, _ = engine.loss(batch)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(engine.generator_parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - started
             tokens = batch.tokens
-            self.state["step"] = step + 1
-            self.state["tokens"] += tokens
-            self.state["seconds"] += seconds
+            self.progress.step = step + 1
+            self.progress.tokens += tokens
+            self.progress.seconds += seconds
             entry = {"step": step + 1, "objective": objective, "loss": round(loss.item(), 5),
                      "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tokens / seconds, 1)}
-            self.state["log"].append(entry)
+            self.progress.log.append(entry)
             bar.update(1)
             bar.set_postfix(objective=objective[:5], loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(f"loss became {entry['loss']} at step {step + 1}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                self.state["log"].append({"step": step + 1, **self.evaluate()})
+                self.progress.log.append({"step": step + 1, **self.evaluate()})
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 self.save()
                 last_save = step + 1
         bar.close()
         if engine.device.type == "cuda":  # tells the next run how far the batch size can grow
             log.info("peak GPU memory: %.1f GiB", torch.cuda.max_memory_allocated() / 2**30)
-        if self.state["step"] != last_save or not (self.out / STATE_NAME).exists():
+        if self.progress.step != last_save or not (self.out / STATE_NAME).exists():
             self.save()
-        return self.state
+        return self.progress
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -185,7 +210,7 @@ class Trainer:
             for start in range(0, len(per_user), self.config.data.batch_size):
                 packed = pack_training_batch(per_user[start:start + self.config.data.batch_size],
                                              engine.tokenizer.pad_token_id)
-                loss, n = batch_loss(engine, packed)
+                loss, n = engine.loss(packed)
                 losses.append((loss.item(), n))
             results = evaluate(engine, self._eval_set, EvalOptions(modes=("adapter",)), progress=False)
         finally:
@@ -200,19 +225,19 @@ class Trainer:
     def save(self) -> Path:
         tmp = self.out.with_name(self.out.name + ".saving")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.engine.save_generator(tmp, extra={"trained_steps": self.state["step"],
-                                               "trained_tokens": self.state["tokens"]})
+        self.engine.save_generator(tmp, extra={"trained_steps": self.progress.step,
+                                               "trained_tokens": self.progress.tokens})
         if self.config.save_optimizer:
             save_sharded(_flatten_optimizer(self.optimizer), tmp / OPTIMIZER_DIR)
             (tmp / OPTIMIZER_DIR / "param_groups.json").write_text(
                 json.dumps([{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]))
-        state = dict(self.state, config=self.config.to_dict(), generator_id=self.engine.generator_id,
+        saved = dict(self.progress.to_dict(), config=self.config.to_dict(), generator_id=self.engine.generator_id,
                      base_model_id=self.engine.base_model_id)
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+        (tmp / STATE_NAME).write_text(json.dumps(saved, indent=1))
         with open(tmp / "train_log.jsonl", "w") as f:
-            for entry in self.state["log"]:
+            for entry in self.progress.log:
                 f.write(json.dumps(entry) + "\n")
-        plot_training(self.state["log"], tmp / "training_curve.png")
+        plot_training(self.progress.log, tmp / "training_curve.png")
         for keep in ("MODEL_CARD.md", "eval"):  # written by people or the evaluator, not by the trainer
             if (self.out / keep).exists():
                 shutil.move(str(self.out / keep), str(tmp / keep))
@@ -222,7 +247,7 @@ class Trainer:
             self.out.rename(old)
         tmp.rename(self.out)
         shutil.rmtree(old, ignore_errors=True)
-        log.info("saved step %d to %s", self.state["step"], self.out)
+        log.info("saved step %d to %s", self.progress.step, self.out)
         return self.out
 
     def _load_optimizer(self) -> None:

@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from adapter_core import GenerativeAdapterModel, GeneratorConfig  # noqa: E402
 from adapter_core.base_model import pick_dtype  # noqa: E402
+from adapter_core.decoding import ReplyRequest, reply  # noqa: E402
+from adapter_core.sampling import SamplingConfig  # noqa: E402
 from adapter_core.training.objectives import DataRecipe  # noqa: E402
 from adapter_core.training.trainer import Trainer, TrainConfig  # noqa: E402
 from tests.conftest import byte_tokenizer, tiny_text_lm  # noqa: E402
@@ -35,9 +37,9 @@ def main() -> None:
                              learning_rate=1e-2, warmup_steps=1, max_steps=12, eval_every=6, eval_questions=4,
                              save_every=6, device=str(device))
         started = time.perf_counter()
-        state = Trainer(config, engine).train(progress=False)
-        losses = [e["loss"] for e in state["log"] if "loss" in e]
-        print(f"trained {state['step']} steps in {time.perf_counter() - started:.1f} s, "
+        done = Trainer(config, engine).train(show_progress=False)
+        losses = [e["loss"] for e in done.log if "loss" in e]
+        print(f"trained {done.step} steps in {time.perf_counter() - started:.1f} s, "
               f"loss {losses[0]:.2f} -> {losses[-1]:.2f}, saved: {sorted(p.name for p in Path(folder).iterdir())}")
         assert all(torch.isfinite(torch.tensor(losses))), losses
 
@@ -45,13 +47,12 @@ def main() -> None:
     alice = engine.absorb(engine.empty_state(), "User: my cat is called Tobrik and I live in Porto.\n" * 3)
     ids = torch.tensor([tok("User: what is my cat called?\n")["input_ids"]], device=device)
     with torch.no_grad():
-        adapted = engine(ids, states=[alice]).logits.float()
-        with engine.adapters([alice], fold=True):
-            folded = engine.base_model(input_ids=ids).logits.float()
-    reply = engine.generate(ids, states=[alice], max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert torch.isfinite(adapted).all() and reply.shape[1] == ids.shape[1] + 8
+        adapted = engine(ids.repeat(2, 1), states=[alice, alice]).logits.float()[:1]  # two rows: per-row path
+        folded = engine(ids, states=[alice]).logits.float()  # one row: folded into a LoRA pair
+    answer = reply(engine, [ReplyRequest(ids[0].tolist(), alice, SamplingConfig.greedy(8, repetition_penalty=1.0))])[0]
+    assert torch.isfinite(adapted).all() and len(answer.tokens) + (answer.finish == "end") >= 1
     gap = (adapted - folded).abs().max().item()
-    print(f"generated 8 tokens; folded vs per-row logits: max |diff| {gap:.3g} ({dtype})")
+    print(f"replied {len(answer.tokens)} tokens ({answer.finish}); folded vs per-row logits: max |diff| {gap:.3g} ({dtype})")
     if dtype == torch.float32:  # in bf16 the two paths round differently; the figure is printed
         assert gap < 1e-3, gap
     if device.type == "cuda":

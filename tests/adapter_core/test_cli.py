@@ -1,5 +1,5 @@
 from adapter_core import evaluate as evaluate_cli
-from adapter_core.evaluation.dataset import read_jsonl
+from adapter_core.data.dataset import read_jsonl
 
 
 def test_evaluator_writes_the_synthetic_heldout_set_in_the_generic_format(tmp_path):

@@ -32,8 +32,8 @@ def test_config_is_checked_against_the_base_model(make_tiny_lm, bad, message):
 
 
 def test_negative_layer_indices_count_from_the_end(make_tiny_lm):
-    model = GenerativeAdapterModel(make_tiny_lm("llama"), GeneratorConfig(rank=4, layers=(-1,)), "tiny")
-    assert list(model.adapted) == ["model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
+    engine = GenerativeAdapterModel(make_tiny_lm("llama"), GeneratorConfig(rank=4, layers=(-1,)), "tiny")
+    assert list(engine.adapted) == ["model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
 
 
 def test_dict_round_trip_and_unknown_fields():

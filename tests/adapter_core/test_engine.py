@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from adapter_core import GenerativeAdapterModel, export_peft
+from adapter_core.data.conversation import prompt_ids
+from adapter_core.decoding import ReplyRequest, reply
 from adapter_core.engine import load_engine
+from adapter_core.sampling import SamplingConfig, end_of_turn_ids
 
 
 def test_a_given_checkpoint_is_loaded_for_a_local_model(make_engine, make_tiny_lm, monkeypatch, tmp_path):
@@ -22,15 +25,19 @@ def test_a_given_checkpoint_is_loaded_for_a_local_model(make_engine, make_tiny_l
 def test_default_engine_absorbs_answers_and_exports(model_cache, tmp_path):
     engine = load_engine(cache_dir=model_cache)
     state = engine.absorb(engine.empty_state(), "User: My cat is called Tobrik and I live in Quenmoor.\n" * 20)
-    assert state.tokens > engine.config.window and state.chunks == -(-state.tokens // engine.config.window)
+    assert state.tokens > engine.config.window and state.windows == -(-state.tokens // engine.config.window)
     assert all(torch.isfinite(s).all() for s in state.sums.values())
-    tok = engine.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    two = {k: v.repeat(2, 1) for k, v in prompt.items()}
-    out = engine.generate(**two, states=[None, state], max_new_tokens=12, do_sample=False)
-    answers = [tok.decode(row[prompt["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    prompt = prompt_ids(engine.tokenizer, "What is the capital of France?", system=None)
+    greedy = SamplingConfig.greedy(12)
+    answers = [r.text for r in reply(engine, [ReplyRequest(prompt, None, greedy), ReplyRequest(prompt, state, greedy)])]
     assert all("Paris" in a for a in answers), answers
+    # the same greedy reply as transformers' own generate with the adapter folded (the path before
+    # adapter_core.decoding existed)
+    with torch.inference_mode(), engine.adapters([state]):
+        out = engine.base_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                         eos_token_id=end_of_turn_ids(engine.tokenizer))
+    expected = [t for t in out[0, len(prompt):].tolist() if t not in end_of_turn_ids(engine.tokenizer)]
+    assert list(reply(engine, [ReplyRequest(prompt, state, greedy)])[0].tokens) == expected
     folder = export_peft(engine, state, tmp_path / "export")
     assert (folder / "adapter_model.safetensors").stat().st_size > 0
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapter_core import int4
@@ -97,7 +96,7 @@ def test_a_4_bit_engine_decodes_like_the_fp32_one_and_its_adapter_still_acts(mak
         for layer in replaced:
             engine.base_model.get_submodule(layer).max_rows = max_rows
         logits = []
-        with torch.no_grad(), engine.adapters(states, fold=True):
+        with torch.no_grad(), engine.adapters(states):
             past = None
             for t in range(ids.shape[1]):  # one token at a time, as decoding does
                 out = engine.base_model(input_ids=ids[:, t:t + 1], cache=past, use_cache=True)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from adapter_core import GenerativeAdapterModel, GeneratorConfig, StateError
+from adapter_core.decoding import ReplyRequest, reply
 from adapter_core.layer import AdapterLinear
+from adapter_core.sampling import SamplingConfig
 
 
 def base_fingerprint(engine) -> str:
@@ -32,7 +34,7 @@ def test_untrained_generator_leaves_the_base_model_unchanged(family, make_tiny_l
     reference = make_tiny_lm(family)
     engine = GenerativeAdapterModel(make_tiny_lm(family), GeneratorConfig(rank=4, window=8), "tiny")
     state = engine.absorb(engine.empty_state(), [random_tokens(20)])
-    assert state.tokens == 20 and state.chunks == 3
+    assert state.tokens == 20 and state.windows == 3
     assert max(s.abs().max().item() for s in state.sums.values()) > 0
     ids = torch.tensor([random_tokens(12)])
     torch.testing.assert_close(engine(ids, states=[state]).logits, reference(ids).logits, rtol=0, atol=0)
@@ -45,7 +47,7 @@ def test_absorbing_window_by_window_equals_one_call(family, make_engine, random_
     one_by_one = engine.empty_state()
     for start in range(0, len(tokens), 8):
         one_by_one = engine.absorb(one_by_one, [tokens[start:start + 8]])
-    assert (at_once.tokens, at_once.chunks) == (one_by_one.tokens, one_by_one.chunks) == (37, 5)
+    assert (at_once.tokens, at_once.windows) == (one_by_one.tokens, one_by_one.windows) == (37, 5)
     assert max_diff(at_once.sums, one_by_one.sums) < 1e-4
     # Small passes (2 windows each) are the same again.
     in_pairs = engine.absorb(engine.empty_state(), [tokens], windows_per_pass=2)
@@ -75,7 +77,7 @@ def test_text_is_tokenised_and_split_into_windows(make_engine):
     engine = make_engine("llama")
     engine.tokenizer = CharTokenizer()
     state = engine.absorb(engine.empty_state(), "hello world, again")  # 18 chars -> 8, 8, 2
-    assert (state.tokens, state.chunks) == (18, 3)
+    assert (state.tokens, state.windows) == (18, 3)
     same = engine.absorb(engine.empty_state(), [[3 + ord(c) % 90 for c in "hello world, again"]])
     assert max_diff(state.sums, same.sums) == 0
 
@@ -86,7 +88,7 @@ def test_empty_input_is_a_no_op(make_engine, empty):
     engine.tokenizer = lambda text, add_special_tokens=False: {"input_ids": [5] * len(text)}
     state = engine.absorb(engine.empty_state(), [[7, 8, 9]])
     after = engine.absorb(state, empty)
-    assert (after.tokens, after.chunks) == (state.tokens, state.chunks)
+    assert (after.tokens, after.windows) == (state.tokens, state.windows)
     assert max_diff(after.sums, state.sums) == 0
 
 
@@ -96,7 +98,7 @@ def test_absorb_many_equals_separate_absorbs(make_engine, random_tokens):
     together = engine.absorb_many([engine.empty_state()] * 4, histories)
     for state, history in zip(together, histories):
         alone = engine.absorb(engine.empty_state(), history)
-        assert (state.tokens, state.chunks) == (alone.tokens, alone.chunks)
+        assert (state.tokens, state.windows) == (alone.tokens, alone.windows)
         assert max_diff(state.sums, alone.sums) < 1e-4
 
 
@@ -116,34 +118,12 @@ def test_a_mixed_batch_equals_separate_runs(family, make_engine, random_tokens):
     assert (batched[0, -len(prompts[0]):] - base).abs().max() > 1e-2
 
 
-def test_generate_uses_one_adapter_per_row_with_kv_cache(family, make_engine, random_tokens):
-    engine = make_engine(family)
-    alice = engine.absorb(engine.empty_state(), [random_tokens(24)])
-    prompts = [random_tokens(6), random_tokens(4)]
-    ids, mask = left_padded(prompts)
-    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-    batched = engine.generate(ids, attention_mask=mask, states=[alice, None], **greedy)
-    for i, (prompt, state) in enumerate(zip(prompts, [alice, None])):
-        alone = engine.generate(torch.tensor([prompt]), states=[state], **greedy)
-        no_cache = engine.generate(torch.tensor([prompt]), states=[state], use_cache=False, **greedy)
-        assert batched[i, -6:].tolist() == alone[0, -6:].tolist() == no_cache[0, -6:].tolist()
-
-
-def test_generate_expands_adapters_for_several_sequences_per_prompt(make_engine, random_tokens):
-    engine = make_engine("llama")
-    alice = engine.absorb(engine.empty_state(), [random_tokens(24)])
-    prompt = torch.tensor([random_tokens(6)])
-    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    beams = engine.generate(prompt, states=[alice], num_beams=2, num_return_sequences=2, **greedy)
-    assert beams.shape == (2, 10)
-
-
 def test_base_weights_are_never_modified(make_engine, random_tokens):
     engine = make_engine("mistral")
     before = base_fingerprint(engine)
     state = engine.absorb(engine.empty_state(), [random_tokens(40)])
     engine(torch.tensor([random_tokens(5)]), states=[state]).logits.sum()
-    engine.generate(torch.tensor([random_tokens(5)]), states=[state], max_new_tokens=3, do_sample=False)
+    reply(engine, [ReplyRequest(random_tokens(5), state, SamplingConfig.greedy(3))])
     assert base_fingerprint(engine) == before
     assert all(not p.requires_grad for n, p in engine.base_model.named_parameters()
                if ".lora_" not in n and ".ctx_" not in n)
@@ -154,12 +134,13 @@ def test_one_users_adapter_folded_into_a_lora_pair_equals_the_per_row_adapter(fa
     engine = make_engine(family)
     alice = engine.absorb(engine.empty_state(), [random_tokens(30)])
     ids = torch.tensor([random_tokens(9)])
-    per_row = engine(ids, states=[alice]).logits
-    with torch.no_grad(), engine.adapters([alice], fold=True):
-        assert all(layer.memory is None and layer.folded is not None for layer in engine.adapted.values())
-        folded = engine.base_model(input_ids=ids).logits
-    torch.testing.assert_close(folded, per_row, rtol=1e-4, atol=1e-4)
-    assert (folded - engine(ids).logits).abs().max() > 1e-2  # the folded adapter really acts
+    with torch.no_grad():
+        per_row = engine(ids.repeat(2, 1), states=[alice, alice]).logits[:1]  # two rows: a product per row
+        with engine.adapters([alice]):  # one row: folded
+            assert all(layer.memory is None and layer.folded is not None for layer in engine.adapted.values())
+            folded = engine.base_model(input_ids=ids).logits
+        torch.testing.assert_close(folded, per_row, rtol=1e-4, atol=1e-4)
+        assert (folded - engine(ids).logits).abs().max() > 1e-2  # the folded adapter really acts
     assert all(layer.folded is None for layer in engine.adapted.values())
 
 
@@ -216,21 +197,20 @@ def test_a_window_is_encoded_exactly_as_answering_with_the_state_so_far(family, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generate_folds_one_user_and_leaves_the_base_weights_in_their_dtype(dtype, make_engine, random_tokens,
+def test_a_reply_folds_one_user_and_leaves_the_base_weights_in_their_dtype(dtype, make_engine, random_tokens,
                                                                             monkeypatch):
     engine = make_engine("llama")
     engine.base_model.to(dtype)
     alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
     folded = []
-    original = AdapterLinear.fold
-    monkeypatch.setattr(AdapterLinear, "fold", lambda self, memory: folded.append(memory is not None)
-                        or original(self, memory))
+    original = AdapterLinear.folded_pair
+    monkeypatch.setattr(AdapterLinear, "folded_pair", lambda self, memory: folded.append(1) or original(self, memory))
     before = base_fingerprint(engine)
     ids = torch.tensor([random_tokens(5)])
-    out = engine.generate(ids, states=[alice], max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 8) and any(folded)
+    answer = reply(engine, [ReplyRequest(ids[0].tolist(), alice, SamplingConfig.greedy(3))])[0]
+    assert len(answer.tokens) == 3 and any(folded)
     assert base_fingerprint(engine) == before
     # in bf16 a pair kept apart still acts (W0 + delta W would have rounded much of it away)
-    with torch.no_grad(), engine.adapters([alice], fold=True):
+    with torch.no_grad(), engine.adapters([alice]):
         adapted = engine.base_model(input_ids=ids).logits.float()
     assert (adapted - engine(ids).logits.float()).abs().max() > 1e-2

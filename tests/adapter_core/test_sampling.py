@@ -1,11 +1,12 @@
+import contextlib
 import dataclasses
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
-from adapter_core.conversation import prompt_ids
-from adapter_core.sampling import (ReplyRepetitionPenalty, SamplingConfig, chat_end_of_turn_id, end_of_turn_ids,
+from adapter_core.data.conversation import prompt_ids
+from adapter_core.decoding import ReplyRequest, reply
+from adapter_core.sampling import (SamplingConfig, TokenPicker, chat_end_of_turn_id, end_of_turn_ids,
                                    repetition_stats, words)
 from tests.conftest import byte_tokenizer, tiny_text_engine
 
@@ -47,28 +48,26 @@ def test_defaults_sample_at_a_low_temperature_with_a_repetition_penalty_and_are_
         config.temperature = 1.0
 
 
-def test_greedy_needs_no_temperature_and_passes_no_sampling_settings(tiny_tokenizer):
+def test_greedy_needs_no_temperature_and_applies_no_sampling_settings():
     config = SamplingConfig.greedy(32)
     assert not config.do_sample and config.max_new_tokens == 32 and config.repetition_penalty == 1.0
     SamplingConfig(do_sample=False, temperature=0.0)  # ignored when not sampling
-    kwargs = config.generate_kwargs(tiny_tokenizer)
-    assert kwargs["do_sample"] is False and kwargs["max_new_tokens"] == 32
-    assert not {"temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size"} & set(kwargs)
+    assert len(TokenPicker(config, [5, 6]).processors) == 0
+    assert TokenPicker(config, [5, 6])(torch.tensor([0.0, 3.0, 1.0]), []) == 1
 
 
-# --- generate kwargs ---------------------------------------------------------------------------
+# --- choosing tokens -------------------------------------------------------------------------------
 
-def test_generate_kwargs_carry_the_sampling_settings(tiny_tokenizer):
+def test_the_picker_carries_the_sampling_settings():
     config = SamplingConfig(temperature=0.3, top_p=0.8, repetition_penalty=1.15, no_repeat_ngram_size=5,
                             max_new_tokens=64)
-    kwargs = config.generate_kwargs(tiny_tokenizer)
-    processors = kwargs.pop("logits_processor")
-    assert kwargs == dict(max_new_tokens=64, do_sample=True, temperature=0.3, top_p=0.8, no_repeat_ngram_size=5,
-                          pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=[tiny_tokenizer.eos_token_id])
-    assert [type(p) for p in processors] == [ReplyRepetitionPenalty] and processors[0].penalty == 1.15
-    assert config.generate_kwargs(tiny_tokenizer)["logits_processor"][0] is not processors[0]  # fresh per call
-    on_prompt = dataclasses.replace(config, penalize_prompt=True).generate_kwargs(tiny_tokenizer)
-    assert on_prompt["repetition_penalty"] == 1.15 and "logits_processor" not in on_prompt
+    picker = TokenPicker(config, [5, 6, 7])
+    kinds = [type(p).__name__ for p in picker.processors]  # temperature and top-p: see the nucleus test
+    assert kinds == ["RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor"]
+    assert picker.processors[0].penalty == 1.15 and picker.processors[0].prompt_ignore_length == 3
+    assert picker.context == [5, 6, 7]  # the n-gram ban needs the prompt; the penalty skips it
+    reply_only = TokenPicker(SamplingConfig(repetition_penalty=1.15), [5, 6, 7])
+    assert reply_only.context == [] and reply_only.processors[0].prompt_ignore_length is None
 
 
 def test_end_of_turn_is_the_eos_once_when_they_are_the_same_token(tiny_tokenizer):
@@ -82,7 +81,7 @@ def test_end_of_turn_token_of_the_chat_template_is_added_to_a_different_eos():
     tok = tokenizer_with_separate_eos()
     eos, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.eos_token_id == eos != im_end
-    assert SamplingConfig().generate_kwargs(tok)["eos_token_id"] == [eos, im_end]
+    assert end_of_turn_ids(tok) == [eos, im_end]
 
 
 def test_a_template_that_cannot_render_a_turn_falls_back_to_known_end_of_turn_names():
@@ -98,98 +97,86 @@ def test_without_a_chat_template_only_the_eos_ends_a_reply():
     assert end_of_turn_ids(tok) == [tok.eos_token_id]
 
 
-class ForceAt(LogitsProcessor):
-    """Only `token` may come at generated step `step` (0-based); other steps are left alone."""
 
-    def __init__(self, prompt_length: int, step: int, token: int):
-        self.at, self.token = prompt_length + step, token
 
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[1] == self.at:
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.token] = 0.0
-            return forced
-        return scores
+@contextlib.contextmanager
+def logits_set_by(engine, rule):
+    """Within the block, the model's logits for the k-th chosen token (k = 0, 1, ...) are rule(k, logits)."""
+    calls = []
+
+    def hook(_module, _args, output):
+        chosen = len(calls)
+        calls.append(1)
+        return rule(chosen, output)
+
+    handle = engine.base_model.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("config", [SamplingConfig(max_new_tokens=40), SamplingConfig.greedy(40)],
                          ids=["sampled", "greedy"])
-def test_generation_stops_at_the_end_of_turn_token_even_when_it_is_not_the_eos(config):
+def test_a_reply_stops_at_the_end_of_turn_token_even_when_it_is_not_the_eos(config):
     tok = tokenizer_with_separate_eos()
     engine = tiny_text_engine(tok)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    ids = prompt_ids(tok, "hello")
-    kwargs = config.generate_kwargs(tok)
 
-    def run(**overrides):
-        torch.manual_seed(0)
-        given = kwargs | overrides
-        processors = LogitsProcessorList([*given.pop("logits_processor", []), ForceAt(len(ids), 5, im_end)])
-        with torch.inference_mode():
-            out = engine.generate(torch.tensor([ids]), logits_processor=processors, **given)
-        return out[0, len(ids):].tolist()
+    def end_at_step_5(k, logits):
+        if k == 5:
+            logits[..., im_end] = 1e4  # far above every other token
+        return logits
 
-    new = run()
-    assert len(new) == 6 and new[-1] == im_end
-    # the tokenizer's eos alone (the app's old settings) would have run on past the end of the turn
-    assert len(run(eos_token_id=tok.eos_token_id, min_new_tokens=40)) == 40
+    with logits_set_by(engine, end_at_step_5):
+        answer = reply(engine, [ReplyRequest(prompt_ids(tok, "hello"), None, config, seed=0)])[0]
+    assert len(answer.tokens) == 5 and answer.finish == "end"
+    with logits_set_by(engine, end_at_step_5):  # unless the reply must be longer
+        longer = dataclasses.replace(config, min_new_tokens=40)
+        assert reply(engine, [ReplyRequest(prompt_ids(tok, "hello"), None, longer, seed=0)])[0].finish == "length"
 
 
 def test_the_reply_penalty_spares_the_prompt_and_divides_positive_and_multiplies_negative_logits():
-    penalty = ReplyRepetitionPenalty(2.0)
+    picker = TokenPicker(SamplingConfig.greedy(5, repetition_penalty=2.0), prompt=[2, 3])
     scores = torch.tensor([[4.0, -4.0, 4.0, 4.0, 4.0]])
-    prompt = torch.tensor([[2, 3]])
-    assert torch.equal(penalty(prompt, scores), scores)  # first step: only the prompt, nothing penalized
-    step = penalty(torch.tensor([[2, 3, 0, 1, 0]]), scores)
-    assert step.tolist() == [[2.0, -8.0, 4.0, 4.0, 4.0]]  # 0 and 1 are in the reply (0 once only); 2, 3 spared
-    again = penalty(torch.tensor([[4, 0]]), scores)  # a new prompt: a new generation, nothing penalized yet
-    assert torch.equal(again, scores) and penalty.prompt.tolist() == [[4, 0]]
-    with pytest.raises(ValueError, match="penalty"):
-        ReplyRepetitionPenalty(0.5)
-
-
-class Preferences(LogitsProcessor):
-    """Stands in for a model that always ranks the same tokens first, in the same order (so loops):
-    logit 10 for the first, then 8.5, 8.49, 8.48, ... (a penalty of 1.5 takes 10 below them all)."""
-
-    def __init__(self, ranked: list[int]):
-        self.ranked = torch.tensor(ranked)
-
-    def __call__(self, input_ids, scores):
-        fixed = torch.full_like(scores, -100.0)
-        fixed[:, self.ranked] = 8.5 - 0.01 * torch.arange(-1, len(self.ranked) - 1, dtype=scores.dtype)
-        fixed[:, self.ranked[0]] = 10.0
-        return fixed
+    assert picker(scores[0], []) == 0  # nothing chosen yet: the prompt's 2 and 3 are not penalized
+    step = picker.processors(torch.tensor([[0, 1, 0]]), scores)  # the reply so far
+    assert step.tolist() == [[2.0, -8.0, 4.0, 4.0, 4.0]]  # 0 and 1 are in the reply (0 once only)
+    assert picker(scores[0], [0, 1, 0]) == 2  # 0 fell below the unused tokens; 2 and 3 of the prompt spared
+    on_prompt = TokenPicker(SamplingConfig(do_sample=False, repetition_penalty=2.0, penalize_prompt=True), prompt=[2, 3])
+    assert on_prompt.processors(torch.tensor([[2, 3]]), scores).tolist() == [[4.0, -4.0, 2.0, 2.0, 4.0]]
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
 def test_the_reply_penalty_breaks_a_loop_and_spares_the_prompt_tokens(tiny_tokenizer, do_sample):
+    """A model that always ranks the same tokens first, in the same order, loops: logit 10 for the
+    first, then 8.5, 8.49, 8.48, ... (a penalty of 1.5 takes 10 below them all)."""
     engine = tiny_text_engine(tiny_tokenizer)
     ids = prompt_ids(tiny_tokenizer, "hello")
     favourite = ids[-3]  # a token of the prompt (the byte of "t" in "assistant")
-    ranked = [favourite] + [t for t in range(40) if t not in (favourite, tiny_tokenizer.eos_token_id)]
+    ranked = torch.tensor([favourite] + [t for t in range(40) if t not in (favourite, tiny_tokenizer.eos_token_id)])
 
-    def reply(config):
-        kwargs = config.generate_kwargs(tiny_tokenizer)
-        processors = LogitsProcessorList([Preferences(ranked), *kwargs.pop("logits_processor", [])])
-        torch.manual_seed(0)
-        with torch.inference_mode():
-            out = engine.generate(torch.tensor([ids]), logits_processor=processors, **kwargs)
-        return out[0, len(ids):].tolist()
+    def preferences(_k, logits):
+        fixed = torch.full_like(logits, -100.0)
+        fixed[..., ranked] = 8.5 - 0.01 * torch.arange(-1, len(ranked) - 1, dtype=logits.dtype)
+        fixed[..., ranked[0]] = 10.0
+        return fixed
 
-    def config(penalty):
-        return SamplingConfig(do_sample=do_sample, temperature=0.2, top_p=0.9, repetition_penalty=penalty,
-                              max_new_tokens=12)
+    def answer(penalty):
+        config = SamplingConfig(do_sample=do_sample, temperature=0.2, top_p=0.9, repetition_penalty=penalty,
+                                max_new_tokens=12)
+        with logits_set_by(engine, preferences):
+            return list(reply(engine, [ReplyRequest(ids, None, config, seed=0)])[0].tokens)
 
-    looping = reply(config(1.0))
+    looping = answer(1.0)
     assert looping == [favourite] * 12 and repetition_stats(looping).repeated_share == pytest.approx(8 / 9)
-    penalized = reply(config(1.5))
+    penalized = answer(1.5)
     assert penalized[0] == favourite  # in the prompt, yet not penalized
     # each token once used falls below all unused ones; when sampling this holds only because the
     # penalty runs before temperature and top-p (after them, top-p would have kept the favourite alone)
     assert len(set(penalized)) == 12 and repetition_stats(penalized).repeated_share == 0
     if not do_sample:
-        assert penalized == ranked[:12]
+        assert penalized == ranked[:12].tolist()
 
 
 # --- repetition --------------------------------------------------------------------------------
@@ -225,3 +212,21 @@ def test_short_texts_and_other_n_and_token_ids():
     assert repetition_stats([5, 6, 7, 5, 6, 7, 5, 6, 7], n=3).repeated_share == pytest.approx(4 / 7)
     with pytest.raises(ValueError, match="n must be"):
         repetition_stats("x", n=0)
+
+
+@pytest.mark.parametrize("top_p, temperature", [(0.9, 0.2), (0.5, 1.0), (0.999, 3.0), (1.0, 1.0)])
+def test_the_nucleus_is_the_one_transformers_keeps_and_is_sampled_in_proportion(top_p, temperature):
+    """Temperature and top-p as transformers' warpers do them (the same tokens kept), also when the
+    nucleus is wider than the candidates first looked at; draws follow the kept probabilities."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3000, generator=gen) * 3
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits[None].clone()))[0]
+    expected = torch.softmax(warped, -1)
+    picker = TokenPicker(SamplingConfig(temperature=temperature, top_p=top_p, repetition_penalty=1.0), [1], seed=3)
+    draws = torch.tensor([picker(logits, []) for _ in range(4000)])
+    kept = set(torch.nonzero(expected > 0).flatten().tolist())
+    assert set(draws.tolist()) <= kept
+    likeliest = int(expected.argmax())
+    assert (draws == likeliest).float().mean().item() == pytest.approx(expected[likeliest].item(), abs=0.03)

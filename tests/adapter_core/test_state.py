@@ -1,7 +1,9 @@
 import pytest
 import torch
+from safetensors.torch import save
 
 from adapter_core import AdapterState, StateError
+from adapter_core.state import _digest
 
 
 @pytest.fixture
@@ -16,11 +18,21 @@ def test_round_trip_keeps_everything(state, tmp_path):
     path = tmp_path / "state.safetensors"
     state.save(path)
     loaded = AdapterState.load(path, state.generator_id, state.base_model_id)
-    assert (loaded.tokens, loaded.chunks, loaded.extra) == (19, 3, {"cursor": "42"})
+    assert (loaded.tokens, loaded.windows, loaded.extra) == (19, 3, {"cursor": "42"})
     assert set(loaded.sums) == set(state.sums)
     for name in state.sums:
         assert torch.equal(loaded.sums[name], state.sums[name])
         assert loaded.sums[name].dtype == torch.float32
+
+
+def test_a_state_saved_when_windows_were_called_chunks_still_loads(state):
+    # What the code wrote before the rename: the same file with the window count under "chunks".
+    tensors = {name: s.contiguous() for name, s in state.sums.items()}
+    metadata = {("chunks" if k == "windows" else k): v for k, v in state._metadata().items()}
+    metadata["sha256"] = _digest(tensors, metadata)
+    loaded = AdapterState.from_bytes(save(tensors, metadata=metadata), state.generator_id, state.base_model_id)
+    assert (loaded.tokens, loaded.windows, loaded.extra) == (19, 3, {"cursor": "42"})
+    assert b'"windows":"3"' in loaded.to_bytes()  # and is saved again under the new name
 
 
 def test_a_flipped_tensor_byte_is_detected(state):
@@ -45,7 +57,6 @@ def test_garbage_is_refused(garbage):
 
 
 def test_a_plain_safetensors_file_is_not_a_state():
-    from safetensors.torch import save
     with pytest.raises(StateError, match="not an adapter state"):
         AdapterState.from_bytes(save({"x": torch.zeros(2)}, metadata={"format": "pt"}))
 

@@ -1,11 +1,13 @@
-"""A chat service on SQLite with a tiny engine (byte tokenizer), for service and UI tests."""
+"""The app's services on SQLite around a tiny engine (byte tokenizer) and its inference loop,
+for service and UI tests."""
 
 from __future__ import annotations
 
 import pytest
 
+from adapter_core.scheduler import InferenceLoop
 from app.launch import start
-from app.service import ChatService
+from app.services import Services
 from app.settings import AppSettings
 from storage import Storage, upgrade
 from tests.app.helpers import free_port
@@ -35,8 +37,16 @@ def storage(tmp_path, app_settings):
 
 
 @pytest.fixture
-def service(storage, live_text_engine, app_settings) -> ChatService:
-    return ChatService(storage, live_text_engine, app_settings)
+def inference_loop(live_text_engine):
+    with InferenceLoop(live_text_engine) as loop:
+        yield loop
+
+
+@pytest.fixture
+def services(storage, live_text_engine, inference_loop, app_settings) -> Services:
+    services = Services.create(storage, live_text_engine, inference_loop, app_settings)
+    yield services
+    services.downloads.close()
 
 
 @pytest.fixture

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
+import zipfile
+
+from adapter_core.decoding import Reply, ReplyRequest
+from app.chat import FinishedReply
+from app.worker import CompressionWorker
 
 
 def free_port() -> int:
@@ -19,6 +25,49 @@ def wait_for(condition, seconds: float = 20.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not reached in time")
+
+
+def chat(services, user_id, text) -> tuple[str, FinishedReply]:
+    """One whole turn: the text as streamed, and the reply as stored with its stats."""
+    parts = list(services.chat.reply(user_id, text))
+    assert isinstance(parts[-1], FinishedReply) and all(isinstance(p, str) for p in parts[:-1])
+    return "".join(parts[:-1]), parts[-1]
+
+
+def run_jobs(services) -> None:
+    """Every due compression, as the background worker would run them."""
+    worker = CompressionWorker(services.memory)
+    while worker.run_once():
+        pass
+
+
+def exported(services, download) -> zipfile.ZipFile:
+    """The file behind a download link, opened as its owner would."""
+    path, _ = services.downloads.find(download.token, None, services.accounts.exists)
+    return zipfile.ZipFile(path)
+
+
+class FakeStream:
+    """Stands in for the inference loop's ReplyStream: yields the pieces (waiting on `gate` after
+    the first, if given) and ends as `finish`."""
+
+    def __init__(self, request: ReplyRequest, pieces: list[str], finish: str = "end",
+                 gate: threading.Event | None = None) -> None:
+        self.request, self.pieces, self.finish, self.gate = request, pieces, finish, gate
+        self.cancelled = threading.Event()
+
+    def __iter__(self):
+        for i, piece in enumerate(self.pieces):
+            yield piece
+            if i == 0 and self.gate is not None:
+                self.gate.wait(20)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def result(self) -> Reply:
+        return Reply(tokens=tuple(range(len(self.pieces))), text="".join(self.pieces).strip(), finish=self.finish,
+                     prompt_tokens=len(self.request.prompt), first_token_s=0.01, total_s=0.02)
 
 
 class Visitor:

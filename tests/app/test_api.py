@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
+import time
 import zipfile
 
 import httpx
 
-from tests.app.helpers import Visitor, wait_for
+from tests.app.helpers import FakeStream, Visitor, wait_for
 
 ADMIN_ENDPOINTS = {
     "admin_users": (), "admin_user": (1,), "admin_probe": (1, "hi"), "admin_rebuild": (1,),
@@ -101,17 +103,43 @@ def test_forgetting_asks_first_and_takes_the_reply_too(running, password):
     first = alice.call("memory")["forget-choice"]["choices"][0][1]
     asked = alice.call("ask_forget", first)
     assert "4821" in asked["forget-question"] and "cannot be undone" in asked["forget-question"]
-    assert len(running.service.history(running.service.storage.find_user("alice").id)) == 4  # nothing yet
+    assert len(running.services.chat.history(running.services.storage.find_user("alice").id)) == 4  # nothing yet
     page = alice.call("forget")
     assert texts(page["chatbot"])[0] == "I like tea." and "4821" not in json.dumps(page["chatbot"])
     assert notice(alice.call("forget")) == "Choose one of your messages from the list first."  # asked once only
 
 
 def test_a_refused_message_stays_in_the_box(running, password):
-    running.service.settings.messages_per_user = "1/minute"
+    running.services.settings.messages_per_user = "1/minute"
     alice = Visitor(running)
     alice.call("signup", "alice", password)
     alice.call("chat", "first")
     page = alice.call("chat", "second, too soon")
     assert "faster than the model can answer" in page["chat-notice"]
     assert page["message"] == "second, too soon" and "second" not in json.dumps(page["chatbot"])
+
+
+def test_a_reply_cut_short_by_a_logout_does_not_hold_up_the_next_turn(running, password, monkeypatch):
+    """Logging out cancels the reply; its turn's lock is let go, so the user's next message goes
+    through at once (not after the wait for a previous reply)."""
+    gate, started = threading.Event(), threading.Event()
+
+    def slow(request):
+        started.set()
+        return FakeStream(request, ["Thinking ", "slowly."], gate=gate)
+
+    monkeypatch.setattr(running.loop, "submit", slow)
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    alice.client.submit("stuck", api_name="/chat")
+    assert started.wait(20)
+    alice.call("logout")
+    gate.set()
+    monkeypatch.undo()
+    alice.call("login", "alice", password)
+    began = time.monotonic()
+    page = alice.call("chat", "hello again")
+    assert "prompt tokens" in page["reply-stats"] and time.monotonic() - began < 20
+    stored = running.services.chat.history(running.services.storage.find_user("alice").id)
+    assert stored[0].text == "stuck" and [(m.role, m.text) for m in stored[-2:]] == [
+        ("user", "hello again"), ("assistant", stored[-1].text)]

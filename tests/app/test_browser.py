@@ -135,7 +135,7 @@ def test_a_refusal_is_a_message_beside_the_form_which_stays_usable(browser, runn
     page.locator("#signup").click()
     page.locator("#whoami").get_by_text("Logged in as carol").wait_for(timeout=20_000)
     send(page, "hello")
-    running.service.settings.max_message_chars = 20
+    running.services.settings.max_message_chars = 20
     field(page, "message").fill("a message that is far too long")
     page.locator("#send").click()
     page.locator("#chat-notice").get_by_text("too long").wait_for(timeout=20_000)

@@ -45,16 +45,16 @@ def test_an_export_is_served_to_its_owner_briefly_and_dies_with_the_account(runn
     assert 'filename="memchat-alice.zip"' in response.headers["content-disposition"]
     history = zipfile.ZipFile(io.BytesIO(response.content)).read("history.json").decode()
     assert "Tobrik" in history
-    files = list(running.service.downloads.folder.iterdir())
+    files = list(running.services.downloads.folder.iterdir())
     assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
 
     admin = Visitor(running)
     admin.call("login", "root", password)
-    alice_id = running.service.storage.find_user("alice").id
+    alice_id = running.services.storage.find_user("alice").id
     admin.call("admin_ask_delete", alice_id)
     admin.call("admin_confirm")
     assert httpx.get(url).status_code == 404
-    assert list(running.service.downloads.folder.iterdir()) == []
+    assert list(running.services.downloads.folder.iterdir()) == []
 
 
 def test_logging_out_drops_the_session_s_download_links(running, password):
@@ -67,7 +67,7 @@ def test_logging_out_drops_the_session_s_download_links(running, password):
 
 
 def test_the_data_folder_is_private(running):
-    data_dir = running.service.storage.data_dir
+    data_dir = running.services.storage.data_dir
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((data_dir / "memchat.db").stat().st_mode) == 0o600
 

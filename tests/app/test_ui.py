@@ -3,10 +3,10 @@
 import logging
 
 import gradio as gr
-import pytest
 
 from app.errors import AppError
 from app.ui import build_ui, guarded, local_time, name_markdown, plural, text_markdown
+from storage import ValidationError
 
 
 def test_text_is_shown_as_text_never_as_html():
@@ -53,8 +53,8 @@ def test_a_fault_is_logged_with_its_traceback_and_hidden_from_the_person(caplog)
     assert any(r.exc_info and "invalid literal" in str(r.exc_info[1]) for r in caplog.records)
 
 
-def test_logging_out_resets_every_per_user_part_of_the_page(service):
-    ui = build_ui(service)
+def test_logging_out_resets_every_per_user_part_of_the_page(services):
+    ui = build_ui(services)
     logout = next(fn for fn in ui.fns.values() if fn.api_name == "logout")
     reset = set(logout.outputs)
     main_box = next(b for b in ui.blocks.values() if isinstance(b, gr.Column) and not b.visible)
@@ -71,3 +71,14 @@ def test_logging_out_resets_every_per_user_part_of_the_page(service):
     assert missing == []
     states = [b for b in ui.blocks.values() if isinstance(b, gr.State)]
     assert states and all(s in reset for s in states)  # the server-side state of the session too
+
+
+def test_a_storage_error_no_service_translated_is_a_fault_not_a_refusal(caplog):
+    @guarded("compress now", 2)
+    def broken(user_id):
+        raise ValidationError("generator_id", "must be text")
+
+    result = broken(1)
+    assert result[0] == gr.skip() and result[1].startswith("Something went wrong on our side (reference ")
+    assert "generator_id" not in result[1]
+    assert any(r.exc_info and isinstance(r.exc_info[1], ValidationError) for r in caplog.records)

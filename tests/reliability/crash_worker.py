@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from app.service import ChatService  # noqa: E402
+from adapter_core.scheduler import InferenceLoop  # noqa: E402
+from app.services import Services  # noqa: E402
 from app.settings import AppSettings  # noqa: E402
 from app.worker import CompressionWorker  # noqa: E402
 from storage import Storage  # noqa: E402
@@ -21,9 +22,10 @@ from tests.reliability.test_crash import CRASH_SETTINGS  # noqa: E402
 def main() -> None:
     url, data_dir = sys.argv[1], Path(sys.argv[2])
     storage = Storage(url, data_dir, CRASH_SETTINGS)
-    service = ChatService(storage, tiny_text_engine(byte_tokenizer(), live=True),
-                          AppSettings(data_dir=data_dir, compress_idle_seconds=0))
-    CompressionWorker(service, storage, poll_seconds=0.01).start()  # requeues what a kill interrupted
+    engine = tiny_text_engine(byte_tokenizer(), live=True)
+    loop = InferenceLoop(engine).start()
+    services = Services.create(storage, engine, loop, AppSettings(data_dir=data_dir, compress_idle_seconds=0))
+    CompressionWorker(services.memory, poll_seconds=0.01).start()  # requeues what a kill interrupted
     print("ready", flush=True)
     threading.Event().wait()
 

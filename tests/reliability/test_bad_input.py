@@ -1,5 +1,5 @@
-"""Hostile input through the service layer and over HTTP: a clear error or safe handling, the app
-keeps serving, and nothing stored changes when input is rejected."""
+"""Hostile input through the services and over HTTP: a clear refusal or safe handling, the app
+keeps serving, and nothing stored changes when input is refused."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import httpx
 import pytest
 
+from app.errors import InvalidInput
 from app.server import MAX_BODY_BYTES
-from storage import StorageError
-from tests.app.helpers import Visitor
+from tests.app.helpers import Visitor, chat
 from tests.reliability.corpus import ACCEPT, HOSTILE, REJECT
 from tests.storage.helpers import table_counts
 
@@ -23,41 +23,42 @@ def test_the_corpus_is_large_and_varied():
 
 
 @pytest.mark.parametrize("name, text, outcome", HOSTILE, ids=IDS)
-def test_chat_messages_through_the_service(service, password, name, text, outcome):
-    bob = service.sign_up("bob", password)
-    list(service.reply(bob, "My secret is 4821-ZEBRA."))
-    alice = service.sign_up("alice", password)
-    before = table_counts(service.storage)
+def test_chat_messages_through_the_services(services, password, name, text, outcome):
+    bob = services.accounts.sign_up("bob", password).id
+    chat(services, bob, "My secret is 4821-ZEBRA.")
+    alice = services.accounts.sign_up("alice", password).id
+    before = table_counts(services.storage)
     if outcome == REJECT:
-        with pytest.raises(StorageError, match="^text: "):
-            list(service.reply(alice, text))
-        assert table_counts(service.storage) == before
+        with pytest.raises(InvalidInput) as refused:
+            chat(services, alice, text)
+        assert refused.value.field == "text" and str(refused.value).startswith("The message ")
+        assert table_counts(services.storage) == before
     else:
-        *reply, stats = service.reply(alice, text)
-        stored = service.history(alice)
-        assert [m["role"] for m in stored] == ["user", "assistant"]
-        assert stored[0]["text"] == text.replace("\r\n", "\n").replace("\r", "\n")
-        assert "4821-ZEBRA" not in "".join(reply) + stored[1]["text"]  # nothing of bob's can reach alice
-    *_, stats = service.reply(alice, "still there?")  # the service keeps serving
-    assert stats.reply_tokens > 0
+        streamed, finished = chat(services, alice, text)
+        stored = services.chat.history(alice)
+        assert [m.role for m in stored] == ["user", "assistant"]
+        assert stored[0].text == text.replace("\r\n", "\n").replace("\r", "\n")
+        assert "4821-ZEBRA" not in streamed + stored[1].text  # nothing of bob's can reach alice
+    _, finished = chat(services, alice, "still there?")  # the services keep serving
+    assert finished.stats.reply_tokens > 0
 
 
 @pytest.mark.parametrize("name, text, _outcome", HOSTILE, ids=IDS)
-def test_the_same_text_as_a_username_or_password(service, password, name, text, _outcome):
-    before = table_counts(service.storage)
+def test_the_same_text_as_a_username_or_password(services, password, name, text, _outcome):
+    before = table_counts(services.storage)
     try:
-        user_id = service.sign_up(text, password)
-    except StorageError as e:
-        assert str(e).startswith("username: ")
-        after = table_counts(service.storage)
+        user_id = services.accounts.sign_up(text, password).id
+    except InvalidInput as e:
+        assert e.field == "username" and str(e).startswith("The username ")
+        after = table_counts(services.storage)
         assert after.pop("audit_log") == before.pop("audit_log") + 1  # the refusal is audited, nothing else
         assert after == before
     else:
-        assert service.log_in(text, password) == user_id
+        assert services.accounts.log_in(text, password).id == user_id
     try:
-        service.sign_up(f"user{len(name)}x{abs(hash(name)) % 1000}", text)
-    except StorageError as e:
-        assert str(e).startswith("password: ")
+        services.accounts.sign_up(f"user{len(name)}x{abs(hash(name)) % 1000}", text)
+    except InvalidInput as e:
+        assert e.field == "password"
 
 
 def test_hostile_input_over_http_leaves_the_app_serving(running, password, monkeypatch):
@@ -69,24 +70,24 @@ def test_hostile_input_over_http_leaves_the_app_serving(running, password, monke
     alice.call("signup", "alice", password)
     counts = []
     for name, text, outcome in HOSTILE:
-        before = table_counts(running.service.storage)
+        before = table_counts(running.services.storage)
         if len(json.dumps(text)) > MAX_BODY_BYTES:  # refused by the server before anything reads it
             with pytest.raises(httpx.HTTPStatusError, match="413"):
                 alice.call("chat", text)
-            assert outcome == REJECT and table_counts(running.service.storage) == before, name
+            assert outcome == REJECT and table_counts(running.services.storage) == before, name
             continue
         page = alice.call("chat", text)
         if outcome == REJECT:
             assert page["chat-notice"].startswith("The message "), name  # words for people, no traceback
-            assert table_counts(running.service.storage) == before, name
+            assert table_counts(running.services.storage) == before, name
         else:
             assert page["chat-notice"] == "", name
             counts.append(name)
         refused = Visitor(running).call("login", text, password)["login-notice"]  # no such account
         assert refused.startswith(("Wrong username or password", "Too many failed logins")), name
     assert len(counts) == sum(outcome == ACCEPT for _, _, outcome in HOSTILE)
-    stored = [m["text"] for m in running.service.history(running.service.storage.find_user("alice").id)
-              if m["role"] == "user"]
+    stored = [m.text for m in running.services.chat.history(running.services.storage.find_user("alice").id)
+              if m.role == "user"]
     expected = [t.replace("\r\n", "\n").replace("\r", "\n") for _, t, o in HOSTILE if o == ACCEPT]
     assert stored == expected  # every accepted text stored exactly once, as typed
     assert "prompt tokens" in alice.call("chat", "a normal message after all that")["reply-stats"]

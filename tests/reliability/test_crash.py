@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app.service import ChatService
+from adapter_core.scheduler import InferenceLoop
+from app.services import Services
 from app.settings import AppSettings
 from app.worker import CompressionWorker
 from storage import Storage, StorageSettings, upgrade
@@ -83,11 +84,12 @@ def test_sigkill_during_compression_loses_nothing(crash_storage):
 
     # restart: the same code as the app's start (the worker requeues what the kills interrupted)
     engine = tiny_text_engine(byte_tokenizer(), live=True)
-    service = ChatService(storage, engine, AppSettings(data_dir=data_dir, compress_idle_seconds=0))
-    worker = CompressionWorker(service, storage)
-    storage.requeue_stale_jobs()
-    while worker.run_once():
-        pass
+    with InferenceLoop(engine) as loop:
+        services = Services.create(storage, engine, loop, AppSettings(data_dir=data_dir, compress_idle_seconds=0))
+        services.memory.requeue_interrupted_jobs()
+        worker = CompressionWorker(services.memory)
+        while worker.run_once():
+            pass
 
     with storage.engine.connect() as connection:
         ids = [row[0] for row in connection.execute(select(Message.id))]

@@ -9,50 +9,49 @@ import torch
 from sqlalchemy import select
 
 from adapter_core import AdapterState
-from adapter_core.conversation import Turn, history_text, left_pad, prompt_ids
+from adapter_core.data.conversation import Turn, history_text, prompt_ids
+from adapter_core.data.personas import EVAL, make_conversation
+from adapter_core.decoding import ReplyRequest, reply
 from adapter_core.evaluation.metrics import contains_answer
-from adapter_core.training.persona import EVAL, make_conversation
-from app.worker import CompressionWorker
+from adapter_core.sampling import SamplingConfig
 from storage.models import User
+from tests.app.helpers import chat, run_jobs
 
 
-def test_passwords_are_stored_only_as_argon2_hashes(service, password, tmp_path):
-    service.sign_up("alice", password)
-    with service.storage.engine.connect() as connection:
+def test_passwords_are_stored_only_as_argon2_hashes(services, password, tmp_path):
+    services.accounts.sign_up("alice", password)
+    with services.storage.engine.connect() as connection:
         hashes = list(connection.execute(select(User.password_hash)).scalars())
     assert hashes and all(h.startswith("$argon2id$") and password not in h for h in hashes)
-    service.storage.engine.dispose()  # flush the WAL into the file before reading it
+    services.storage.engine.dispose()  # flush the WAL into the file before reading it
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("memchat.db*"))
     assert raw and password.encode() not in raw
 
 
-def test_bs_adapter_holds_nothing_of_a_and_recalls_no_better_than_closed_book(service, password):
+def test_bs_adapter_holds_nothing_of_a_and_recalls_no_better_than_closed_book(services, password):
     rng = random.Random(5)
     conversation_a = make_conversation(rng, EVAL, 6, 300, cid="a")
-    alice, bob = service.sign_up("alice", password), service.sign_up("bob", password)
+    alice, bob = services.accounts.sign_up("alice", password).id, services.accounts.sign_up("bob", password).id
     for turn in conversation_a.turns:
         if turn.role == "user":
-            list(service.reply(alice, turn.text))
+            chat(services, alice, turn.text)
     for text in ("I like trains.", "My sister is called Brenwyn.", "Tea, not coffee."):
-        list(service.reply(bob, text))
+        chat(services, bob, text)
     for user_id in (alice, bob):
-        service.compress_now(user_id)
-    worker = CompressionWorker(service, service.storage)
-    while worker.run_once():
-        pass
+        services.memory.compress_now(user_id)
+    run_jobs(services)
 
-    bob_state = AdapterState.from_bytes(service.storage.read_snapshot(bob))
-    bob_turns = [Turn(m.role, m.text) for m in service.storage.history(bob)]
-    only_bob = service.engine.absorb(service.engine.empty_state(), history_text(bob_turns))
+    engine = services.engine
+    bob_state = AdapterState.from_bytes(services.storage.read_snapshot(bob))
+    bob_turns = [Turn(m.role, m.text) for m in services.storage.history(bob)]
+    only_bob = engine.absorb(engine.empty_state(), history_text(bob_turns))
     assert all(torch.allclose(bob_state.sums[k], only_bob.sums[k], atol=1e-5) for k in only_bob.sums)
 
-    tok = service.engine.tokenizer
     questions = conversation_a.questions
-    ids, mask = left_pad([prompt_ids(tok, q.question) for q in questions], tok.pad_token_id)
+    greedy = SamplingConfig.greedy(12)
     correct = {}
     for name, state in (("closed book", None), ("bob's adapter", bob_state)):
-        out = service.engine.generate(ids, attention_mask=mask, states=None if state is None else [state] * len(ids),
-                                      max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-        answers = [tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
-        correct[name] = sum(contains_answer(a, [q.answer]) for a, q in zip(answers, questions))
+        answers = reply(engine, [ReplyRequest(prompt_ids(engine.tokenizer, q.question), state, greedy)
+                                 for q in questions])
+        correct[name] = sum(contains_answer(a.text, [q.answer]) for a, q in zip(answers, questions))
     assert correct["bob's adapter"] <= correct["closed book"]

@@ -48,5 +48,5 @@ def test_many_users_chat_at_once_without_errors(running, password):
           f"p50 {p50:.2f} s, p95 {p95:.2f} s, {len(errors)} errors")
     assert errors == []
     assert len(latencies) == users * requests
-    stored = {u.username for u in running.service.storage.list_users()}
+    stored = {u.username for u in running.services.storage.list_users()}
     assert all(f"loaduser{i}" in stored for i in range(users))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import event, func, or_, select
 
 from storage import Storage, StorageSettings
 from storage.models import Base
@@ -43,3 +46,19 @@ def user_row_counts(storage: Storage, user_id: int) -> dict[str, int]:
 
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@contextmanager
+def transactions(storage: Storage) -> Iterator[list[str]]:
+    """Counts the database transactions begun meanwhile, from any thread: the list grows by one
+    entry (the thread's name) per BEGIN on the storage's engine (its writing variant included)."""
+    begun: list[str] = []
+
+    def on_begin(connection) -> None:
+        begun.append(threading.current_thread().name)
+
+    event.listen(storage.engine, "begin", on_begin)
+    try:
+        yield begun
+    finally:
+        event.remove(storage.engine, "begin", on_begin)

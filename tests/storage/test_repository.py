@@ -8,9 +8,12 @@ import pytest
 from argon2 import PasswordHasher
 from sqlalchemy import event, select, update
 
-from storage import CursorError, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError
+from storage import (
+    CursorError, MessageCounts, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError,
+    ValidationError,
+)
 from storage.models import CompressionJob, Message
-from tests.storage.helpers import FAST, PASSWORD, files_under, table_counts, user_row_counts
+from tests.storage.helpers import FAST, PASSWORD, files_under, table_counts, transactions, user_row_counts
 
 
 def _chat(storage, user, *texts):
@@ -134,6 +137,95 @@ def test_a_user_never_reaches_another_users_data(storage, alice, bob):
     assert not storage.get_user(alice.id).needs_rebuild
     with pytest.raises(NotFound):
         storage.start_conversation(999_999)
+
+
+# --- turns -------------------------------------------------------------------------------------
+
+def test_a_turn_starts_a_conversation_and_reads_what_it_needs_in_one_transaction(storage, alice):
+    with transactions(storage) as begun:
+        first = storage.begin_turn(alice.id, "hello", 1)
+    assert len(begun) == 1
+    assert (first.message.role, first.message.text, first.message.token_count) == ("user", "hello", 1)
+    assert first.snapshot is None and not first.needs_rebuild and first.pending == ()
+    assert [c.id for c in storage.list_conversations(alice.id)] == [first.message.conversation_id]
+    with transactions(storage) as begun:
+        end = storage.finish_turn(alice.id, first.message.conversation_id, "hi there", 2, compress_every=4)
+    assert len(begun) == 1 and end.job is None
+    second = storage.begin_turn(alice.id, "my cat is Tobrik", 4)
+    assert second.message.conversation_id == first.message.conversation_id  # the latest conversation
+    assert [m.id for m in second.pending] == [first.message.id, end.message.id]
+    assert [m.text for m in storage.history(alice.id)] == ["hello", "hi there", "my cat is Tobrik"]
+
+
+def test_a_turn_reads_only_what_the_adapter_does_not_hold(storage, alice, bob):
+    _, sent = _chat(storage, alice, "a", "b", "c")
+    newer = storage.start_conversation(alice.id)
+    _chat(storage, bob, "bob's")
+    snapshot = _commit(storage, alice, sent[1].id)
+    turn = storage.begin_turn(alice.id, "d", 1)
+    assert turn.message.conversation_id == newer.id
+    assert turn.snapshot.id == snapshot.id and [m.text for m in turn.pending] == ["c"]
+    storage.delete_message(alice.id, sent[0].id)
+    turn = storage.begin_turn(alice.id, "e", 1)
+    # the adapter may hold the deleted message: every message is pending until the rebuild
+    assert turn.needs_rebuild and turn.snapshot.id == snapshot.id
+    assert [m.text for m in turn.pending] == ["b", "c", "d"]
+
+
+def test_a_refused_turn_writes_nothing(storage, alice):
+    before = table_counts(storage)
+    for text, tokens in (("", 1), ("a\x00b", 1), ("fine", -1)):
+        with pytest.raises(ValidationError):
+            storage.begin_turn(alice.id, text, tokens)
+    with pytest.raises(NotFound):
+        storage.begin_turn(999_999, "hello", 1)
+    assert table_counts(storage) == before
+
+
+def test_finishing_a_turn_queues_compression_once_enough_user_messages_wait(storage, alice, bob):
+    turn = storage.begin_turn(alice.id, "one", 1)
+    conversation = turn.message.conversation_id
+    assert storage.finish_turn(alice.id, conversation, "reply", 1, compress_every=2).job is None
+    storage.begin_turn(alice.id, "two", 1)
+    end = storage.finish_turn(alice.id, conversation, "reply", 1, compress_every=2)
+    assert end.job is not None and storage.active_job(alice.id).id == end.job.id
+    assert (end.message.role, end.message.conversation_id) == ("assistant", conversation)
+    _commit(storage, alice, end.message.id)
+    storage.claim_job()
+    storage.begin_turn(alice.id, "three", 1)
+    assert storage.finish_turn(alice.id, conversation, "reply", 1, compress_every=2).job is None  # 1 waits now
+    before = table_counts(storage)
+    with pytest.raises(NotFound):
+        storage.finish_turn(bob.id, conversation, "sneaky", 1, compress_every=1)
+    with pytest.raises(ValidationError):
+        storage.finish_turn(alice.id, conversation, "reply", 1, compress_every=-1)
+    assert table_counts(storage) == before
+
+
+def test_an_unusable_snapshot_is_reported_once_and_rebuilt(storage, alice, data_dir):
+    _, sent = _chat(storage, alice, "a", "b")
+    snapshot = _commit(storage, alice, sent[1].id, b"good bytes")
+    assert storage.read_snapshot_file(snapshot) == b"good bytes"
+    (data_dir / snapshot.path).write_bytes(b"evil bytes")
+    with transactions(storage) as begun:
+        with pytest.raises(SnapshotFileError, match="sha256"):
+            storage.read_snapshot_file(snapshot)
+    assert begun == []  # the row was read already: only the disk is
+    with transactions(storage) as begun:
+        history = storage.report_unusable_snapshot(alice.id, snapshot.id, {"error": "sha256"})
+    assert len(begun) == 1 and [m.id for m in history] == [m.id for m in sent]
+    user = storage.get_user(alice.id)
+    assert user.needs_rebuild and user.history_revision == 0  # no history changed
+    assert storage.active_job(alice.id) is not None
+    entry, = storage.list_audit(target_user_id=alice.id)
+    assert (entry.actor_id, entry.action, entry.details) == (None, "adapter_unreadable",
+                                                             {"version": 1, "error": "sha256"})
+    storage.report_unusable_snapshot(alice.id, snapshot.id, {"error": "again"})
+    assert len(storage.list_audit(target_user_id=alice.id)) == 1
+    rebuilt = _commit(storage, alice, sent[1].id, b"rebuilt", rebuild_revision=0)
+    storage.report_unusable_snapshot(alice.id, snapshot.id, {"error": "late"})  # replaced meanwhile
+    assert not storage.get_user(alice.id).needs_rebuild and len(storage.list_audit()) == 1
+    assert storage.latest_snapshot(alice.id).id == rebuilt.id
 
 
 # --- snapshots ---------------------------------------------------------------------------------
@@ -356,13 +448,37 @@ def test_resetting_memory_forgets_everything_but_the_account(storage, alice, bob
 
 
 def test_message_counts(storage, alice, bob):
-    assert storage.message_counts(alice.id) == {"messages": 0, "absorbed_messages": 0, "absorbed_tokens": 0,
-                                                "pending_messages": 0, "pending_tokens": 0}
+    assert storage.message_counts(alice.id) == MessageCounts(0, 0, 0, 0, 0)
     _, sent = _chat(storage, alice, "one two", "three", "four five six")  # 2, 1 and 3 tokens
     _chat(storage, bob, "bob's words here")
     _commit(storage, alice, sent[1].id)
-    assert storage.message_counts(alice.id) == {"messages": 3, "absorbed_messages": 2, "absorbed_tokens": 3,
-                                                "pending_messages": 1, "pending_tokens": 3}
+    assert storage.message_counts(alice.id) == MessageCounts(messages=3, absorbed_messages=2, absorbed_tokens=3,
+                                                             pending_messages=1, pending_tokens=3)
+
+
+def test_a_memory_summary_is_one_read(storage, alice, bob):
+    _, sent = _chat(storage, alice, "one two", "three", "four five six")
+    snapshot = _commit(storage, alice, sent[1].id)
+    job = storage.queue_job(alice.id)
+    with transactions(storage) as begun:
+        summary = storage.memory_summary(alice.id)
+    assert len(begun) == 1
+    assert (summary.user.id, summary.snapshot.id, summary.job.id) == (alice.id, snapshot.id, job.id)
+    assert summary.counts == storage.message_counts(alice.id)
+    empty = storage.memory_summary(bob.id)
+    assert (empty.snapshot, empty.job, empty.counts) == (None, None, MessageCounts(0, 0, 0, 0, 0))
+    with pytest.raises(NotFound):
+        storage.memory_summary(999_999)
+
+
+def test_user_summaries_are_one_query(storage, alice, bob):
+    _, sent = _chat(storage, alice, "a", "b", "c")
+    _commit(storage, alice, sent[0].id)
+    _commit(storage, alice, sent[2].id)
+    with transactions(storage) as begun:
+        rows = storage.user_summaries()
+    assert len(begun) == 1
+    assert [(r.user.username, r.messages, r.adapter_version) for r in rows] == [("alice", 3, 2), ("bob", 0, None)]
 
 
 def test_pending_users_and_active_job(storage, alice, bob):

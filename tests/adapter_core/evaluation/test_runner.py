@@ -3,10 +3,10 @@ from pathlib import Path
 import pytest
 
 from adapter_core.evaluation import runner
-from adapter_core.evaluation.dataset import read_jsonl
+from adapter_core.data.dataset import read_jsonl
 from adapter_core.evaluation.runner import EvalOptions, evaluate, markdown_report, summarize
 
-EXAMPLES = Path(__file__).with_name("three_examples.jsonl")
+EXAMPLES = Path(__file__).parents[1] / "data" / "three_examples.jsonl"
 SCRIPT = {  # (mode, question) -> what the "model" answers
     ("closed_book", "What is my cat called?"): "I don't know.",
     ("closed_book", "Where do I live?"): "You live in Quenmoor.",

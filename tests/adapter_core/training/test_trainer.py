@@ -6,7 +6,7 @@ import torch
 from adapter_core import GenerativeAdapterModel
 from adapter_core.checkpoint import MAX_SHARD_BYTES
 from adapter_core.training.objectives import DataRecipe
-from adapter_core.training.trainer import STATE_NAME, Trainer, TrainConfig
+from adapter_core.training.trainer import STATE_NAME, Trainer, TrainConfig, TrainingProgress
 
 
 def config(folder, **overrides) -> TrainConfig:
@@ -21,13 +21,13 @@ def weights(engine) -> dict:
 
 def test_resuming_continues_the_same_run(make_text_engine, tmp_path):
     straight = make_text_engine()
-    Trainer(config(tmp_path / "a"), straight).train(progress=False)
+    Trainer(config(tmp_path / "a"), straight).train(show_progress=False)
 
-    Trainer(config(tmp_path / "b", max_steps=2), make_text_engine()).train(progress=False)
+    Trainer(config(tmp_path / "b", max_steps=2), make_text_engine()).train(show_progress=False)
     resumed_engine = make_text_engine()  # fresh weights: the trainer must load the run's
-    state = Trainer(config(tmp_path / "b"), resumed_engine).train(progress=False)
+    done = Trainer(config(tmp_path / "b"), resumed_engine).train(show_progress=False)
 
-    assert state["step"] == 4
+    assert done.step == 4
     a, b = weights(straight), weights(resumed_engine)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     log_a = [e["loss"] for e in json.loads((tmp_path / "a" / STATE_NAME).read_text())["log"]]
@@ -37,9 +37,27 @@ def test_resuming_continues_the_same_run(make_text_engine, tmp_path):
     assert any(not torch.equal(a[k], untrained[k]) for k in a)  # training changed something
 
 
+def test_a_run_saved_before_progress_was_a_dataclass_resumes(make_text_engine, tmp_path):
+    Trainer(config(tmp_path, max_steps=2), make_text_engine()).train(show_progress=False)
+    saved = json.loads((tmp_path / STATE_NAME).read_text())
+    assert list(saved) == ["step", "tokens", "seconds", "log", "config", "generator_id", "base_model_id"]
+    # trainer_state.json as the trainer wrote it when its progress was a dict called state
+    old = {"step": 2, "tokens": 1000, "seconds": 3.5, "log": saved["log"]}
+    old |= {"config": saved["config"], "generator_id": saved["generator_id"], "base_model_id": saved["base_model_id"]}
+    (tmp_path / STATE_NAME).write_text(json.dumps(old, indent=1))
+
+    trainer = Trainer(config(tmp_path), make_text_engine())
+    assert trainer.progress == TrainingProgress(step=2, tokens=1000, seconds=3.5, log=saved["log"])
+    done = trainer.train(show_progress=False)
+    assert done.step == 4 and done.tokens > 1000 and done.seconds > 3.5
+    assert [e["step"] for e in done.log] == [1, 2, 3, 4]
+    resaved = json.loads((tmp_path / STATE_NAME).read_text())
+    assert list(resaved) == list(saved) and resaved["step"] == 4
+
+
 def test_checkpoint_round_trip(make_text_engine, make_text_lm, tiny_tokenizer, tmp_path):
     engine = make_text_engine()
-    Trainer(config(tmp_path, max_steps=2), engine).train(progress=False)
+    Trainer(config(tmp_path, max_steps=2), engine).train(show_progress=False)
     shards = list(tmp_path.glob("generator-*.safetensors")) + list((tmp_path / "optimizer").glob("*.safetensors"))
     assert shards and all(p.stat().st_size <= MAX_SHARD_BYTES + 4096 for p in shards)
     saved = json.loads((tmp_path / STATE_NAME).read_text())
@@ -51,15 +69,15 @@ def test_checkpoint_round_trip(make_text_engine, make_text_lm, tiny_tokenizer, t
 
 
 def test_time_budget_stops_and_saves(make_text_engine, tmp_path):
-    state = Trainer(config(tmp_path, time_budget_minutes=0.0), make_text_engine()).train(progress=False)
-    assert state["step"] == 0
+    done = Trainer(config(tmp_path, time_budget_minutes=0.0), make_text_engine()).train(show_progress=False)
+    assert done.step == 0
     assert (tmp_path / STATE_NAME).exists()
 
 
 def test_periodic_evaluation_is_logged(make_text_engine, tmp_path):
-    state = Trainer(config(tmp_path, max_steps=2, eval_every=2, eval_questions=3), make_text_engine()).train(
-        progress=False)
-    evals = [e for e in state["log"] if "eval_accuracy" in e]
+    done = Trainer(config(tmp_path, max_steps=2, eval_every=2, eval_questions=3), make_text_engine()).train(
+        show_progress=False)
+    evals = [e for e in done.log if "eval_accuracy" in e]
     assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["eval_n"] >= 3
     assert evals[0]["eval_nll"] > 0
 

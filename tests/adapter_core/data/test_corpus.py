@@ -1,4 +1,4 @@
-from adapter_core.training import corpus
+from adapter_core.data import corpus
 
 
 def test_generic_text_is_there_offline_and_split():

@@ -3,9 +3,8 @@ import re
 
 import pytest
 
-from adapter_core.conversation import history_text
-from adapter_core.training.persona import (EVAL, KINDS, TRAIN, is_heldout_value, make_conversation,
-                                           make_eval_set)
+from adapter_core.data.conversation import history_text
+from adapter_core.data.personas import EVAL, KINDS, TRAIN, is_heldout_value, make_conversation, make_eval_set
 
 
 def templates(split: str) -> set[str]:

@@ -1,4 +1,5 @@
-"""The evaluator's input format: one conversation per JSONL line (see docs/eval-format.md).
+"""Conversations with questions, one per JSONL line (see docs/eval-format.md): what the evaluator
+reads and what the synthetic personas are made as.
 
     {"id": "c1",
      "sessions": [{"turns": [{"role": "user", "text": "..."}, {"role": "assistant", "text": "..."}]}],
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..conversation import ROLES, Turn
+from .conversation import ROLES, Turn
 
 
 class FormatError(ValueError):

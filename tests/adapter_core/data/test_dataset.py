@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter_core.evaluation.dataset import FormatError, read_jsonl, write_jsonl
+from adapter_core.data.dataset import FormatError, read_jsonl, write_jsonl
 
 EXAMPLES = Path(__file__).with_name("three_examples.jsonl")
 

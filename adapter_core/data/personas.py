@@ -16,8 +16,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from ..conversation import Turn
-from ..evaluation.dataset import Conversation, Question
+from .conversation import Turn
+from .dataset import Conversation, Question
 
 TRAIN, EVAL = "train", "eval"
 SPLITS = (TRAIN, EVAL)

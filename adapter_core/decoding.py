@@ -1,0 +1,315 @@
+"""Replying: from prompts and users' adapter states to replies, many users in one batch.
+
+    ReplyRequest (prompt ids, state or None, sampling)
+        │ join: the newcomers' prompts in one prefill (left padded, each row its own adapter),
+        │       their KV cache merged into the running batch's (left padded to one width)
+        ▼
+    DecodeBatch ── step: every row feeds its last token, picks its next ──┐
+        │                                                              ◄──┘
+        │ leave: rows that ended (end of turn, length cap, cancelled) are cut out of the cache
+        ▼
+    Reply (tokens, text, why it ended, timings)
+
+Rows join and leave between steps, so a batch serves replies that started at different times
+(continuous batching); adapter_core.scheduler runs one such batch on one thread for the app.
+`reply()` decodes a fixed list of requests (evaluation, scripts). `fit_prompt` is the one rule
+for prompts that would not fit: drop the earliest recent turns. Nothing else calls the model's
+`generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .data.conversation import SYSTEM_PROMPT, Turn, left_pad, prompt_ids
+from .model import GenerativeAdapterModel, RowAdapters
+from .sampling import SamplingConfig, TokenPicker, choose_tokens, end_of_turn_ids
+from .state import AdapterState
+
+log = logging.getLogger(__name__)
+
+FINISHES = ("end", "length", "cancelled", "failed")
+"""Why a reply ended: its end of turn, the length cap, its reader went away, or an error."""
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens of a text as stored and absorbed (no special tokens added)."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_prompt(tokenizer, question: str, recent: Sequence[Turn], max_tokens: int,
+               system: str | None = SYSTEM_PROMPT) -> tuple[list[int], list[Turn]]:
+    """The prompt's ids and the recent turns it kept: the earliest turns are dropped until the
+    prompt has at most max_tokens (the question itself is never cut; check its size before)."""
+    recent = list(recent)
+    ids = prompt_ids(tokenizer, question, recent, system)
+    if len(ids) <= max_tokens:
+        return ids, recent
+    low, high = 1, len(recent)  # the fewest dropped turns that fit, by bisection
+    while low < high:
+        mid = (low + high) // 2
+        if len(prompt_ids(tokenizer, question, recent[mid:], system)) <= max_tokens:
+            high = mid
+        else:
+            low = mid + 1
+    return prompt_ids(tokenizer, question, recent[low:], system), recent[low:]
+
+
+@dataclass(frozen=True)
+class ReplyRequest:
+    prompt: tuple[int, ...]
+    """Token ids of the whole prompt (chat template applied, see fit_prompt)."""
+    state: AdapterState | None = None
+    """The user's adapter state; None answers with the base model."""
+    sampling: SamplingConfig = SamplingConfig()
+    """How tokens are chosen and when the reply stops."""
+    seed: int | None = None
+    """Seed of this reply's sampling (None: a fresh random one); greedy replies ignore it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
+        if not self.prompt:
+            raise ValueError("a reply needs a prompt of at least one token")
+
+
+@dataclass(frozen=True)
+class Reply:
+    tokens: tuple[int, ...]
+    """The reply's token ids, without the end-of-turn token."""
+    text: str
+    """The tokens decoded, special tokens skipped, stripped."""
+    finish: str
+    """Why it ended, one of FINISHES."""
+    prompt_tokens: int
+    first_token_s: float | None
+    """Seconds from the request to its first token (None: none came)."""
+    total_s: float
+    """Seconds from the request to its end."""
+
+    def __post_init__(self) -> None:
+        if self.finish not in FINISHES:
+            raise ValueError(f"finish must be one of {FINISHES}, got {self.finish!r}")
+
+
+@dataclass(eq=False)
+class Row:
+    """One reply being decoded: what it was asked, what it has chosen so far."""
+
+    request: ReplyRequest
+    memory: dict[str, torch.Tensor] | None  # module name -> M (r, r); None: base model
+    picker: TokenPicker
+    tokens: list[int] = field(default_factory=list)
+    last: int | None = None  # the chosen token not yet fed to the model
+    position: int = 0  # position id of `last`
+    finish: str | None = None  # set when the reply has ended
+    reported: int = 0  # tokens already handed on (see news)
+
+    def news(self) -> list[int]:
+        """The tokens chosen since the last call."""
+        new = self.tokens[self.reported:]
+        self.reported = len(self.tokens)
+        return new
+
+
+class DecodeBatch:
+    """The rows being decoded together: their KV cache, attention mask and adapters.
+
+    The cache is left padded: column c of every row is the same cache slot, a row's padding is
+    masked out, and each row counts its own positions. Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, engine: GenerativeAdapterModel):
+        self.engine = engine
+        tok = engine.tokenizer  # None for engines driven by token ids only (tests): no end of turn then
+        self.end_ids = set(end_of_turn_ids(tok)) if tok is not None else set()
+        pad = getattr(tok, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else min(self.end_ids, default=0)
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, T) 1 for real tokens
+        self.adapters: RowAdapters | None = None  # what engine.applying sets for these rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def join(self, requests: Sequence[ReplyRequest]) -> list[Row]:
+        """Prefill the requests and add them to the batch, each with its first token chosen; the
+        rows in the order of the requests. If this raises, the batch is as it was.
+
+        Prompts of similar length are prefilled together; a short prompt is not padded to a long
+        one's length (left padding is computed like real tokens, and prefill is most of a new
+        reply's wait)."""
+        engine = self.engine
+        rows = [Row(r, None if r.state is None else engine.memory_matrices(r.state),
+                    TokenPicker(r.sampling, r.prompt, r.seed)) for r in requests]
+        prefilled = [self._prefill(group) for group in _by_length(rows)]  # nothing changes before all succeed
+        for group, cache, mask, adapters in prefilled:
+            self._merge(group, cache, mask, adapters)
+        return rows
+
+    def _prefill(self, rows: list[Row]) -> tuple[list[Row], DynamicCache, torch.Tensor, RowAdapters | None]:
+        """One forward over the rows' prompts: their KV cache, mask and adapters, first tokens chosen."""
+        engine = self.engine
+        ids, mask = left_pad([row.request.prompt for row in rows], self.pad_id)  # (N, T) each
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (N, T)
+        cache = DynamicCache()
+        adapters = engine.row_adapters([row.memory for row in rows])
+        with engine.applying(adapters):
+            logits = engine.base_model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
+                                       position_ids=positions.to(engine.device), cache=cache,
+                                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (N, V)
+        for row in rows:
+            row.position = len(row.request.prompt)
+        self._choose(rows, logits)
+        return rows, cache, mask.to(engine.device), adapters
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Every row feeds its last chosen token and chooses the next (rows that ended must have left)."""
+        engine = self.engine
+        if any(row.finish for row in self.rows):
+            raise RuntimeError("rows that ended must leave the batch before the next step")
+        ids = torch.tensor([[row.last] for row in self.rows], device=engine.device)  # (B, 1)
+        positions = torch.tensor([[row.position] for row in self.rows], device=engine.device)  # (B, 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, T+1)
+        with engine.applying(self.adapters):
+            logits = engine.base_model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                                       cache=self.cache, use_cache=True).logits[:, -1]  # (B, V)
+        for row in self.rows:
+            row.position += 1
+        self._choose(self.rows, logits)
+
+    @torch.inference_mode()
+    def leave(self, rows: Sequence[Row]) -> None:
+        """Cut rows out of the batch (and their columns of padding nobody needs any more)."""
+        leaving = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in leaving]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.adapters = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        first = int(self.mask[index].any(0).nonzero()[0])  # leading columns that are padding in every row
+        self.mask = self.mask[index, first:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+        self.adapters = self.engine.row_adapters([row.memory for row in self.rows])
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits (N, V). A row whose choice fails (NaN logits from a
+        bad adapter, ...) ends as failed, alone: the other rows go on."""
+        adjusted, live = [], []
+        for row, row_logits in zip(rows, logits):
+            if len(row.tokens) < row.request.sampling.min_new_tokens and self.end_ids:
+                row_logits = row_logits.clone()
+                row_logits[list(self.end_ids)] = float("-inf")
+            try:
+                adjusted.append(row.picker.adjust(row_logits, row.tokens))
+                live.append(row)
+            except Exception:
+                log.exception("choosing a reply's next token failed")
+                row.finish = "failed"
+        if not live:
+            return
+        for row, token in zip(live, choose_tokens([row.picker for row in live], torch.stack(adjusted))):
+            if isinstance(token, Exception):
+                log.error("choosing a reply's next token failed: %r", token)
+                row.finish = "failed"
+            elif token in self.end_ids:
+                row.finish = "end"
+            else:
+                row.tokens.append(token)
+                row.last = token
+                if len(row.tokens) >= row.request.sampling.max_new_tokens:
+                    row.finish = "length"
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, adapters: RowAdapters | None) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.adapters = rows, cache, mask, adapters
+            return
+        # everything is built first and assigned at the end, so that a failure leaves the batch as it was
+        width = max(self.mask.shape[1], mask.shape[1])
+        merged_mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])  # (B+N, width)
+        merged_cache = [(torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)]),  # (B+N, H, width, D)
+                         torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]))
+                        for old, new in zip(self.cache.layers, cache.layers)]
+        merged_adapters = self.engine.row_adapters([row.memory for row in self.rows + rows])
+        for layer, (keys, values) in zip(self.cache.layers, merged_cache):
+            layer.keys, layer.values = keys, values
+        self.rows, self.mask, self.adapters = self.rows + rows, merged_mask, merged_adapters
+
+
+PADDING_ALLOWED = 1.25
+"""A prefill group's padded size may be this many times its real tokens."""
+
+
+def _by_length(rows: list[Row]) -> list[list[Row]]:
+    """Rows in groups of similar prompt length, shortest first (see DecodeBatch.join)."""
+    groups: list[list[Row]] = []
+    real = 0
+    for row in sorted(rows, key=lambda r: len(r.request.prompt)):
+        n = len(row.request.prompt)
+        if groups and n * (len(groups[-1]) + 1) <= PADDING_ALLOWED * (real + n):
+            groups[-1].append(row)
+            real += n
+        else:
+            groups.append([row])
+            real = n
+    return groups
+
+
+def _pad_left(t: torch.Tensor, width: int, axis: int) -> torch.Tensor:
+    """Zeros before the start of `axis` (1 of a (B, T) mask, 2 of (B, H, T, D) keys) up to `width`."""
+    shape = list(t.shape)
+    shape[axis] = width - t.shape[axis]
+    return t if shape[axis] == 0 else torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+def finished_reply(row: Row, tokenizer, started: float, first_token: float | None) -> Reply:
+    """The Reply of a row that ended (times are perf_counter() readings)."""
+    text = tokenizer.decode(row.tokens, skip_special_tokens=True).strip() if tokenizer is not None else ""
+    return Reply(tokens=tuple(row.tokens), text=text,
+                 finish=row.finish or "cancelled", prompt_tokens=len(row.request.prompt),
+                 first_token_s=None if first_token is None else first_token - started,
+                 total_s=time.perf_counter() - started)
+
+
+def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest],
+          on_token: Callable[[int, int], None] | None = None, max_rows: int = 32) -> list[Reply]:
+    """Decode the requests together, up to max_rows at a time (rows leave as they end and waiting
+    requests join); on_token(i, token) is called for each token of request i as it is chosen."""
+    started = time.perf_counter()
+    batch = DecodeBatch(engine)
+    waiting = list(enumerate(requests))
+    index: dict[int, int] = {}  # id(row) -> request number
+    first: dict[int, float] = {}
+    replies: list[Reply | None] = [None] * len(requests)
+    while waiting or batch.rows:
+        if waiting and len(batch) < max_rows:
+            take, waiting = waiting[:max_rows - len(batch)], waiting[max_rows - len(batch):]
+            for (i, _), row in zip(take, batch.join([r for _, r in take])):
+                index[id(row)] = i
+        else:
+            batch.step()
+        now = time.perf_counter()
+        for row in batch.rows:
+            i = index[id(row)]
+            for token in row.news():
+                first.setdefault(i, now)
+                if on_token is not None:
+                    on_token(i, token)
+        ended = [row for row in batch.rows if row.finish]
+        for row in ended:
+            i = index.pop(id(row))
+            replies[i] = finished_reply(row, engine.tokenizer, started, first.get(i))
+        batch.leave(ended)
+    return replies  # type: ignore[return-value]

@@ -1,0 +1,72 @@
+"""Who is acting, and what they may do: the one place every service checks it.
+
+The UI's session holds the acting user's id (a gr.State, kept on the server); every service call
+passes it here, which reads the user again from the database, so that a deleted account or a
+revoked admin right takes effect at the next click.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage import NotFound, Storage, validation
+from storage.models import User
+
+from .errors import AccessDenied, AppError
+from .limits import RateLimits
+from .settings import AppSettings
+
+
+@dataclass(frozen=True)
+class Access:
+    storage: Storage
+    settings: AppSettings
+    limits: RateLimits
+
+    def user(self, user_id: object) -> User:
+        """The logged-in user; AccessDenied when nobody (or an account since deleted) is."""
+        checked = logged_in_id(user_id)
+        try:
+            return self.storage.get_user(checked)
+        except NotFound:
+            raise AccessDenied("Please log in") from None
+
+    def admin(self, actor_id: object) -> User:
+        """The acting admin; AccessDenied for anyone else."""
+        actor = self.user(actor_id)
+        if not actor.is_admin:
+            raise AccessDenied("Admins only")
+        return actor
+
+    def target(self, user_id: object) -> User:
+        """The user an admin acts on, chosen on the page."""
+        chosen = chosen_id("user", user_id)
+        if chosen is None:
+            raise AppError("Choose a user from the list")
+        try:
+            return self.storage.get_user(chosen)
+        except NotFound:
+            raise AppError("That user no longer exists") from None
+
+    def costly(self, user_id: int) -> None:
+        """Count one costly action (export, compress now, probe) against the user's limit."""
+        self.limits.hit(self.settings.actions_per_user, "action", str(user_id),
+                        what="That was asked for several times in a short while")
+
+
+def logged_in_id(user_id: object) -> int:
+    """The session's user id as a number, before any database read; AccessDenied if there is none."""
+    if user_id is None:
+        raise AccessDenied("Please log in")
+    try:
+        return int(user_id)
+    except (TypeError, ValueError):
+        raise AccessDenied("Please log in") from None
+
+
+def chosen_id(field: str, value: object) -> int | None:
+    """A row id chosen on the page (a dropdown's custom value can be anything); None if it is none."""
+    try:
+        return validation.count(field, int(str(value)))
+    except (TypeError, ValueError):  # storage's ValidationError is a ValueError
+        return None

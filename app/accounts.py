@@ -1,0 +1,106 @@
+"""Accounts: signing up, logging in and out, who is logged in, and the admin account made at start.
+
+Failed logins and sign-ups are rate limited in memory (app/limits.py) per normalised name and
+client address, and every one of them is in the audit log; nothing here ever sleeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage import validation
+from storage.models import User
+
+from .access import Access
+from .downloads import DownloadStore
+from .errors import AccessDenied, InvalidInput, LoginFailed, refusing
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    username: str
+    is_admin: bool
+
+    @classmethod
+    def of(cls, user: User) -> Account:
+        return cls(user.id, user.username, user.is_admin)
+
+
+class Accounts:
+    def __init__(self, access: Access, downloads: DownloadStore) -> None:
+        self.access, self.downloads = access, downloads
+        self.storage, self.settings, self.limits = access.storage, access.settings, access.limits
+        self.signup_open = self.settings.allow_signup
+        """Whether anyone may create an account; admins switch it at run time (app/admin.py)."""
+
+    def sign_up(self, username: str, password: str, address: str | None = None) -> Account:
+        if not self.signup_open:
+            raise AccessDenied("Sign-up is closed; ask an admin for an account")
+        per_address, per_server = self.settings.signups_per_address, self.settings.signups_per_server
+        failures = self.settings.login_failures_per_address  # refused sign-ups count as failed tries too
+        self.limits.check(failures, "login", str(address), what="Too many failed tries from this address")
+        try:
+            with refusing():
+                # the rules first, so that a mistake is told as such, then the limits
+                validation.username(username, self.storage.settings)
+                validation.password(password, self.storage.settings)
+                self.limits.check(per_address, "signup", str(address), what="Too many new accounts from this address")
+                self.limits.check(per_server, "signup", what="Too many new accounts just now")
+                user = self.storage.create_user(username, password)
+        except InvalidInput as e:
+            self.limits.record(failures, "login", str(address))
+            self.storage.record_audit(None, "signup_refused", None, {
+                "username": validation.normalize_username(str(username))[:64], "reason": e.reason[:200],
+                "address": address})
+            raise
+        self.limits.record(per_address, "signup", str(address))
+        self.limits.record(per_server, "signup")
+        self.storage.record_audit(user.id, "signup", user.id, {"address": address})
+        return Account.of(user)
+
+    def log_in(self, username: str, password: str, address: str | None = None) -> Account:
+        """Failures are counted per normalised name and address, and per address; once either is
+        used up, tries are refused at once (no password is checked, nobody waits)."""
+        name = validation.normalize_username(str(username))[:64]
+        per_name, per_address = self.settings.login_failures_per_name, self.settings.login_failures_per_address
+        self.limits.check(per_name, "login", name, str(address), what="Too many failed logins for this account")
+        self.limits.check(per_address, "login", str(address), what="Too many failed logins from this address")
+        user = self.storage.authenticate(username, password)
+        if user is None:
+            self.limits.record(per_name, "login", name, str(address))
+            self.limits.record(per_address, "login", str(address))
+            known = self.storage.find_user(name)
+            self.storage.record_audit(None, "login_failed", known.id if known else None,
+                                      {"username": name, "address": address})
+            raise LoginFailed("Wrong username or password")
+        self.limits.clear(per_name, "login", name, str(address))
+        return Account.of(user)
+
+    def log_out(self, user_id: int | None) -> None:
+        """Drop what this browser session was handed (its download links)."""
+        if user_id is not None:
+            self.downloads.remove_user(int(user_id))
+
+    def whoami(self, user_id: object) -> Account:
+        return Account.of(self.access.user(user_id))
+
+    def exists(self, user_id: int) -> bool:
+        """Whether the account still exists (a download link dies with its owner)."""
+        try:
+            self.access.user(user_id)
+        except AccessDenied:
+            return False
+        return True
+
+    def ensure_admin(self, username: str, password: str) -> Account:
+        """Create the configured admin account, or promote it; used at start."""
+        user = self.storage.find_user(username)
+        if user is None:
+            user = self.storage.create_user(username, password, is_admin=True)
+        elif not user.is_admin:
+            user = self.storage.set_admin(user.id, True)
+        return Account.of(user)
+
+    def any_admin(self) -> bool:
+        return any(user.is_admin for user in self.storage.list_users())

@@ -1,0 +1,235 @@
+"""Memory: what each user's adapter holds, and how their turns get into it.
+
+The memory tab's actions (status, compress now, forget), the compression the background worker
+runs (app/worker.py talks to nothing else), the per-user cache of adapter states, and what
+happens when a snapshot file cannot be used. Compressing new turns and rebuilding from the whole
+history are one code path (`_absorb`): a rebuild is absorbing every message into an empty state.
+Absorbing runs on the inference loop (adapter_core.scheduler), in slices between decode steps,
+so that compression never holds up a reply for long.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from adapter_core import AdapterState, GenerativeAdapterModel, StateError
+from adapter_core.data.conversation import Turn, history_text
+from adapter_core.scheduler import InferenceLoop
+from storage import CursorError, MemorySummary, NotFound, RebuildRequired, SnapshotFileError, TurnStart
+from storage.models import AdapterSnapshot, CompressionJob, Message, User
+
+from .access import Access, chosen_id, logged_in_id
+from .downloads import DownloadStore
+from .errors import AccessDenied, Gone, refusing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """The user's queued or running compression."""
+
+    status: str
+    """'queued' or 'running'."""
+    attempts: int
+    error: str | None
+    """Why the last attempt failed, if it did (for admins; users are told only that it failed)."""
+    not_before: datetime
+    """When the next attempt may start (after a failure: the retry's backoff)."""
+
+    @classmethod
+    def of(cls, job: CompressionJob) -> JobStatus:
+        return cls(job.status, job.attempts, job.error, job.not_before)
+
+
+@dataclass(frozen=True)
+class MemoryStatus:
+    messages: int
+    absorbed_messages: int
+    absorbed_tokens: int
+    pending_messages: int
+    pending_tokens: int
+    adapter_version: int | None
+    last_compression: datetime | None
+    needs_rebuild: bool
+    """A message was forgotten (or the adapter file was damaged): answers use no adapter until rebuilt."""
+    job: JobStatus | None
+
+    @classmethod
+    def of(cls, summary: MemorySummary) -> MemoryStatus:
+        counts, snapshot, job = summary.counts, summary.snapshot, summary.job
+        return cls(counts.messages, counts.absorbed_messages, counts.absorbed_tokens, counts.pending_messages,
+                   counts.pending_tokens, snapshot.version if snapshot else None,
+                   snapshot.created_at if snapshot else None, summary.user.needs_rebuild,
+                   JobStatus.of(job) if job else None)
+
+
+class Memory:
+    def __init__(self, access: Access, engine: GenerativeAdapterModel, loop: InferenceLoop,
+                 downloads: DownloadStore) -> None:
+        self.access, self.engine, self.loop, self.downloads = access, engine, loop, downloads
+        self.storage, self.settings = access.storage, access.settings
+        self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, its state)
+        self._states_lock = threading.Lock()
+
+    # --- the memory tab ----------------------------------------------------------------------------
+
+    def status(self, user_id: object) -> MemoryStatus:
+        """One read of the database: this runs on a timer for every open page."""
+        try:
+            return MemoryStatus.of(self.storage.memory_summary(logged_in_id(user_id)))
+        except NotFound:
+            raise AccessDenied("Please log in") from None
+
+    def compress_now(self, user_id: object) -> None:
+        user = self.access.user(user_id)
+        self.access.costly(user.id)
+        self.storage.queue_job(user.id)
+
+    def forget(self, user_id: object, message_id: object) -> int:
+        """Delete one of the user's messages and, for a message of theirs, the reply to it; until
+        the rebuild lands, answers use no adapter (it may hold them). The number deleted."""
+        user = self.access.user(user_id)
+        chosen = chosen_id("message", message_id)
+        if chosen is None:
+            raise Gone()
+        with refusing():  # another user's message is NotFound, exactly like one that does not exist
+            deleted = self.storage.delete_message(user.id, chosen, with_reply=True)
+        self.drop_state(user.id)
+        self.downloads.remove_user(user.id)  # an export made before holds what was forgotten
+        self.storage.queue_job(user.id)
+        return len(deleted)
+
+    # --- adapter states ------------------------------------------------------------------------------
+
+    def answer_context(self, turn: TurnStart) -> tuple[AdapterState | None, tuple[Message, ...]]:
+        """What a turn is answered with: the adapter state (None: the base model) and the earlier
+        messages the prompt must hold because that state does not."""
+        snapshot = turn.snapshot
+        if snapshot is None or turn.needs_rebuild:
+            return None, turn.pending
+        try:
+            return self._state(turn.message.user_id, snapshot), turn.pending
+        except (SnapshotFileError, StateError) as e:
+            history = self._report_damage(turn.message.user_id, snapshot, e)
+            return None, tuple(m for m in history if m.id < turn.message.id)
+
+    def usable_state(self, user: User) -> tuple[AdapterSnapshot | None, AdapterState | None]:
+        """The user's latest snapshot and its state; the state is None when there is no usable one:
+        none yet, a rebuild pending (it may hold forgotten messages), or a damaged file."""
+        snapshot = self.storage.latest_snapshot(user.id)
+        if snapshot is None or user.needs_rebuild:
+            return snapshot, None
+        try:
+            return snapshot, self._state(user.id, snapshot)
+        except (SnapshotFileError, StateError) as e:
+            self._report_damage(user.id, snapshot, e)
+            return snapshot, None
+
+    def drop_state(self, user_id: int) -> None:
+        """Forget the cached state (its snapshot is about to be replaced or deleted)."""
+        with self._states_lock:
+            self._states.pop(user_id, None)
+
+    def _state(self, user_id: int, snapshot: AdapterSnapshot) -> AdapterState:
+        """The snapshot's state, from the cache or its file; SnapshotFileError or StateError if unusable."""
+        with self._states_lock:
+            cached = self._states.get(user_id)
+        if cached is not None and cached[0] == snapshot.id:
+            return cached[1]
+        state = AdapterState.from_bytes(self.storage.read_snapshot_file(snapshot), self.engine.generator_id,
+                                        self.engine.base_model_id)
+        self._keep_state(user_id, snapshot.id, state)
+        return state
+
+    def _keep_state(self, user_id: int, snapshot_id: int, state: AdapterState) -> None:
+        with self._states_lock:
+            self._states[user_id] = (snapshot_id, state)
+
+    def _report_damage(self, user_id: int, snapshot: AdapterSnapshot, error: Exception) -> list[Message]:
+        """A snapshot that cannot be used: storage records it once (audit log, shown on the admin
+        page) and queues a rebuild from the history; answers use no adapter meanwhile. The user's
+        whole history, which answers must then show instead."""
+        log.warning("user %s: adapter snapshot v%s unusable (%s); answering without it until rebuilt", user_id,
+                    snapshot.version, error)
+        return self.storage.report_unusable_snapshot(user_id, snapshot.id, {"error": str(error)[:300]})
+
+    # --- compression (the worker's side) -----------------------------------------------------------
+
+    def requeue_interrupted_jobs(self) -> int:
+        """Jobs a stopped process left running count as failed runs (retried with backoff)."""
+        return self.storage.requeue_stale_jobs()
+
+    def queue_idle(self, now_ts: float) -> list[int]:
+        """Queue compression for users whose newest pending message is older than the idle delay."""
+        if not self.settings.compress_idle_seconds:
+            return []
+        queued = []
+        for user_id, _count, newest in self.storage.pending_users():
+            if (now_ts - newest.timestamp() >= self.settings.compress_idle_seconds
+                    and self.storage.active_job(user_id) is None):
+                self.storage.queue_job(user_id)
+                queued.append(user_id)
+        return queued
+
+    def run_due_job(self) -> bool:
+        """Claim the oldest due compression job and run it; False when none was due. A failure is
+        recorded on the job (retried with backoff, its error shown on the memory and admin pages)."""
+        job = self.storage.claim_job()
+        if job is None:
+            return False
+        started = time.perf_counter()
+        try:
+            version = self.compress(job.user_id)
+        except Exception as e:  # any failure of one job is that job's, never the worker's
+            log.exception("compression job %s for user %s failed", job.id, job.user_id)
+            self.storage.fail_job(job.id, f"{type(e).__name__}: {e}")
+            return True
+        self.storage.finish_job(job.id)
+        log.info("user %s: adapter v%s in %.1f s", job.user_id, version, time.perf_counter() - started)
+        return True
+
+    def compress(self, user_id: int) -> int | None:
+        """Absorb the user's new turns (or rebuild from scratch when needed); the new version or None."""
+        user = self.storage.get_user(user_id)
+        snapshot, state = self.usable_state(user)
+        if user.needs_rebuild or (snapshot is not None and state is None):
+            return self._rebuild(user)
+        pending = self.storage.messages_after(user_id, snapshot.cursor if snapshot else 0)
+        if not pending:
+            return None
+        try:
+            return self._absorb(user_id, state, pending)
+        except RebuildRequired:  # a message was forgotten meanwhile, or another generator made the snapshot
+            return self._rebuild(self.storage.get_user(user_id))
+        except CursorError:  # another compression absorbed these turns first: nothing left to do
+            log.info("user %s: turns up to %s were already absorbed", user_id, pending[-1].id)
+            return None
+
+    def _rebuild(self, user: User) -> int:
+        """The adapter anew from the whole history. The user row was read before the history, so a
+        message deleted in between makes the commit refuse (its revision moved on)."""
+        return self._absorb(user.id, None, self.storage.history(user.id), rebuild_revision=user.history_revision)
+
+    def _absorb(self, user_id: int, state: AdapterState | None, messages: Sequence[Message],
+                rebuild_revision: int | None = None) -> int:
+        """Absorb the messages into the state (None: an empty one) and commit the result as the
+        user's new snapshot, a rebuild when a revision is given; the new version."""
+        started = time.perf_counter()
+        new = self.loop.absorb(state or self.engine.empty_state(),
+                               history_text([Turn(m.role, m.text) for m in messages]))
+        stats = {"tokens": new.tokens, "windows": new.windows, "messages": len(messages),
+                 "seconds": round(time.perf_counter() - started, 3), "state_bytes": new.nbytes()}
+        if rebuild_revision is not None:
+            stats["rebuild"] = True
+        snapshot = self.storage.commit_snapshot(
+            user_id, new.to_bytes(), generator_id=self.engine.generator_id, base_model_id=self.engine.base_model_id,
+            cursor=messages[-1].id if messages else 0, tokens_absorbed=new.tokens, stats=stats,
+            rebuild_revision=rebuild_revision)
+        self._keep_state(user_id, snapshot.id, new)
+        return snapshot.version

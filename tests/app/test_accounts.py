@@ -1,0 +1,92 @@
+"""Accounts: sign-up, log in, their rate limits and audit, and the sign-up switch."""
+
+import pytest
+
+from app.errors import AccessDenied, InvalidInput, LoginFailed, RateLimited, describe
+
+
+def test_sign_up_log_in_and_wrong_password(services, password):
+    alice = services.accounts.sign_up("alice", password)
+    assert (alice.username, alice.is_admin) == ("alice", False)
+    assert services.accounts.log_in("Alice", password) == alice  # usernames are case-folded
+    assert services.accounts.whoami(alice.id) == alice
+    with pytest.raises(LoginFailed):
+        services.accounts.log_in("alice", "wrong password!")
+    with pytest.raises(LoginFailed):
+        services.accounts.log_in("nobody", password)
+    for nobody in (None, "abc", 99999):
+        with pytest.raises(AccessDenied, match="Please log in"):
+            services.accounts.whoami(nobody)
+
+
+def test_a_refused_sign_up_says_which_field_and_why_in_words_for_people(services, password):
+    services.accounts.sign_up("alice", password)
+    for name, secret, field, words in [("alice", password, "username", "The username 'alice' is already taken."),
+                                       ("bob", "short", "password", "The password is shorter than"),
+                                       ("a\x00b", password, "username", "The username contains a NUL")]:
+        with pytest.raises(InvalidInput) as refused:
+            services.accounts.sign_up(name, secret)
+        assert refused.value.field == field and describe(refused.value, "sign up").startswith(words)
+
+
+def test_sign_up_can_be_closed_by_an_admin(services, password):
+    admin = services.accounts.ensure_admin("root", password)
+    assert admin.is_admin and services.accounts.ensure_admin("root", password) == admin
+    user = services.accounts.sign_up("alice", password).id
+    with pytest.raises(AccessDenied, match="Admins only"):
+        services.admin.set_signup(user, False)
+    services.admin.set_signup(admin.id, False)
+    with pytest.raises(AccessDenied, match="Sign-up is closed"):
+        services.accounts.sign_up("bob", password)
+    assert services.admin.audit(admin.id)[0].action == "set_signup"
+
+
+def test_failed_logins_are_throttled_per_normalised_name_and_address_without_waiting(services, password,
+                                                                                   monkeypatch):
+    services.settings.login_failures_per_name = "3/15 minutes"
+    services.accounts.sign_up("alice", password)
+    monkeypatch.setattr("time.sleep", lambda s: pytest.fail("a login handler must not sleep"))
+    for spelling in ("alice", "ALICE", "ａｌｉｃｅ"):  # look-alike spellings of one stored name share a count
+        with pytest.raises(LoginFailed):
+            services.accounts.log_in(spelling, "wrong password", "10.0.0.1")
+    checked = []
+    monkeypatch.setattr(services.storage, "authenticate", lambda *a: checked.append(a))
+    with pytest.raises(RateLimited, match="Too many failed logins for this account"):
+        services.accounts.log_in("Alice", password, "10.0.0.1")
+    assert checked == []  # refused before any password is checked
+    monkeypatch.undo()
+    assert services.accounts.log_in("alice", password, "10.0.0.2").username == "alice"  # the owner still gets in
+    audit = services.storage.list_audit()
+    failed = [e for e in audit if e.action == "login_failed"]
+    assert len(failed) == 3 and failed[0].details == {"username": "alice", "address": "10.0.0.1"}
+    assert failed[0].target_user_id == services.storage.find_user("alice").id
+
+
+def test_many_names_from_one_address_are_throttled_too(services, password):
+    services.settings.login_failures_per_address = "4/15 minutes"
+    for i in range(4):
+        with pytest.raises(LoginFailed):
+            services.accounts.log_in(f"user{i}", "wrong password", "10.0.0.9")
+    with pytest.raises(RateLimited, match="from this address"):
+        services.accounts.log_in("someone-else", "wrong password", "10.0.0.9")
+
+
+def test_sign_ups_are_limited_and_audited(services, password):
+    services.settings.signups_per_address = "2/hour"
+    services.accounts.sign_up("alice", password, "10.0.0.1")
+    with pytest.raises(InvalidInput):
+        services.accounts.sign_up("bob", "short", "10.0.0.1")  # a refused sign-up is audited, and not counted
+    services.accounts.sign_up("bob", password, "10.0.0.1")
+    with pytest.raises(RateLimited, match="Too many new accounts from this address"):
+        services.accounts.sign_up("carol", password, "10.0.0.1")
+    services.accounts.sign_up("carol", password, "10.0.0.2")
+    actions = [(e.action, e.details.get("address")) for e in reversed(services.storage.list_audit())]
+    assert actions == [("signup", "10.0.0.1"), ("signup_refused", "10.0.0.1"), ("signup", "10.0.0.1"),
+                       ("signup", "10.0.0.2")]
+    services.settings.login_failures_per_address = "2/15 minutes"  # refused sign-ups are failed tries too
+    with pytest.raises(InvalidInput):
+        services.accounts.sign_up("dave", "short", "10.0.0.3")
+    with pytest.raises(InvalidInput):
+        services.accounts.sign_up("dave", "short", "10.0.0.3")
+    with pytest.raises(RateLimited, match="failed tries from this address"):
+        services.accounts.sign_up("dave", password, "10.0.0.3")

@@ -1,0 +1,158 @@
+"""Chat: one turn stored, streamed, measured; its transactions; its order per user; decoding's ends."""
+
+import threading
+import time
+
+import pytest
+
+from app.chat import FinishedReply, ReplyFailed, TurnOpened, _whole_sentences
+from app.errors import AccessDenied, AppError, InvalidInput, RateLimited
+from tests.app.helpers import FakeStream, chat, run_jobs
+from tests.storage.helpers import transactions
+
+
+def test_messages_are_limited_in_size_and_rate(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    services.settings.max_message_chars = 50
+    with pytest.raises(InvalidInput, match="The message is too long: 51 characters, at most 50"):
+        chat(services, uid, "x" * 51)
+    services.settings.max_message_chars = 2000
+    with pytest.raises(InvalidInput, match="^The question is too long for the model: 1,100 tokens, at most"):
+        services.chat.check_message("y" * 1100, field="question")
+    services.settings.messages_per_user = "2/minute"
+    chat(services, uid, "one")
+    chat(services, uid, "two")
+    with pytest.raises(RateLimited, match="faster than the model can answer"):
+        chat(services, uid, "three")
+    assert [m.text for m in services.chat.history(uid) if m.role == "user"] == ["one", "two"]
+
+
+def test_a_turn_is_stored_streamed_and_measured(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    streamed, finished = chat(services, uid, "Hello there")
+    history = services.chat.history(uid)
+    assert [m.role for m in history] == ["user", "assistant"]
+    assert history[0].text == "Hello there" and not history[0].absorbed
+    assert history[1].text == finished.text  # what the page shows at the end is what is stored
+    # as streamed, or (cut off by the 6-token cap) up to its last whole sentence
+    assert finished.text in (streamed.strip() or "…", _whole_sentences(streamed.strip()))
+    stats = finished.stats
+    assert stats.adapter_version is None and stats.pending_turns == 1 and stats.prompt_tokens > 0
+    assert stats.total_s >= stats.first_token_s >= 0 and "prompt tokens" in stats.line()
+
+
+def test_a_reply_takes_at_most_three_database_transactions(services, password):
+    """Counted over the whole turn: the user check, the conversation, both messages, the snapshot,
+    the pending turns and the compression job are read and written in begin_turn and finish_turn."""
+    uid = services.accounts.sign_up("alice", password).id
+    with transactions(services.storage) as first:
+        chat(services, uid, "My cat is called Tobrik.")
+    with transactions(services.storage) as second:  # this one queues the compression
+        chat(services, uid, "I live in Quenmoor.")
+    run_jobs(services)
+    services.memory.drop_state(uid)  # the adapter is read from its file, not the cache
+    with transactions(services.storage) as with_adapter:
+        _, finished = chat(services, uid, "What is my cat called?")
+    assert finished.stats.adapter_version == 1
+    assert services.memory.status(uid).job is None and services.storage.active_job(uid) is None
+    assert [len(first), len(second), len(with_adapter)] == [2, 2, 2]
+
+
+def test_answering_without_an_adapter_shows_the_turns_it_lacks(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    services.settings.compress_every = 100
+    for text in ("one", "two", "three"):
+        chat(services, uid, text)
+    _, finished = chat(services, uid, "four")
+    assert finished.stats.pending_turns == 7  # three earlier turns of two messages, and the new one
+    services.settings.recent_token_budget = 40  # older turns wait for compression instead
+    _, finished = chat(services, uid, "five")
+    assert 1 < finished.stats.pending_turns < 9
+
+
+def test_one_user_s_turns_run_one_at_a_time(services, password, monkeypatch):
+    alice = services.accounts.sign_up("alice", password).id
+    bob = services.accounts.sign_up("bob", password).id
+    gate, requests = threading.Event(), []
+
+    def submit(request):
+        requests.append(request)
+        return FakeStream(request, [f"Answer {len(requests)}.", " Done."], gate=gate if len(requests) == 1 else None)
+
+    monkeypatch.setattr(services.chat.loop, "submit", submit)
+    first = threading.Thread(target=chat, args=(services, alice, "first"))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # her second message, while the first is being answered, is refused at once (it could not see
+    # the first turn), and nothing of it is stored
+    with pytest.raises(AppError, match="still being answered"):
+        chat(services, alice, "second, too soon")
+    chat(services, bob, "bob is not held up")  # another user's turn goes on meanwhile
+    assert len(requests) == 2
+    gate.set()
+    first.join(10)
+    chat(services, alice, "second")
+    tok = services.engine.tokenizer
+    assert "Answer 1. Done." in tok.decode(list(requests[2].prompt))  # her second reply sees her first
+    assert [m.text for m in services.chat.history(alice)] == ["first", "Answer 1. Done.", "second", "Answer 3. Done."]
+
+
+def test_the_page_gets_the_history_from_the_turn_itself(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    chat(services, uid, "one")
+    with transactions(services.storage) as used:
+        items = list(services.chat.reply(uid, "two", with_history=True))
+    opened, finished = items[0], items[-1]
+    assert isinstance(opened, TurnOpened) and isinstance(finished, FinishedReply)
+    assert [m.text for m in opened.history][::2] == ["one", "two"] and opened.history[-1].role == "user"
+    assert len(used) == 2
+
+
+def test_a_reply_whose_reader_goes_away_stops_decoding_and_stores_nothing(services, password, monkeypatch):
+    uid = services.accounts.sign_up("alice", password).id
+    streams = []
+    monkeypatch.setattr(services.chat.loop, "submit",
+                        lambda request: streams.append(FakeStream(request, ["First words ", "more"])) or streams[-1])
+    replies = services.chat.reply(uid, "hi")
+    assert next(replies) == "First words "
+    replies.close()  # as when the person logs out or the tab closes mid-reply
+    assert streams[0].cancelled.is_set()
+    assert [m.role for m in services.chat.history(uid)] == ["user"]
+    chat(services, uid, "the next turn is not held up")  # the turn's lock was let go
+
+
+def test_a_failed_decoding_is_a_fault_not_a_stored_reply(services, password, monkeypatch):
+    uid = services.accounts.sign_up("alice", password).id
+    monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, [], finish="failed"))
+    with pytest.raises(ReplyFailed) as failed:
+        chat(services, uid, "hi")
+    assert not isinstance(failed.value, AppError)
+    assert [m.role for m in services.chat.history(uid)] == ["user"]
+
+
+def test_a_reply_is_stored_as_printable_text_and_never_empty(services, password, monkeypatch):
+    uid = services.accounts.sign_up("alice", password).id
+    replies = iter([(["Tea\x1b[31m is", " warm\x00.", " And then"], "length"), (["  "], "end")])
+    monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, *next(replies)))
+    assert chat(services, uid, "one")[1].text == "Tea[31m is warm."  # cut at the length cap, at a sentence
+    assert chat(services, uid, "two")[1].text == "…"
+
+
+def test_nobody_chats_without_logging_in(services, password):
+    for nobody in (None, "abc", 99999):
+        with pytest.raises(AccessDenied, match="Please log in"):
+            chat(services, nobody, "hello")
+        with pytest.raises(AccessDenied):
+            services.chat.history(nobody)
+    assert services.storage.pending_users() == []
+
+
+def test_a_reply_cut_off_by_the_cap_ends_at_its_last_whole_sentence():
+    assert _whole_sentences("I like tea. It is warm! And then the") == "I like tea. It is warm!"
+    assert _whole_sentences('She said "go." Then she') == 'She said "go."'
+    assert _whole_sentences("no end of a sentence here") == "no end of a sentence here…"
+    tail = "Hi. Then a long tail that never ends at all"
+    assert _whole_sentences(tail) == tail + "…"
+    assert _whole_sentences("version 1.5 is out and") == "version 1.5 is out and…"  # a dot inside a number

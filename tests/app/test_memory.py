@@ -1,0 +1,171 @@
+"""Memory: compression (incremental, idle, on demand), forgetting and rebuilding, damaged adapter
+files, the worker's failures, and each user's own data only."""
+
+import time
+
+import pytest
+import torch
+
+from adapter_core import AdapterState
+from adapter_core.data.conversation import Turn, history_text
+from app.errors import AccessDenied, Gone
+from app.worker import CompressionWorker
+from tests.app.helpers import chat, run_jobs
+from tests.storage.helpers import transactions
+
+
+def absorbed(services, messages) -> AdapterState:
+    """What the engine makes of these messages from an empty state."""
+    engine = services.engine
+    return engine.absorb(engine.empty_state(), history_text([Turn(m.role, m.text) for m in messages]))
+
+
+def same_state(a: AdapterState, b: AdapterState) -> bool:
+    return a.sums.keys() == b.sums.keys() and all(torch.allclose(a.sums[k], b.sums[k], atol=1e-5) for k in a.sums)
+
+
+def test_compression_after_n_messages_moves_turns_from_prompt_to_adapter(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    chat(services, uid, "My cat is called Tobrik.")
+    assert services.memory.status(uid).job is None  # 1 user message < compress_every (2)
+    chat(services, uid, "I live in Quenmoor.")
+    assert services.memory.status(uid).job.status == "queued"
+    run_jobs(services)
+    status = services.memory.status(uid)
+    assert (status.adapter_version, status.pending_messages, status.absorbed_messages) == (1, 0, 4)
+    assert status.last_compression is not None and not status.needs_rebuild
+    assert all(m.absorbed for m in services.chat.history(uid))
+    _, finished = chat(services, uid, "What is my cat called?")
+    assert finished.stats.adapter_version == 1 and finished.stats.pending_turns == 1
+    # the stored state is exactly the absorption of the four turns (on the inference loop, in slices)
+    stored = AdapterState.from_bytes(services.storage.read_snapshot(uid))
+    assert same_state(stored, absorbed(services, services.storage.history(uid)[:4]))
+
+
+def test_incremental_compression_reads_only_new_turns(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    for text in ("one", "two", "three", "four"):
+        chat(services, uid, text)
+        run_jobs(services)
+    snapshots = services.storage.list_snapshots(uid)
+    assert [s.version for s in snapshots] == [1, 2]
+    assert snapshots[1].stats["messages"] == 4  # the second compression absorbed only the 4 new turns
+    history = services.storage.history(uid)
+    expected = services.engine.absorb(absorbed(services, history[:4]),
+                                      history_text([Turn(m.role, m.text) for m in history[4:]]))
+    assert same_state(AdapterState.from_bytes(services.storage.read_snapshot(uid)), expected)
+
+
+def test_compression_on_the_inference_loop_is_bit_for_bit_what_the_app_absorbed_before(services, password):
+    """Before the inference loop, the service called engine.absorb(state, text, windows_per_pass=4)
+    itself; the loop runs that same call (stepping aside between layers for replies), so the
+    adapter is the same, bit for bit."""
+    uid = services.accounts.sign_up("alice", password).id
+    long = "I keep a diary of every walk I take along the river, with the birds I saw. " * 3
+    for text in (long, "two", long, "four"):
+        chat(services, uid, text)
+    run_jobs(services)
+    text = history_text([Turn(m.role, m.text) for m in services.storage.history(uid)])
+    engine = services.engine
+    assert len(engine.windows_of(text)) > 4  # several passes
+    stored = AdapterState.from_bytes(services.storage.read_snapshot(uid))
+    before = engine.absorb(engine.empty_state(), text, windows_per_pass=4)
+    assert all(torch.equal(stored.sums[k], before.sums[k]) for k in before.sums)
+
+
+def test_idle_trigger_and_compress_now_queue_compression(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    chat(services, uid, "just one message")
+    services.settings.compress_idle_seconds = 60
+    assert services.memory.queue_idle(time.time()) == []  # too recent
+    assert services.memory.queue_idle(time.time() + 61) == [uid]
+    run_jobs(services)
+    assert services.memory.status(uid).adapter_version == 1
+    chat(services, uid, "another one")
+    services.memory.compress_now(uid)
+    assert services.memory.status(uid).job.status == "queued"
+    with pytest.raises(AccessDenied):
+        services.memory.compress_now(None)
+
+
+def test_forgetting_a_message_rebuilds_the_adapter_without_it(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    chat(services, uid, "My secret code is 4821.")
+    chat(services, uid, "I like tea.")
+    run_jobs(services)
+    secret = services.chat.history(uid)[0]
+    assert services.memory.forget(uid, secret.id) == 2  # the message and the reply to it
+    assert services.chat.history(uid)[0].text == "I like tea."
+    assert services.memory.status(uid).needs_rebuild
+    # until the rebuild lands, answers use no adapter (the old one may still hold the message) and
+    # show the turns it held instead
+    _, finished = chat(services, uid, "What is my code?")
+    assert finished.stats.adapter_version is None and finished.stats.pending_turns == 3
+    run_jobs(services)
+    remaining = services.storage.history(uid)
+    assert "4821" not in " ".join(m.text for m in remaining)
+    assert same_state(AdapterState.from_bytes(services.storage.read_snapshot(uid)), absorbed(services, remaining))
+    assert [s.version for s in services.storage.list_snapshots(uid)] == [2]  # the old snapshot is gone
+    assert services.storage.list_snapshots(uid)[0].stats["rebuild"] is True
+
+
+def test_a_failing_compression_is_retried_and_visible(services, password, monkeypatch):
+    uid = services.accounts.sign_up("alice", password).id
+    chat(services, uid, "a")
+    chat(services, uid, "b")
+    monkeypatch.setattr(services.memory.loop, "absorb",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    assert CompressionWorker(services.memory).run_once()
+    job = services.memory.status(uid).job
+    assert job.status == "queued" and job.attempts == 1 and "disk on fire" in job.error
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_a_damaged_adapter_file_is_served_around_reported_and_rebuilt(services, password, damage):
+    admin = services.accounts.ensure_admin("root", password).id
+    uid = services.accounts.sign_up("alice", password).id
+    chat(services, uid, "a")
+    chat(services, uid, "b")
+    run_jobs(services)
+    snapshot = services.storage.latest_snapshot(uid)
+    path = services.storage.files.data_dir / snapshot.path
+    path.write_bytes(b"garbage") if damage == "garbage" else path.unlink()
+    services.memory.drop_state(uid)
+    with transactions(services.storage) as begun:
+        _, finished = chat(services, uid, "c")
+    assert len(begun) == 3  # the turn's two, and the report
+    assert finished.stats.adapter_version is None  # served without the adapter
+    assert finished.stats.pending_turns == 5  # and with the turns it held in the prompt instead
+    event = services.admin.audit(admin)[0]
+    assert (event.action, event.user) == ("adapter_unreadable", "alice")
+    assert services.memory.status(uid).needs_rebuild
+    run_jobs(services)  # the rebuild was queued by the detection itself
+    _, finished = chat(services, uid, "d")
+    assert finished.stats.adapter_version == 2
+    assert [e.action for e in services.admin.audit(admin)].count("adapter_unreadable") == 1
+
+
+def test_users_only_ever_forget_their_own_messages(services, password):
+    alice, bob = services.accounts.sign_up("alice", password).id, services.accounts.sign_up("bob", password).id
+    chat(services, alice, "Alice's secret")
+    chat(services, alice, "more")
+    run_jobs(services)
+    assert "Alice's secret" not in repr(services.chat.history(bob))
+    alice_message = services.chat.history(alice)[0].id
+    for guess in (alice_message, "not a number", -1, None):
+        with pytest.raises(Gone, match="That no longer exists, or is not yours"):
+            services.memory.forget(bob, guess)
+    assert services.chat.history(alice)[0].id == alice_message
+    assert services.memory.status(bob).messages == 0
+
+
+def test_forgetting_everything_rebuilds_an_empty_adapter(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    chat(services, uid, "forget me")
+    services.memory.compress_now(uid)
+    run_jobs(services)
+    services.memory.forget(uid, services.chat.history(uid)[0].id)
+    run_jobs(services)
+    status = services.memory.status(uid)
+    assert (status.adapter_version, status.messages, status.needs_rebuild) == (2, 0, False)
+    assert AdapterState.from_bytes(services.storage.read_snapshot(uid)).tokens == 0
