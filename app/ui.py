@@ -320,26 +320,30 @@ def build_ui(services: Services) -> gr.Blocks:
         # --- chat ---------------------------------------------------------------------------------
 
         def chat(user_id, text):
-            typed = text
+            # The message box and the notice are emptied once, when the message is taken; the
+            # streamed updates leave them alone, so that what the person types meanwhile stays.
+            typed, opened = text, False
             try:
                 written, shown = "", []
                 # the turn itself reads the history, stored message last (one transaction for both)
                 for part in chat_service.reply(user_id, text, with_history=True):
                     if isinstance(part, TurnOpened):
+                        opened = True
                         shown = _chat_messages(part.history) + [{"role": "assistant", "content": "…"}]
                         yield shown, "", "…", ""
                     elif isinstance(part, FinishedReply):  # the reply as stored: no need to read the history again
                         shown[-1]["content"] = text_markdown(part.text)
-                        yield shown, "", part.stats.line(), ""
+                        yield shown, gr.skip(), part.stats.line(), gr.skip()
                     else:
                         written += part
                         shown[-1]["content"] = text_markdown(written)
-                        yield shown, "", gr.skip(), ""
-            except Exception as e:  # noqa: BLE001 - the view shows the history; a refused message is
-                # back in the box to be sent again (a fault may have stored it: then it is not)
+                        yield shown, gr.skip(), gr.skip(), gr.skip()
+            except Exception as e:  # noqa: BLE001 - a refused message is back in the box to be sent
+                # again; once the message was stored, the view shows the history as stored
                 notice = _notice(describe(e, "chat"))  # first: a fault is logged even if reading the history fails
-                box = typed if isinstance(e, AppError) and _sendable(typed) else gr.skip()
-                yield _chat_messages(chat_service.history(user_id)), box, "", notice
+                box = typed if isinstance(e, AppError) and _sendable(typed) and not opened else gr.skip()
+                view = _chat_messages(chat_service.history(user_id)) if opened else gr.skip()
+                yield view, box, gr.skip() if not opened else "", notice
 
         chat_outputs = [chatbot, message, reply_stats, chat_notice]
         running = []  # events that can outlive a logout: logging out cancels them (see the end)

@@ -78,10 +78,23 @@ class Visitor:
         from gradio_client import Client
         self.running = running
         self.client = Client(running.url, verbose=False)
+        self.page: dict = {}  # what the page shows, by elem_id, as the events left it
 
     def call(self, api_name: str, *args) -> dict:
-        result = self.client.predict(*args, api_name=f"/{api_name}")
-        result = result if isinstance(result, tuple) else (result,)
+        """The page after the event: its updates applied in turn to what the page showed (a
+        streamed event's too), an update that skips a component leaving it as it was."""
+        job = self.client.submit(*args, api_name=f"/{api_name}")
+        last = job.result()  # first: outputs() holds every update only once the job is done
+        updates = [u if isinstance(u, tuple) else (u,) for u in [*job.outputs(), last]]
         outputs = next(fn.outputs for fn in self.running.ui.fns.values() if fn.api_name == api_name)
         shown = [block for block in outputs if not block.skip_api]  # what the API returns: no states, no layout
-        return {block.elem_id: value for block, value in zip(shown, result, strict=True) if block.elem_id}
+        for update in updates:
+            for block, value in zip(shown, update, strict=True):
+                if block.elem_id and not _skipped(value):
+                    self.page[block.elem_id] = value
+        return dict(self.page)
+
+
+def _skipped(value) -> bool:
+    """An update that leaves the component as it is (gr.skip(), as the API sends it)."""
+    return isinstance(value, dict) and value.get("__type__") == "update" and "value" not in value

@@ -82,3 +82,27 @@ def test_a_storage_error_no_service_translated_is_a_fault_not_a_refusal(caplog):
     assert result[0] == gr.skip() and result[1].startswith("Something went wrong on our side (reference ")
     assert "generator_id" not in result[1]
     assert any(r.exc_info and isinstance(r.exc_info[1], ValidationError) for r in caplog.records)
+
+
+def test_a_streamed_reply_leaves_the_message_box_and_notice_alone(services, password, monkeypatch):
+    """Only taking the message empties the box: text typed while the reply streams stays, and a
+    second message sent meanwhile is refused with its text kept and the view left as it is."""
+    from tests.app.helpers import FakeStream
+
+    uid = services.accounts.sign_up("alice", password).id
+    monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, ["One.", " Two.", " Three."]))
+    ui = build_ui(services)
+    chat = next(f.fn for f in ui.fns.values() if f.api_name == "chat")
+    updates = list(chat(uid, "hello"))
+    first, *later = updates
+    assert first[1] == "" and first[3] == ""  # the box and the notice emptied once
+    assert len(later) >= 3 and all(u[1] == gr.skip() and u[3] == gr.skip() for u in later)
+    assert "One. Two. Three." in later[-1][0][-1]["content"]
+
+    streaming = chat(uid, "first")
+    next(streaming)  # the first turn is under way
+    refused = list(chat(uid, "second, too soon"))
+    assert len(refused) == 1
+    view, box, stats, notice = refused[0]
+    assert view == gr.skip() and box == "second, too soon" and "still being answered" in notice
+    list(streaming)
