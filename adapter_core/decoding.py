@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +108,7 @@ class Row:
     last: int | None = None  # the chosen token not yet fed to the model
     position: int = 0  # position id of `last`
     finish: str | None = None  # set when the reply has ended
+    first_token_at: float | None = None  # perf_counter() when its first token was chosen
     reported: int = 0  # tokens already handed on (see news)
 
     def news(self) -> list[int]:
@@ -229,6 +230,8 @@ class DecodeBatch:
             else:
                 row.tokens.append(token)
                 row.last = token
+                if row.first_token_at is None:
+                    row.first_token_at = time.perf_counter()
                 if len(row.tokens) >= row.request.sampling.max_new_tokens:
                     row.finish = "length"
 
@@ -274,24 +277,22 @@ def _pad_left(t: torch.Tensor, width: int, axis: int) -> torch.Tensor:
     return t if shape[axis] == 0 else torch.cat([t.new_zeros(shape), t], dim=axis)
 
 
-def finished_reply(row: Row, tokenizer, started: float, first_token: float | None) -> Reply:
-    """The Reply of a row that ended (times are perf_counter() readings)."""
+def finished_reply(row: Row, tokenizer, started: float) -> Reply:
+    """The Reply of a row that ended; `started`: perf_counter() when it was asked for."""
     text = tokenizer.decode(row.tokens, skip_special_tokens=True).strip() if tokenizer is not None else ""
     return Reply(tokens=tuple(row.tokens), text=text,
                  finish=row.finish or "cancelled", prompt_tokens=len(row.request.prompt),
-                 first_token_s=None if first_token is None else first_token - started,
+                 first_token_s=None if row.first_token_at is None else row.first_token_at - started,
                  total_s=time.perf_counter() - started)
 
 
-def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest],
-          on_token: Callable[[int, int], None] | None = None, max_rows: int = 32) -> list[Reply]:
+def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest], max_rows: int = 32) -> list[Reply]:
     """Decode the requests together, up to max_rows at a time (rows leave as they end and waiting
-    requests join); on_token(i, token) is called for each token of request i as it is chosen."""
+    requests join). Replies streamed token by token: adapter_core.scheduler."""
     started = time.perf_counter()
     batch = DecodeBatch(engine)
     waiting = list(enumerate(requests))
     index: dict[int, int] = {}  # id(row) -> request number
-    first: dict[int, float] = {}
     replies: list[Reply | None] = [None] * len(requests)
     while waiting or batch.rows:
         if waiting and len(batch) < max_rows:
@@ -300,16 +301,8 @@ def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest],
                 index[id(row)] = i
         else:
             batch.step()
-        now = time.perf_counter()
-        for row in batch.rows:
-            i = index[id(row)]
-            for token in row.news():
-                first.setdefault(i, now)
-                if on_token is not None:
-                    on_token(i, token)
         ended = [row for row in batch.rows if row.finish]
         for row in ended:
-            i = index.pop(id(row))
-            replies[i] = finished_reply(row, engine.tokenizer, started, first.get(i))
+            replies[index.pop(id(row))] = finished_reply(row, engine.tokenizer, started)
         batch.leave(ended)
     return replies  # type: ignore[return-value]

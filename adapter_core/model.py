@@ -67,7 +67,6 @@ class _MemoryPass:
 class RowAdapters:
     """The adapters of a batch's rows as the adapted layers apply them (see `row_adapters`)."""
 
-    rows: int
     memory: dict[str, torch.Tensor] | None = None
     """module name -> (N, r, r): row i's normalized memory M (zeros: the base model)."""
     folded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -215,10 +214,10 @@ class GenerativeAdapterModel(nn.Module):
         if not any(m is not None for m in memories):
             return None
         if len(memories) == 1 and not torch.is_grad_enabled():
-            return RowAdapters(rows=1, folded={name: layer.folded_pair(memories[0][name])
+            return RowAdapters(folded={name: layer.folded_pair(memories[0][name])
                                                for name, layer in self.adapted.items()})
         zero = torch.zeros(self.config.rank, self.config.rank)  # M = 0 adds nothing: the base model
-        return RowAdapters(rows=len(memories), memory={
+        return RowAdapters(memory={
             name: torch.stack([zero if m is None else m[name] for m in memories]).to(self.device)  # (N, r, r)
             for name in self.adapted})
 
@@ -249,14 +248,12 @@ class GenerativeAdapterModel(nn.Module):
         sums: module name -> (U, r, r) memory sums of U users; rows: (N,) the user of each row
         (None: row i is user i). Differentiable: training reads the sums of a memory pass with it.
         """
-        with self._lock:
-            for name, layer in self.adapted.items():
-                memory = normalize(sums[name].to(self.device), self.config.normalization, self.config.polar_steps)
-                layer.memory = memory if rows is None else memory[rows.to(self.device)]  # (N, r, r)
-            try:
-                yield
-            finally:
-                self._clear_memories()
+        memory = {}
+        for name, total in sums.items():
+            m = normalize(total.to(self.device), self.config.normalization, self.config.polar_steps)  # (U, r, r)
+            memory[name] = m if rows is None else m[rows.to(self.device)]  # (N, r, r)
+        with self.applying(RowAdapters(memory=memory)):
+            yield
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 states: Sequence[AdapterState | None] | None = None, **kwargs):

@@ -133,7 +133,6 @@ class InferenceLoop:
         # owned by the loop's thread
         self._batch = DecodeBatch(engine)
         self._streams: dict[int, ReplyStream] = {}  # id(row) -> its stream
-        self._firsts: dict[int, float] = {}  # id(row) -> when its first token came
         self._slice_ends = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -265,21 +264,17 @@ class InferenceLoop:
 
     def _hand_out(self) -> None:
         """Give each stream its new tokens; end the rows that finished or were cancelled."""
-        now = time.perf_counter()
         ended: list[Row] = []
         for row in self._batch.rows:
             stream = self._streams[id(row)]
-            news = row.news()
-            if news:
-                self._firsts.setdefault(id(row), now)
-                stream._push(news)
+            stream._push(row.news())
             if stream.cancelled and not row.finish:
                 row.finish = "cancelled"
             if row.finish:
                 ended.append(row)
         for row in ended:
             stream = self._streams.pop(id(row))
-            stream._end(finished_reply(row, self.engine.tokenizer, stream.submitted, self._firsts.pop(id(row), None)))
+            stream._end(finished_reply(row, self.engine.tokenizer, stream.submitted))
         self._batch.leave(ended)
 
     def _slice(self) -> None:
@@ -317,7 +312,6 @@ class InferenceLoop:
                 if stream is not None:
                     self._end_unstarted(stream, "failed")
             self._batch = DecodeBatch(self.engine)
-            self._firsts.clear()
 
     @staticmethod
     def _ended_early(stream: ReplyStream) -> bool:
