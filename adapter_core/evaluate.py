@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,10 @@ import torch
 from .engine import load_engine
 from .data.dataset import read_jsonl, write_jsonl
 from .data.personas import make_eval_set
-from .evaluation.runner import MODES, EvalOptions, evaluate, markdown_report, results_as_dicts, summarize
+from .evaluation.report import markdown_report, summarize
+from .evaluation.runner import MODES, EvalOptions, context_limit, evaluate, results_as_dicts
+
+log = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,11 +50,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--recent-turns", type=int, default=4)
+    p.add_argument("--context-limit", type=int, default=None,
+                   help="prompt + answer tokens; longer prompts drop their earliest turns "
+                        "(default: the model's max_position_embeddings)")
     p.add_argument("--out", type=Path, help="folder for report.json, report.md and answers.jsonl")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.synthetic:
@@ -59,6 +68,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         conversations = list(read_jsonl(args.data))
         source = str(args.data)
     conversations = conversations[:args.limit] if args.limit else conversations
+    dated_chats = sum(1 for c in conversations if not c.named and any(s.date for s in c.sessions))
+    if dated_chats:
+        log.warning("%d chat conversations (turns with roles) have session dates, which a chat prompt does not "
+                    "show; give the turns speakers' names to have them shown as a dated transcript", dated_chats)
     if args.write_data:
         count = write_jsonl(conversations, args.write_data)
         print(f"wrote {count} conversations to {args.write_data}")
@@ -69,16 +82,16 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir)
     options = EvalOptions(modes=tuple(args.modes), max_new_tokens=args.max_new_tokens,
-                          recent_turns=args.recent_turns, batch_size=args.batch_size)
+                          recent_turns=args.recent_turns, batch_size=args.batch_size,
+                          context_limit=args.context_limit)
     started = time.perf_counter()
     with torch.inference_mode():
         results = evaluate(engine, conversations, options)
-    limit = options.context_limit or engine.base_model.config.max_position_embeddings
-    summary = summarize(results, limit)
+    summary = summarize(results, context_limit(engine, options))
     summary.update(source=source, base_model=engine.base_model_id, generator=engine.generator_id,
                    modes=list(args.modes), conversations=len(conversations), questions=len(results) // len(args.modes),
                    seconds=round(time.perf_counter() - started, 1), device=str(engine.device),
-                   command="python -m adapter_core.evaluate " + " ".join(argv or []))
+                   command=shlex.join(["python", "-m", "adapter_core.evaluate", *argv]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(summary, indent=2))
     (args.out / "report.md").write_text(markdown_report(summary, args.modes, f"Evaluation: {source}"))

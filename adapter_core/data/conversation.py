@@ -16,8 +16,12 @@ SYSTEM_PROMPT = ("You are a helpful assistant. You remember what the user told y
 @dataclass(frozen=True)
 class Turn:
     role: str
-    """'user' or 'assistant'."""
+    """'user' or 'assistant'. In a conversation between named people: 'user' for the words of
+    the person whose memory it is ("me"), 'assistant' for everyone else's."""
     text: str
+    speaker: str = ""
+    """The speaker's name in a conversation between named people ('' in a chat with the assistant,
+    where the role says who speaks)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 
 from .conversation import Turn
-from .dataset import Conversation, Question
+from .dataset import Conversation, Question, Session
 
 TRAIN, EVAL = "train", "eval"
 SPLITS = (TRAIN, EVAL)
@@ -365,14 +365,18 @@ def make_conversation(rng: random.Random, split: str, n_facts: int, target_token
         position = 2 + 2 * rng.randint(0, (len(sessions[s]) - 2) // 2)
         sessions[s][position:position] = _chit_chat(rng)
 
+    # evidence: where the latest value was said (turns are found by identity: texts may repeat)
+    position = {id(t): (s, j) for s, session in enumerate(sessions) for j, t in enumerate(session)}
+    # updates come after all first statements in `events`, so the latest value's turn is the one kept
+    said = {kind.name: position[id(pair[0])] for pair, (kind, _, _) in zip(fact_turns, events)}
     questions = []
     for kind in kinds:
         values = history[kind.name]
         questions.append(Question(question=rng.choice(kind.phrasings(split).questions), answer=values[-1],
-                                  superseded=values[:-1], kind=kind.name))
+                                  superseded=values[:-1], category=kind.name, evidence=[said[kind.name]]))
     meta = {"split": split, "n_facts": n_facts, "target_tokens": target_tokens,
             "updates": sum(1 for e in events if e[2])}
-    return Conversation(cid, sessions, questions, meta)
+    return Conversation(cid, [Session(turns) for turns in sessions], questions, meta)
 
 
 def make_eval_set(seed: int, facts: list[int], lengths: list[int], per_cell: int,

@@ -216,7 +216,7 @@ class Trainer:
         finally:
             engine.train()
         nll = sum(l * n for l, n in losses) / sum(n for _, n in losses)
-        accuracy = sum(r.correct for r in results) / len(results)
+        accuracy = sum(r.contains for r in results) / len(results)
         log.info("held-out: answer NLL %.3f, accuracy %.3f (%d questions)", nll, accuracy, len(results))
         return {"eval_nll": round(nll, 4), "eval_accuracy": round(accuracy, 4), "eval_n": len(results)}
 

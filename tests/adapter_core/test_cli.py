@@ -1,5 +1,11 @@
+import json
+import shlex
+from pathlib import Path
+
 from adapter_core import evaluate as evaluate_cli
 from adapter_core.data.dataset import read_jsonl
+
+TWO_SPEAKERS = Path(__file__).parent / "data" / "two_speakers.jsonl"
 
 
 def test_evaluator_writes_the_synthetic_heldout_set_in_the_generic_format(tmp_path):
@@ -9,3 +15,21 @@ def test_evaluator_writes_the_synthetic_heldout_set_in_the_generic_format(tmp_pa
     conversations = list(read_jsonl(path))
     assert sum(len(c.questions) for c in conversations if c.meta["n_facts"] == 3) >= 6
     assert {c.meta["split"] for c in conversations} == {"eval"}
+    assert all(q.category and q.evidence for c in conversations for q in c.questions)
+
+
+def test_a_run_records_its_command_line_and_context_limit(tmp_path, monkeypatch, make_text_engine):
+    monkeypatch.setattr(evaluate_cli, "load_engine", lambda *args, **kwargs: make_text_engine())
+    out = tmp_path / "an out folder"
+    argv = ["--data", str(TWO_SPEAKERS), "--modes", "closed_book", "full_history", "--context-limit", "450",
+            "--max-new-tokens", "2", "--out", str(out)]
+    evaluate_cli.main(argv)
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"] == "python -m adapter_core.evaluate " + shlex.join(argv)
+    assert shlex.split(report["command"])[3:] == argv  # the space in the folder's name is quoted
+    assert report["context_limit"] == 450
+    full = next(h for h in report["history"] if h["mode"] == "full_history")
+    assert full["truncated"] > 0 and full["with_evidence"] == 6
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 14 and {"category", "contains", "f1", "date_match", "evidence_cut"} <= set(answers[0])
+    assert "## By question category" in (out / "report.md").read_text()
