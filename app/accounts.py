@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage import validation
+from storage import NotFound, validation
 from storage.models import User
 
 from .access import Access
 from .downloads import DownloadStore
 from .errors import AccessDenied, InvalidInput, LoginFailed, refusing
+from .memory import Memory
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class Account:
 
 
 class Accounts:
-    def __init__(self, access: Access, downloads: DownloadStore) -> None:
-        self.access, self.downloads = access, downloads
+    def __init__(self, access: Access, downloads: DownloadStore, memory: Memory) -> None:
+        self.access, self.downloads, self.memory = access, downloads, memory
         self.storage, self.settings, self.limits = access.storage, access.settings, access.limits
         self.signup_open = self.settings.allow_signup
         """Whether anyone may create an account; admins switch it at run time (app/admin.py)."""
@@ -81,6 +82,18 @@ class Accounts:
         """Drop what this browser session was handed (its download links)."""
         if user_id is not None:
             self.downloads.remove_user(int(user_id))
+
+    def delete_own(self, user_id: object) -> str:
+        """Delete the user's own account and all its data (its API keys stop working with the
+        commit); the username it had."""
+        user = self.access.user(user_id)
+        try:
+            self.storage.delete_user(user.id, actor_id=user.id)
+        except NotFound:  # deleted meanwhile
+            raise AccessDenied("Please log in") from None
+        self.memory.drop_state(user.id)
+        self.downloads.remove_user(user.id)
+        return user.username
 
     def whoami(self, user_id: object) -> Account:
         return Account.of(self.access.user(user_id))

@@ -22,8 +22,9 @@ from adapter_core.sampling import SamplingConfig
 from adapter_core.scheduler import InferenceLoop
 from storage import NotFound
 
-from .access import Access
+from .access import Access, chosen_id
 from .accounts import Accounts
+from .api_keys import ApiKeyRow
 from .chat import Chat, ReplyFailed
 from .downloads import Download, DownloadStore
 from .errors import AppError
@@ -182,7 +183,23 @@ class Admin:
         return tuple(AuditRow(e.created_at, names.get(e.actor_id), e.action, names.get(e.target_user_id),
                               json.dumps(e.details)) for e in self.storage.list_audit(limit=limit))
 
+    def api_keys(self, actor_id: object, user_id: object) -> tuple[ApiKeyRow, ...]:
+        """The user's API keys (never the keys themselves: only their hashes are kept)."""
+        self.access.admin(actor_id)
+        return tuple(ApiKeyRow.of(k) for k in self.storage.list_api_keys(self.access.target(user_id).id))
+
     # --- acting ----------------------------------------------------------------------------------
+
+    def revoke_api_key(self, actor_id: object, user_id: object, key_id: object) -> ApiKeyRow:
+        """Revoke one of the user's API keys (audited); requests with it fail from now on."""
+        actor, user = self.access.admin(actor_id), self.access.target(user_id)
+        chosen = chosen_id("key", key_id)
+        if chosen is None:
+            raise AppError("Choose one of the user's keys first")
+        try:
+            return ApiKeyRow.of(self.storage.delete_api_key(user.id, chosen, actor_id=actor.id))
+        except NotFound:  # revoked meanwhile, or a key of another user (a custom value of the list)
+            raise AppError(f"{user.username} has no such key (any more)") from None
 
     def rebuild(self, actor_id: object, user_id: object) -> str:
         """Queue a rebuild of the user's adapter from their history; the user's name."""

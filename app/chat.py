@@ -4,6 +4,8 @@ A turn is two database transactions (storage's begin_turn and finish_turn) aroun
 which runs on the inference loop (adapter_core.scheduler) together with everyone else's replies.
 One user's turns run one at a time (a message sent while the previous one is being answered is
 refused), so that a reply always sees the user's previous turn in its prompt or their adapter.
+The web page and the OpenAI-compatible API (app/openai_api.py) both take turns here; the API may
+say more about how to answer one (ReplyOptions).
 """
 
 from __future__ import annotations
@@ -11,22 +13,21 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 from adapter_core import GenerativeAdapterModel
-from adapter_core.data.conversation import Turn, prompt_ids
+from adapter_core.data.conversation import SYSTEM_PROMPT, Turn, prompt_ids
 from adapter_core.decoding import Reply, ReplyRequest, count_tokens, fit_prompt
 from adapter_core.sampling import SamplingConfig
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.scheduler import InferenceLoop, ReplyStream
 from storage import NotFound, ValidationError, validation
 from storage.models import Message
 
 from .access import Access, logged_in_id
-from .errors import AccessDenied, AppError, InvalidInput
+from .errors import AccessDenied, Busy, InvalidInput, TooLong
 from .memory import Memory
-
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,18 @@ class HistoryMessage:
 class ReplyStats:
     prompt_tokens: int
     pending_turns: int
-    """Turns in the prompt because they are not in the adapter yet (the new message included)."""
+    """Turns in the prompt besides the adapter (the new message included): the stored turns it
+    does not hold yet, or the API client's own earlier turns."""
     adapter_version: int | None
     first_token_s: float
     total_s: float
     reply_tokens: int
+    """Tokens of the reply as stored."""
+    generated_tokens: int
+    """Tokens decoded: what the reply cost (the stored reply may be shorter, see _stored_answer)."""
+    finish: str
+    """Why the reply ended: 'end' (its end of turn), 'length' (the token cap) or 'stop' (a stop
+    sequence of ReplyOptions)."""
 
     def line(self) -> str:
         adapter = f"adapter v{self.adapter_version}" if self.adapter_version else "no adapter yet"
@@ -72,6 +80,37 @@ class TurnOpened:
     message last (read in the turn's first transaction, so a page need not read it again)."""
 
     history: tuple[HistoryMessage, ...]
+
+
+@dataclass(frozen=True)
+class ReplyStarted:
+    """Yielded when asked for (announce), once the reply is submitted and before any of its text:
+    what answers it, for a caller that must say so before the text (the API's response header)."""
+
+    adapter_version: int | None
+    """The user's adapter version that answers; None: the base model (no usable adapter)."""
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ReplyOptions:
+    """How to answer one turn, for a caller that says more than the message (the API). The web
+    page says none of it: its turns use the stored turns the adapter lacks, the app's system
+    text and Chat.sampling."""
+
+    context: tuple[Turn, ...] | None = None
+    """The client's own earlier turns of its conversation, as the prompt's recent turns (the
+    earliest dropped until it fits, as for stored ones). They replace the stored turns that the
+    adapter lacks, which would mostly repeat them: a client that sends its conversation has sent
+    those turns before. None: the stored turns, as on the page."""
+    instructions: str | None = None
+    """The client's system text, added after the app's own (the one the generator was trained with)."""
+    sampling: SamplingConfig | None = None
+    """None: Chat.sampling."""
+    seed: int | None = None
+    """Of the reply's sampling (None: a random one)."""
+    stop: tuple[str, ...] = ()
+    """The reply ends before the first of these it writes; none of it is streamed or stored."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +146,8 @@ class Chat:
     def check_message(self, text: object, field: str = "text") -> tuple[str, int]:
         """The message as it will be stored, and its tokens; InvalidInput if it cannot be sent."""
         if isinstance(text, str) and len(text) > self.settings.max_message_chars:  # refused unread
-            raise InvalidInput(field, f"is too long: {len(text):,} characters, at most "
-                                      f"{self.settings.max_message_chars:,}")
+            raise TooLong(field, f"is too long: {len(text):,} characters, at most "
+                                 f"{self.settings.max_message_chars:,}")
         try:
             text = validation.message_text(text, self.storage.settings)
         except ValidationError as e:
@@ -116,23 +155,27 @@ class Chat:
         tokens = count_tokens(self.engine.tokenizer, text)
         room = self.prompt_room - self._framing
         if tokens > room:
-            raise InvalidInput(field, f"is too long for the model: {tokens:,} tokens, at most {room:,}")
+            raise TooLong(field, f"is too long for the model: {tokens:,} tokens, at most {room:,}")
         return text, tokens
 
-    def reply(self, user_id: object, text: str, *,
-              with_history: bool = False) -> Iterator[TurnOpened | str | FinishedReply]:
+    def reply(self, user_id: object, text: str, *, with_history: bool = False, announce: bool = False,
+              options: ReplyOptions | None = None) -> Iterator[TurnOpened | ReplyStarted | str | FinishedReply]:
         """Store the message, stream the reply (pieces of text), store it, then yield a FinishedReply;
-        with_history, first a TurnOpened with the stored history.
+        with_history, first a TurnOpened with the stored history; with announce, a ReplyStarted
+        before the reply's text.
 
-        One turn of a user runs at a time: a message sent while the previous one is still being
-        answered is refused at once (its reply could not see the previous turn yet). Three
-        database transactions at most: the turn's start, its end, and (once, when the adapter's
-        file turns out to be damaged) the report of that."""
+        One turn of a user runs at a time, whether it comes from the page or the API: a message
+        sent while the previous one is still being answered is refused at once (Busy: its reply
+        could not see the previous turn yet). Three database transactions at most: the turn's
+        start, its end, and (once, when the adapter's file turns out to be damaged) the report of
+        that. Closing the iterator (a reader that went away) cancels the decoding."""
+        options = options or ReplyOptions()
         user_id = logged_in_id(user_id)
         text, tokens = self.check_message(text)
+        system, framing = self._system(options.instructions, tokens)
         with self._answering_lock:
             if user_id in self._answering:
-                raise AppError("Your previous message is still being answered; please send this one when it is done")
+                raise Busy("Your previous message is still being answered; please send this one when it is done")
             self._answering.add(user_id)
         try:
             self.limits.hit(self.settings.messages_per_user, "message", str(user_id),
@@ -144,17 +187,23 @@ class Chat:
             if with_history:
                 yield TurnOpened(tuple(HistoryMessage.of(m) for m in turn.history))
             state, pending = self.memory.answer_context(turn)
-            budget = min(self.prompt_room, self._framing + tokens + self.settings.recent_token_budget)
-            ids, kept = fit_prompt(self.engine.tokenizer, text, [Turn(m.role, m.text) for m in pending], budget)
-            stream = self.loop.submit(ReplyRequest(prompt=tuple(ids), state=state, sampling=self.sampling))
+            recent = list(options.context) if options.context is not None else [Turn(m.role, m.text) for m in pending]
+            budget = min(self.prompt_room, framing + tokens + self.settings.recent_token_budget)
+            ids, kept = fit_prompt(self.engine.tokenizer, text, recent, budget, system)
+            version = turn.snapshot.version if state is not None else None
+            stream = self.loop.submit(ReplyRequest(prompt=tuple(ids), state=state,
+                                                   sampling=options.sampling or self.sampling, seed=options.seed))
             try:
-                for piece in map(_printable, stream):
-                    if piece:
-                        yield piece
+                if announce:
+                    yield ReplyStarted(version, len(ids))
+                written, stopped = yield from _streamed(stream, options.stop)
             finally:  # a reader that went away (logged out, disconnected) stops the decoding too
                 stream.cancel()
-            reply = stream.result()
-            answer = _stored_answer(_printable(reply.text), reply)
+            reply = stream.result()  # after a stop sequence: cancelled, at the next decode step
+            if stopped:
+                answer, finish = written.strip() or "…", "stop"
+            else:
+                answer, finish = _stored_answer(_printable(reply.text), reply), reply.finish
             end = self.storage.finish_turn(user_id, turn.message.conversation_id, answer,
                                            count_tokens(self.engine.tokenizer, answer),
                                            compress_every=self.settings.compress_every)
@@ -163,8 +212,58 @@ class Chat:
                 self._answering.discard(user_id)
         first_token_s = reply.first_token_s if reply.first_token_s is not None else reply.total_s
         yield FinishedReply(answer, ReplyStats(
-            reply.prompt_tokens, len(kept) + 1, turn.snapshot.version if state is not None else None,
-            first_token_s, reply.total_s, end.message.token_count))
+            reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, end.message.token_count,
+            len(reply.tokens), finish))
+
+    def _system(self, instructions: str | None, tokens: int) -> tuple[str, int]:
+        """The prompt's system text and its framing tokens (all but the turns and the message);
+        TooLong when the client's instructions and the message leave the model no room."""
+        if instructions is None:
+            return SYSTEM_PROMPT, self._framing
+        system = f"{SYSTEM_PROMPT}\n\n{instructions}"
+        framing = len(prompt_ids(self.engine.tokenizer, "", system=system))
+        if framing + tokens > self.prompt_room:
+            raise TooLong("instructions", f"and the message are too long for the model together: "
+                                          f"{framing + tokens:,} tokens, at most {self.prompt_room:,}")
+        return system, framing
+
+
+def _streamed(stream: ReplyStream, stop: tuple[str, ...]) -> Generator[str, None, tuple[str, bool]]:
+    """Yield the reply's printable text as it comes; returns (all of it, whether a stop sequence
+    ended it). With stop sequences, what may be the start of one is held back until the text
+    after it shows whether it is; the text ends before the first one found."""
+    text, shown = "", 0
+    for piece in map(_printable, stream):
+        if not piece:
+            continue
+        text += piece
+        safe = len(text)
+        if stop:
+            # a stop sequence starts at `shown` or later: what came before it was held back
+            found = [i for i in (text.find(s, shown) for s in stop) if i >= 0]
+            if found:
+                text = text[:min(found)]
+                if len(text) > shown:
+                    yield text[shown:]
+                return text, True
+            safe -= _stop_start(text, stop, shown)
+        if safe > shown:
+            yield text[shown:safe]
+            shown = safe
+    if len(text) > shown:
+        yield text[shown:]
+    return text, False
+
+
+def _stop_start(text: str, stop: tuple[str, ...], start: int) -> int:
+    """Length of the longest end of text (after `start`) that begins one of the stop sequences."""
+    longest = 0
+    for sequence in stop:
+        for size in range(min(len(sequence) - 1, len(text) - start), longest, -1):
+            if text.endswith(sequence[:size]):
+                longest = size
+                break
+    return longest
 
 
 def _stored_answer(streamed: str, reply: Reply) -> str:

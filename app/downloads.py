@@ -123,6 +123,12 @@ class DownloadStore:
             return None
         return entry.path, entry.download.filename
 
+    def discard(self, token: str) -> None:
+        """Delete one link and its file (an export the API hands over in its response at once)."""
+        with self._lock:
+            gone = self._take(lambda e: e.download.token == token)
+        _delete(gone)
+
     def remove_user(self, user_id: int) -> None:
         """Delete every link the user holds and every file holding the user's data, and refuse
         those being written right now (their data may be out of date, or their owner gone)."""

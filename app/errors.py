@@ -48,6 +48,14 @@ class InvalidInput(AppError):
         self.reason = reason
 
 
+class TooLong(InvalidInput):
+    """What the person sent is longer than the app or the model takes (an API answers 413 for it)."""
+
+
+class Busy(AppError):
+    """The person's previous request of this kind is still running (their turn being answered)."""
+
+
 class Gone(AppError):
     """What the person chose does not exist, or is not theirs (the two are not told apart)."""
 
@@ -56,7 +64,8 @@ class Gone(AppError):
 
 
 _FIELD_WORDS = {"username": "The username", "password": "The password", "text": "The message",
-                "question": "The question"}
+                "question": "The question", "instructions": "The system message", "key": "A new key",
+                "name": "The key's name"}
 
 
 @contextmanager

@@ -209,8 +209,10 @@ def build_loading_app(progress: StartupProgress, retry_after: int = 5) -> Starle
                 return _health(progress)
             if request.url.path == "/" or "text/html" in request.headers.get("accept", ""):
                 return HTMLResponse(render_page(progress.snapshot()), headers=_NO_STORE)
-        # API calls (Gradio's queue, its client, scripts) get an answer they can act on.
-        return JSONResponse({"error": {"message": "memchat is starting; try again shortly", "type": "loading"}},
+        # API calls (Gradio's queue, its client, the OpenAI-compatible API, scripts) get an answer
+        # they can act on, in the error shape of OpenAI's API, which its clients read and retry.
+        return JSONResponse({"error": {"message": "memchat is starting; try again shortly", "type": "loading",
+                                       "param": None, "code": "model_loading"}},
                             status_code=503, headers={**_NO_STORE, "Retry-After": str(retry_after)})
 
     return Starlette(routes=[Route("/{path:path}", handle, methods=_ALL_METHODS)])

@@ -105,6 +105,17 @@ class Memory:
         self.storage.queue_job(user.id)
         return len(deleted)
 
+    def forget_everything(self, user_id: object) -> None:
+        """Delete all the user's messages and adapters, keeping the account (and its API keys);
+        audited as the user's own reset."""
+        user = self.access.user(user_id)
+        try:
+            self.storage.reset_memory(user.id, actor_id=user.id)
+        except NotFound:  # deleted meanwhile
+            raise AccessDenied("Please log in") from None
+        self.drop_state(user.id)
+        self.downloads.remove_user(user.id)  # an export made before holds it all
+
     # --- adapter states ------------------------------------------------------------------------------
 
     def answer_context(self, turn: TurnStart) -> tuple[AdapterState | None, tuple[Message, ...]]:

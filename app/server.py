@@ -2,7 +2,8 @@
 
 Owning the app (instead of letting Gradio launch its own) gives one place for what Gradio does
 not do for us: refusing uploads and oversized bodies before they are read, serving download
-links to their owners only, and answering /healthz (which the loading page polls).
+links to their owners only, answering /healthz (which the loading page polls) and serving the
+OpenAI-compatible API under /v1 (app/openai_api.py) on the same port and services as the page.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .downloads import ROUTE as DOWNLOADS_ROUTE
 from .limits import client_address
+from .openai_api import api_router
 from .services import Services
 from .ui import CSS
 
@@ -42,10 +44,11 @@ class RequestGuard:
         headers = dict(scope.get("headers") or [])
         if b"multipart/" in headers.get(b"content-type", b"").lower() or scope["path"].rstrip("/").endswith(
                 UPLOAD_ROUTES):
-            return await _refuse(send, 403, "This app takes no file uploads.")
+            return await _refuse(send, 403, "This app takes no file uploads.", "uploads_refused")
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            return await _refuse(send, 413, f"Request too large (at most {self.max_body_bytes // 1024} KiB).")
+            return await _refuse(send, 413, f"Request too large (at most {self.max_body_bytes // 1024} KiB).",
+                                 "request_too_large")
         received = 0
 
         async def capped_receive():
@@ -60,8 +63,10 @@ class RequestGuard:
         return await self.app(scope, capped_receive, send)
 
 
-async def _refuse(send, status: int, message: str) -> None:
-    body = json.dumps({"error": {"message": message}}).encode()
+async def _refuse(send, status: int, message: str, code: str) -> None:
+    """An error in the shape OpenAI's API uses (app/openai_api.py), which the page's scripts read too."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -97,6 +102,7 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
             "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size),
             "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
+    app.include_router(api_router(services))  # before the page, which is mounted at / and takes every other path
     # run_history=False: Gradio would otherwise keep every call's inputs (passwords included) in the
     # browser's localStorage; it also deletes what an older version of the page saved there.
     gr.mount_gradio_app(app, ui, path="/", run_history=False, footer_links=[], show_error=False,

@@ -2,6 +2,7 @@
 the UI, the web server and the start-up (app/launch.py).
 
     accounts  sign-up, log in and out, who is logged in          (app/accounts.py)
+    api_keys  a user's keys for the OpenAI-compatible API         (app/api_keys.py)
     chat      history, a turn: message, streamed reply            (app/chat.py)
     memory    status, compress, forget, the adapter states        (app/memory.py; the worker's side)
     exports   zips of a user's data or adapter                     (app/export.py)
@@ -21,6 +22,7 @@ from storage import Storage
 from .access import Access
 from .accounts import Accounts
 from .admin import Admin
+from .api_keys import ApiKeys
 from .chat import Chat
 from .downloads import DownloadStore
 from .export import Exports
@@ -36,6 +38,7 @@ class Services:
     settings: AppSettings
     downloads: DownloadStore
     accounts: Accounts
+    api_keys: ApiKeys
     chat: Chat
     memory: Memory
     exports: Exports
@@ -47,9 +50,10 @@ class Services:
         """Every service, sharing the rate limits (in memory) and the download links."""
         downloads = downloads or DownloadStore(settings.data_dir / "download-links")
         access = Access(storage, settings, limits or RateLimits())
-        accounts = Accounts(access, downloads)
         memory = Memory(access, engine, loop, downloads)
+        accounts = Accounts(access, downloads, memory)
+        api_keys = ApiKeys(access)
         chat = Chat(access, engine, loop, memory)
         exports = Exports(access, engine, memory, downloads)
         admin = Admin(access, engine, loop, accounts, chat, memory, exports, downloads)
-        return cls(storage, engine, settings, downloads, accounts, chat, memory, exports, admin)
+        return cls(storage, engine, settings, downloads, accounts, api_keys, chat, memory, exports, admin)

@@ -25,6 +25,7 @@ import gradio as gr
 import pandas as pd
 
 from .accounts import Account
+from .api_keys import ApiKeyRow
 from .chat import FinishedReply, HistoryMessage, TurnOpened
 from .downloads import Download
 from .errors import AppError, describe
@@ -38,6 +39,7 @@ SNAPSHOT_COLUMNS = ["version", "created", "cursor", "tokens absorbed", "bytes", 
                     "seconds", "rebuild"]
 USER_COLUMNS = ["id", "username", "admin", "messages", "adapter version", "needs rebuild", "created"]
 AUDIT_COLUMNS = ["time", "actor", "action", "user", "details"]
+KEY_COLUMNS = ["name", "key", "created", "last used"]
 INTRO = ("A chatbot that remembers you: what you say is compressed, in the background, into a small "
          "adapter for a frozen language model, instead of being re-read every turn.")
 # The chat's own trash icon would only empty the view, not the history: it is not offered
@@ -98,6 +100,17 @@ def _download_html(download: Download, what: str) -> str:
     return (f'<a href="{html.escape(download.url)}" download="{html.escape(download.filename)}">'
             f"Download {html.escape(what)}</a> ({html.escape(download.filename)}; the link works from this "
             f"browser for {plural(minutes, 'minute')}, then the file is deleted)")
+
+
+def _key_label(key: ApiKeyRow, zone: str | None) -> str:
+    used = f"last used {local_time(key.last_used_at, zone)}" if key.last_used_at else "never used"
+    return f"{key.name or '(no name)'} · {key.hint} · {used}"
+
+
+def _keys_table(keys: tuple[ApiKeyRow, ...], zone: str | None) -> pd.DataFrame:
+    rows = [[k.name or "", k.hint, local_time(k.created_at, zone), local_time(k.last_used_at, zone) or "never"]
+            for k in keys]
+    return pd.DataFrame(rows, columns=KEY_COLUMNS)
 
 
 def _chat_messages(history: tuple[HistoryMessage, ...]) -> list[dict]:
@@ -171,8 +184,8 @@ def _sendable(text: object) -> bool:
 # --- the page -----------------------------------------------------------------------------------
 
 def build_ui(services: Services) -> gr.Blocks:
-    accounts, chat_service, memory_service, exports, admin = (
-        services.accounts, services.chat, services.memory, services.exports, services.admin)
+    accounts, chat_service, memory_service, exports, admin, api_keys = (
+        services.accounts, services.chat, services.memory, services.exports, services.admin, services.api_keys)
     rules = services.storage.settings
     with gr.Blocks(title=TITLE) as ui:
         session = gr.State(None)        # the logged-in user's id
@@ -212,7 +225,7 @@ def build_ui(services: Services) -> gr.Blocks:
                         send_button = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                     chat_notice = gr.Markdown(elem_id="chat-notice", elem_classes="notice")
                     reply_stats = gr.Markdown(elem_id="reply-stats")
-                with gr.Tab("Memory", id="memory"):
+                with gr.Tab("Memory", id="memory") as memory_tab:
                     memory_status = gr.Markdown(elem_id="memory-status")
                     with gr.Row():
                         refresh_button = gr.Button("Refresh", elem_id="refresh-memory")
@@ -229,6 +242,22 @@ def build_ui(services: Services) -> gr.Blocks:
                         forget_no = gr.Button("Cancel", scale=0, elem_id="forget-no")
                     export_button = gr.Button("Export my data (history + adapter, zip)", elem_id="export")
                     export_link = gr.HTML(elem_id="export-link")
+                    # API keys: what an OpenAI-compatible client (app/openai_api.py) acts as you with
+                    with gr.Row():
+                        key_name = gr.Textbox(label="Name of a new API key (which client will use it)", scale=4,
+                                              info="Any OpenAI-compatible chat client can use your memory: base "
+                                                   "URL this address + /v1, model memchat, and a key made here.",
+                                              elem_id="key-name")
+                        create_key_button = gr.Button("Create API key", scale=1, elem_id="create-key")
+                    # shown once: only the key's hash is kept, so it cannot be shown again
+                    new_key = gr.Textbox(label="Your new key: copy it now, it is shown only this once",
+                                         interactive=False, visible=False, buttons=["copy"], elem_id="new-key")
+                    keys_table = gr.Dataframe(_empty(KEY_COLUMNS), label="Your API keys", interactive=False,
+                                              elem_id="keys")
+                    with gr.Row():
+                        key_choice = gr.Dropdown(label="Revoke one of your keys (clients using it stop working)",
+                                                 choices=[], scale=4, allow_custom_value=True, elem_id="key-choice")
+                        revoke_key_button = gr.Button("Revoke it", variant="stop", scale=1, elem_id="revoke-key")
                     memory_notice = gr.Markdown(elem_id="memory-notice", elem_classes="notice")
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                     users_table = gr.Dataframe(_empty(USER_COLUMNS), label="Users", interactive=False,
@@ -238,6 +267,10 @@ def build_ui(services: Services) -> gr.Blocks:
                                                  elem_id="admin-user")
                         admin_refresh = gr.Button("Refresh", scale=1, elem_id="admin-refresh")
                     user_detail = gr.Markdown(elem_id="admin-detail")
+                    with gr.Row():
+                        admin_key = gr.Dropdown(label="The user's API keys", choices=[], scale=4,
+                                                allow_custom_value=True, elem_id="admin-key")
+                        admin_revoke_key = gr.Button("Revoke key", variant="stop", scale=1, elem_id="admin-revoke-key")
                     snapshots_table = gr.Dataframe(_empty(SNAPSHOT_COLUMNS), label="Snapshot history",
                                                    interactive=False, elem_id="admin-snapshots")
                     adapter_plot = gr.Plot(label="Adapter", elem_id="admin-plot")
@@ -270,23 +303,28 @@ def build_ui(services: Services) -> gr.Blocks:
 
         # --- accounts -------------------------------------------------------------------------
 
-        # What a page shows for nobody logged in; logging out puts every one of these back.
-        blank = {
-            session: None, pending_forget: None, pending_admin: None,
-            login_box: gr.update(visible=True), main_box: gr.update(visible=False),
-            admin_tab: gr.update(visible=False), whoami: "", username: "", password: "", login_notice: "",
-            chatbot: [], message: "", chat_notice: "", reply_stats: "",
-            memory_status: "", forget_choice: gr.update(choices=[], value=None),
-            forget_confirm: gr.update(visible=False), forget_question: "", export_link: "", memory_notice: "",
-            users_table: _empty(USER_COLUMNS), admin_user: gr.update(choices=[], value=None), user_detail: "",
-            snapshots_table: _empty(SNAPSHOT_COLUMNS), adapter_plot: None, probe_question: "", probe_status: "",
-            probe_base: "", probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False),
-            admin_question: "", admin_link: "", admin_notice: "", audit_table: _empty(AUDIT_COLUMNS),
-        }
-        page_outputs = list(blank)
+        # What a page shows for nobody logged in; logging out puts every one of these back. Made
+        # anew for each use: Gradio consumes the "value" of an update dict it sends, so a shared one
+        # would reset a component's value only the first time (and a shown API key would stay).
+        def blank() -> dict:
+            return {
+                session: None, pending_forget: None, pending_admin: None,
+                login_box: gr.update(visible=True), main_box: gr.update(visible=False),
+                admin_tab: gr.update(visible=False), whoami: "", username: "", password: "", login_notice: "",
+                chatbot: [], message: "", chat_notice: "", reply_stats: "",
+                memory_status: "", forget_choice: gr.update(choices=[], value=None),
+                forget_confirm: gr.update(visible=False), forget_question: "", export_link: "", memory_notice: "",
+                key_name: "", new_key: gr.update(value="", visible=False), keys_table: _empty(KEY_COLUMNS),
+                key_choice: gr.update(choices=[], value=None), admin_key: gr.update(choices=[], value=None),
+                users_table: _empty(USER_COLUMNS), admin_user: gr.update(choices=[], value=None), user_detail: "",
+                snapshots_table: _empty(SNAPSHOT_COLUMNS), adapter_plot: None, probe_question: "", probe_status: "",
+                probe_base: "", probe_adapter: "", probe_full: "", admin_confirm: gr.update(visible=False),
+                admin_question: "", admin_link: "", admin_notice: "", audit_table: _empty(AUDIT_COLUMNS),
+            }
+        page_outputs = list(blank())
 
         def entered(me: Account) -> dict:
-            return blank | {
+            return blank() | {
                 session: me.id, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
                 admin_tab: gr.update(visible=me.is_admin),
                 whoami: f"Logged in as **{name_markdown(me.username)}**" + (" (admin)" if me.is_admin else ""),
@@ -311,7 +349,7 @@ def build_ui(services: Services) -> gr.Blocks:
 
         def log_out(user_id):
             accounts.log_out(user_id)
-            return blank
+            return blank()
 
         login_button.click(log_in, [username, password], page_outputs, api_name="login")
         password.submit(log_in, [username, password], page_outputs, api_visibility="private")
@@ -403,6 +441,26 @@ def build_ui(services: Services) -> gr.Blocks:
         def export(user_id, request: gr.Request):
             return _download_html(exports.my_data(user_id, client_address(request)), "your data"), ""
 
+        def keys_view(user_id, tz) -> tuple:
+            keys = api_keys.mine(user_id)
+            return _keys_table(keys, tz), gr.update(choices=[(_key_label(k, tz), k.id) for k in keys], value=None)
+
+        def show_keys(user_id, tz):
+            return (*keys_view(user_id, tz), "")
+
+        def create_key(user_id, name, tz):
+            made = api_keys.create(user_id, name)
+            gr.Info("API key created. Copy it now: it is not shown again.")
+            return gr.update(value=made.secret, visible=True), "", *keys_view(user_id, tz), ""
+
+        def revoke_key(user_id, key_id, tz):
+            accounts.whoami(user_id)  # a login first, then what was chosen
+            if key_id is None:
+                raise AppError("Choose one of your keys from the list first")
+            revoked = api_keys.revoke(user_id, key_id)
+            gr.Info(f"Key {revoked.hint} revoked: clients that use it are refused from now on.")
+            return (*keys_view(user_id, tz), "")
+
         memory_outputs = [memory_status, forget_choice, memory_notice]
         refresh_button.click(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_name="memory")
         compress_button.click(guarded("compress now", 3)(compress_now), [session, zone], memory_outputs,
@@ -417,6 +475,15 @@ def build_ui(services: Services) -> gr.Blocks:
         running.append(export_button.click(guarded("export", 2)(export), [session], [export_link, memory_notice],
                                            api_name="export"))
         timer.tick(memory_tick, [session, zone], memory_outputs, api_visibility="private", show_progress="hidden")
+        # the tab shows what it holds when opened (the timer refreshes only the status)
+        memory_tab.select(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_visibility="private")
+        keys_outputs = [keys_table, key_choice, memory_notice]
+        memory_tab.select(guarded("API keys", 3)(show_keys), [session, zone], keys_outputs, api_visibility="private")
+        refresh_button.click(guarded("API keys", 3)(show_keys), [session, zone], keys_outputs, api_name="api_keys")
+        running.append(create_key_button.click(guarded("create API key", 5)(create_key), [session, key_name, zone],
+                                               [new_key, key_name, *keys_outputs], api_name="create_api_key"))
+        revoke_key_button.click(guarded("revoke API key", 3)(revoke_key), [session, key_choice, zone], keys_outputs,
+                                api_name="revoke_api_key")
 
         # --- admin --------------------------------------------------------------------------------
 
@@ -432,20 +499,34 @@ def build_ui(services: Services) -> gr.Blocks:
         def admin_overview(actor, tz):
             return (*overview(actor, tz), "")
 
+        def admin_keys(actor, user_id, tz):
+            return gr.update(choices=[(_key_label(k, tz), k.id) for k in admin.api_keys(actor, user_id)], value=None)
+
         def admin_detail(actor, user_id, tz):
+            no_keys = gr.update(choices=[], value=None)
             if user_id is None:
-                return "", _empty(SNAPSHOT_COLUMNS), None, ""
+                return "", _empty(SNAPSHOT_COLUMNS), None, no_keys, ""
             try:
                 detail = admin.user(actor, user_id)
+                keys = admin_keys(actor, user_id, tz)
             except Exception as e:  # noqa: BLE001 - nothing of the user chosen before may stay on screen
-                return "", _empty(SNAPSHOT_COLUMNS), None, _notice(describe(e, "admin detail"))
+                return "", _empty(SNAPSHOT_COLUMNS), None, no_keys, _notice(describe(e, "admin detail"))
             summary = admin.adapter_summary(actor, user_id)
             figure = adapter_figure(summary, f"{detail.username}'s adapter") if summary else None
             rows = [[s.version, local_time(s.created_at, tz), s.cursor, s.tokens_absorbed, s.bytes, s.sha256,
                      s.generator, s.messages, s.seconds, s.rebuild] for s in detail.snapshots]
             heading = f"### {name_markdown(detail.username)}\n"
             return (heading + _memory_markdown(detail.status, tz, admin=True),
-                    pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS), figure, "")
+                    pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS), figure, keys, "")
+
+        def admin_revoke(actor, user_id, key_id, tz):
+            if user_id is None:
+                raise AppError("Choose a user first")
+            if key_id is None:
+                raise AppError("Choose one of the user's keys first")
+            revoked = admin.revoke_api_key(actor, user_id, key_id)
+            gr.Info(f"Key {revoked.hint} revoked.")
+            return admin_keys(actor, user_id, tz), ""
 
         def admin_probe(actor, user_id, question, progress=gr.Progress()):
             if user_id is None:
@@ -501,8 +582,10 @@ def build_ui(services: Services) -> gr.Blocks:
                          api_visibility="private")
         admin_refresh.click(guarded("admin overview", 5)(admin_overview), [session, zone], overview_outputs,
                             api_name="admin_users")
-        running.append(admin_user.change(guarded("admin detail", 4)(admin_detail), [session, admin_user, zone],
-                          [user_detail, snapshots_table, adapter_plot, admin_notice], api_name="admin_user"))
+        running.append(admin_user.change(guarded("admin detail", 5)(admin_detail), [session, admin_user, zone],
+                          [user_detail, snapshots_table, adapter_plot, admin_key, admin_notice], api_name="admin_user"))
+        admin_revoke_key.click(guarded("revoke API key", 2)(admin_revoke), [session, admin_user, admin_key, zone],
+                               [admin_key, admin_notice], api_name="admin_revoke_key")
         running.append(probe_button.click(guarded("probe", 5)(admin_probe), [session, admin_user, probe_question],
                            [probe_status, probe_base, probe_adapter, probe_full, admin_notice],
                            api_name="admin_probe", show_progress_on=[probe_status]))

@@ -11,11 +11,11 @@ from .errors import (
     ValidationError,
 )
 from .repository import Storage
-from .results import MemorySummary, MessageCounts, TurnEnd, TurnStart, UserSummary
+from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
 
 __all__ = [
-    "CursorError", "MemorySummary", "MessageCounts", "NotFound", "RebuildRequired", "SnapshotFileError", "Storage",
-    "StorageError", "StorageSettings", "TurnEnd", "TurnStart", "UserSummary", "UsernameLookAlike", "UsernameTaken",
-    "ValidationError", "default_url", "make_engine", "upgrade",
+    "CursorError", "KeyHolder", "MemorySummary", "MessageCounts", "NewApiKey", "NotFound", "RebuildRequired",
+    "SnapshotFileError", "Storage", "StorageError", "StorageSettings", "TurnEnd", "TurnStart", "UserSummary",
+    "UsernameLookAlike", "UsernameTaken", "ValidationError", "default_url", "make_engine", "upgrade",
 ]

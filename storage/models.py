@@ -25,6 +25,9 @@ USERNAME_SKELETON_CHARS = 8 * USERNAME_COLUMN_CHARS
 """Width of the skeleton column: a character spells out to at most 7 in its skeleton (a Hangul
 syllable), so eight per character of the widest username leaves room."""
 
+API_KEY_NAME_CHARS = 64
+"""Longest name of an API key."""
+
 JOB_STATUSES = ("queued", "running", "done", "failed")
 ACTIVE_JOB = "status IN ('queued', 'running')"
 
@@ -167,6 +170,27 @@ class CompressionJob(Base):
     """Not claimed before this time (retry backoff)."""
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class ApiKey(Base):
+    """A key that lets a program act as its user through the OpenAI-compatible API (app/openai_api.py).
+
+    Only the key's SHA-256 is kept: the key itself is shown once, when it is made. A key is 256
+    random bits, so a plain hash suffices (a slow password hash would only slow every request)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(API_KEY_NAME_CHARS))
+    """What the user called it (which client uses it), if anything."""
+    hint: Mapped[str] = mapped_column(String(32))
+    """The key's first and last characters ('sk-mc-Ab…wxyz'), so that its owner can tell keys apart."""
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """SHA-256 of the key, in hex."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    """When a request last used it, to the minute (storage.repository.KEY_USE_RESOLUTION)."""
 
 
 class AuditEntry(Base):

@@ -14,6 +14,9 @@ Rules every method keeps:
 
 from __future__ import annotations
 
+import hashlib
+import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -32,9 +35,10 @@ from .errors import (
 )
 from .files import DIR_MODE, SnapshotFiles, make_private_dirs, restrict_mode
 from .models import (
-    USERNAME_SKELETON_CHARS, AdapterSnapshot, AuditEntry, CompressionJob, Conversation, Message, User, utcnow,
+    API_KEY_NAME_CHARS, USERNAME_SKELETON_CHARS, AdapterSnapshot, ApiKey, AuditEntry, CompressionJob, Conversation,
+    Message, User, utcnow,
 )
-from .results import MemorySummary, MessageCounts, TurnEnd, TurnStart, UserSummary
+from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
 
 ID_MAX_CHARS = 200
@@ -42,6 +46,12 @@ ID_MAX_CHARS = 200
 ACTION_MAX_CHARS = 64
 ERROR_MAX_CHARS = 4000
 BIGINT_MAX = 2**63 - 1
+API_KEY_PREFIX = "sk-mc-"
+"""How every API key starts: recognisable as one of ours (by people and by secret scanners)."""
+_API_KEY = re.compile(r"sk-mc-[A-Za-z0-9_-]{43}")
+"""The prefix and 32 random bytes in URL-safe base64 (secrets.token_urlsafe(32))."""
+KEY_USE_RESOLUTION = timedelta(minutes=1)
+"""How finely an API key's last use is recorded: at most one write per key and minute."""
 
 
 class Storage:
@@ -168,6 +178,69 @@ class Storage:
                 self._audit(session, actor_id, "delete_user", None, {"user_id": user_id})
             session.execute(delete(User).where(User.id == user_id))
         self.files.remove_user(user_id)
+
+    # --- API keys --------------------------------------------------------------------------
+
+    def create_api_key(self, user_id: int, name: str | None = None) -> NewApiKey:
+        """A new key for the user, audited in the same transaction; at most
+        settings.api_keys_per_user at once. The key itself is in the result and nowhere else."""
+        checked_name = validation.key_name(name, API_KEY_NAME_CHARS)
+        secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(user_id=user_id, name=checked_name, hint=f"{secret[:8]}…{secret[-4:]}",
+                     key_hash=_key_hash(secret))
+        with self._writing() as session:
+            self._lock_user(session, user_id)  # the count below cannot change until the commit
+            held = session.scalar(select(func.count(ApiKey.id)).where(ApiKey.user_id == user_id))
+            if held >= self.settings.api_keys_per_user:
+                raise ValidationError("key", f"cannot be made: {held} keys is the most one account may hold; "
+                                             "revoke one first")
+            session.add(key)
+            session.flush()
+            self._audit(session, user_id, "create_api_key", user_id, {"key_id": key.id, "hint": key.hint})
+        return NewApiKey(key, secret)
+
+    def list_api_keys(self, user_id: int) -> list[ApiKey]:
+        """The user's keys, oldest first (their hashes and hints; the keys themselves are not kept)."""
+        with self._reading() as session:
+            return list(session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.id)))
+
+    def delete_api_key(self, user_id: int, key_id: int, *, actor_id: int | None = None) -> ApiKey:
+        """Revoke one of the user's keys: it stops working with this commit. Another user's key is
+        NotFound, like one that does not exist. With an actor (the owner, or an admin), audited in
+        the same transaction."""
+        checked = validation.count("key_id", key_id)
+        with self._writing() as session:
+            self._lock_user(session, user_id)
+            key = session.scalars(select(ApiKey).where(ApiKey.id == checked, ApiKey.user_id == user_id)).one_or_none()
+            if key is None:
+                raise NotFound(f"user {user_id} has no API key {checked}")
+            session.delete(key)
+            if actor_id is not None:
+                self._audit(session, actor_id, "revoke_api_key", user_id, {"key_id": key.id, "hint": key.hint})
+        return key
+
+    def find_api_key(self, secret: object) -> KeyHolder | None:
+        """The key and its user, read together; None for anything that is not a live key (a
+        malformed one is not looked up at all). The key's use is recorded in a second, writing
+        transaction only when the last one recorded is older than KEY_USE_RESOLUTION, so that
+        most requests read and never wait for the database's write lock."""
+        if not is_api_key(secret):
+            return None
+        query = select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == _key_hash(secret))
+        with self._reading() as session:
+            row = session.execute(query).one_or_none()
+        if row is None:
+            return None
+        key, user = row
+        now = utcnow()
+        if key.last_used_at is None or now - key.last_used_at >= KEY_USE_RESOLUTION:
+            with self._writing() as session:  # conditional: of two requests racing here, one writes
+                session.execute(update(ApiKey).where(
+                    ApiKey.id == key.id,
+                    ApiKey.last_used_at.is_(None) | (ApiKey.last_used_at <= now - KEY_USE_RESOLUTION),
+                ).values(last_used_at=now))
+            key.last_used_at = now
+        return KeyHolder(key, user)
 
     # --- conversations and messages --------------------------------------------------------
 
@@ -711,6 +784,15 @@ class Storage:
         session.add(entry)
         session.flush()
         return entry
+
+
+def is_api_key(value: object) -> bool:
+    """Whether the value has the form of an API key (checked before any hashing or lookup)."""
+    return isinstance(value, str) and _API_KEY.fullmatch(value) is not None
+
+
+def _key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
 def _as_utc(value: datetime) -> datetime:

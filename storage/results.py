@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import AdapterSnapshot, CompressionJob, Message, User
+from .models import AdapterSnapshot, ApiKey, CompressionJob, Message, User
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,20 @@ class UserSummary:
     messages: int
     adapter_version: int | None
     """The latest snapshot's version; None when there is none."""
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    """An API key just made (Storage.create_api_key): the only time the key itself is known."""
+
+    key: ApiKey
+    secret: str
+    """The key to hand to its owner; storage keeps only its hash."""
+
+
+@dataclass(frozen=True)
+class KeyHolder:
+    """Whose an API key is (Storage.find_api_key): the key's row and its user, read together."""
+
+    key: ApiKey
+    user: User

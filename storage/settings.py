@@ -30,6 +30,9 @@ class StorageSettings:
     title_max_chars: int = 200
     """Longest conversation title."""
 
+    api_keys_per_user: int = 20
+    """Most API keys one user may hold at once (each is one more way into their account)."""
+
     json_max_bytes: int = 64 * 1024
     """Largest JSON document (snapshot statistics, audit details) once encoded."""
 
@@ -62,8 +65,8 @@ class StorageSettings:
             raise ValueError(f"username_max_chars must be between 1 and {USERNAME_COLUMN_CHARS}")
         if not 1 <= self.password_min_chars <= self.password_max_chars:
             raise ValueError("need 1 <= password_min_chars <= password_max_chars")
-        for name in ("message_max_chars", "title_max_chars", "json_max_bytes", "snapshot_max_bytes",
-                     "busy_timeout_ms", "job_max_attempts"):
+        for name in ("message_max_chars", "title_max_chars", "api_keys_per_user", "json_max_bytes",
+                     "snapshot_max_bytes", "busy_timeout_ms", "job_max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.job_retry_base_s <= self.job_retry_max_s:

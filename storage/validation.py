@@ -130,6 +130,15 @@ def title(value: object, settings: StorageSettings) -> str | None:
     return text
 
 
+def key_name(value: object, max_chars: int) -> str | None:
+    """The name of an API key: optional (None or blank: no name), one line, spaces trimmed."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    text = _text("name", value, max_chars).strip()
+    _refuse_controls("name", text)
+    return text
+
+
 def identifier(field: str, value: object, max_chars: int) -> str:
     """A short machine-made name (generator id, base model id, audit action)."""
     text = _text(field, value, max_chars)

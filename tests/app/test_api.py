@@ -19,7 +19,7 @@ from tests.app.helpers import FakeStream, Visitor, wait_for
 ADMIN_ENDPOINTS = {
     "admin_users": (), "admin_user": (1,), "admin_probe": (1, "hi"), "admin_rebuild": (1,),
     "admin_ask_reset": (1,), "admin_ask_delete": (1,), "admin_confirm": (), "admin_export_peft": (1,),
-    "admin_signup": (False,),
+    "admin_signup": (False,), "admin_revoke_key": (1, 1),
 }
 
 
@@ -55,6 +55,7 @@ def test_sign_up_chat_compress_and_export_over_http(running, password):
 def test_login_is_required_for_everything(running):
     anonymous = Visitor(running)
     for endpoint, args in {"chat": ("hi",), "memory": (), "compress_now": (), "ask_forget": (1,), "forget": (),
+                           "api_keys": (), "create_api_key": ("laptop",), "revoke_api_key": (1,),
                            "export": (), **ADMIN_ENDPOINTS}.items():
         outputs = anonymous.call(endpoint, *args)
         if endpoint != "admin_confirm":

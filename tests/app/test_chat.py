@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from app.chat import FinishedReply, ReplyFailed, TurnOpened, _whole_sentences
-from app.errors import AccessDenied, AppError, InvalidInput, RateLimited
+from adapter_core.data.conversation import SYSTEM_PROMPT, Turn
+from app.chat import FinishedReply, ReplyFailed, ReplyOptions, ReplyStarted, TurnOpened, _whole_sentences
+from app.errors import AccessDenied, AppError, InvalidInput, RateLimited, TooLong
 from tests.app.helpers import FakeStream, chat, run_jobs
 from tests.storage.helpers import transactions
 
@@ -156,3 +157,57 @@ def test_a_reply_cut_off_by_the_cap_ends_at_its_last_whole_sentence():
     tail = "Hi. Then a long tail that never ends at all"
     assert _whole_sentences(tail) == tail + "…"
     assert _whole_sentences("version 1.5 is out and") == "version 1.5 is out and…"  # a dot inside a number
+
+
+# --- what the API may ask of a turn (ReplyOptions) ---------------------------------------------
+
+def test_a_stop_sequence_ends_the_reply_before_it_and_is_neither_streamed_nor_stored(services, password,
+                                                                                       monkeypatch):
+    uid = services.accounts.sign_up("alice", password).id
+    streams = []
+
+    def submit(request):
+        streams.append(FakeStream(request, ["Tea is wa", "rm. ST", "OP and more", " after"]))
+        return streams[-1]
+
+    monkeypatch.setattr(services.chat.loop, "submit", submit)
+    parts = list(services.chat.reply(uid, "one", options=ReplyOptions(stop=("STOP", "never"))))
+    streamed, finished = "".join(p for p in parts if isinstance(p, str)), parts[-1]
+    assert streamed == "Tea is warm. " and "ST" not in streamed  # "ST" was held back until it proved a stop
+    assert finished.text == "Tea is warm." and finished.stats.finish == "stop" and streams[0].cancelled.is_set()
+    assert services.chat.history(uid)[-1].text == "Tea is warm."
+    # held back, then shown when it turns out not to be one; the stored reply is all of it
+    parts = list(services.chat.reply(uid, "two", options=ReplyOptions(stop=("STOP!",))))
+    assert "".join(p for p in parts if isinstance(p, str)) == "Tea is warm. STOP and more after"
+    assert parts[-1].stats.finish == "end" and parts[-1].text == "Tea is warm. STOP and more after"
+
+
+def test_a_client_s_context_and_instructions_make_the_prompt(services, password, monkeypatch):
+    uid = services.accounts.sign_up("alice", password).id
+    services.settings.compress_every = 100
+    chat(services, uid, "stored earlier")
+    requests = []
+    monkeypatch.setattr(services.chat.loop, "submit",
+                        lambda request: requests.append(request) or FakeStream(request, ["Fine."]))
+    context = (Turn("user", "client turn one"), Turn("assistant", "client reply"))
+    items = list(services.chat.reply(uid, "now", announce=True,
+                                     options=ReplyOptions(context=context, instructions="Speak like a pirate.")))
+    started, finished = items[0], items[-1]
+    assert isinstance(started, ReplyStarted) and started.adapter_version is None
+    assert started.prompt_tokens == len(requests[0].prompt) == finished.stats.prompt_tokens
+    prompt = services.engine.tokenizer.decode(list(requests[0].prompt))
+    assert "client turn one" in prompt and "Speak like a pirate." in prompt and SYSTEM_PROMPT in prompt
+    assert "stored earlier" not in prompt  # the client's turns stand in for the stored ones
+    assert finished.stats.pending_turns == 3
+    list(services.chat.reply(uid, "and now"))  # the page's way: the stored turns, the app's system text
+    prompt = services.engine.tokenizer.decode(list(requests[1].prompt))
+    assert "stored earlier" in prompt and "client turn one" not in prompt and "pirate" not in prompt
+    # only the new messages and replies were stored
+    assert [m.text for m in services.chat.history(uid) if m.role == "user"] == ["stored earlier", "now", "and now"]
+
+
+def test_instructions_too_long_for_the_model_are_refused_before_anything_is_stored(services, password):
+    uid = services.accounts.sign_up("alice", password).id
+    with pytest.raises(TooLong, match="The system message and the message are too long for the model together"):
+        list(services.chat.reply(uid, "hi", options=ReplyOptions(instructions="x" * 1100)))
+    assert services.chat.history(uid) == ()

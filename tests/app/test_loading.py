@@ -75,7 +75,8 @@ def test_other_requests_are_503_with_retry_after(client, method, path):
     response = client.request(method, path, headers={"accept": "application/json"})
     assert response.status_code == 503
     assert int(response.headers["retry-after"]) > 0
-    assert response.json() == {"error": {"message": "memchat is starting; try again shortly", "type": "loading"}}
+    assert response.json() == {"error": {"message": "memchat is starting; try again shortly", "type": "loading",
+                                         "param": None, "code": "model_loading"}}
 
 
 def test_stop_frees_the_port_for_the_real_server(progress):
