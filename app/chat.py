@@ -17,7 +17,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from adapter_core import GenerativeAdapterModel
+from adapter_core import AdapterState, GenerativeAdapterModel
 from adapter_core.data.conversation import SYSTEM_PROMPT, Turn, prompt_ids
 from adapter_core.decoding import Reply, ReplyRequest, count_tokens, fit_prompt
 from adapter_core.sampling import SamplingConfig
@@ -111,6 +111,12 @@ class ReplyOptions:
     """Of the reply's sampling (None: a random one)."""
     stop: tuple[str, ...] = ()
     """The reply ends before the first of these it writes; none of it is streamed or stored."""
+    store: bool = True
+    """False: answered as a stored turn would be (the same adapter, the same pending turns unless
+    `context` replaces them, the same limits and one turn at a time), but neither the message nor
+    the reply is stored, so memory never absorbs them (a client's background requests: titles,
+    tags, follow-up suggestions). Nothing is written (but the one-time report of a damaged
+    adapter file, as for any turn)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,8 @@ class FinishedReply:
 
     text: str
     stats: ReplyStats
+    stored: bool = True
+    """False for a turn of ReplyOptions.store False: the text was not stored."""
 
 
 class ReplyFailed(RuntimeError):
@@ -168,8 +176,11 @@ class Chat:
         sent while the previous one is still being answered is refused at once (Busy: its reply
         could not see the previous turn yet). Three database transactions at most: the turn's
         start, its end, and (once, when the adapter's file turns out to be damaged) the report of
-        that. Closing the iterator (a reader that went away) cancels the decoding."""
+        that. Closing the iterator (a reader that went away) cancels the decoding. With
+        options.store False nothing is written (ReplyOptions.store)."""
         options = options or ReplyOptions()
+        if with_history and not options.store:
+            raise ValueError("with_history shows the stored history: a turn that is not stored has none to show")
         user_id = logged_in_id(user_id)
         text, tokens = self.check_message(text)
         system, framing = self._system(options.instructions, tokens)
@@ -180,17 +191,20 @@ class Chat:
         try:
             self.limits.hit(self.settings.messages_per_user, "message", str(user_id),
                             what="You are sending messages faster than the model can answer")
-            try:
-                turn = self.storage.begin_turn(user_id, text, tokens, with_history=with_history)
-            except NotFound:
-                raise AccessDenied("Please log in") from None
-            if with_history:
-                yield TurnOpened(tuple(HistoryMessage.of(m) for m in turn.history))
-            state, pending = self.memory.answer_context(turn)
+            if options.store:
+                try:
+                    turn = self.storage.begin_turn(user_id, text, tokens, with_history=with_history)
+                except NotFound:
+                    raise AccessDenied("Please log in") from None
+                if with_history:
+                    yield TurnOpened(tuple(HistoryMessage.of(m) for m in turn.history))
+                state, pending = self.memory.answer_context(turn)
+                version = turn.snapshot.version if state is not None else None
+            else:
+                state, version, pending = self._unstored_context(user_id, with_pending=options.context is None)
             recent = list(options.context) if options.context is not None else [Turn(m.role, m.text) for m in pending]
             budget = min(self.prompt_room, framing + tokens + self.settings.recent_token_budget)
             ids, kept = fit_prompt(self.engine.tokenizer, text, recent, budget, system)
-            version = turn.snapshot.version if state is not None else None
             stream = self.loop.submit(ReplyRequest(prompt=tuple(ids), state=state,
                                                    sampling=options.sampling or self.sampling, seed=options.seed))
             try:
@@ -204,16 +218,32 @@ class Chat:
                 answer, finish = written.strip() or "…", "stop"
             else:
                 answer, finish = _stored_answer(_printable(reply.text), reply), reply.finish
-            end = self.storage.finish_turn(user_id, turn.message.conversation_id, answer,
-                                           count_tokens(self.engine.tokenizer, answer),
-                                           compress_every=self.settings.compress_every)
+            answer_tokens = count_tokens(self.engine.tokenizer, answer)
+            if options.store:
+                self.storage.finish_turn(user_id, turn.message.conversation_id, answer, answer_tokens,
+                                         compress_every=self.settings.compress_every)
         finally:
             with self._answering_lock:
                 self._answering.discard(user_id)
         first_token_s = reply.first_token_s if reply.first_token_s is not None else reply.total_s
         yield FinishedReply(answer, ReplyStats(
-            reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, end.message.token_count,
-            len(reply.tokens), finish))
+            reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, answer_tokens,
+            len(reply.tokens), finish), stored=options.store)
+
+    def _unstored_context(self, user_id: int, *, with_pending: bool) -> tuple[AdapterState | None, int | None,
+                                                                              tuple[Message, ...]]:
+        """What a turn that is not stored is answered with, read without writing anything: the
+        user's usable adapter state (None: the base model), its version, and (with_pending) the
+        stored messages it does not hold, as begin_turn and Memory.answer_context find them. Up to
+        three reading transactions rather than begin_turn's one: the state and its cursor come
+        from the same snapshot row, so a compression landing in between only leaves this turn on
+        the previous adapter, and the user's own turns cannot land (one at a time)."""
+        user = self.access.user(user_id)
+        snapshot, state = self.memory.usable_state(user)
+        if state is None:
+            return None, None, tuple(self.storage.messages_after(user.id, 0)) if with_pending else ()
+        pending = tuple(self.storage.messages_after(user.id, snapshot.cursor)) if with_pending else ()
+        return state, snapshot.version, pending
 
     def _system(self, instructions: str | None, tokens: int) -> tuple[str, int]:
         """The prompt's system text and its framing tokens (all but the turns and the message);

@@ -6,7 +6,9 @@ user's memory:
                                       its reply exactly as on the page (Chat.reply, the same inference
                                       loop) and absorbed by the same background compression; the
                                       earlier messages are the client's recent context. stream: true
-                                      sends it as server-sent events, ending with `data: [DONE]`.
+                                      sends it as server-sent events, ending with `data: [DONE]`;
+                                      store: false answers without storing anything. Any model
+                                      name is answered by the one model served.
     GET    /v1/models[/{id}]          the one model served: the base model with the caller's adapter
     GET    /v1/memory                 status: counts, adapter version, compression
     POST   /v1/memory/compress        compress the turns waiting, now
@@ -89,29 +91,31 @@ class ChatRequest:
 
 
 def read_chat_request(body: object, base: SamplingConfig, max_new_tokens: int) -> ChatRequest:
-    """The request as Chat.reply takes it; ApiError (400, 404 for another model) for what cannot
-    be, or asks for what this server does not do. Sampling starts from `base` (the page's), so
-    that a client that says nothing gets the replies the page gets; max_tokens above the server's
-    cap (`max_new_tokens`) is lowered to it (finish_reason then says `length`). Fields that change
-    nothing a client could rely on are accepted and ignored (user, metadata, store, penalties...)."""
+    """The request as Chat.reply takes it; ApiError (400) for what cannot be, or asks for what this
+    server does not do. Sampling starts from `base` (the page's), so that a client that says
+    nothing gets the replies the page gets; max_tokens above the server's cap (`max_new_tokens`)
+    is lowered to it (finish_reason then says `length`). `store: false` answers without storing
+    the turn (a client's background requests: titles, tags). Fields that change nothing a client
+    could rely on are accepted and ignored (user, metadata, penalties...)."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, f"'model' is required: this server serves '{MODEL_ID}'", param="model")
-    if model != MODEL_ID:
-        raise ApiError(404, f"The model '{_shown(model)}' does not exist: this server serves '{MODEL_ID}'",
-                       param="model", code="model_not_found")
+    # Any model name is taken: one model is served (the base model with the caller's adapter), and
+    # many clients send a name of their own (a script's "gpt-4o-mini", a preset's). The answer's
+    # `model` says which one answered.
     _refuse_unsupported(body)
     message, context, instructions = _messages(body.get("messages"))
     stream = _optional(body, "stream", bool, False)
     stream_options = _optional(body, "stream_options", dict, {})
-    include_usage = stream_options.get("include_usage", False)
+    include_usage = stream_options.get("include_usage") or False
     if not isinstance(include_usage, bool):
         raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
+    store = _optional(body, "store", bool, True)
     return ChatRequest(message, ReplyOptions(context=context, instructions=instructions,
                                              sampling=_sampling(body, base, max_new_tokens),
-                                             seed=_seed(body), stop=_stop(body)),
+                                             seed=_seed(body), stop=_stop(body), store=store),
                        stream, include_usage)
 
 
@@ -152,7 +156,7 @@ def _messages(messages: object) -> tuple[str, tuple[Turn, ...] | None, str | Non
     """(the new user message, the earlier user and assistant turns or None, the system text or None)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", param="messages")
-    turns, instructions = [], []
+    turns, instructions, new = [], [], ""
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -165,15 +169,17 @@ def _messages(messages: object) -> tuple[str, tuple[Turn, ...] | None, str | Non
             raise ApiError(400, f"{where}.role must be 'system', 'developer', 'user' or 'assistant', not "
                                 f"{_shown(role)}", param=f"{where}.role")
         text = _content(message.get("content"), f"{where}.content", empty_ok=role == "assistant")
-        if role in ("system", "developer"):
+        if i == len(messages) - 1:
+            if role != "user":
+                raise ApiError(400, "The last message must be the user's new message (role 'user')",
+                               param="messages")
+            new = text  # as sent: an empty one is refused as the page refuses it (Chat.check_message)
+        elif role in ("system", "developer"):
             instructions.append(text)
-        elif text:  # an assistant's empty message adds nothing to a prompt
+        elif text.strip():  # an empty message adds nothing to a prompt
             turns.append(Turn(role, text))
-    if messages[-1].get("role") != "user":
-        raise ApiError(400, "The last message must be the user's new message (role 'user')", param="messages")
-    new = turns.pop()
     # no earlier turns: the stored turns the adapter lacks fill the prompt, as on the page
-    return new.text, tuple(turns) or None, "\n\n".join(t for t in instructions if t.strip()) or None
+    return new, tuple(turns) or None, "\n\n".join(t for t in instructions if t.strip()) or None
 
 
 def _content(content: object, where: str, *, empty_ok: bool) -> str:
@@ -529,7 +535,7 @@ class Completion:
     def _memchat(self, finished: FinishedReply | None = None) -> dict:
         extra = {"adapter_version": self.started.adapter_version}
         if finished is not None:
-            extra["pending_turns"] = finished.stats.pending_turns
+            extra |= {"pending_turns": finished.stats.pending_turns, "stored": finished.stored}
         return extra
 
     def _head(self, kind: str) -> dict:

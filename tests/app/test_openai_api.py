@@ -68,7 +68,7 @@ def test_a_chat_completion_is_a_turn_stored_like_the_page_s(running, password):
     assert answer.role == "assistant" and answer.content and completion.choices[0].finish_reason in ("stop", "length")
     # only the new message and its reply are stored: the earlier ones are the client's own context
     assert history(running, alice) == [("user", "What is my cat called?"), ("assistant", answer.content)]
-    assert completion.model_extra["memchat"] == {"adapter_version": None, "pending_turns": 3}
+    assert completion.model_extra["memchat"] == {"adapter_version": None, "pending_turns": 3, "stored": True}
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
 
 
@@ -367,12 +367,80 @@ def test_malformed_or_unsupported_requests_are_400_in_openai_s_shape(running, pa
            b'{"role": "user", "content": "hi"}]}'
     assert "lone surrogate" in assert_error(call(running, "POST", "chat/completions", key, content=lone), 400)[
         "message"]
-    with pytest.raises(openai.NotFoundError) as unknown_model:
-        client(running, key).chat.completions.create(model="gpt-4o", messages=HELLO)
-    assert unknown_model.value.code == "model_not_found"
+    # the new message is the last one, even when it is empty: never an earlier message in its place
+    for empty in ("", "   ", [], [{"type": "text", "text": ""}]):
+        cut = ok | {"messages": [*HELLO, {"role": "assistant", "content": "Earlier reply"},
+                                 {"role": "user", "content": empty}]}
+        assert "empty" in assert_error(post(cut), 400)["message"]
+        assert_error(post(ok | {"messages": [{"role": "user", "content": empty}]}), 400)
     assert_error(call(running, "GET", "models/gpt-4o", key), 404, "model_not_found")
     assert_error(call(running, "GET", "no/such/endpoint", key), 404, "unknown_url")
     assert history(running, alice) == []  # nothing refused was stored
+
+
+def test_any_model_name_is_answered_by_the_model_served(running, password):
+    alice, key = sign_up(running, "alice", password)
+    answer = client(running, key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert answer.model == MODEL_ID and answer.choices[0].message.content
+    assert history(running, alice)[0] == ("user", "Hello there")
+
+
+def test_store_false_answers_without_storing_anything(running, password, monkeypatch):
+    """A client's background request (a title, tags): answered with the user's adapter and pending
+    turns as a stored turn would be, counted against the same limits, but nothing is written."""
+    services = running.services
+    services.settings.compress_every = 100
+    alice, key = sign_up(running, "alice", password)
+    api = client(running, key)
+    api.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "My cat is called Tobrik."}])
+    before, counts = history(running, alice), services.storage.message_counts(alice)
+    prompts, real = [], running.loop.submit
+    monkeypatch.setattr(running.loop, "submit", lambda request: prompts.append(request.prompt) or real(request))
+    title = {"role": "user", "content": "Write a title for this chat."}
+    quiet = api.chat.completions.create(model=MODEL_ID, messages=[title], extra_body={"store": False})
+    assert quiet.choices[0].message.content and quiet.model_extra["memchat"]["stored"] is False
+    assert quiet.model_extra["memchat"]["pending_turns"] == 3  # the stored turn the adapter lacks, as stored turns get
+    chunks = list(api.chat.completions.create(model=MODEL_ID, messages=[title], stream=True,
+                                              extra_body={"store": False}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert history(running, alice) == before and services.storage.message_counts(alice) == counts
+    stored = api.chat.completions.create(model=MODEL_ID, messages=[title])  # the same prompt, stored this time
+    assert stored.model_extra["memchat"]["stored"] is True and prompts[0] == prompts[1] == prompts[2]
+    assert len(history(running, alice)) == len(before) + 2
+    assert_error(call(running, "POST", "chat/completions", key,
+                      json={"model": MODEL_ID, "messages": HELLO, "store": "no"}), 400, "invalid_type")
+
+    services.settings.messages_per_user = "1/minute"  # the page's message limit counts these too
+    api.chat.completions.create(model=MODEL_ID, messages=HELLO, extra_body={"store": False})
+    with pytest.raises(openai.RateLimitError):
+        api.chat.completions.create(model=MODEL_ID, messages=HELLO, extra_body={"store": False})
+
+
+def test_a_fault_mid_stream_ends_it_with_an_error_event(running, password, monkeypatch):
+    """After the first chunk the status is sent: a fault then ends the stream with an error event in
+    OpenAI's shape (no [DONE]), which the openai package raises; the user's next turn is taken."""
+    alice, key = sign_up(running, "alice", password)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database went away: secret detail")
+
+    monkeypatch.setattr(running.services.storage, "finish_turn", broken)
+    body = {"model": MODEL_ID, "messages": HELLO, "stream": True}
+    raw = call(running, "POST", "chat/completions", key, json=body)
+    assert raw.status_code == 200
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and "data: [DONE]" not in events
+    error = json.loads(events[-1][6:])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+    assert "secret detail" not in error["message"]  # a reference to the log, not the fault's text
+    assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    with pytest.raises(openai.APIError):
+        for _ in client(running, key).chat.completions.create(**body):
+            pass
+    monkeypatch.undo()
+    client(running, key).chat.completions.create(model=MODEL_ID, messages=HELLO)  # not refused as running
+    stored = history(running, alice)  # the two broken turns' messages stay without a reply, as on the page
+    assert [role for role, _ in stored] == ["user", "user", "user", "assistant"]
 
 
 def test_odd_unicode_is_taken_as_text(running, password):
@@ -515,6 +583,12 @@ def test_a_request_is_read_into_a_turn_and_its_options():
     warm = read_chat_request({"model": MODEL_ID, "messages": HELLO, "temperature": 1.5, "top_p": 0.5,
                               "max_completion_tokens": 7}, replace(base, do_sample=False), 50)
     assert warm.options.sampling == replace(base, temperature=1.5, top_p=0.5, max_new_tokens=7)
+    assert plain.options.store and not read_chat_request(
+        {"model": "gpt-4o", "messages": HELLO, "store": False}, base, 50).options.store
+    skipped = read_chat_request({"model": MODEL_ID, "messages": [
+        {"role": "user", "content": "  "}, {"role": "assistant", "content": "one"}, {"role": "user", "content": ""}]},
+        base, 50)
+    assert skipped.message == "" and [(t.role, t.text) for t in skipped.options.context] == [("assistant", "one")]
     with pytest.raises(ApiError, match="'seed' must be a 64-bit integer"):
         read_chat_request({"model": MODEL_ID, "messages": HELLO, "seed": 2**64}, base, 50)
     with pytest.raises(ApiError, match="'max_tokens' must be an integer"):
