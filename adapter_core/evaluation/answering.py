@@ -64,7 +64,8 @@ def answer(engine: GenerativeAdapterModel, prompts: Sequence[Sequence[int]], gol
                                    use_cache=True, logits_to_keep=width + 1).logits.float()  # (N, G + 1, V)
     nlls = [F.cross_entropy(logits[i, :len(g)], torch.tensor(list(g), device=logits.device)).item()
             for i, g in enumerate(golds)]
-    cache.crop(-width)  # back to the prompts' T columns
+    if width:  # back to the prompts' T columns (in older transformers, crop(0) kept none)
+        cache.crop(-width)
     tokens = _greedy(engine, cache, mask[:, :prompt_ids.shape[1]], logits[:, 0].argmax(-1),
                      [len(p) for p in prompts], memories, max_new_tokens)
     return [Answer(tok.decode(t, skip_special_tokens=True).strip(), nll) for t, nll in zip(tokens, nlls)]

@@ -3,8 +3,10 @@
 Containment and token F1 compare content words: normalised text (SQuAD-style: lower case, no
 punctuation, no articles, NFKC) without English function words, on both sides, so that "She
 went to a support group" contains the gold "the support group" and F1 does not reward "is",
-"to" and "her". Negations stay: they can be the whole answer. A gold answer made only of function
-words ("he", "the same") is compared with them kept. Date match: adapter_core.evaluation.dates.
+"to" and "her". Negations stay: they can be the whole answer; so do "may" (the month: "May 2023"
+is not "June 2023") and "before" and "after" (the week before a date is not the week after). A
+gold answer made only of function words ("he", "the same") is compared with them kept. Date match:
+adapter_core.evaluation.dates.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ STOP_WORDS = frozenset("""
 i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her
 hers herself it its itself they them their theirs themselves what which who whom whose this that
 these those am is are was were be been being have has had having do does did doing will would shall
-should can could may might must a an the and but if or because as until while of at by for with
-about against between into through during before after above below to from up down in out on off
+should can could might must a an the and but if or because as until while of at by for with
+about against between into through during above below to from up down in out on off
 over under again further then once here there when where why how all any both each few more most
 other some such only own same so than too very just also s t d ll m re ve
 """.split())
 """English function words (pronouns, auxiliaries, prepositions, conjunctions, what is left of
-contractions), without negations ("no", "not", "nor", "never"), which can be an answer."""
+contractions), without negations ("no", "not", "nor", "never"), which can be an answer, nor "may"
+(a month), "before" and "after" (which order dates)."""
 
 
 def normalize_answer(text: str) -> str:

@@ -61,13 +61,14 @@ def _mean(values: list) -> float | None:
 def summarize(results: list[Result], limit: int) -> dict:
     """Cells by dimension and mode, what each mode kept of the history, fact-update outcomes."""
     keys = {"all": lambda r: "all", "category": lambda r: r.category or "(none)",
-            "facts": lambda r: str(r.n_facts), "length": lambda r: length_bucket(r.history_tokens, limit)}
+            "facts": lambda r: "(none)" if r.n_facts is None else str(r.n_facts),
+            "length": lambda r: length_bucket(r.history_tokens, limit)}
     summary: dict = {}
     for dimension, key in keys.items():
         groups = defaultdict(list)
         for r in results:
             groups[(key(r), r.mode)].append(r)
-        if dimension != "all" and {cell for cell, _ in groups} <= {"(none)", "None"}:
+        if dimension != "all" and {cell for cell, _ in groups} <= {"(none)"}:
             continue  # the data has no categories (or no fact counts): the table would repeat "all"
         summary[dimension] = [{"cell": cell, "mode": mode, **_cell(rs)} for (cell, mode), rs in groups.items()]
     by_mode = defaultdict(list)

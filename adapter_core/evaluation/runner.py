@@ -48,6 +48,8 @@ class EvalOptions:
         unknown = set(self.modes) - set(MODES)
         if unknown:
             raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+        if self.max_new_tokens < 1:  # the greedy loop always takes the first token
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
 def context_limit(engine: GenerativeAdapterModel, options: EvalOptions) -> int:

@@ -39,6 +39,27 @@ def test_round_trip(tmp_path):
         assert [c.to_json() for c in read_jsonl(tmp_path / "copy.jsonl")] == [c.to_json() for c in conversations]
 
 
+# a line as the evaluator wrote it before speakers, dates, categories and evidence (Question.__dict__)
+OLD_LINE = ('{"id": "eval-f1-t512-000000", "sessions": [{"turns": [{"role": "user", "text": "Hi there."}, '
+            '{"role": "assistant", "text": "Hi!"}]}, {"turns": [{"role": "user", "text": "My cat is called Tobrik."}, '
+            '{"role": "assistant", "text": "Noted!"}]}], "questions": [{"question": "What is my cat called?", '
+            '"answer": "Tobrik", "aliases": [], "superseded": ["Mog"], "kind": "pet_name"}], '
+            '"meta": {"split": "eval", "n_facts": 1, "target_tokens": 512, "updates": 1}}')
+
+
+def test_a_file_in_the_older_format_still_loads(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(OLD_LINE + "\n")
+    (c,) = read_jsonl(path)
+    assert not c.named and c.me == "" and [s.date for s in c.sessions] == ["", ""]
+    assert [(t.role, t.speaker) for t in c.turns] == [("user", ""), ("assistant", "")] * 2
+    q = c.questions[0]
+    assert (q.category, q.superseded, q.evidence) == ("pet_name", ["Mog"], [])
+    written = c.to_json()
+    assert written["sessions"] == json.loads(OLD_LINE)["sessions"]  # a chat is written as before
+    assert written["questions"][0]["category"] == "pet_name" and "kind" not in written["questions"][0]
+
+
 def test_kind_is_the_older_name_of_category():
     line = json.loads(EXAMPLES.read_text().splitlines()[0])
     line["questions"][0]["kind"] = "pet_name"

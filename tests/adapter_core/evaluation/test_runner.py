@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,8 @@ def test_known_scores_on_three_hand_written_examples(scripted, make_text_engine)
     assert cell(summary, "facts", "2", "adapter")["contains"] == 0.5
     assert cell(summary, "length", "<1K", "adapter")["n"] == 4
     assert "category" not in summary  # these examples have none: no table that repeats "all"
+    named_none = summarize([replace(r, category="None") for r in results], limit=1024)
+    assert {c["cell"] for c in named_none["category"]} == {"None"}  # a category may be called "None"
     updates = {u["mode"]: u for u in summary["updates"]}
     assert (updates["closed_book"]["latest"], updates["closed_book"]["superseded"]) == (0.0, 1.0)
     assert (updates["adapter"]["latest"], updates["adapter"]["superseded"]) == (1.0, 0.0)
@@ -166,3 +169,5 @@ def test_the_synthetic_heldout_set_gets_the_same_tables(make_text_engine):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown modes"):
         EvalOptions(modes=("oracle",))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        EvalOptions(max_new_tokens=0)
