@@ -4,8 +4,10 @@
         │ join: the newcomers' prompts in one prefill (left padded, each row its own adapter),
         │       their KV cache merged into the running batch's (left padded to one width)
         ▼
-    DecodeBatch ── step: every row feeds its last token, picks its next ──┐
-        │                                                              ◄──┘
+    DecodeBatch ── step: every row feeds its last token, picks its next ──┐  (the lean step of
+        │                                                              ◄──┘   adapter_core.lean_decoder
+        │                                                                     on the CPU, else the
+        │                                                                     transformers model)
         │ leave: rows that ended (end of turn, length cap, cancelled) are cut out of the cache
         ▼
     Reply (tokens, text, why it ended, timings)
@@ -28,6 +30,8 @@ import torch
 from transformers import DynamicCache
 
 from .data.conversation import SYSTEM_PROMPT, Turn, left_pad, prompt_ids
+from .kv_cache import KVCache, pad_left
+from .lean_decoder import lean_decoder
 from .model import GenerativeAdapterModel, RowAdapters
 from .sampling import SamplingConfig, TokenPicker, choose_tokens, end_of_turn_ids
 from .state import AdapterState
@@ -125,14 +129,17 @@ class DecodeBatch:
     masked out, and each row counts its own positions. Not thread-safe: one thread drives it.
     """
 
-    def __init__(self, engine: GenerativeAdapterModel):
+    def __init__(self, engine: GenerativeAdapterModel, lean: bool = True):
+        """lean: decode with adapter_core.lean_decoder where it applies (False: always through the
+        transformers model, the reference the lean step is tested and benchmarked against)."""
         self.engine = engine
+        self.lean = lean_decoder(engine) if lean else None
         tok = engine.tokenizer  # None for engines driven by token ids only (tests): no end of turn then
         self.end_ids = set(end_of_turn_ids(tok)) if tok is not None else set()
         pad = getattr(tok, "pad_token_id", None)
         self.pad_id = pad if pad is not None else min(self.end_ids, default=0)
         self.rows: list[Row] = []
-        self.cache: DynamicCache | None = None
+        self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None  # (B, T) 1 for real tokens
         self.adapters: RowAdapters | None = None  # what engine.applying sets for these rows
 
@@ -147,15 +154,30 @@ class DecodeBatch:
         Prompts of similar length are prefilled together; a short prompt is not padded to a long
         one's length (left padding is computed like real tokens, and prefill is most of a new
         reply's wait)."""
-        engine = self.engine
-        rows = [Row(r, None if r.state is None else engine.memory_matrices(r.state),
-                    TokenPicker(r.sampling, r.prompt, r.seed)) for r in requests]
+        rows = self._rows(requests)
         prefilled = [self._prefill(group) for group in _by_length(rows)]  # nothing changes before all succeed
         for group, cache, mask, adapters in prefilled:
             self._merge(group, cache, mask, adapters)
         return rows
 
-    def _prefill(self, rows: list[Row]) -> tuple[list[Row], DynamicCache, torch.Tensor, RowAdapters | None]:
+    @torch.inference_mode()
+    def join_prefilled(self, requests: Sequence[ReplyRequest], cache: DynamicCache, mask: torch.Tensor,
+                       logits: torch.Tensor) -> list[Row]:
+        """Add requests whose prompts the caller ran itself, as one left-padded batch: `mask` (N, T)
+        and `cache` hold exactly those T columns, `logits` (N, V) are at each prompt's last token.
+        For a caller that needs that forward for more than decoding (the evaluator scores the gold
+        answer in the same pass). The rows in the order of the requests, first tokens chosen."""
+        rows = self._rows(requests)
+        adapters = self.engine.row_adapters([row.memory for row in rows])
+        self._merge(*self._start(rows, cache, mask.to(self.engine.device), logits, adapters))
+        return rows
+
+    def _rows(self, requests: Sequence[ReplyRequest]) -> list[Row]:
+        engine = self.engine
+        return [Row(r, None if r.state is None else engine.memory_matrices(r.state),
+                    TokenPicker(r.sampling, r.prompt, r.seed)) for r in requests]
+
+    def _prefill(self, rows: list[Row]) -> tuple[list[Row], KVCache, torch.Tensor, RowAdapters | None]:
         """One forward over the rows' prompts: their KV cache, mask and adapters, first tokens chosen."""
         engine = self.engine
         ids, mask = left_pad([row.request.prompt for row in rows], self.pad_id)  # (N, T) each
@@ -166,10 +188,15 @@ class DecodeBatch:
             logits = engine.base_model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
                                        position_ids=positions.to(engine.device), cache=cache,
                                        use_cache=True, logits_to_keep=1).logits[:, -1]  # (N, V)
+        return self._start(rows, cache, mask.to(engine.device), logits, adapters)
+
+    def _start(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor,
+               adapters: RowAdapters | None) -> tuple[list[Row], KVCache, torch.Tensor, RowAdapters | None]:
+        """Rows whose prompts were run: first tokens chosen; what _merge takes."""
         for row in rows:
             row.position = len(row.request.prompt)
         self._choose(rows, logits)
-        return rows, cache, mask.to(engine.device), adapters
+        return rows, KVCache.from_dynamic(cache), mask, adapters
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -177,12 +204,18 @@ class DecodeBatch:
         engine = self.engine
         if any(row.finish for row in self.rows):
             raise RuntimeError("rows that ended must leave the batch before the next step")
-        ids = torch.tensor([[row.last] for row in self.rows], device=engine.device)  # (B, 1)
-        positions = torch.tensor([[row.position] for row in self.rows], device=engine.device)  # (B, 1)
+        ids = torch.tensor([row.last for row in self.rows], device=engine.device)  # (B,)
+        positions = torch.tensor([row.position for row in self.rows], device=engine.device)  # (B,)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, T+1)
-        with engine.applying(self.adapters):
-            logits = engine.base_model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                                       cache=self.cache, use_cache=True).logits[:, -1]  # (B, V)
+        if self.lean is not None and self.lean.applies(self.mask.shape[1]):
+            logits = self.lean.step(ids, positions, self.cache, self.mask, self.adapters)  # (B, V)
+        else:
+            cache = self.cache.as_dynamic()
+            with engine.applying(self.adapters):
+                logits = engine.base_model(input_ids=ids[:, None], attention_mask=self.mask,
+                                           position_ids=positions[:, None], cache=cache,
+                                           use_cache=True).logits[:, -1]  # (B, V)
+            self.cache.append_from(cache)
         for row in self.rows:
             row.position += 1
         self._choose(self.rows, logits)
@@ -201,8 +234,7 @@ class DecodeBatch:
         index = torch.tensor(keep, device=self.mask.device)
         first = int(self.mask[index].any(0).nonzero()[0])  # leading columns that are padding in every row
         self.mask = self.mask[index, first:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+        self.cache = self.cache.select(index, first)
         self.adapters = self.engine.row_adapters([row.memory for row in self.rows])
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -235,20 +267,16 @@ class DecodeBatch:
                 if len(row.tokens) >= row.request.sampling.max_new_tokens:
                     row.finish = "length"
 
-    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, adapters: RowAdapters | None) -> None:
+    def _merge(self, rows: list[Row], cache: KVCache, mask: torch.Tensor, adapters: RowAdapters | None) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask, self.adapters = rows, cache, mask, adapters
             return
         # everything is built first and assigned at the end, so that a failure leaves the batch as it was
         width = max(self.mask.shape[1], mask.shape[1])
-        merged_mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])  # (B+N, width)
-        merged_cache = [(torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)]),  # (B+N, H, width, D)
-                         torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]))
-                        for old, new in zip(self.cache.layers, cache.layers)]
+        merged_mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])  # (B+N, width)
+        merged_cache = self.cache.concat(cache)  # (B+N, H, width, D) per layer
         merged_adapters = self.engine.row_adapters([row.memory for row in self.rows + rows])
-        for layer, (keys, values) in zip(self.cache.layers, merged_cache):
-            layer.keys, layer.values = keys, values
-        self.rows, self.mask, self.adapters = self.rows + rows, merged_mask, merged_adapters
+        self.rows, self.cache, self.mask, self.adapters = self.rows + rows, merged_cache, merged_mask, merged_adapters
 
 
 PADDING_ALLOWED = 1.25
@@ -268,13 +296,6 @@ def _by_length(rows: list[Row]) -> list[list[Row]]:
             groups.append([row])
             real = n
     return groups
-
-
-def _pad_left(t: torch.Tensor, width: int, axis: int) -> torch.Tensor:
-    """Zeros before the start of `axis` (1 of a (B, T) mask, 2 of (B, H, T, D) keys) up to `width`."""
-    shape = list(t.shape)
-    shape[axis] = width - t.shape[axis]
-    return t if shape[axis] == 0 else torch.cat([t.new_zeros(shape), t], dim=axis)
 
 
 def finished_reply(row: Row, tokenizer, started: float) -> Reply:

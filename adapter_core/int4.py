@@ -127,3 +127,37 @@ def quantize_for_decoding(model: nn.Module, group_size: int = GROUP_SIZE, max_ro
 def four_bit_layers(model: nn.Module) -> int:
     """How many layers of the model decode on 4-bit weights."""
     return sum(isinstance(m, Int4Linear) for m in model.modules())
+
+
+Q8_TOLERANCE = 1e-3
+"""How far (in steps) a weight may lie from its Q8_0 group's grid and still count as 8-bit."""
+
+
+def quantize_q8_as_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An 8-bit weight (GGUF Q8_0: per group of 32 inputs w = q * d, q in -128..127) as a 4-bit
+    one of twice the inputs, or None when the weight is not on such a grid.
+
+    q = 16 hi + lo with hi in -8..7 and lo in 0..15, so  W x = (16 d hi) x + (d lo) x:  one 4-bit
+    product of [x, x] with the hi halves of the groups first and the lo halves after (see
+    `int4_matmul`'s callers: the input is concatenated with itself). Nothing is rounded but the
+    scales, to bf16 as in every 4-bit layer; a decode step then reads 2 x 4 bits per weight instead
+    of 32 (the tied embedding of the default model is Q8_0 and is its largest matrix).
+
+    weight: (d_out, d_in). Returns (packed (d_out, d_in) uint8, scales and zeros (2 d_in / group_size, d_out, 2) bf16).
+    """
+    d_out, d_in = weight.shape
+    groups = weight.detach().float().reshape(d_out, d_in // group_size, group_size)  # (N, G, 32)
+    step = (groups.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # d
+    q = (groups / step).round().clamp(-128, 127)  # (N, G, 32)
+    if ((q * step - groups).abs() > Q8_TOLERANCE * step).any():
+        return None
+    hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
+    lo = q - 16 * hi  # 0..15
+    nibbles = torch.cat([(hi + 8).reshape(d_out, d_in), lo.reshape(d_out, d_in)], dim=1)  # (N, 2 d_in)
+    # the kernel computes (n - 8) * scale + zero: hi: scale 16 d, zero 0; lo: scale d, zero 8 d
+    hi_scales = torch.cat([16 * step, torch.zeros_like(step)], dim=-1)  # (N, G, 2)
+    lo_scales = torch.cat([step, 8 * step], dim=-1)
+    scales_and_zeros = torch.cat([hi_scales, lo_scales], dim=1).transpose(0, 1).contiguous()  # (2G, N, 2)
+    packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
+    return packed, scales_and_zeros.to(torch.bfloat16)

@@ -78,16 +78,24 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (N, T, d_out)
-        if self.folded is not None:
-            lora_a, lora_b = self.folded
-            return y + F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
-        if self.memory is None:
-            return y
-        if self.memory.shape[0] != x.shape[0]:
-            raise RuntimeError(f"batch of {x.shape[0]} rows but {self.memory.shape[0]} adapters were set")
-        a = self.lora_A(x.to(self.lora_A.weight.dtype))  # (N, T, r)
-        a = torch.bmm(a, self.memory.to(a.dtype))  # (N, T, r)
-        return y + (self.scaling * self.lora_B(a)).to(y.dtype)
+        delta = self.delta(x, self.folded, self.memory)
+        return y if delta is None else y + delta.to(y.dtype)
+
+    def delta(self, x: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor] | None,
+              memory: torch.Tensor | None) -> torch.Tensor | None:
+        """What the adapter adds to the base layer's output for x (N, T, d_in) or (N, d_in): the folded pair's
+        product, else row i's memory[i] (N, r, r) read through lora_A and lora_B, else None.
+        (adapter_core.lean_decoder calls it too, on its own fused layers' inputs.)"""
+        if folded is not None:
+            lora_a, lora_b = folded
+            return F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b)  # (N, T, d_out)
+        if memory is None:
+            return None
+        if memory.shape[0] != x.shape[0]:
+            raise RuntimeError(f"batch of {x.shape[0]} rows but {memory.shape[0]} adapters were set")
+        a = self.lora_A(x.to(self.lora_A.weight.dtype))  # (N, T, r) (or (N, r) for x (N, d_in))
+        a = torch.bmm(a.view(a.shape[0], -1, self.rank), memory.to(a.dtype)).view(a.shape)  # (N, T, r)
+        return self.scaling * self.lora_B(a)  # (N, T, d_out)
 
     def context_sums(self, h: torch.Tensor, write_mask: torch.Tensor) -> torch.Tensor:
         """S_c = sum over the written tokens of each row of k_t v_t^T, in fp32.

@@ -1,5 +1,5 @@
-"""`python -m bench`: per-turn cost, compression, many users in one batch, concurrent users through
-the app's services, and memory size, on one machine in one run. Writes bench.json, bench.md and PNG plots to --out (default docs/bench/).
+"""`python -m bench`: per-turn cost, compression, many users in one batch, decode speed beside
+llama.cpp's, concurrent users through the app's services, and memory size, on one machine in one run. Writes bench.json, bench.md and PNG plots to --out (default docs/bench/).
 
   python -m bench                 # the full benchmark on the CPU (under 10 minutes on 2 cores)
   python -m bench --device cuda
@@ -21,16 +21,19 @@ from adapter_core.engine import load_engine
 from adapter_core.int4 import four_bit_layers
 
 from .concurrency import concurrent_users
+from .decode import decode
 from .report import markdown, plot_all
 from .sections import BenchOptions, compression, many_users, memory_size, per_turn
 
 QUICK = BenchOptions(lengths=(256, 512), reply_tokens=4, repeats=1, absorbed_before=(0, 512), absorb_tokens=256,
                      users=(1, 2), decode_tokens=4, concurrent_users=(1, 2), concurrent_reply_tokens=4,
-                     concurrent_history_tokens=256, compression_tokens=512, replies_during_compression=2)
+                     concurrent_history_tokens=256, compression_tokens=512, replies_during_compression=2,
+                     decode_bench_tokens=8, agreement_tokens=8)
 TARGETS = {
     "latency_ratio_2k": 4.0, "latency_ratio_8k": 20.0, "absorb_spread": 0.20, "generator_overhead": 0.50,
     "many_users_overhead_16": 0.25, "state_bytes": 1_000_000,
     "concurrent_speedup_16": 4.0, "concurrent_first_token_p95_16_s": 3.0, "first_token_during_compression_s": 1.0,
+    "decode_vs_llama_cpp_1": 0.8, "same_greedy_token": 0.95, "perplexity_ratio": 1.01,
 }
 
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick, "options": options.__dict__, "targets": TARGETS,
     }
     for name, section in (("per_turn", per_turn), ("compression", compression), ("many_users", many_users),
-                          ("concurrent_users", concurrent_users), ("memory_size", memory_size)):
+                          ("decode", decode), ("concurrent_users", concurrent_users), ("memory_size", memory_size)):
         t = time.perf_counter()
         logging.info("benchmark section %s ...", name)
         results[name] = section(engine, options)

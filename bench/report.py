@@ -82,6 +82,7 @@ def markdown(results: dict) -> str:
     if last["users"] == 16:
         lines.append(f"\nTarget at 16 users: overhead <= {100 * t['many_users_overhead_16']:.0f}%: "
                      f"{_verdict(last['adapter_overhead'] <= t['many_users_overhead_16'])}.")
+    lines += _decode(results)
     lines += _concurrency(results)
     lines += ["", "## Memory per user", "", "| history tokens | adapter state | KV cache of the history | raw text |",
               "|---|---|---|---|"]
@@ -90,8 +91,38 @@ def markdown(results: dict) -> str:
                      f"{r['kv_cache_bytes'] / 1e6:.1f} MB | {r['raw_text_bytes'] / 1e3:.1f} kB |")
     state = results["memory_size"][0]["adapter_state_bytes"]
     lines.append(f"\nTarget: state <= 1 MB per user: {state / 1e6:.2f} MB, {_verdict(state <= t['state_bytes'])}.")
-    lines += ["", "Plots: `per_turn.png`, `many_users.png`, `concurrent_users.png`, `memory_size.png`.", ""]
+    lines += ["", "Plots: `per_turn.png`, `many_users.png`, `decode.png`, `concurrent_users.png`, `memory_size.png`.", ""]
     return "\n".join(lines)
+
+
+def _decode(results: dict) -> list[str]:
+    d, t = results["decode"], results["targets"]
+    llama = d["llama_cpp"]
+    lines = ["", "## Decode speed beside llama.cpp", "",
+             f"Greedy decoding of {results['options']['decode_bench_tokens']} tokens per user after a short prompt "
+             f"(prefill not counted), {d['threads']} threads, each user with their own adapter (one user: the folded "
+             "LoRA pair). The lean step (adapter_core/lean_decoder.py) against the transformers path it replaced, and "
+             "llama.cpp on the same GGUF: `llama-bench` (tg) for one sequence, `llama-batched-bench` (text generation) "
+             "for parallel ones" + (f", built from {llama['version']}." if llama.get("version") else "."), ""]
+    if "skipped" in llama:
+        lines += [f"llama.cpp: skipped: {llama['skipped']}", ""]
+    lines += ["| users | lean step (tokens/s) | transformers path | llama.cpp | lean / llama.cpp |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        theirs = f"{r['llama_cpp']:.1f}" if r["llama_cpp"] else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        lines.append(f"| {r['users']} | {r['lean']:.1f} | {r['transformers']:.1f} | {theirs} | {ratio} |")
+    one = d["rows"][0]
+    if one["users"] == 1 and one["ratio"]:
+        lines.append(f"\nTarget: one user >= {t['decode_vs_llama_cpp_1']:.1f}x llama.cpp: {one['ratio']:.2f}x, "
+                     f"{_verdict(one['ratio'] >= t['decode_vs_llama_cpp_1'])}.")
+    a = d["agreement"]
+    lines += ["", f"Same answers: over {a['tokens']} tokens of greedy replies (with adapters) read by both paths, the "
+              f"lean step picks the transformers path's token at {100 * a['same_greedy_token']:.1f}% of positions "
+              f"(target >= {100 * t['same_greedy_token']:.0f}%, {_verdict(a['same_greedy_token'] >= t['same_greedy_token'])}); "
+              f"perplexity {a['perplexity']['lean']:.3f} vs {a['perplexity']['transformers']:.3f}, "
+              f"{100 * (a['perplexity_ratio'] - 1):+.2f}% (target within {100 * (t['perplexity_ratio'] - 1):.0f}%, "
+              f"{_verdict(abs(a['perplexity_ratio'] - 1) <= t['perplexity_ratio'] - 1)})."]
+    return lines
 
 
 def _concurrency(results: dict) -> list[str]:
@@ -162,6 +193,15 @@ def plot_all(results: dict, folder: Path) -> None:
                                             "one adapter per user": [r["adapter_tokens_per_s"] for r in rows]},
            xlabel="users in the batch", ylabel="decoded tokens/s", title="many users, one batch")
     _save(fig, folder / "many_users.png")
+
+    rows = results["decode"]["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {"lean step": [r["lean"] for r in rows], "transformers path": [r["transformers"] for r in rows]}
+    if all(r["llama_cpp"] for r in rows):
+        series["llama.cpp"] = [r["llama_cpp"] for r in rows]
+    _lines(ax, [r["users"] for r in rows], series, xlabel="users in the batch", ylabel="decoded tokens/s",
+           title="decode speed, same model file", xticks=[r["users"] for r in rows])
+    _save(fig, folder / "decode.png")
 
     rows = results["concurrent_users"]["rows"]
     modes = list(dict.fromkeys(r["mode"] for r in rows))

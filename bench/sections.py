@@ -47,6 +47,10 @@ class BenchOptions:
     compression_tokens: int = 4096
     """Size of the compression that runs while replies are measured."""
     replies_during_compression: int = 5
+    decode_bench_tokens: int = 128
+    """Tokens decoded per user in the decode section (llama.cpp's tg128)."""
+    agreement_tokens: int = 64
+    """Tokens per prompt of the lean step's agreement with the transformers path."""
 
 
 def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:

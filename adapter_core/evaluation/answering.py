@@ -11,9 +11,9 @@ goes on. The batch is laid out so that the prompts end in the same column:
 
 Column T - 1 + j predicts gold token j (column T - 1, the prompt's last token, also predicts the
 first answer token); causal attention keeps the prompt's keys and values free of the gold, so
-the cache's first T columns are the prompt's. Greedy decoding is argmax up to the end of turn or
-`max_new_tokens`, as adapter_core.decoding.reply() does with SamplingConfig.greedy (tested: same
-answers, same NLL as a separate forward over prompt + gold).
+the cache's first T columns are the prompt's, and a DecodeBatch goes on from it (join_prefilled)
+with SamplingConfig.greedy, as reply() would (tested: same answers, same NLL as reply() and a
+separate forward over prompt + gold).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..data.conversation import left_pad
+from ..decoding import DecodeBatch, ReplyRequest
 from ..model import GenerativeAdapterModel
-from ..sampling import end_of_turn_ids
+from ..sampling import SamplingConfig
 from ..state import AdapterState
 
 
@@ -57,46 +58,20 @@ def answer(engine: GenerativeAdapterModel, prompts: Sequence[Sequence[int]], gol
     ids = torch.cat([prompt_ids, gold_ids], 1).to(device)  # (N, T + G)
     mask = torch.cat([prompt_mask, gold_mask], 1).to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # each row counts its own positions
-    memories = [None if s is None else engine.memory_matrices(s) for s in states]
     cache = DynamicCache()
-    with engine.applying(engine.row_adapters(memories)):
+    with engine.adapters(states):
         logits = engine.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                    use_cache=True, logits_to_keep=width + 1).logits.float()  # (N, G + 1, V)
     nlls = [F.cross_entropy(logits[i, :len(g)], torch.tensor(list(g), device=logits.device)).item()
             for i, g in enumerate(golds)]
     if width:  # back to the prompts' T columns (in older transformers, crop(0) kept none)
         cache.crop(-width)
-    tokens = _greedy(engine, cache, mask[:, :prompt_ids.shape[1]], logits[:, 0].argmax(-1),
-                     [len(p) for p in prompts], memories, max_new_tokens)
-    return [Answer(tok.decode(t, skip_special_tokens=True).strip(), nll) for t, nll in zip(tokens, nlls)]
-
-
-def _greedy(engine: GenerativeAdapterModel, cache: DynamicCache, mask: torch.Tensor, first: torch.Tensor,
-            lengths: list[int], memories: list, max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens of every row from its prompt's cache (N rows, mask (N, T)) and first choice
-    first (N,); rows that end leave the batch, so long prompts are not attended to for nothing."""
-    end = set(end_of_turn_ids(engine.tokenizer))
-    tokens: list[list[int]] = [[] for _ in lengths]
-    live = list(range(len(lengths)))  # the rows still in the cache, in its order
-    chosen = first.tolist()
-    while True:
-        going = []
-        for j, (row, token) in enumerate(zip(live, chosen)):
-            if token not in end:
-                tokens[row].append(token)
-                if len(tokens[row]) < max_new_tokens:
-                    going.append(j)
-        if not going:
-            return tokens
-        if len(going) < len(live):
-            index = torch.tensor(going, device=mask.device)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-        live = [live[j] for j in going]
-        fed = torch.tensor([[tokens[row][-1]] for row in live], device=mask.device)  # (B, 1)
-        positions = torch.tensor([[lengths[row] + len(tokens[row]) - 1] for row in live], device=mask.device)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)  # (B, T + steps)
-        with engine.applying(engine.row_adapters([memories[row] for row in live])):
-            logits = engine.base_model(input_ids=fed, attention_mask=mask, position_ids=positions,
-                                       cache=cache, use_cache=True).logits[:, -1]  # (B, V)
-        chosen = logits.argmax(-1).tolist()
+    greedy = SamplingConfig.greedy(max_new_tokens)
+    batch = DecodeBatch(engine)
+    rows = batch.join_prefilled([ReplyRequest(p, s, greedy) for p, s in zip(prompts, states)], cache,
+                                mask[:, :prompt_ids.shape[1]], logits[:, 0])
+    while batch.rows:  # rows that end leave, so long prompts are not attended to for nothing
+        batch.leave([row for row in batch.rows if row.finish])
+        if batch.rows:
+            batch.step()
+    return [Answer(tok.decode(row.tokens, skip_special_tokens=True).strip(), nll) for row, nll in zip(rows, nlls)]

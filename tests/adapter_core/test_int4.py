@@ -81,12 +81,17 @@ def test_a_bf16_model_is_refused():
         quantize_for_decoding(model)
 
 
-def test_a_4_bit_engine_decodes_like_the_fp32_one_and_its_adapter_still_acts(make_engine, random_tokens):
-    engine = make_engine("llama")
+def snap_to_q4_1_grid(engine):
+    """The engine with its base model's linear layers on the Q4_1 grid, as the default model's file has them."""
     with torch.no_grad():
         for name, module in engine.base_model.named_modules():
             if type(module) is nn.Linear and not name.rsplit(".", 1)[-1].startswith(("lora_", "ctx_")):
                 module.weight.copy_(on_q4_1_grid(module.weight))
+    return engine
+
+
+def test_a_4_bit_engine_decodes_like_the_fp32_one_and_its_adapter_still_acts(make_engine, random_tokens):
+    engine = snap_to_q4_1_grid(make_engine("llama"))
     replaced = quantize_for_decoding(engine.base_model)
     assert len(replaced) == 3 * 7  # q, k, v, o, gate, up, down in 3 layers; lm_head (97 outputs) stays
     alice = engine.absorb(engine.empty_state(), [random_tokens(30)])
@@ -109,3 +114,22 @@ def test_a_4_bit_engine_decodes_like_the_fp32_one_and_its_adapter_still_acts(mak
     assert (adapted_4bit - adapted_fp32).norm() / adapted_fp32.norm() < 2e-2
     plain = last_logits(None, MAX_ROWS)
     assert (adapted_4bit - plain).abs().max() > 10 * (adapted_4bit - adapted_fp32).abs().max()
+
+
+def on_q8_0_grid(weight: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """The weight rounded the way GGUF's Q8_0 stores it: per 32 inputs, q * d with q in -127..127, fp16 d."""
+    d_out, d_in = weight.shape
+    groups = weight.float().reshape(d_out, d_in // group, group)
+    step = (groups.abs().amax(-1, keepdim=True) / 127).half().float()
+    return ((groups / step).round().clamp(-128, 127) * step).reshape(d_out, d_in)
+
+
+def test_a_q8_0_weight_is_two_4_bit_halves_of_the_same_product():
+    torch.manual_seed(0)
+    weight = on_q8_0_grid(torch.randn(48, 64))
+    packed, scales = int4.quantize_q8_as_int4(weight)
+    x = torch.randn(3, 64)
+    y = torch._weight_int4pack_mm_for_cpu(x.repeat(1, 2).bfloat16(), packed, 32, scales).float()
+    exact = x @ weight.T
+    assert (y - exact).norm() / exact.norm() < 1e-2  # bf16 inputs and scales
+    assert int4.quantize_q8_as_int4(torch.randn(48, 64)) is None  # not on an 8-bit grid: nothing rounded

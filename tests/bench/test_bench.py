@@ -10,7 +10,7 @@ from bench.__main__ import main
 def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
     main(["--quick", "--out", str(tmp_path), "--cache-dir", str(model_cache)])
     results = json.loads((tmp_path / "bench.json").read_text())
-    for name in ("bench.md", "per_turn.png", "many_users.png", "concurrent_users.png", "memory_size.png"):
+    for name in ("bench.md", "per_turn.png", "many_users.png", "decode.png", "concurrent_users.png", "memory_size.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = results["per_turn"]
     assert {(r["history_tokens"], r["mode"]) for r in rows} == {(n, m) for n in (256, 512)
@@ -23,6 +23,11 @@ def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
     assert by[512, "adapter"]["prompt_tokens"] == pytest.approx(by[256, "adapter"]["prompt_tokens"], abs=20)
     assert len(results["compression"]["rows"]) == 2 and results["compression"]["tokens_per_s"] > 0
     assert [r["users"] for r in results["many_users"]] == [1, 2]
+    decode = results["decode"]
+    assert [r["users"] for r in decode["rows"]] == [1, 2]
+    assert all(r["lean"] > 0 and r["transformers"] > 0 for r in decode["rows"])
+    assert "skipped" in decode["llama_cpp"] or decode["llama_cpp"]["tokens_per_s"]["1"] > 0  # JSON keys
+    assert decode["agreement"]["tokens"] == 8 * 8 and 0 <= decode["agreement"]["same_greedy_token"] <= 1
     concurrent = results["concurrent_users"]
     assert [(r["mode"], r["users"]) for r in concurrent["rows"]] == [(m, n) for m in ("serialized", "scheduler")
                                                                      for n in (1, 2)]

@@ -1,0 +1,267 @@
+"""A lean decode step for Llama-family models (Llama, Mistral, Qwen2) on the CPU.
+
+Decoding one token per row costs little arithmetic; on a small CPU it is bound by reading the
+weights once per step and by the cost of each operation's dispatch (a 30-layer model runs
+~1,500 small operations per token through transformers). This step computes the same thing as
+the transformers model with fewer, larger operations:
+
+    token ─► embedding ─► 30 x ┌ norm ─► [q|k|v] (one product) ─► rotary ─► write K, V in place ─► attention ─► o ┐
+                               └ norm ─► [gate|up] (one product) ─► act(gate) * up ─► down ◄──────────────────────┘
+           ─► norm ─► lm_head (the tied Q8_0 embedding as two 4-bit halves, adapter_core.int4)
+
+* products of layers sharing an input are fused into one (4-bit where the layers are, else fp32);
+* keys and values are written into the batch's KVCache in place (no concatenation per step);
+* the adapters are each adapted module's own `AdapterLinear.delta`, added to its slice of the
+  fused output, so the adapted model is the same as on the transformers path (tested);
+* the output layer reads 8 bits per weight instead of 32 when the weight lies on a Q8_0 grid.
+
+Norms, rotary embeddings and activations are the model's own modules. Where this step does not
+apply (another architecture, a GPU, gradients, a sliding window shorter than the batch), the
+decode batch uses the transformers model as before (see `DecodeBatch.step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import int4
+from .kv_cache import KVCache
+from .layer import AdapterLinear
+from .model import GenerativeAdapterModel, RowAdapters, decoder_layers
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODELS = ("llama", "mistral", "qwen2")
+"""model_type values whose decoder layer this step reproduces (the same layer in transformers)."""
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Linear layers that share an input, computed as one product: (B, d_in) -> (B, sum of d_out)."""
+
+    weight: torch.Tensor | None  # (d_out, d_in) fp32, or None when 4-bit
+    packed: torch.Tensor | None  # the 4-bit kernel's layout (adapter_core.int4)
+    scales_and_zeros: torch.Tensor | None
+    bias: torch.Tensor | None  # (d_out,)
+    group_size: int
+    splits: tuple[int, ...]  # d_out of each layer, in order
+    input_copies: int = 1  # 2 for a Q8_0 weight held as two 4-bit halves: the input is [x, x]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.input_copies > 1:
+            x = x.repeat(1, self.input_copies)  # (B, copies * d_in)
+        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
+                                              self.scales_and_zeros).to(x.dtype)  # (B, d_out)
+        return y if self.bias is None else y + self.bias
+
+
+def fuse(linears: list[nn.Module]) -> Fused:
+    """One product for layers sharing an input: 4-bit when every one of them decodes in 4 bits.
+    A single layer's own tensors are used as they are, not copied."""
+    bases = [getattr(m, "base_layer", m) for m in linears]
+    splits = tuple(b.out_features for b in bases)
+    if len(bases) == 1:
+        base = bases[0]
+        if isinstance(base, int4.Int4Linear):
+            return Fused(None, base.packed, base.scales_and_zeros, base.bias, base.group_size, splits)
+        return Fused(base.weight, None, None, base.bias, 0, splits)
+    weight = torch.cat([b.weight.detach() for b in bases])  # (sum d_out, d_in)
+    biases = [b.bias for b in bases]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, bases)])
+    if all(isinstance(b, int4.Int4Linear) for b in bases):
+        group_size = bases[0].group_size
+        quantized = int4.quantize_int4(weight, group_size)  # on the grid already: each part is
+        if quantized is not None:
+            return Fused(None, *quantized, bias, group_size, splits)
+    return Fused(weight, None, None, bias, 0, splits)
+
+
+def output_layer(lm_head: nn.Linear) -> Fused | nn.Module:
+    """The output layer as two 4-bit halves when its weight is on a Q8_0 grid, else itself."""
+    if (lm_head.weight.dtype == torch.float32 and int4.can_quantize(lm_head)
+            and int4.kernel_available()):
+        halves = int4.quantize_q8_as_int4(lm_head.weight)
+        if halves is not None:
+            return Fused(None, *halves, lm_head.bias, int4.GROUP_SIZE, (lm_head.out_features,), input_copies=2)
+    return lm_head
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A decoder's RMSNorm (weight, eps) as one fused operation (F.rms_norm, the same arithmetic)."""
+
+    weight: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Norm:
+        return cls(module.weight, getattr(module, "variance_epsilon", None) or module.eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+@dataclass(frozen=True)
+class LeanLayer:
+    input_norm: Norm
+    qkv: Fused
+    o: Fused
+    post_norm: Norm
+    gate_up: Fused
+    down: Fused
+    act: nn.Module
+    adapted: dict[str, list[tuple[str, AdapterLinear, int, int]]]
+    """fused product ("qkv", "o", "gate_up", "down") -> its adapted modules: (name, layer, start, end of its slice)."""
+
+
+_PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+                "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+
+class LeanDecoder:
+    """The decode step of one engine's base model (see the module's docstring)."""
+
+    def __init__(self, engine: GenerativeAdapterModel):
+        model = engine.base_model
+        config = model.config
+        self.decoder = model.get_decoder()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        window = getattr(config, "sliding_window", None)
+        self.sliding_window = window if window and getattr(config, "use_sliding_window", True) else None
+        names = {id(m): name for name, m in engine.adapted.items()}
+        self.layers = []
+        for layer in decoder_layers(model):
+            fused, adapted = {}, {}
+            for product, (parent, children) in _PROJECTIONS.items():
+                modules = [getattr(getattr(layer, parent), child) for child in children]
+                fused[product] = fuse(modules)
+                start = 0
+                for module in modules:
+                    if isinstance(module, AdapterLinear):
+                        adapted.setdefault(product, []).append(
+                            (names[id(module)], module, start, start + module.base_layer.out_features))
+                    start += getattr(module, "base_layer", module).out_features
+            self.layers.append(LeanLayer(Norm.of(layer.input_layernorm), fused["qkv"], fused["o"],
+                                         Norm.of(layer.post_attention_layernorm),
+                                         fused["gate_up"], fused["down"], layer.mlp.act_fn, adapted))
+        self.norm = Norm.of(self.decoder.norm)
+        self.lm_head = output_layer(model.get_output_embeddings())
+
+    def applies(self, width: int) -> bool:
+        """Whether a step over `width` cache columns (the one being written included) computes the
+        model exactly: beyond a sliding window the model would forget what this step still sees."""
+        return self.sliding_window is None or width <= self.sliding_window
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor,
+             adapters: RowAdapters | None) -> torch.Tensor:
+        """Logits (B, V) of each row's next token; writes the tokens' keys and values into the cache
+        at column cache.width (room reserved) and advances it.
+
+        tokens, positions: (B,); mask: (B, width + 1), 1 for real tokens, the new column included.
+        """
+        b = tokens.shape[0]
+        h = self.decoder.embed_tokens(tokens)  # (B, D)
+        cos, sin = self.decoder.rotary_emb(h, positions[:, None])  # (B, 1, head_dim) each
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, head_dim): the same for every head
+        # padding columns get -inf; an additive float mask, made once, spares each layer the conversion
+        attend = None if bool(mask.all()) else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
+            mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, width + 1); None: no padding to hide
+        cache.reserve(1)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, (layer, adapted) in enumerate(zip(self.layers, self._adapters_by_layer(adapters))):
+            x = layer.input_norm(h)  # (B, D)
+            qkv = _adapt(layer.qkv(x), x, adapted.get("qkv"))  # (B, q_size + 2 kv_size)
+            qk = _rotate(qkv[:, :q_size + kv_size].view(b, self.heads + self.kv_heads, 1, self.head_dim), cos, sin)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]  # (B, H, 1, hd), (B, H_kv, 1, hd)
+            cache.write(i, k[:, :, 0], qkv[:, q_size + kv_size:].view(b, self.kv_heads, self.head_dim))
+            keys, values = cache.keys[i][:, :, :cache.width + 1], cache.values[i][:, :, :cache.width + 1]
+            attention = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend,
+                                                       enable_gqa=self.heads != self.kv_heads)  # (B, H, 1, hd)
+            attention = attention.reshape(b, q_size)
+            h += _adapt(layer.o(attention), attention, adapted.get("o"))
+            x = layer.post_norm(h)
+            gate, up = _adapt(layer.gate_up(x), x, adapted.get("gate_up")).chunk(2, dim=-1)  # (B, I) each
+            z = layer.act(gate) * up
+            h += _adapt(layer.down(z), z, adapted.get("down"))
+        cache.width += 1
+        return self.lm_head(self.norm(h))  # (B, V)
+
+    def _adapters_by_layer(self, adapters: RowAdapters | None) -> list[dict[str, list[_Adapter]]]:
+        """For each layer, its fused products' adapters this step (looked up once, not per layer and token)."""
+        if adapters is None:
+            return [{} for _ in self.layers]
+        by_layer = []
+        for layer in self.layers:
+            here = {}
+            for product, modules in layer.adapted.items():
+                for name, module, start, end in modules:
+                    if adapters.folded is not None:
+                        lora_a, lora_b = adapters.folded[name]
+                        adapter = _Adapter(start, end, lora_a.T, lora_b.T)
+                    else:
+                        adapter = _Adapter(start, end, module=module, memory=adapters.memory[name])
+                    here.setdefault(product, []).append(adapter)
+            by_layer.append(here)
+        return by_layer
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """What one adapted module adds to its slice [start, end) of a fused product's output."""
+
+    start: int
+    end: int
+    lora_a_t: torch.Tensor | None = None  # (d_in, r): one user's folded pair, transposed
+    lora_b_t: torch.Tensor | None = None  # (r, d_out)
+    module: AdapterLinear | None = None  # else each row's memory, through the module's own delta
+    memory: torch.Tensor | None = None  # (B, r, r)
+
+
+def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) -> torch.Tensor:
+    """y (B, d_out) of a fused product of x (B, d_in), plus each adapter's delta in its slice, in place."""
+    for adapter in adapters or ():
+        out = y[:, adapter.start:adapter.end]
+        if adapter.module is None:  # the folded LoRA pair (AdapterLinear.delta's first case), in two products
+            out.addmm_(torch.mm(x, adapter.lora_a_t), adapter.lora_b_t)
+        else:
+            out += adapter.module.delta(x, None, adapter.memory)
+    return y
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as transformers' apply_rotary_pos_emb (rotate_half layout)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lean_decoder(engine: GenerativeAdapterModel) -> LeanDecoder | None:
+    """The engine's lean decoder (built once, on first use), or None where it does not apply."""
+    if engine not in _decoders:
+        config = engine.base_model.config
+        ok = (config.model_type in SUPPORTED_MODELS and engine.device.type == "cpu"
+              and all(p.dtype == torch.float32 for p in engine.base_model.parameters()))
+        started = time.perf_counter()
+        _decoders[engine] = decoder = LeanDecoder(engine) if ok else None
+        if decoder is not None:
+            four_bit = sum(layer.qkv.packed is not None for layer in decoder.layers)
+            log.info("lean decode step ready in %.1f s: %d of %d layers on fused 4-bit products, output layer %s",
+                     time.perf_counter() - started, four_bit, len(decoder.layers),
+                     "8-bit (two 4-bit halves)" if isinstance(decoder.lm_head, Fused) and decoder.lm_head.input_copies == 2
+                     else "as it is")
+    return _decoders[engine]

@@ -1,0 +1,106 @@
+"""The lean decode step computes what the transformers model computes, adapters included."""
+
+import pytest
+import torch
+
+from adapter_core import int4
+from adapter_core.decoding import DecodeBatch, ReplyRequest, reply
+from adapter_core.int4 import quantize_for_decoding
+from adapter_core.lean_decoder import lean_decoder
+from adapter_core.sampling import SamplingConfig
+
+from .test_decoding import three_requests  # noqa: F401  (a fixture)
+from .test_int4 import snap_to_q4_1_grid
+
+GREEDY = SamplingConfig.greedy(6)
+
+
+def step_logits(engine, requests, lean: bool, steps: int = 4) -> list[torch.Tensor]:
+    """The logits every decode step chose from, (B, V) each, on the lean or the transformers path."""
+    batch = DecodeBatch(engine, lean=lean)
+    batch.join(requests)  # the prefill is the same code on both paths
+    seen = []
+    choose = batch._choose
+
+    def recording(rows, logits):
+        seen.append(logits.clone())
+        choose(rows, logits)
+
+    batch._choose = recording
+    for _ in range(steps):
+        batch.step()
+    return seen
+
+
+def test_a_batch_with_one_adapter_per_row_steps_as_the_transformers_model(three_requests):
+    engine, requests = three_requests
+    assert lean_decoder(engine) is not None
+    lean, reference = step_logits(engine, requests, True), step_logits(engine, requests, False)
+    assert len(lean) == len(reference) == 4
+    for a, b in zip(lean, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_one_users_folded_adapter_steps_as_the_transformers_model(three_requests):
+    engine, requests = three_requests
+    alone = [requests[0]]
+    lean, reference = step_logits(engine, alone, True), step_logits(engine, alone, False)
+    for a, b in zip(lean, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    base = step_logits(engine, [ReplyRequest(requests[0].prompt, None, GREEDY)], True)
+    assert (lean[0] - base[0]).abs().max() > 1e-2  # the adapter acts on the lean path
+
+
+def test_replies_through_both_paths_are_the_same_tokens(three_requests):
+    engine, requests = three_requests
+    lean = reply(engine, requests)
+    batch = DecodeBatch(engine, lean=False)
+    rows = batch.join(requests)
+    while batch.rows:
+        batch.leave([r for r in batch.rows if r.finish])
+        if batch.rows:
+            batch.step()
+    assert [list(r.tokens) for r in lean] == [r.tokens for r in rows]
+    assert all(len(r.tokens) == r.request.sampling.max_new_tokens for r in rows)
+
+
+def test_several_adapted_modules_in_one_fused_product_each_add_their_own(make_engine, random_tokens, family):
+    engine = make_engine(family, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"))
+    alice = engine.absorb(engine.empty_state(), [random_tokens(16)])
+    for requests in ([ReplyRequest(random_tokens(5), alice, GREEDY)],  # folded
+                     [ReplyRequest(random_tokens(5), alice, GREEDY), ReplyRequest(random_tokens(8), None, GREEDY)]):
+        for a, b in zip(step_logits(engine, requests, True), step_logits(engine, requests, False)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_4_bit_layers_are_fused_and_decode_as_the_transformers_4_bit_path(make_engine, random_tokens):
+    engine = snap_to_q4_1_grid(make_engine("llama"))
+    if not int4.kernel_available():
+        pytest.skip("this torch build has no CPU int4 kernel")
+    quantize_for_decoding(engine.base_model)
+    decoder = lean_decoder(engine)
+    assert all(layer.qkv.packed is not None and layer.gate_up.packed is not None for layer in decoder.layers)
+    state = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    requests = [ReplyRequest(random_tokens(5), state, GREEDY), ReplyRequest(random_tokens(9), None, GREEDY)]
+    for a, b in zip(step_logits(engine, requests, True), step_logits(engine, requests, False)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # both bf16 products on the same grid
+
+
+def test_beyond_a_sliding_window_the_transformers_model_decodes(make_engine, random_tokens):
+    engine = make_engine("mistral")
+    engine.base_model.config.sliding_window = 12
+    decoder = lean_decoder(engine)
+    assert decoder.applies(12) and not decoder.applies(13)
+    request = ReplyRequest(random_tokens(8), None, SamplingConfig.greedy(10))
+    expected = []
+    for _ in range(10):  # the reference: full forwards, the window applied by the model's own mask
+        with torch.no_grad():
+            logits = engine(torch.tensor([list(request.prompt) + expected])).logits[0, -1]
+        expected.append(int(logits.argmax()))
+    assert list(reply(engine, [request])[0].tokens) == expected
+
+
+def test_no_lean_step_where_it_does_not_apply(make_engine):
+    engine = make_engine("llama")
+    engine.base_model.to(torch.float64)
+    assert lean_decoder(engine) is None
