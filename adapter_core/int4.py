@@ -147,17 +147,25 @@ def quantize_q8_as_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE
     weight: (d_out, d_in). Returns (packed (d_out, d_in) uint8, scales and zeros (2 d_in / group_size, d_out, 2) bf16).
     """
     d_out, d_in = weight.shape
-    groups = weight.detach().float().reshape(d_out, d_in // group_size, group_size)  # (N, G, 32)
-    step = (groups.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # d
-    q = (groups / step).round().clamp(-128, 127)  # (N, G, 32)
-    if ((q * step - groups).abs() > Q8_TOLERANCE * step).any():
-        return None
-    hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
-    lo = q - 16 * hi  # 0..15
-    nibbles = torch.cat([(hi + 8).reshape(d_out, d_in), lo.reshape(d_out, d_in)], dim=1)  # (N, 2 d_in)
-    # the kernel computes (n - 8) * scale + zero: hi: scale 16 d, zero 0; lo: scale d, zero 8 d
-    hi_scales = torch.cat([16 * step, torch.zeros_like(step)], dim=-1)  # (N, G, 2)
-    lo_scales = torch.cat([step, 8 * step], dim=-1)
-    scales_and_zeros = torch.cat([hi_scales, lo_scales], dim=1).transpose(0, 1).contiguous()  # (2G, N, 2)
-    packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
+    nibbles = torch.empty(d_out, 2 * d_in, dtype=torch.int32)  # (N, 2 d_in): the hi halves, then the lo halves
+    scales_and_zeros = torch.empty(2 * d_in // group_size, d_out, 2)  # (2G, N, 2)
+    for start in range(0, d_out, _ROWS_AT_ONCE):  # by rows: an embedding's fp32 temporaries are large
+        rows = slice(start, min(start + _ROWS_AT_ONCE, d_out))
+        groups = weight[rows].detach().float().reshape(-1, d_in // group_size, group_size)  # (n, G, 32)
+        step = (groups.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # d
+        q = (groups / step).round().clamp(-128, 127)  # (n, G, 32)
+        if ((q * step - groups).abs() > Q8_TOLERANCE * step).any():
+            return None
+        hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
+        nibbles[rows, :d_in] = (hi + 8).reshape(-1, d_in).to(torch.int32)
+        nibbles[rows, d_in:] = (q - 16 * hi).reshape(-1, d_in).to(torch.int32)  # lo: 0..15
+        # the kernel computes (n - 8) * scale + zero: hi: scale 16 d, zero 0; lo: scale d, zero 8 d
+        step = step[..., 0].T  # (G, n)
+        groups_in = d_in // group_size
+        scales_and_zeros[:groups_in, rows] = torch.stack([16 * step, torch.zeros_like(step)], dim=-1)
+        scales_and_zeros[groups_in:, rows] = torch.stack([step, 8 * step], dim=-1)
+    packed = torch._convert_weight_to_int4pack_for_cpu(nibbles, 1)
     return packed, scales_and_zeros.to(torch.bfloat16)
+
+
+_ROWS_AT_ONCE = 4096
