@@ -1,4 +1,4 @@
-"""Screenshots of the real app (default model) for the README: docs/screenshots/{chat,admin}.png.
+"""Screenshots of the real app (default model) for the README: docs/screenshots/{chat,memory,admin}.png.
 
     .venv/bin/python scripts/screenshots.py      # needs Debian's chromium; about two minutes on a CPU
 """
@@ -72,6 +72,14 @@ def main() -> None:
             say(page, "What is the name of my cat?")
             page.screenshot(path=str(out / "chat.png"), full_page=True)
 
+            page.get_by_role("tab", name="Memory").click()
+            field(page, "key-name").fill("my chat client")
+            page.locator("#create-key").click()
+            page.locator("#new-key textarea, #new-key input").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out / "memory.png"), full_page=True)
+            page.get_by_role("tab", name="Chat").click()
+
             page.get_by_role("button", name="Log out").click()
             field(page, "username").fill("admin")
             field(page, "password").fill(PASSWORD)
@@ -90,7 +98,7 @@ def main() -> None:
             browser.close()
     finally:
         running.close()
-    print(f"wrote {out / 'chat.png'} and {out / 'admin.png'}")
+    print(f"wrote {out / 'chat.png'}, {out / 'memory.png'} and {out / 'admin.png'}")
 
 
 if __name__ == "__main__":
