@@ -11,13 +11,15 @@ the transformers model with fewer, larger operations:
 
 * products of layers sharing an input are fused into one (4-bit where the layers are, else fp32);
 * keys and values are written into the batch's KVCache in place (no concatenation per step);
-* the adapters are each adapted module's own `AdapterLinear.delta`, added to its slice of the
-  fused output, so the adapted model is the same as on the transformers path (tested);
+* each adapted module's adapter is added to its slice of the fused output: one user's folded
+  LoRA pair as two products, several users' memories through `AdapterLinear.delta` (the
+  transformers path's own code), so the adapted model is the same on both paths (tested);
 * the output layer reads 8 bits per weight instead of 32 when the weight lies on a Q8_0 grid.
 
-Norms, rotary embeddings and activations are the model's own modules. Where this step does not
-apply (another architecture, a GPU, gradients, a sliding window shorter than the batch), the
-decode batch uses the transformers model as before (see `DecodeBatch.step`).
+Norms are `F.rms_norm` with the model's weights and epsilon; rotary embeddings and activations are
+the model's own modules. Where this step does not apply (another architecture, a GPU, other
+dtypes, a sliding window shorter than the batch), the decode batch uses the transformers model as
+before (see `DecodeBatch.step`). Measurements and what was tried: docs/decode-speed.md.
 """
 
 from __future__ import annotations
@@ -157,7 +159,9 @@ class LeanDecoder:
                                          Norm.of(layer.post_attention_layernorm),
                                          fused["gate_up"], fused["down"], layer.mlp.act_fn, adapted))
         self.norm = Norm.of(self.decoder.norm)
-        self.lm_head = output_layer(model.get_output_embeddings())
+        lm_head = model.get_output_embeddings()
+        # 8 bits for the output layer only where the model decodes in 4 bits at all (--no-int4-decode: fp32)
+        self.lm_head = output_layer(lm_head) if int4.four_bit_layers(model) else lm_head
 
     def applies(self, width: int) -> bool:
         """Whether a step over `width` cache columns (the one being written included) computes the
