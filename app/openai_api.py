@@ -63,6 +63,8 @@ from .services import Services
 MODEL_ID = "memchat"
 """The one model served: the base model with the adapter of whoever calls."""
 ADAPTER_HEADER = "X-Memchat-Adapter-Version"
+READING_THREADS_PER_ROW = 4
+"""Threads reading replies per row of the inference loop's batch (see api_router)."""
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 64
 _FINISH_REASONS = {"end": "stop", "stop": "stop", "length": "length"}
 _NO_STORE = {"Cache-Control": "no-store"}  # every answer is one user's own
@@ -375,9 +377,11 @@ def _model_json(created: int) -> dict:
 def api_router(services: Services) -> APIRouter:
     router = APIRouter(prefix="/v1")
     created = int(time.time())
-    # the threads that read replies as they are decoded: as many as the inference loop decodes at
-    # once, apart from the pool of FastAPI and Gradio (whose work must not wait behind replies);
-    # made at the first request, inside the event loop
+    # the threads that read replies as they are decoded, apart from the pool of FastAPI and Gradio
+    # (whose work must not wait behind replies); made at the first request, inside the event loop.
+    # A reply waiting for a place in the loop's batch holds its thread until its first token, so
+    # there are several times as many threads as the batch has rows: with only as many, requests
+    # queued in the loop could hold them all and freeze the chunks of the replies being decoded
     reply_threads: list[anyio.CapacityLimiter] = []
 
     def user_of(request: Request) -> int:
@@ -386,7 +390,7 @@ def api_router(services: Services) -> APIRouter:
     async def step(turn: Iterator) -> object:
         """The turn's next item, read in a thread (it blocks on the database and on decoding)."""
         if not reply_threads:
-            reply_threads.append(anyio.CapacityLimiter(services.chat.loop.max_rows))
+            reply_threads.append(anyio.CapacityLimiter(READING_THREADS_PER_ROW * services.chat.loop.max_rows))
         # not abandoned on cancellation: a cancelled request waits for this one item (one decode
         # step at most), then closes the turn, which cancels the decoding
         return await anyio.to_thread.run_sync(next, turn, _END, limiter=reply_threads[0])
