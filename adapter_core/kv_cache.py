@@ -4,7 +4,7 @@ Column c is the same slot of every row: a row's padding columns are masked out (
 attention mask), so rows of different lengths share one tensor per layer. Unlike transformers'
 DynamicCache, which concatenates every layer's whole cache with one more column at each step,
 the tensors here have spare columns that a step writes into in place; they grow by a quarter
-when full, so copies are rare. Rows join (`concat`) and leave (`select`) between steps.
+(64 to 256 columns) when full, so copies are rare. Rows join (`concat`) and leave (`select`) between steps.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-MIN_ROOM = 64
-"""Spare columns given at least whenever the tensors are (re)allocated."""
+MIN_ROOM, MAX_ROOM = 64, 256
+"""Spare columns given whenever the tensors are (re)allocated: a quarter of those in use, within
+these bounds (a long cache is copied once per 256 steps at most, and holds at most 256 spare)."""
 
 
 class KVCache:
@@ -79,8 +80,8 @@ class KVCache:
         return [t[:, :, :self.width] for t in tensors]
 
     def _with_room(self, needed: int) -> KVCache:
-        """The same columns in tensors of capacity needed + a quarter (at least MIN_ROOM)."""
-        capacity = needed + max(MIN_ROOM, needed // 4)
+        """The same columns in tensors of capacity needed + a quarter (within MIN_ROOM, MAX_ROOM)."""
+        capacity = needed + min(max(MIN_ROOM, needed // 4), MAX_ROOM)
         keys = [_room_for(k[:, :, :self.width], capacity) for k in self.keys]
         values = [_room_for(v[:, :, :self.width], capacity) for v in self.values]
         return KVCache(keys, values, self.width)

@@ -3,7 +3,7 @@
 import torch
 from transformers import DynamicCache
 
-from adapter_core.kv_cache import MIN_ROOM, KVCache
+from adapter_core.kv_cache import MAX_ROOM, MIN_ROOM, KVCache
 
 
 def filled(rows: int, width: int, layers: int = 2, start: float = 0.0) -> KVCache:
@@ -59,3 +59,9 @@ def test_the_transformers_model_steps_through_a_view_of_it():
     keys, values = cache.layer(0)
     assert cache.width == 5 and (keys[:, :, 4] == 9).all() and (values[:, :, 4] == 9.5).all()
     assert keys[1, 0, 3, 0].item() == 1003.0
+
+
+def test_the_spare_room_is_a_quarter_within_bounds():
+    assert filled(1, 8).keys[0].shape[2] == 8 + MIN_ROOM
+    assert filled(1, 800).keys[0].shape[2] == 800 + 200
+    assert filled(1, 4000).keys[0].shape[2] == 4000 + MAX_ROOM
