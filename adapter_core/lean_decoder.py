@@ -65,6 +65,15 @@ class Fused:
                                               self.scales_and_zeros).to(x.dtype)  # (B, d_out)
         return y if self.bias is None else y + self.bias
 
+    def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """h += the product of x, in place (a 4-bit product's bf16 output is added as it is: one
+        operation fewer than converting it first)."""
+        if self.packed is None or self.input_copies > 1:
+            return h.add_(self(x))
+        h.add_(torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
+                                                 self.scales_and_zeros))
+        return h if self.bias is None else h.add_(self.bias)
+
 
 def fuse(linears: list[nn.Module]) -> Fused:
     """One product for layers sharing an input: 4-bit when every one of them decodes in 4 bits.
@@ -195,11 +204,11 @@ class LeanDecoder:
             attention = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend,
                                                        enable_gqa=self.heads != self.kv_heads)  # (B, H, 1, hd)
             attention = attention.reshape(b, q_size)
-            h += _adapt(layer.o(attention), attention, adapted.get("o"))
+            _adapt(layer.o.add_to(h, attention), attention, adapted.get("o"))  # the residual, in place
             x = layer.post_norm(h)
             gate, up = _adapt(layer.gate_up(x), x, adapted.get("gate_up")).chunk(2, dim=-1)  # (B, I) each
             z = layer.act(gate) * up
-            h += _adapt(layer.down(z), z, adapted.get("down"))
+            _adapt(layer.down.add_to(h, z), z, adapted.get("down"))
         cache.width += 1
         return self.lm_head(self.norm(h))  # (B, V)
 
