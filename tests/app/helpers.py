@@ -9,7 +9,9 @@ import zipfile
 
 from adapter_core.decoding import Reply, ReplyRequest
 from app.chat import FinishedReply
+from app.launch import RunningApp, start
 from app.worker import CompressionWorker
+from tests.storage.helpers import FAST
 
 
 def free_port() -> int:
@@ -25,6 +27,28 @@ def wait_for(condition, seconds: float = 20.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not reached in time")
+
+
+class SlowStart:
+    """The app started (not blocking) in a thread with its model load held until release(): the
+    port answers with the loading page meanwhile."""
+
+    def __init__(self, app_settings, engine, monkeypatch) -> None:
+        self._engine, self._loaded, self._started = engine, threading.Event(), {}
+        monkeypatch.setattr("app.launch.load_engine", self._load)
+        self._thread = threading.Thread(
+            target=lambda: self._started.setdefault("app", start(app_settings, None, FAST, block=False)))
+        self._thread.start()
+
+    def _load(self, *args, **kwargs):
+        self._loaded.wait(30)
+        return self._engine
+
+    def release(self) -> RunningApp:
+        """Let the model load; the running app once it serves."""
+        self._loaded.set()
+        self._thread.join(60)
+        return self._started["app"]
 
 
 def chat(services, user_id, text) -> tuple[str, FinishedReply]:

@@ -16,10 +16,8 @@ import pytest
 from adapter_core.data.conversation import prompt_ids
 from adapter_core.decoding import ReplyRequest, reply
 from app.chat import _printable
-from app.launch import start
 from app.openai_api import ADAPTER_HEADER, MODEL_ID, ApiError, read_chat_request
-from tests.app.helpers import FakeStream, Visitor, free_port, wait_for
-from tests.storage.helpers import FAST
+from tests.app.helpers import FakeStream, SlowStart, Visitor, free_port, wait_for
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -495,16 +493,7 @@ def test_rate_limits_and_a_running_turn_are_429(running, password, monkeypatch):
 
 def test_the_api_says_503_while_the_model_loads(app_settings, live_text_engine, password, monkeypatch):
     app_settings.port = free_port()
-    release = threading.Event()
-
-    def slow_load(*args, **kwargs):
-        release.wait(30)
-        return live_text_engine
-
-    monkeypatch.setattr("app.launch.load_engine", slow_load)
-    started = {}
-    thread = threading.Thread(target=lambda: started.setdefault("app", start(app_settings, None, FAST, block=False)))
-    thread.start()
+    slow = SlowStart(app_settings, live_text_engine, monkeypatch)
     url = f"http://127.0.0.1:{app_settings.port}/v1"
     try:
         wait_for(lambda: _answers(url + "/models"))
@@ -514,13 +503,12 @@ def test_the_api_says_503_while_the_model_loads(app_settings, live_text_engine, 
         assert unavailable.value.status_code == 503 and unavailable.value.code == "model_loading"
         assert int(unavailable.value.response.headers["retry-after"]) > 0
     finally:
-        release.set()
-        thread.join(60)
+        running = slow.release()
     try:
         with pytest.raises(openai.AuthenticationError):  # the real API answers now
             loading.models.list()
     finally:
-        started["app"].close()
+        running.close()
 
 
 def _answers(url: str) -> bool:
