@@ -19,19 +19,24 @@ the transformers model with fewer, larger operations:
 Norms are `F.rms_norm` with the model's weights and epsilon; rotary embeddings and activations are
 the model's own modules. Where this step does not apply (another architecture, a GPU, other
 dtypes, a sliding window shorter than the batch), the decode batch uses the transformers model as
-before (see `DecodeBatch.step`). Measurements and what was tried: docs/decode-speed.md.
+before (see `DecodeBatch.step`). In the commonest case the decoder layers run as the same ATen
+operations called from C++ (`NativeLayers`, lean_step.cpp), without Python between them.
+Measurements and what was tried: docs/decode-speed.md.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from . import int4
 from .kv_cache import KVCache
@@ -171,6 +176,7 @@ class LeanDecoder:
         lm_head = model.get_output_embeddings()
         # 8 bits for the output layer only where the model decodes in 4 bits at all (--no-int4-decode: fp32)
         self.lm_head = output_layer(lm_head) if int4.four_bit_layers(model) else lm_head
+        self.native = NativeLayers.for_layers(self.layers)
 
     def applies(self, width: int) -> bool:
         """Whether a step over `width` cache columns (the one being written included) computes the
@@ -193,6 +199,10 @@ class LeanDecoder:
         attend = None if bool(mask.all()) else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
             mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, width + 1); None: no padding to hide
         cache.reserve(1)
+        if self.native is not None and self.native.takes(adapters):
+            h = self.native(h, cos, sin, attend, cache, self.heads, self.kv_heads, self.head_dim, adapters)
+            cache.width += 1
+            return self.lm_head(self.norm(h))  # (B, V)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, (layer, adapted) in enumerate(zip(self.layers, self._adapters_by_layer(adapters))):
             x = layer.input_norm(h)  # (B, D)
@@ -258,6 +268,82 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """Rotary position embedding, as transformers' apply_rotary_pos_emb (rotate_half layout)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class NativeLayers:
+    """The decoder layers of the step as the same operations called from C++ (lean_step.cpp), for
+    the commonest case: every product 4-bit without bias, SiLU, and no adapter or one user's
+    folded pairs on o_proj and down_proj (the default targets). Compiled at the first start with
+    the machine's C++ compiler (about half a minute) and cached on disk by torch
+    (~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR): later starts load it at once."""
+
+    def __init__(self, layers: list[LeanLayer], module) -> None:
+        self.module = module
+        self.names = [(layer.adapted.get("o", [[None]])[0][0], layer.adapted.get("down", [[None]])[0][0])
+                      for layer in layers]
+        self.norms = [w for layer in layers for w in (layer.input_norm.weight, layer.post_norm.weight)]
+        self.eps = layers[0].input_norm.eps
+        self.products = [t for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                         for t in (p.packed, p.scales_and_zeros)]
+        self.group_size = layers[0].qkv.group_size
+        self._pairs: tuple[RowAdapters | None, list[torch.Tensor]] = (None, [])
+
+    @classmethod
+    def for_layers(cls, layers: list[LeanLayer]) -> NativeLayers | None:
+        """None where the case is not the common one, or no C++ compiler builds it (then the Python step runs)."""
+        products = [p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        common = (all(isinstance(layer.act, _SILU) for layer in layers)
+                  and all(p.packed is not None and p.bias is None and p.input_copies == 1 for p in products)
+                  and len({p.group_size for p in products}) == 1
+                  and len({n for layer in layers for n in (layer.input_norm.eps, layer.post_norm.eps)}) == 1
+                  and all(set(layer.adapted) <= {"o", "down"} for layer in layers)
+                  and all(len(modules) == 1 for layer in layers for modules in layer.adapted.values()))
+        if not common:
+            return None
+        module = _compiled()
+        return None if module is None else cls(layers, module)
+
+    def takes(self, adapters: RowAdapters | None) -> bool:
+        return adapters is None or adapters.folded is not None
+
+    def __call__(self, h, cos, sin, attend, cache: KVCache, heads: int, kv_heads: int, head_dim: int,
+                 adapters: RowAdapters | None) -> torch.Tensor:
+        return self.module.decoder_layers(h, cos, sin, attend, self.norms, self.eps, self.products, self.group_size,
+                                          cache.keys, cache.values, cache.width, heads, kv_heads, head_dim,
+                                          self._loras(adapters))
+
+    def _loras(self, adapters: RowAdapters | None) -> list[torch.Tensor]:
+        """o's and down's folded pairs, transposed, layer by layer (made once per batch's adapters)."""
+        if adapters is None:
+            return []
+        if self._pairs[0] is not adapters:
+            pairs = []
+            for o, down in self.names:
+                for name in (o, down):
+                    lora_a, lora_b = adapters.folded[name]
+                    pairs += [lora_a.T, lora_b.T]
+            self._pairs = (adapters, pairs)
+        return self._pairs[1]
+
+
+_SILU = (nn.SiLU, SiLUActivation)
+
+
+def _compiled():
+    """The C++ decoder layers (lean_step.cpp), built once per machine; None if they cannot be."""
+    try:
+        import ninja  # torch builds extensions with ninja, which must be on PATH
+        from torch.utils.cpp_extension import load
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+        started = time.perf_counter()
+        module = load(name="memchat_lean_step", sources=[str(Path(__file__).with_name("lean_step.cpp"))],
+                      extra_cflags=["-O3"], verbose=False)
+        log.info("C++ decoder layers ready in %.1f s", time.perf_counter() - started)
+        return module
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: the Python step decodes
+        log.warning("the C++ decoder layers could not be built (%s); decoding in Python", e)
+        return None
 
 
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -104,3 +104,24 @@ def test_no_lean_step_where_it_does_not_apply(make_engine):
     engine = make_engine("llama")
     engine.base_model.to(torch.float64)
     assert lean_decoder(engine) is None
+
+
+def test_the_compiled_layers_compute_what_the_python_step_does(make_engine, random_tokens):
+    engine = snap_to_q4_1_grid(make_engine("llama"))
+    if not int4.kernel_available():
+        pytest.skip("this torch build has no CPU int4 kernel")
+    quantize_for_decoding(engine.base_model)
+    decoder = lean_decoder(engine)
+    native = decoder.native
+    assert native is not None  # 4-bit products, SiLU, adapters on o_proj and down_proj: the common case
+    state = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    for request in (ReplyRequest(random_tokens(6), state, GREEDY), ReplyRequest(random_tokens(6), None, GREEDY)):
+        compiled = step_logits(engine, [request], True)
+        decoder.native = None
+        try:
+            python = step_logits(engine, [request], True)
+        finally:
+            decoder.native = native
+        for a, b in zip(compiled, python):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not native.takes(engine.row_adapters([engine.memory_matrices(state)] * 2))  # rows' memories: Python
