@@ -16,6 +16,7 @@ import gradio as gr
 
 from adapter_core import GenerativeAdapterModel
 from adapter_core.engine import load_engine
+from adapter_core.lean_decoder import lean_decoder
 from adapter_core.scheduler import InferenceLoop
 from storage import Storage, StorageSettings
 
@@ -108,6 +109,8 @@ def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
                              cache_dir=settings.data_dir / "model-cache",
                              int4_decode=None if settings.int4_decode else False)
     engine.eval()
+    # the decode step's fused weights and, at a machine's first start, its C++ layers (~35 s on 2 cores)
+    lean_decoder(engine)
     log.info("model %s, generator %s", engine.base_model_id, engine.generator_id)
     progress.begin("web page")
     loop = InferenceLoop(engine)
