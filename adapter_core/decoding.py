@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,14 +55,21 @@ def fit_prompt(tokenizer, question: str, recent: Sequence[Turn], max_tokens: int
     ids = prompt_ids(tokenizer, question, recent, system)
     if len(ids) <= max_tokens:
         return ids, recent
-    low, high = 1, len(recent)  # the fewest dropped turns that fit, by bisection
+    dropped = fewest_dropped(len(recent), lambda n: len(prompt_ids(tokenizer, question, recent[n:], system)) <= max_tokens)
+    return prompt_ids(tokenizer, question, recent[dropped:], system), recent[dropped:]
+
+
+def fewest_dropped(count: int, fits: Callable[[int], bool]) -> int:
+    """The fewest of `count` earliest turns to drop so that fits(dropped) holds, by bisection,
+    when dropping none does not fit and dropping all does."""
+    low, high = 1, count
     while low < high:
         mid = (low + high) // 2
-        if len(prompt_ids(tokenizer, question, recent[mid:], system)) <= max_tokens:
+        if fits(mid):
             high = mid
         else:
             low = mid + 1
-    return prompt_ids(tokenizer, question, recent[low:], system), recent[low:]
+    return low
 
 
 @dataclass(frozen=True)

@@ -68,23 +68,30 @@ class KVCache:
         return KVCache(keys, values, width)._with_room(width)
 
     def concat(self, other: KVCache) -> KVCache:
-        """This batch's rows, then the other's, both left padded to the wider one's width."""
+        """This batch's rows, then the other's, both left padded to the wider one's width (each
+        copied once, straight into its place)."""
         width = max(self.width, other.width)
-        keys = [torch.cat([pad_left(a, width), pad_left(b, width)])
-                for a, b in zip(self._used(self.keys), other._used(other.keys))]
-        values = [torch.cat([pad_left(a, width), pad_left(b, width)])
-                  for a, b in zip(self._used(self.values), other._used(other.values))]
-        return KVCache(keys, values, width)._with_room(width)
 
-    def _used(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t[:, :, :self.width] for t in tensors]
+        def joined(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            out = mine.new_zeros(self.rows + other.rows, mine.shape[1], _capacity(width), mine.shape[3])
+            out[:self.rows, :, width - self.width:width] = mine[:, :, :self.width]  # zeros before: padding
+            out[self.rows:, :, width - other.width:width] = theirs[:, :, :other.width]
+            return out
+
+        return KVCache([joined(a, b) for a, b in zip(self.keys, other.keys)],
+                       [joined(a, b) for a, b in zip(self.values, other.values)], width)
 
     def _with_room(self, needed: int) -> KVCache:
-        """The same columns in tensors of capacity needed + a quarter (within MIN_ROOM, MAX_ROOM)."""
-        capacity = needed + min(max(MIN_ROOM, needed // 4), MAX_ROOM)
+        """The same columns in tensors with room for `needed` columns and some spare."""
+        capacity = _capacity(needed)
         keys = [_room_for(k[:, :, :self.width], capacity) for k in self.keys]
         values = [_room_for(v[:, :, :self.width], capacity) for v in self.values]
         return KVCache(keys, values, self.width)
+
+
+def _capacity(needed: int) -> int:
+    """Columns to allocate for `needed`: a quarter more, within MIN_ROOM and MAX_ROOM."""
+    return needed + min(max(MIN_ROOM, needed // 4), MAX_ROOM)
 
 
 def _room_for(t: torch.Tensor, capacity: int) -> torch.Tensor:

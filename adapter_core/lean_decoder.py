@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import rotate_half
 
 from . import int4
 from .kv_cache import KVCache
@@ -58,38 +59,37 @@ class Fused:
     scales_and_zeros: torch.Tensor | None
     bias: torch.Tensor | None  # (d_out,)
     group_size: int
-    splits: tuple[int, ...]  # d_out of each layer, in order
     input_copies: int = 1  # 2 for a Q8_0 weight held as two 4-bit halves: the input is [x, x]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        if self.input_copies > 1:
-            x = x.repeat(1, self.input_copies)  # (B, copies * d_in)
-        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
-                                              self.scales_and_zeros).to(x.dtype)  # (B, d_out)
+        y = self._product(x).to(x.dtype)  # (B, d_out)
         return y if self.bias is None else y + self.bias
 
     def add_to(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """h += the product of x, in place (a 4-bit product's bf16 output is added as it is: one
         operation fewer than converting it first)."""
-        if self.packed is None or self.input_copies > 1:
-            return h.add_(self(x))
-        h.add_(torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
-                                                 self.scales_and_zeros))
+        h.add_(self._product(x))
         return h if self.bias is None else h.add_(self.bias)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, d_in) times the weight, no bias: bf16 when 4-bit, else fp32."""
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        if self.input_copies > 1:
+            x = x.repeat(1, self.input_copies)  # (B, copies * d_in)
+        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
+                                                 self.scales_and_zeros)
 
 
 def fuse(linears: list[nn.Module]) -> Fused:
     """One product for layers sharing an input: 4-bit when every one of them decodes in 4 bits.
     A single layer's own tensors are used as they are, not copied."""
     bases = [getattr(m, "base_layer", m) for m in linears]
-    splits = tuple(b.out_features for b in bases)
     if len(bases) == 1:
         base = bases[0]
         if isinstance(base, int4.Int4Linear):
-            return Fused(None, base.packed, base.scales_and_zeros, base.bias, base.group_size, splits)
-        return Fused(base.weight, None, None, base.bias, 0, splits)
+            return Fused(None, base.packed, base.scales_and_zeros, base.bias, base.group_size)
+        return Fused(base.weight, None, None, base.bias, 0)
     weight = torch.cat([b.weight.detach() for b in bases])  # (sum d_out, d_in)
     biases = [b.bias for b in bases]
     bias = None if all(b is None for b in biases) else torch.cat(
@@ -98,8 +98,8 @@ def fuse(linears: list[nn.Module]) -> Fused:
         group_size = bases[0].group_size
         quantized = int4.quantize_int4(weight, group_size)  # on the grid already: each part is
         if quantized is not None:
-            return Fused(None, *quantized, bias, group_size, splits)
-    return Fused(weight, None, None, bias, 0, splits)
+            return Fused(None, *quantized, bias, group_size)
+    return Fused(weight, None, None, bias, 0)
 
 
 def output_layer(lm_head: nn.Linear) -> Fused | nn.Module:
@@ -108,7 +108,7 @@ def output_layer(lm_head: nn.Linear) -> Fused | nn.Module:
             and int4.kernel_available()):
         halves = int4.quantize_q8_as_int4(lm_head.weight)
         if halves is not None:
-            return Fused(None, *halves, lm_head.bias, int4.GROUP_SIZE, (lm_head.out_features,), input_copies=2)
+            return Fused(None, *halves, lm_head.bias, int4.GROUP_SIZE, input_copies=2)
     return lm_head
 
 
@@ -177,6 +177,7 @@ class LeanDecoder:
         # 8 bits for the output layer only where the model decodes in 4 bits at all (--no-int4-decode: fp32)
         self.lm_head = output_layer(lm_head) if int4.four_bit_layers(model) else lm_head
         self.native = NativeLayers.for_layers(self.layers)
+        self._last: tuple[RowAdapters | None, _Prepared] | None = None
 
     def applies(self, width: int) -> bool:
         """Whether a step over `width` cache columns (the one being written included) computes the
@@ -200,14 +201,16 @@ class LeanDecoder:
             mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, width + 1); None: no padding to hide
         cache.reserve(1)
         if self.native is not None and self.native.takes(adapters):
-            h = self.native(h, cos, sin, attend, cache, self.heads, self.kv_heads, self.head_dim, adapters)
+            h = self.native(h, cos, sin, attend, cache, self.heads, self.kv_heads, self.head_dim,
+                            self._prepared(adapters).loras)
             cache.width += 1
             return self.lm_head(self.norm(h))  # (B, V)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, (layer, adapted) in enumerate(zip(self.layers, self._adapters_by_layer(adapters))):
+        for i, (layer, adapted) in enumerate(zip(self.layers, self._prepared(adapters).by_layer)):
             x = layer.input_norm(h)  # (B, D)
             qkv = _adapt(layer.qkv(x), x, adapted.get("qkv"))  # (B, q_size + 2 kv_size)
-            qk = _rotate(qkv[:, :q_size + kv_size].view(b, self.heads + self.kv_heads, 1, self.head_dim), cos, sin)
+            qk = qkv[:, :q_size + kv_size].view(b, self.heads + self.kv_heads, 1, self.head_dim)
+            qk = qk * cos + rotate_half(qk) * sin  # transformers' apply_rotary_pos_emb, q and k at once
             q, k = qk[:, :self.heads], qk[:, self.heads:]  # (B, H, 1, hd), (B, H_kv, 1, hd)
             cache.write(i, k[:, :, 0], qkv[:, q_size + kv_size:].view(b, self.kv_heads, self.head_dim))
             keys, values = cache.keys[i][:, :, :cache.width + 1], cache.values[i][:, :, :cache.width + 1]
@@ -222,23 +225,12 @@ class LeanDecoder:
         cache.width += 1
         return self.lm_head(self.norm(h))  # (B, V)
 
-    def _adapters_by_layer(self, adapters: RowAdapters | None) -> list[dict[str, list[_Adapter]]]:
-        """For each layer, its fused products' adapters this step (looked up once, not per layer and token)."""
-        if adapters is None:
-            return [{} for _ in self.layers]
-        by_layer = []
-        for layer in self.layers:
-            here = {}
-            for product, modules in layer.adapted.items():
-                for name, module, start, end in modules:
-                    if adapters.folded is not None:
-                        lora_a, lora_b = adapters.folded[name]
-                        adapter = _Adapter(start, end, lora_a.T, lora_b.T)
-                    else:
-                        adapter = _Adapter(start, end, module=module, memory=adapters.memory[name])
-                    here.setdefault(product, []).append(adapter)
-            by_layer.append(here)
-        return by_layer
+    def _prepared(self, adapters: RowAdapters | None) -> _Prepared:
+        """The batch's adapters laid out for the step, made once per RowAdapters (a batch keeps its
+        own until rows join or leave), not at every token."""
+        if self._last is None or self._last[0] is not adapters:
+            self._last = (adapters, _Prepared.of(self.layers, adapters, self.native))
+        return self._last[1]
 
 
 @dataclass(frozen=True)
@@ -253,6 +245,36 @@ class _Adapter:
     memory: torch.Tensor | None = None  # (B, r, r)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    by_layer: list[dict[str, list[_Adapter]]]
+    """For each layer, its fused products' adapters (the Python step)."""
+    loras: list[torch.Tensor]
+    """o's and down's folded pairs, transposed, layer by layer (the C++ layers; empty: no adapter)."""
+
+    @classmethod
+    def of(cls, layers: list[LeanLayer], adapters: RowAdapters | None, native: NativeLayers | None) -> _Prepared:
+        if adapters is None:
+            return cls([{} for _ in layers], [])
+        by_layer = []
+        for layer in layers:
+            here = {}
+            for product, modules in layer.adapted.items():
+                for name, module, start, end in modules:
+                    if adapters.folded is not None:
+                        lora_a, lora_b = adapters.folded[name]
+                        adapter = _Adapter(start, end, lora_a.T, lora_b.T)
+                    else:
+                        adapter = _Adapter(start, end, module=module, memory=adapters.memory[name])
+                    here.setdefault(product, []).append(adapter)
+            by_layer.append(here)
+        loras = []
+        if native is not None and native.takes(adapters):
+            loras = [t for here in by_layer for product in ("o", "down")
+                     for t in (here[product][0].lora_a_t, here[product][0].lora_b_t)]
+        return cls(by_layer, loras)
+
+
 def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) -> torch.Tensor:
     """y (B, d_out) of a fused product of x (B, d_in), plus each adapter's delta in its slice, in place."""
     for adapter in adapters or ():
@@ -264,12 +286,6 @@ def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) ->
     return y
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as transformers' apply_rotary_pos_emb (rotate_half layout)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
 class NativeLayers:
     """The decoder layers of the step as the same operations called from C++ (lean_step.cpp), for
     the commonest case: every product 4-bit without bias, SiLU, and no adapter or one user's
@@ -279,14 +295,11 @@ class NativeLayers:
 
     def __init__(self, layers: list[LeanLayer], module) -> None:
         self.module = module
-        self.names = [(layer.adapted.get("o", [[None]])[0][0], layer.adapted.get("down", [[None]])[0][0])
-                      for layer in layers]
         self.norms = [w for layer in layers for w in (layer.input_norm.weight, layer.post_norm.weight)]
         self.eps = layers[0].input_norm.eps
         self.products = [t for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
                          for t in (p.packed, p.scales_and_zeros)]
         self.group_size = layers[0].qkv.group_size
-        self._pairs: tuple[RowAdapters | None, list[torch.Tensor]] = (None, [])
 
     @classmethod
     def for_layers(cls, layers: list[LeanLayer]) -> NativeLayers | None:
@@ -307,23 +320,10 @@ class NativeLayers:
         return adapters is None or adapters.folded is not None
 
     def __call__(self, h, cos, sin, attend, cache: KVCache, heads: int, kv_heads: int, head_dim: int,
-                 adapters: RowAdapters | None) -> torch.Tensor:
+                 loras: list[torch.Tensor]) -> torch.Tensor:
+        """loras: o's and down's folded pairs, transposed, layer by layer (empty: no adapter)."""
         return self.module.decoder_layers(h, cos, sin, attend, self.norms, self.eps, self.products, self.group_size,
-                                          cache.keys, cache.values, cache.width, heads, kv_heads, head_dim,
-                                          self._loras(adapters))
-
-    def _loras(self, adapters: RowAdapters | None) -> list[torch.Tensor]:
-        """o's and down's folded pairs, transposed, layer by layer (made once per batch's adapters)."""
-        if adapters is None:
-            return []
-        if self._pairs[0] is not adapters:
-            pairs = []
-            for o, down in self.names:
-                for name in (o, down):
-                    lora_a, lora_b = adapters.folded[name]
-                    pairs += [lora_a.T, lora_b.T]
-            self._pairs = (adapters, pairs)
-        return self._pairs[1]
+                                          cache.keys, cache.values, cache.width, heads, kv_heads, head_dim, loras)
 
 
 _SILU = (nn.SiLU, SiLUActivation)

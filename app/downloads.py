@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from starlette.responses import StreamingResponse
+
 from .errors import AppError
 
 ROUTE = "/downloads"
@@ -169,3 +171,17 @@ def _safe_filename(name: str) -> str:
     """ASCII letters, digits, '.', '-' and '_' only: it goes into a Content-Disposition header."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "download"
 
+
+def zip_response(handle, filename: str) -> StreamingResponse:
+    """An open export file streamed as an attachment (the file may be deleted meanwhile: an open
+    file stays readable), for the download link and the API alike."""
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks():
+        with handle:
+            while chunk := handle.read(1 << 16):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size),
+        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})

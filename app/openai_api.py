@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -55,6 +54,7 @@ from adapter_core.sampling import SamplingConfig
 from adapter_core.scheduler import LoopStopped
 
 from .chat import FinishedReply, HistoryMessage, ReplyOptions, ReplyStarted
+from .downloads import zip_response
 from .errors import AccessDenied, AppError, Busy, Gone, InvalidInput, RateLimited, TooLong, describe
 from .limits import client_address
 from .memory import MemoryStatus
@@ -478,16 +478,7 @@ def api_router(services: Services) -> APIRouter:
         path, filename = found
         handle = path.open("rb")  # open before the file is deleted: the open file stays readable
         services.downloads.discard(download.token)  # handed over here: no link to keep
-        size = os.fstat(handle.fileno()).st_size
-
-        def chunks() -> Iterator[bytes]:
-            with handle:
-                while chunk := handle.read(1 << 16):
-                    yield chunk
-
-        return StreamingResponse(chunks(), media_type="application/zip", headers=_NO_STORE | {
-            "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size),
-            "X-Content-Type-Options": "nosniff"})
+        return zip_response(handle, filename)
 
     @router.delete("/memory")
     @_answering("forget everything")

@@ -9,13 +9,13 @@ OpenAI-compatible API under /v1 (app/openai_api.py) on the same port and service
 from __future__ import annotations
 
 import json
-import os
 
 import gradio as gr
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse
 
 from .downloads import ROUTE as DOWNLOADS_ROUTE
+from .downloads import zip_response
 from .limits import client_address
 from .openai_api import api_router
 from .services import Services
@@ -91,16 +91,7 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
             handle = path.open("rb")
         except FileNotFoundError:
             return gone
-        size = os.fstat(handle.fileno()).st_size
-
-        def chunks():
-            with handle:
-                while chunk := handle.read(1 << 16):
-                    yield chunk
-
-        return StreamingResponse(chunks(), media_type="application/zip", headers={
-            "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size),
-            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+        return zip_response(handle, filename)
 
     app.include_router(api_router(services))  # before the page, which is mounted at / and takes every other path
     # run_history=False: Gradio would otherwise keep every call's inputs (passwords included) in the

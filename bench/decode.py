@@ -9,7 +9,6 @@ it replaced. llama.cpp: its own `llama-bench` (tg128) and `llama-batched-bench` 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -23,9 +22,8 @@ from adapter_core import GenerativeAdapterModel
 from adapter_core.base_model import default_gguf_path
 from adapter_core.data.conversation import history_text, prompt_ids
 from adapter_core.decoding import DecodeBatch, ReplyRequest
-from adapter_core.sampling import SamplingConfig
 
-from .sections import BenchOptions, history_turns
+from .sections import BenchOptions, fixed_length, history_turns
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +60,6 @@ def _adapted_states(engine: GenerativeAdapterModel, users: int) -> list:
     return engine.absorb_many([engine.empty_state()] * users, histories)
 
 
-def _fixed(tokens: int) -> SamplingConfig:
-    """Greedy, exactly `tokens` tokens (the end of turn held back), as llama.cpp's tg test runs."""
-    return dataclasses.replace(SamplingConfig.greedy(tokens), min_new_tokens=tokens)
-
-
 @torch.inference_mode()
 def tokens_per_s(engine: GenerativeAdapterModel, users: int, tokens: int, lean: bool) -> float:
     """Decoded tokens per second of `users` rows in one batch, prefill excluded (best of 2 runs)."""
@@ -75,7 +68,7 @@ def tokens_per_s(engine: GenerativeAdapterModel, users: int, tokens: int, lean: 
     best = 0.0
     for _ in range(2):
         batch = DecodeBatch(engine, lean=lean)
-        batch.join([ReplyRequest(p, s, _fixed(tokens + 1)) for p, s in zip(prompts, states)])  # 1 token from prefill
+        batch.join([ReplyRequest(p, s, fixed_length(tokens + 1)) for p, s in zip(prompts, states)])  # 1 token from prefill
         started = time.perf_counter()
         while not all(row.finish for row in batch.rows):
             batch.step()
@@ -118,7 +111,7 @@ def agreement(engine: GenerativeAdapterModel, tokens: int) -> dict:
     same = total = 0
     nll = {"lean": 0.0, "transformers": 0.0}
     for question, state in zip(AGREEMENT_PROMPTS, states):
-        request = ReplyRequest(prompt_ids(engine.tokenizer, question), state, _fixed(tokens))
+        request = ReplyRequest(prompt_ids(engine.tokenizer, question), state, fixed_length(tokens))
         reference, logits = _forced(engine, request, None, lean=False)
         _, lean_logits = _forced(engine, request, reference, lean=True)
         for path, seen in (("transformers", logits), ("lean", lean_logits)):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from ..data.conversation import history_text, prompt_ids
 from ..data.dataset import Conversation
-from ..decoding import fit_prompt
+from ..decoding import fewest_dropped, fit_prompt
 
 SHORT_ANSWER = "Answer in a few words."
 
@@ -80,14 +80,8 @@ def fit(tokenizer, conversation: Conversation, question: str, shown: int, max_to
     ids = prompt(tokenizer, conversation, question, shown)
     if len(ids) <= max_tokens:
         return ids, shown
-    low, high = 1, shown  # the fewest dropped turns that fit, by bisection (shown - high = 0 fits)
-    while low < high:
-        mid = (low + high) // 2
-        if len(prompt(tokenizer, conversation, question, shown - mid)) <= max_tokens:
-            high = mid
-        else:
-            low = mid + 1
-    return prompt(tokenizer, conversation, question, shown - low), shown - low
+    dropped = fewest_dropped(shown, lambda n: len(prompt(tokenizer, conversation, question, shown - n)) <= max_tokens)
+    return prompt(tokenizer, conversation, question, shown - dropped), shown - dropped
 
 
 def _people(conversation: Conversation) -> str:

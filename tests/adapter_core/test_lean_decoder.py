@@ -73,11 +73,18 @@ def test_several_adapted_modules_in_one_fused_product_each_add_their_own(make_en
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_4_bit_layers_are_fused_and_decode_as_the_transformers_4_bit_path(make_engine, random_tokens):
-    engine = snap_to_q4_1_grid(make_engine("llama"))
+@pytest.fixture
+def four_bit_engine(make_engine):
+    """A tiny Llama whose linear layers are on the Q4_1 grid and decode in 4 bits, as the default model's."""
     if not int4.kernel_available():
         pytest.skip("this torch build has no CPU int4 kernel")
+    engine = snap_to_q4_1_grid(make_engine("llama"))
     quantize_for_decoding(engine.base_model)
+    return engine
+
+
+def test_4_bit_layers_are_fused_and_decode_as_the_transformers_4_bit_path(four_bit_engine, random_tokens):
+    engine = four_bit_engine
     decoder = lean_decoder(engine)
     assert all(layer.qkv.packed is not None and layer.gate_up.packed is not None for layer in decoder.layers)
     state = engine.absorb(engine.empty_state(), [random_tokens(20)])
@@ -106,11 +113,8 @@ def test_no_lean_step_where_it_does_not_apply(make_engine):
     assert lean_decoder(engine) is None
 
 
-def test_the_compiled_layers_compute_what_the_python_step_does(make_engine, random_tokens):
-    engine = snap_to_q4_1_grid(make_engine("llama"))
-    if not int4.kernel_available():
-        pytest.skip("this torch build has no CPU int4 kernel")
-    quantize_for_decoding(engine.base_model)
+def test_the_compiled_layers_compute_what_the_python_step_does(four_bit_engine, random_tokens):
+    engine = four_bit_engine
     decoder = lean_decoder(engine)
     native = decoder.native
     assert native is not None  # 4-bit products, SiLU, adapters on o_proj and down_proj: the common case
