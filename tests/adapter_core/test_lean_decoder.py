@@ -74,13 +74,21 @@ def test_several_adapted_modules_in_one_fused_product_each_add_their_own(make_en
 
 
 @pytest.fixture
-def four_bit_engine(make_engine):
-    """A tiny Llama whose linear layers are on the Q4_1 grid and decode in 4 bits, as the default model's."""
+def make_four_bit_engine(make_engine):
+    """Tiny Llamas whose linear layers are on the Q4_1 grid and decode in 4 bits, as the default model's."""
     if not int4.kernel_available():
         pytest.skip("this torch build has no CPU int4 kernel")
-    engine = snap_to_q4_1_grid(make_engine("llama"))
-    quantize_for_decoding(engine.base_model)
-    return engine
+
+    def make(**config):
+        engine = snap_to_q4_1_grid(make_engine("llama", **config))
+        quantize_for_decoding(engine.base_model)
+        return engine
+    return make
+
+
+@pytest.fixture
+def four_bit_engine(make_four_bit_engine):
+    return make_four_bit_engine()
 
 
 def test_4_bit_layers_are_fused_and_decode_as_the_transformers_4_bit_path(four_bit_engine, random_tokens):
@@ -129,3 +137,13 @@ def test_the_compiled_layers_compute_what_the_python_step_does(four_bit_engine, 
         for a, b in zip(compiled, python):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not native.takes(engine.row_adapters([engine.memory_matrices(state)] * 2))  # rows' memories: Python
+
+
+@pytest.mark.parametrize("config", [dict(target_modules=("o_proj",)), dict(layers=(0, 2))])
+def test_adapters_on_part_of_the_layers_decode_in_python(make_four_bit_engine, random_tokens, config):
+    engine = make_four_bit_engine(**config)
+    assert lean_decoder(engine).native is None  # the C++ layers adapt o and down of every layer
+    state = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    request = ReplyRequest(random_tokens(6), state, GREEDY)
+    for a, b in zip(step_logits(engine, [request], True), step_logits(engine, [request], False)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
