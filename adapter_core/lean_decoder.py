@@ -19,15 +19,18 @@ the transformers model with fewer, larger operations:
 Norms are `F.rms_norm` with the model's weights and epsilon; rotary embeddings and activations are
 the model's own modules. Where this step does not apply (another architecture, a GPU, other
 dtypes, a sliding window shorter than the batch), the decode batch uses the transformers model as
-before (see `DecodeBatch.step`). In the commonest case the decoder layers run as the same ATen
-operations called from C++ (`NativeLayers`, lean_step.cpp), without Python between them.
-Measurements and what was tried: docs/decode-speed.md.
+before (see `DecodeBatch.step`). In the commonest case (the default model and targets) the decoder
+layers run in C++ (`NativeLayers`, lean_step.cpp): torch's 4-bit products, and our own loops
+between them instead of ~50 small ATen operations per layer. Measurements and what was tried:
+docs/decode-speed.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import time
 import weakref
 from dataclasses import dataclass
@@ -200,9 +203,9 @@ class LeanDecoder:
         attend = None if bool(mask.all()) else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
             mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, width + 1); None: no padding to hide
         cache.reserve(1)
-        if self.native is not None and self.native.takes(adapters):
+        if self.native is not None:
             h = self.native(h, cos, sin, attend, cache, self.heads, self.kv_heads, self.head_dim,
-                            self._prepared(adapters).loras)
+                            self._prepared(adapters).native)
             cache.width += 1
             return self.lm_head(self.norm(h))  # (B, V)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -249,8 +252,9 @@ class _Adapter:
 class _Prepared:
     by_layer: list[dict[str, list[_Adapter]]]
     """For each layer, its fused products' adapters (the Python step)."""
-    loras: list[torch.Tensor]
-    """o's and down's folded pairs, transposed, layer by layer (the C++ layers; empty: no adapter)."""
+    native: list[torch.Tensor]
+    """o's and down's adapters laid out for the C++ layers (NativeLayers.adapter), layer by layer
+    (empty: no adapter)."""
 
     @classmethod
     def of(cls, layers: list[LeanLayer], adapters: RowAdapters | None, native: NativeLayers | None) -> _Prepared:
@@ -268,11 +272,9 @@ class _Prepared:
                         adapter = _Adapter(start, end, module=module, memory=adapters.memory[name])
                     here.setdefault(product, []).append(adapter)
             by_layer.append(here)
-        loras = []
-        if native is not None and native.takes(adapters):
-            loras = [t for here in by_layer for product in ("o", "down")
-                     for t in (here[product][0].lora_a_t, here[product][0].lora_b_t)]
-        return cls(by_layer, loras)
+        native_adapters = [] if native is None else [
+            t for here in by_layer for product in ("o", "down") for t in native.adapter(here[product][0])]
+        return cls(by_layer, native_adapters)
 
 
 def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) -> torch.Tensor:
@@ -287,11 +289,12 @@ def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) ->
 
 
 class NativeLayers:
-    """The decoder layers of the step as the same operations called from C++ (lean_step.cpp), for
-    the commonest case: every product 4-bit without bias, SiLU, and no adapter or one user's
-    folded pairs on o_proj and down_proj of every layer (the default targets). Compiled at the first start with
-    the machine's C++ compiler (about half a minute) and cached on disk by torch
-    (~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR): later starts load it at once."""
+    """The decoder layers of the step in C++ (lean_step.cpp): torch's 4-bit products, and loops of
+    our own for everything between them, for the commonest case: every product 4-bit without bias,
+    SiLU, and adapters (one user's folded pairs or each row's memory) on o_proj and down_proj of
+    every layer (the default targets), or none. Compiled at the first start with the machine's C++
+    compiler (about half a minute) and cached on disk by torch (~/.cache/torch_extensions, or
+    TORCH_EXTENSIONS_DIR): later starts load it at once."""
 
     def __init__(self, layers: list[LeanLayer], module) -> None:
         self.module = module
@@ -316,17 +319,25 @@ class NativeLayers:
         module = _compiled()
         return None if module is None else cls(layers, module)
 
-    def takes(self, adapters: RowAdapters | None) -> bool:
-        return adapters is None or adapters.folded is not None
+    @staticmethod
+    def adapter(adapter: _Adapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """lora_A (r, d_in), lora_B^T (r, d_out) and the rows' memories (B, r, r), or an empty tensor
+        for one user's folded pair; contiguous fp32. The same product as AdapterLinear.delta's."""
+        if adapter.module is None:
+            return adapter.lora_a_t.T.contiguous(), adapter.lora_b_t.contiguous(), _NO_MEMORY
+        module = adapter.module
+        lora_b_t = (module.scaling * module.lora_B.weight.detach()).T.contiguous()
+        return module.lora_A.weight.detach().float().contiguous(), lora_b_t.float(), adapter.memory.float().contiguous()
 
     def __call__(self, h, cos, sin, attend, cache: KVCache, heads: int, kv_heads: int, head_dim: int,
-                 loras: list[torch.Tensor]) -> torch.Tensor:
-        """loras: o's and down's folded pairs, transposed, layer by layer (empty: no adapter)."""
+                 adapters: list[torch.Tensor]) -> torch.Tensor:
+        """adapters: o's and down's, as `adapter` lays them out, layer by layer (empty: no adapter)."""
         return self.module.decoder_layers(h, cos, sin, attend, self.norms, self.eps, self.products, self.group_size,
-                                          cache.keys, cache.values, cache.width, heads, kv_heads, head_dim, loras)
+                                          cache.keys, cache.values, cache.width, heads, kv_heads, head_dim, adapters)
 
 
 _SILU = (nn.SiLU, SiLUActivation)
+_NO_MEMORY = torch.empty(0)
 
 
 def _compiled():
@@ -337,13 +348,34 @@ def _compiled():
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
         started = time.perf_counter()
-        module = load(name="memchat_lean_step", sources=[str(Path(__file__).with_name("lean_step.cpp"))],
-                      extra_cflags=["-O3"], verbose=False)
+        source = str(Path(__file__).with_name("lean_step.cpp"))
+        # -march=native: the loops are vectorized for this CPU, so the cache is kept per CPU (its
+        # name); no fused multiply-add contraction: the same roundings as the Python step's operations
+        # -fopenmp: ATen's parallel_for shares a batch's rows between the threads (without it, one thread)
+        flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+        try:
+            module = load(name=f"memchat_lean_step_{_cpu_id()}", sources=[source],
+                          extra_cflags=[*flags, "-march=native"], extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # noqa: BLE001 - a compiler without -march=native: the portable build
+            log.info("building the C++ decoder layers without -march=native (%s)", e)
+            module = load(name="memchat_lean_step_portable", sources=[source], extra_cflags=flags,
+                          extra_ldflags=["-fopenmp"], verbose=False)
         log.info("C++ decoder layers ready in %.1f s", time.perf_counter() - started)
         return module
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: the Python step decodes
         log.warning("the C++ decoder layers could not be built (%s); decoding in Python", e)
         return None
+
+
+def _cpu_id() -> str:
+    """A short name for this CPU's instruction sets (a home directory shared by other machines
+    keeps one build per CPU)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        described = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), text)
+    except OSError:
+        described = platform.processor() or platform.machine()
+    return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -1,55 +1,359 @@
 // The decoder layers of adapter_core/lean_decoder.py's step, for its commonest case (every fused
-// product 4-bit, no biases, no adapter or one user's folded LoRA pairs on o_proj and down_proj),
-// as the same ATen operations called from C++: the arithmetic is the Python step's, operation
-// for operation; what goes is Python's cost between them (~1 µs each, ~1,700 per token).
+// product 4-bit, no biases, SiLU, adapters on o_proj and down_proj: one user's folded LoRA pairs,
+// each row's memory, or none). The 4-bit products are torch's kernel; everything between them
+// (norms, rotary embedding, writing the cache, attention, SiLU, the adapters) is plain loops over
+// the tensors' memory here: for one token those are a few thousand multiply-adds each, cheaper to
+// do than the 1-2 µs it costs to dispatch the several ATen operations each would otherwise take
+// (~1,700 per token). The arithmetic is the Python step's, in fp32, summed in another order and
+// with our own exp (the tests compare the two).
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+using at::BFloat16;
 using at::Tensor;
 
 namespace {
 
-Tensor int4_product(const Tensor& x, const Tensor& packed, int64_t group, const Tensor& scales) {
-  return at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), packed, group, scales);  // (B, d_out) bf16
+// bf16 as its bits: c10::BFloat16's own conversions, written so that loops over them vectorize.
+using bf16 = uint16_t;
+
+inline float from_bf16(bf16 b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
-Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  return x * cos + at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1) * sin;
+inline bf16 to_bf16(float f) {  // round to nearest even, NaN stays NaN: as torch rounds
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return f != f ? bf16{0x7FC0} : static_cast<bf16>(rounded);
+}
+
+bf16* bits(const Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<BFloat16>()); }
+
+constexpr int64_t kLanes = 32;  // independent partial results: two AVX-512 registers, so loops vectorize
+
+// The partial results of kLanes lanes combined as a tree (not a chain of dependent steps).
+template <typename Op>
+float combine(float* partial, Op op) {
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) partial[l] = op(partial[l], partial[l + width]);
+  return partial[0];
+}
+
+inline float plus(float a, float b) { return a + b; }
+inline float larger(float a, float b) { return a > b ? a : b; }
+
+inline __attribute__((always_inline)) float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float partial[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] += a[j + l] * b[j + l];
+  for (int64_t l = 0; j < n; ++j, ++l) partial[l] += a[j] * b[j];
+  return combine(partial, plus);
+}
+
+float sum(const float* x, int64_t n) {
+  float partial[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] += x[j + l];
+  for (int64_t l = 0; j < n; ++j, ++l) partial[l] += x[j];
+  return combine(partial, plus);
+}
+
+float max(const float* x, int64_t n) {
+  float partial[kLanes];
+  std::fill(partial, partial + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] = larger(partial[l], x[j + l]);
+  for (int64_t l = 0; j < n; ++j, ++l) partial[l] = larger(partial[l], x[j]);
+  return combine(partial, larger);
+}
+
+// e^x for x <= 0 (softmax after subtracting the max, a sigmoid), Cephes' expf: within 1e-7 and,
+// unlike std::exp, vectorized by the compiler. Far below (a masked column's -inf) it is 0.
+inline float exp_nonpositive(float x) {
+  const bool vanishes = x < -87.f;  // below the smallest normal float's logarithm
+  x = larger(x, -87.f);
+  // n = x / ln 2 rounded to the nearest integer (adding and taking away 1.5 * 2^23 rounds it; std::floor would not vectorize)
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  x -= n * 0.693359375f;
+  x -= n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.f;
+  const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &exponent, sizeof scale);
+  return vanishes ? 0.f : y * scale;
+}
+
+// out (d) = x * rsqrt(mean(x^2) + eps) * w, rounded to bf16 for the next 4-bit product.
+void rms_norm(const float* __restrict__ x, const float* __restrict__ w, int64_t d, float eps, bf16* __restrict__ out) {
+  const float inv = 1.f / std::sqrt(dot(x, x, d) / static_cast<float>(d) + eps);
+  for (int64_t j = 0; j < d; ++j) out[j] = to_bf16(x[j] * inv * w[j]);
+}
+
+// dst (hd) = transformers' apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin.
+void rotate(const bf16* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin, int64_t hd,
+            float* __restrict__ dst) {
+  const int64_t half = hd / 2;
+  for (int64_t j = 0; j < half; ++j) dst[j] = from_bf16(x[j]) * cos[j] + -from_bf16(x[j + half]) * sin[j];
+  for (int64_t j = half; j < hd; ++j) dst[j] = from_bf16(x[j]) * cos[j] + from_bf16(x[j - half]) * sin[j];
+}
+
+// Attention of a kv head's group of G query heads, q (G, hd), over keys and values (n, hd):
+// w (G, n) are the scores on the way; out (G, hd). Each key and value row is read once for the
+// whole group. With AVX-512 (and hd a multiple of 16) the group's sums stay in registers: G is a
+// template argument for that.
+template <int G>
+void group_attention(const float* q, const float* keys, const float* values, int64_t n, int64_t hd,
+                     const float* attend, float* w, float* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+#if defined(__AVX512F__)
+  const bool registers = hd % 16 == 0;
+  if (registers) {
+    for (int64_t t = 0; t < n; ++t) {
+      __m512 sums[G];
+      for (int g = 0; g < G; ++g) sums[g] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < hd; c += 16) {
+        const __m512 k = _mm512_loadu_ps(keys + t * hd + c);
+        for (int g = 0; g < G; ++g) sums[g] = _mm512_add_ps(sums[g], _mm512_mul_ps(_mm512_loadu_ps(q + g * hd + c), k));
+      }
+      for (int g = 0; g < G; ++g) w[g * n + t] = _mm512_reduce_add_ps(sums[g]) * scale;
+    }
+  } else
+#endif
+  {
+    for (int g = 0; g < G; ++g)
+      for (int64_t t = 0; t < n; ++t) w[g * n + t] = dot(q + g * hd, keys + t * hd, hd) * scale;
+  }
+  for (int g = 0; g < G; ++g) {  // softmax
+    float* wg = w + g * n;
+    if (attend != nullptr)
+      for (int64_t t = 0; t < n; ++t) wg[t] += attend[t];
+    const float top = max(wg, n);
+    for (int64_t t = 0; t < n; ++t) wg[t] = exp_nonpositive(wg[t] - top);
+    const float inv = 1.f / sum(wg, n);
+    for (int64_t t = 0; t < n; ++t) wg[t] *= inv;
+  }
+#if defined(__AVX512F__)
+  if (registers) {
+    for (int64_t c = 0; c < hd; c += 16) {
+      __m512 sums[G];
+      for (int g = 0; g < G; ++g) sums[g] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 v = _mm512_loadu_ps(values + t * hd + c);
+        for (int g = 0; g < G; ++g) sums[g] = _mm512_add_ps(sums[g], _mm512_mul_ps(_mm512_set1_ps(w[g * n + t]), v));
+      }
+      for (int g = 0; g < G; ++g) _mm512_storeu_ps(out + g * hd + c, sums[g]);
+    }
+    return;
+  }
+#endif
+  {
+    std::fill(out, out + G * hd, 0.f);
+    for (int g = 0; g < G; ++g)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < hd; ++j) out[g * hd + j] += w[g * n + t] * values[t * hd + j];
+  }
+}
+
+using GroupAttention = void (*)(const float*, const float*, const float*, int64_t, int64_t, const float*, float*, float*);
+
+// group_attention for a group of G query heads: 1 to 8 compiled, more in groups of 8 and the rest.
+void attend_group(int64_t G, const float* q, const float* keys, const float* values, int64_t n, int64_t hd,
+                  const float* attend, float* w, float* out) {
+  static const GroupAttention by_size[] = {group_attention<1>, group_attention<2>, group_attention<3>,
+                                           group_attention<4>, group_attention<5>, group_attention<6>,
+                                           group_attention<7>, group_attention<8>};
+  for (int64_t first = 0; first < G; first += 8) {
+    const int64_t size = std::min<int64_t>(8, G - first);
+    by_size[size - 1](q + first * hd, keys, values, n, hd, attend, w, out + first * hd);
+  }
+}
+
+struct Shape {
+  int64_t heads, kv_heads, head_dim;
+};
+
+// One row's attention for its new token. qkv (H + 2 H_kv, hd) bf16, the products' output;
+// keys, values: this row's (H_kv, capacity, hd) cache, column `width` written here; attend
+// (width + 1) additive or null; out (H hd) fp32 and bf16.
+void attention(const bf16* qkv, const float* cos, const float* sin, float* keys, float* values, int64_t kv_stride,
+               int64_t width, const float* attend, Shape s, float* __restrict__ out, bf16* __restrict__ out_bf16) {
+  const int64_t hd = s.head_dim, n = width + 1, group = s.heads / s.kv_heads;
+  std::vector<float> q(s.heads * hd), w(std::min<int64_t>(group, 8) * n);
+  for (int64_t h = 0; h < s.heads; ++h) rotate(qkv + h * hd, cos, sin, hd, q.data() + h * hd);
+  for (int64_t g = 0; g < s.kv_heads; ++g) {
+    rotate(qkv + (s.heads + g) * hd, cos, sin, hd, keys + g * kv_stride + width * hd);
+    const bf16* v = qkv + (s.heads + s.kv_heads + g) * hd;
+    float* column = values + g * kv_stride + width * hd;
+    for (int64_t j = 0; j < hd; ++j) column[j] = from_bf16(v[j]);
+  }
+  for (int64_t g = 0; g < s.kv_heads; ++g)  // query head h reads kv head h / group, as transformers' repeat_kv
+    attend_group(group, q.data() + g * group * hd, keys + g * kv_stride, values + g * kv_stride, n, hd, attend,
+                 w.data(), out + g * group * hd);
+  for (int64_t j = 0; j < s.heads * hd; ++j) out_bf16[j] = to_bf16(out[j]);
+}
+
+// z (I) = silu(gate) * up from the product's bf16 [gate | up] (2 I), in fp32 and bf16.
+void silu_times_up(const bf16* __restrict__ gate_up, int64_t inner, float* __restrict__ z, bf16* __restrict__ z_bf16) {
+  for (int64_t j = 0; j < inner; ++j) {
+    const float g = from_bf16(gate_up[j]);
+    const float e = exp_nonpositive(-std::abs(g));  // sigmoid(g) from e^-|g|: no overflow either side
+    const float sigmoid = g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+    z[j] = g * sigmoid * from_bf16(gate_up[inner + j]);
+    z_bf16[j] = to_bf16(z[j]);
+  }
+}
+
+// What a user's adapter adds to one adapted product (AdapterLinear.delta): h (d_out) += u lora_B^T,
+// where t = lora_A x (r) and u = t, or u = t M with the row's memory M (r, r). lora_A (r, d_in) and
+// lora_B^T (r, d_out) are one user's folded pair, or the layer's own (lora_B times its scaling)
+// with a memory per row.
+struct Adapter {
+  const float* lora_a;
+  const float* lora_b_t;
+  const float* memory;  // (B, r, r), or null: the folded pair
+  int64_t rank, d_in, d_out;
+
+  Adapter(const Tensor& a, const Tensor& b_t, const Tensor& m)
+      : lora_a(a.data_ptr<float>()), lora_b_t(b_t.data_ptr<float>()),
+        memory(m.numel() ? m.data_ptr<float>() : nullptr), rank(a.size(0)), d_in(a.size(1)), d_out(b_t.size(1)) {}
+
+  // Rows [begin, end) of x (B, d_in) into h (B, d_out): each weight row is read once for all of them.
+  void add(const float* x, int64_t begin, int64_t end, float* h) const {
+    const int64_t n = end - begin;
+    std::vector<float> t(n * rank), u(n * rank, 0.f);  // (n, r)
+    for (int64_t k = 0; k < rank; ++k)
+      for (int64_t r = 0; r < n; ++r) t[r * rank + k] = dot(lora_a + k * d_in, x + (begin + r) * d_in, d_in);
+    if (memory == nullptr) {
+      u = t;
+    } else {
+      for (int64_t r = 0; r < n; ++r) {
+        const float* m = memory + (begin + r) * rank * rank;
+        for (int64_t k = 0; k < rank; ++k)
+          for (int64_t s = 0; s < rank; ++s) u[r * rank + s] += t[r * rank + k] * m[k * rank + s];
+      }
+    }
+    for (int64_t k = 0; k < rank; ++k)
+      for (int64_t r = 0; r < n; ++r) {
+        float* out = h + (begin + r) * d_out;
+        const float* w = lora_b_t + k * d_out;
+        const float uk = u[r * rank + k];
+        for (int64_t j = 0; j < d_out; ++j) out[j] += uk * w[j];
+      }
+  }
+};
+
+Tensor int4_product(const Tensor& x, const Tensor& packed, int64_t group, const Tensor& scales) {
+  return at::_weight_int4pack_mm_for_cpu(x, packed, group, scales);  // (B, d_out) bf16
+}
+
+// Rows [begin, end) one after another for one user (each piece is too small to share), over both
+// threads for a batch.
+template <typename F>
+void for_rows(int64_t rows, const F& f) {
+  at::parallel_for(0, rows, 1, f);
+}
+
+// f(row) for each row, as for_rows shares them.
+template <typename F>
+void each_row(int64_t rows, const F& f) {
+  for_rows(rows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r);
+  });
 }
 
 }  // namespace
 
-// h (B, D) is updated in place and returned: the hidden state after the last decoder layer.
+// h (B, D) fp32 is updated in place and returned: the hidden state after the last decoder layer.
+// cos, sin (B, hd) fp32; attend (B, width + 1) additive fp32, or none (no padding).
 // Per layer i: norms[2i], norms[2i+1]; products[8i..8i+7]: packed and scales of qkv, o, gate_up,
-// down; keys[i], values[i] (B, H_kv, capacity, hd), column `width` written; loras[4i..4i+3]: o's
-// lora_A^T, lora_B^T, down's lora_A^T, lora_B^T (empty: no adapter).
-Tensor decoder_layers(Tensor h, const Tensor& cos, const Tensor& sin, const c10::optional<Tensor>& attend,
+// down; keys[i], values[i] (B, H_kv, capacity, hd) fp32, column `width` written; adapters[6i..6i+5]:
+// o's then down's lora_A (r, d_in), lora_B^T (r, d_out) and memories (B, r, r) or an empty tensor
+// (one folded pair for every row), contiguous fp32 (the whole list empty: no adapter).
+Tensor decoder_layers(Tensor h, const Tensor& cos_, const Tensor& sin_, const c10::optional<Tensor>& attend_,
                       const std::vector<Tensor>& norms, double eps, const std::vector<Tensor>& products,
-                      int64_t group, std::vector<Tensor> keys, std::vector<Tensor> values, int64_t width,
-                      int64_t heads, int64_t kv_heads, int64_t head_dim, const std::vector<Tensor>& loras) {
+                      int64_t group, const std::vector<Tensor>& keys, const std::vector<Tensor>& values,
+                      int64_t width, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                      const std::vector<Tensor>& adapters) {
+  TORCH_CHECK(h.is_contiguous() && h.scalar_type() == at::kFloat, "h: contiguous fp32");
   const int64_t b = h.size(0), d = h.size(1);
-  const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim;
-  const bool adapted = !loras.empty();
-  const std::vector<int64_t> shape{d};
+  const Shape shape{heads, kv_heads, head_dim};
+  const int64_t q_size = heads * head_dim;
+  const Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
+  const Tensor attend = attend_.has_value() ? attend_->contiguous() : Tensor();
+  const bool adapted = !adapters.empty();
+  for (const Tensor& t : adapters)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "adapters: contiguous fp32");
+  const auto in_bf16 = h.options().dtype(at::kBFloat16);
+  Tensor x = at::empty({b, d}, in_bf16);  // a norm's output, the next product's input
+  Tensor mixed = at::empty({b, q_size}, h.options()), mixed_bf16 = at::empty({b, q_size}, in_bf16);
+  Tensor z, z_bf16;  // the MLP's inner activation, allocated at the first layer (its width)
+
+  float* hp = h.data_ptr<float>();
   for (size_t i = 0; i < keys.size(); ++i) {
-    Tensor x = at::rms_norm(h, shape, norms[2 * i], eps);
-    Tensor qkv = int4_product(x, products[8 * i], group, products[8 * i + 1]).to(at::kFloat);
-    Tensor qk = rotate(qkv.narrow(1, 0, q_size + kv_size).view({b, heads + kv_heads, 1, head_dim}), cos, sin);
-    keys[i].select(2, width).copy_(qk.narrow(1, heads, kv_heads).select(2, 0));
-    values[i].select(2, width).copy_(qkv.narrow(1, q_size + kv_size, kv_size).view({b, kv_heads, head_dim}));
-    Tensor attention = at::scaled_dot_product_attention(
-        qk.narrow(1, 0, heads), keys[i].narrow(2, 0, width + 1), values[i].narrow(2, 0, width + 1), attend,
-        0.0, false, c10::nullopt, heads != kv_heads).reshape({b, q_size});
-    h.add_(int4_product(attention, products[8 * i + 2], group, products[8 * i + 3]));
-    if (adapted) h.addmm_(at::mm(attention, loras[4 * i]), loras[4 * i + 1]);
-    x = at::rms_norm(h, shape, norms[2 * i + 1], eps);
-    Tensor gate_up = int4_product(x, products[8 * i + 4], group, products[8 * i + 5]).to(at::kFloat);
+    const Tensor& k = keys[i];
+    TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == head_dim && values[i].strides() == k.strides(),
+                "the cache's columns: contiguous");
+    each_row(b, [&](int64_t r) {
+      rms_norm(hp + r * d, norms[2 * i].data_ptr<float>(), d, static_cast<float>(eps),
+               bits(x) + r * d);
+    });
+    const Tensor qkv = int4_product(x, products[8 * i], group, products[8 * i + 1]);  // (B, q + 2 kv) bf16
+    each_row(b, [&](int64_t r) {
+      attention(bits(qkv) + r * qkv.size(1), cos.data_ptr<float>() + r * head_dim,
+                sin.data_ptr<float>() + r * head_dim, k.data_ptr<float>() + r * k.stride(0),
+                values[i].data_ptr<float>() + r * k.stride(0), k.stride(1), width,
+                attend.defined() ? attend.data_ptr<float>() + r * (width + 1) : nullptr, shape,
+                mixed.data_ptr<float>() + r * q_size, bits(mixed_bf16) + r * q_size);
+    });
+    h.add_(int4_product(mixed_bf16, products[8 * i + 2], group, products[8 * i + 3]));
+    if (adapted) {
+      const Adapter o(adapters[6 * i], adapters[6 * i + 1], adapters[6 * i + 2]);
+      for_rows(b, [&](int64_t begin, int64_t end) { o.add(mixed.data_ptr<float>(), begin, end, hp); });
+    }
+    each_row(b, [&](int64_t r) {
+      rms_norm(hp + r * d, norms[2 * i + 1].data_ptr<float>(), d, static_cast<float>(eps),
+               bits(x) + r * d);
+    });
+    const Tensor gate_up = int4_product(x, products[8 * i + 4], group, products[8 * i + 5]);  // (B, 2 I) bf16
     const int64_t inner = gate_up.size(1) / 2;
-    Tensor z = at::silu(gate_up.narrow(1, 0, inner)) * gate_up.narrow(1, inner, inner);
-    h.add_(int4_product(z, products[8 * i + 6], group, products[8 * i + 7]));
-    if (adapted) h.addmm_(at::mm(z, loras[4 * i + 2]), loras[4 * i + 3]);
+    if (!z.defined()) {
+      z = at::empty({b, inner}, h.options());
+      z_bf16 = at::empty({b, inner}, in_bf16);
+    }
+    each_row(b, [&](int64_t r) {
+      silu_times_up(bits(gate_up) + r * 2 * inner, inner, z.data_ptr<float>() + r * inner,
+                    bits(z_bf16) + r * inner);
+    });
+    h.add_(int4_product(z_bf16, products[8 * i + 6], group, products[8 * i + 7]));
+    if (adapted) {
+      const Adapter down(adapters[6 * i + 3], adapters[6 * i + 4], adapters[6 * i + 5]);
+      for_rows(b, [&](int64_t begin, int64_t end) { down.add(z.data_ptr<float>(), begin, end, hp); });
+    }
   }
   return h;
 }

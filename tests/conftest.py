@@ -14,12 +14,13 @@ FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config
 VOCAB = 97
 
 
-def tiny_causal_lm(family: str = "llama", layers: int = 3, seed: int = 0):
-    config = FAMILIES[family](
+def tiny_causal_lm(family: str = "llama", layers: int = 3, seed: int = 0, shape: dict | None = None):
+    """shape: config fields to override (hidden_size, num_attention_heads, ...)."""
+    config = FAMILIES[family](**dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
+    ) | (shape or {}))
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
@@ -35,9 +36,10 @@ def randomize_outputs(engine: GenerativeAdapterModel, seed: int) -> GenerativeAd
     return engine
 
 
-def live_engine(family: str = "llama", seed: int = 0, **config) -> GenerativeAdapterModel:
+def live_engine(family: str = "llama", seed: int = 0, shape: dict | None = None, **config) -> GenerativeAdapterModel:
     options = dict(rank=4, window=8) | config
-    engine = GenerativeAdapterModel(tiny_causal_lm(family, seed=seed), GeneratorConfig(**options), f"tiny-{family}")
+    engine = GenerativeAdapterModel(tiny_causal_lm(family, seed=seed, shape=shape), GeneratorConfig(**options),
+                                    f"tiny-{family}")
     return randomize_outputs(engine, seed + 1)
 
 
