@@ -13,7 +13,8 @@ the transformers model with fewer, larger operations:
 * keys and values are written into the batch's KVCache in place (no concatenation per step);
 * each adapted module's adapter is added to its slice of the fused output: one user's folded
   LoRA pair as two products, several users' memories through `AdapterLinear.delta` (the
-  transformers path's own code), so the adapted model is the same on both paths (tested);
+  transformers path's own code; the C++ layers compute the same product in their own loops),
+  so the adapted model is the same on every path (tested);
 * the output layer reads 8 bits per weight instead of 32 when the weight lies on a Q8_0 grid.
 
 Norms are `F.rms_norm` with the model's weights and epsilon; rotary embeddings and activations are
@@ -231,9 +232,10 @@ class LeanDecoder:
     def _prepared(self, adapters: RowAdapters | None) -> _Prepared:
         """The batch's adapters laid out for the step, made once per RowAdapters (a batch keeps its
         own until rows join or leave), not at every token."""
-        if self._last is None or self._last[0] is not adapters:
-            self._last = (adapters, _Prepared.of(self.layers, adapters, self.native))
-        return self._last[1]
+        last = self._last
+        if last is None or last[0] is not adapters:
+            last = self._last = (adapters, _Prepared.of(self.layers, adapters, self.native))
+        return last[1]
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,8 @@ class NativeLayers:
                   and all(p.packed is not None and p.bias is None and p.input_copies == 1 for p in products)
                   and len({p.group_size for p in products}) == 1
                   and len({n for layer in layers for n in (layer.input_norm.eps, layer.post_norm.eps)}) == 1
-                  # the C++ layers add a folded pair to o and to down in every layer, or nothing
+                  # the C++ layers add an adapter (a folded pair or rows' memories) to o and to down in
+                  # every layer, or none
                   and all(set(layer.adapted) == {"o", "down"} for layer in layers))
         if not common:
             return None
@@ -345,36 +348,44 @@ def _compiled():
     try:
         import ninja  # torch builds extensions with ninja, which must be on PATH
         from torch.utils.cpp_extension import load
-
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-        started = time.perf_counter()
-        source = str(Path(__file__).with_name("lean_step.cpp"))
-        # -march=native: the loops are vectorized for this CPU, so the cache is kept per CPU (its
-        # name); no fused multiply-add contraction: the same roundings as the Python step's operations
-        # -fopenmp: ATen's parallel_for shares a batch's rows between the threads (without it, one thread)
-        flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
-        try:
-            module = load(name=f"memchat_lean_step_{_cpu_id()}", sources=[source],
-                          extra_cflags=[*flags, "-march=native"], extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # noqa: BLE001 - a compiler without -march=native: the portable build
-            log.info("building the C++ decoder layers without -march=native (%s)", e)
-            module = load(name="memchat_lean_step_portable", sources=[source], extra_cflags=flags,
-                          extra_ldflags=["-fopenmp"], verbose=False)
-        log.info("C++ decoder layers ready in %.1f s", time.perf_counter() - started)
-        return module
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: the Python step decodes
-        log.warning("the C++ decoder layers could not be built (%s); decoding in Python", e)
+    except ImportError as e:
+        log.warning("the C++ decoder layers cannot be built (%s); decoding in Python", e)
         return None
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    source = str(Path(__file__).with_name("lean_step.cpp"))
+    # -ffp-contract=off: the compiler fuses no multiply-add on its own (the rotary embedding rounds
+    # as the Python step's does); -march=native: the loops are vectorized for this CPU, so the build
+    # is kept per CPU (its name); -fopenmp: ATen's parallel_for shares rows and heads between the
+    # threads (without it, one thread). Each build where the one before fails (a compiler without
+    # -march=native or OpenMP, such as Apple's clang): slower, still correct.
+    builds = [(f"memchat_lean_step_{_cpu_id()}", ["-march=native", "-fopenmp"], ["-fopenmp"]),
+              ("memchat_lean_step_openmp", ["-fopenmp"], ["-fopenmp"]),
+              ("memchat_lean_step_portable", [], [])]
+    started = time.perf_counter()
+    for name, cflags, ldflags in builds:
+        try:
+            module = load(name=name, sources=[source], extra_cflags=["-O3", "-ffp-contract=off", *cflags],
+                          extra_ldflags=ldflags, verbose=False)
+        except Exception as e:  # noqa: BLE001 - a failed build: try the next, at last the Python step decodes
+            log.info("the C++ decoder layers did not build with %s (%s)", " ".join(cflags) or "no flags", e)
+            continue
+        log.info("C++ decoder layers ready in %.1f s (%s; AVX-512 attention: %s)",
+                 time.perf_counter() - started, " ".join(cflags) or "portable", module.avx512())
+        return module
+    log.warning("the C++ decoder layers could not be built; decoding in Python")
+    return None
 
 
 def _cpu_id() -> str:
     """A short name for this CPU's instruction sets (a home directory shared by other machines
     keeps one build per CPU)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        described = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), text)
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        described = platform.processor() or platform.machine()
+        lines = []
+    # the instruction sets' line (x86: flags, ARM: Features); not the whole file, whose MHz change
+    described = next((line for line in lines if line.lower().startswith(("flags", "features"))),
+                     f"{platform.machine()} {platform.processor()}")
     return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 

@@ -89,6 +89,7 @@ float max(const float* x, int64_t n) {
 // e^x for x <= 0 (softmax after subtracting the max, a sigmoid), Cephes' expf: within 1e-7 and,
 // unlike std::exp, vectorized by the compiler. Far below (a masked column's -inf) it is 0.
 inline float exp_nonpositive(float x) {
+  const float input = x;
   const bool vanishes = x < -87.f;  // below the smallest normal float's logarithm
   x = larger(x, -87.f);
   // n = x / ln 2 rounded to the nearest integer (adding and taking away 1.5 * 2^23 rounds it; std::floor would not vectorize)
@@ -105,7 +106,7 @@ inline float exp_nonpositive(float x) {
   const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   float scale;
   std::memcpy(&scale, &exponent, sizeof scale);
-  return vanishes ? 0.f : y * scale;
+  return input != input ? input : vanishes ? 0.f : y * scale;  // NaN stays NaN (a bug upstream shows)
 }
 
 // out (d) = x * rsqrt(mean(x^2) + eps) * w, rounded to bf16 for the next 4-bit product.
@@ -121,6 +122,10 @@ void rotate(const bf16* __restrict__ x, const float* __restrict__ cos, const flo
   for (int64_t j = 0; j < half; ++j) dst[j] = from_bf16(x[j]) * cos[j] + -from_bf16(x[j + half]) * sin[j];
   for (int64_t j = half; j < hd; ++j) dst[j] = from_bf16(x[j]) * cos[j] + from_bf16(x[j - half]) * sin[j];
 }
+
+struct Shape {
+  int64_t heads, kv_heads, head_dim;
+};
 
 // Attention of a kv head's group of G query heads, q (G, hd), over keys and values (n, hd):
 // w (G, n) are the scores on the way; out (G, hd). Each key and value row is read once for the
@@ -179,42 +184,35 @@ void group_attention(const float* q, const float* keys, const float* values, int
   }
 }
 
-using GroupAttention = void (*)(const float*, const float*, const float*, int64_t, int64_t, const float*, float*, float*);
+using GroupAttention = void (*)(const float*, const float*, const float*, int64_t, int64_t, const float*, float*,
+                                float*);
 
 // group_attention for a group of G query heads: 1 to 8 compiled, more in groups of 8 and the rest.
 void attend_group(int64_t G, const float* q, const float* keys, const float* values, int64_t n, int64_t hd,
-                  const float* attend, float* w, float* out) {
+                  const float* attend, float* out) {
   static const GroupAttention by_size[] = {group_attention<1>, group_attention<2>, group_attention<3>,
                                            group_attention<4>, group_attention<5>, group_attention<6>,
                                            group_attention<7>, group_attention<8>};
+  std::vector<float> w(std::min<int64_t>(G, 8) * n);  // (G, n) scores
   for (int64_t first = 0; first < G; first += 8) {
     const int64_t size = std::min<int64_t>(8, G - first);
-    by_size[size - 1](q + first * hd, keys, values, n, hd, attend, w, out + first * hd);
+    by_size[size - 1](q + first * hd, keys, values, n, hd, attend, w.data(), out + first * hd);
   }
 }
 
-struct Shape {
-  int64_t heads, kv_heads, head_dim;
-};
-
-// One row's attention for its new token. qkv (H + 2 H_kv, hd) bf16, the products' output;
-// keys, values: this row's (H_kv, capacity, hd) cache, column `width` written here; attend
-// (width + 1) additive or null; out (H hd) fp32 and bf16.
-void attention(const bf16* qkv, const float* cos, const float* sin, float* keys, float* values, int64_t kv_stride,
-               int64_t width, const float* attend, Shape s, float* __restrict__ out, bf16* __restrict__ out_bf16) {
-  const int64_t hd = s.head_dim, n = width + 1, group = s.heads / s.kv_heads;
-  std::vector<float> q(s.heads * hd), w(std::min<int64_t>(group, 8) * n);
-  for (int64_t h = 0; h < s.heads; ++h) rotate(qkv + h * hd, cos, sin, hd, q.data() + h * hd);
+// One row's new token: rotary embedding of its queries (into q (H, hd) fp32) and keys, and its key
+// and value written into the row's cache (H_kv, capacity, hd) at column `width`. qkv
+// (H + 2 H_kv, hd) bf16 is the product's output.
+void rotate_and_write(const bf16* qkv, const float* cos, const float* sin, Shape s, int64_t kv_stride,
+                      int64_t width, float* q, float* keys, float* values) {
+  const int64_t hd = s.head_dim;
+  for (int64_t h = 0; h < s.heads; ++h) rotate(qkv + h * hd, cos, sin, hd, q + h * hd);
   for (int64_t g = 0; g < s.kv_heads; ++g) {
     rotate(qkv + (s.heads + g) * hd, cos, sin, hd, keys + g * kv_stride + width * hd);
     const bf16* v = qkv + (s.heads + s.kv_heads + g) * hd;
     float* column = values + g * kv_stride + width * hd;
     for (int64_t j = 0; j < hd; ++j) column[j] = from_bf16(v[j]);
   }
-  for (int64_t g = 0; g < s.kv_heads; ++g)  // query head h reads kv head h / group, as transformers' repeat_kv
-    attend_group(group, q.data() + g * group * hd, keys + g * kv_stride, values + g * kv_stride, n, hd, attend,
-                 w.data(), out + g * group * hd);
-  for (int64_t j = 0; j < s.heads * hd; ++j) out_bf16[j] = to_bf16(out[j]);
 }
 
 // z (I) = silu(gate) * up from the product's bf16 [gate | up] (2 I), in fp32 and bf16.
@@ -238,9 +236,17 @@ struct Adapter {
   const float* memory;  // (B, r, r), or null: the folded pair
   int64_t rank, d_in, d_out;
 
-  Adapter(const Tensor& a, const Tensor& b_t, const Tensor& m)
+  // Checked against the batch's rows and the product's sizes: the loops index by them.
+  Adapter(const Tensor& a, const Tensor& b_t, const Tensor& m, int64_t rows, int64_t in, int64_t out)
       : lora_a(a.data_ptr<float>()), lora_b_t(b_t.data_ptr<float>()),
-        memory(m.numel() ? m.data_ptr<float>() : nullptr), rank(a.size(0)), d_in(a.size(1)), d_out(b_t.size(1)) {}
+        memory(m.numel() ? m.data_ptr<float>() : nullptr), rank(a.size(0)), d_in(in), d_out(out) {
+    for (const Tensor& t : {a, b_t, m})
+      TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "adapters: contiguous fp32");
+    TORCH_CHECK(a.dim() == 2 && a.size(1) == in && b_t.dim() == 2 && b_t.size(0) == rank && b_t.size(1) == out,
+                "an adapter: lora_A (r, d_in), lora_B^T (r, d_out)");
+    TORCH_CHECK(m.numel() == 0 || (m.dim() == 3 && m.size(0) == rows && m.size(1) == rank && m.size(2) == rank),
+                "memories: (B, r, r), one per row");
+  }
 
   // Rows [begin, end) of x (B, d_in) into h (B, d_out): each weight row is read once for all of them.
   void add(const float* x, int64_t begin, int64_t end, float* h) const {
@@ -299,45 +305,69 @@ Tensor decoder_layers(Tensor h, const Tensor& cos_, const Tensor& sin_, const c1
                       int64_t group, const std::vector<Tensor>& keys, const std::vector<Tensor>& values,
                       int64_t width, int64_t heads, int64_t kv_heads, int64_t head_dim,
                       const std::vector<Tensor>& adapters) {
-  TORCH_CHECK(h.is_contiguous() && h.scalar_type() == at::kFloat, "h: contiguous fp32");
-  const int64_t b = h.size(0), d = h.size(1);
+  // The shapes the loops below index by, checked once: a mismatch must fail, not read past a tensor.
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kFloat, "h: (B, D) contiguous fp32");
+  const int64_t b = h.size(0), d = h.size(1), n = width + 1;
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && head_dim % 2 == 0, "heads: groups of the kv heads, even size");
+  TORCH_CHECK(norms.size() == 2 * keys.size() && products.size() == 8 * keys.size() && values.size() == keys.size() &&
+                  (adapters.empty() || adapters.size() == 6 * keys.size()),
+              "one entry per layer in each list");
   const Shape shape{heads, kv_heads, head_dim};
-  const int64_t q_size = heads * head_dim;
+  const int64_t q_size = heads * head_dim, per_kv = heads / kv_heads;
   const Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
+  TORCH_CHECK(cos.numel() == b * head_dim && sin.numel() == b * head_dim, "cos, sin: (B, head_dim)");
   const Tensor attend = attend_.has_value() ? attend_->contiguous() : Tensor();
+  TORCH_CHECK(!attend.defined() || (attend.scalar_type() == at::kFloat && attend.numel() == b * n),
+              "attend: (B, width + 1) fp32");
+  for (size_t i = 0; i < keys.size(); ++i)
+    for (const Tensor& cache : {keys[i], values[i]})
+      TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.dim() == 4 && cache.size(0) == b &&
+                      cache.size(1) == kv_heads && cache.size(2) > width && cache.size(3) == head_dim &&
+                      cache.stride(3) == 1 && cache.stride(2) == head_dim && cache.strides() == keys[i].strides(),
+                  "the cache: (B, H_kv, capacity > width, head_dim) fp32, columns contiguous");
   const bool adapted = !adapters.empty();
-  for (const Tensor& t : adapters)
-    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "adapters: contiguous fp32");
   const auto in_bf16 = h.options().dtype(at::kBFloat16);
   Tensor x = at::empty({b, d}, in_bf16);  // a norm's output, the next product's input
+  Tensor q = at::empty({b, q_size}, h.options());  // the rotated queries
   Tensor mixed = at::empty({b, q_size}, h.options()), mixed_bf16 = at::empty({b, q_size}, in_bf16);
   Tensor z, z_bf16;  // the MLP's inner activation, allocated at the first layer (its width)
 
   float* hp = h.data_ptr<float>();
   for (size_t i = 0; i < keys.size(); ++i) {
-    const Tensor& k = keys[i];
-    TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == head_dim && values[i].strides() == k.strides(),
-                "the cache's columns: contiguous");
+    float *kp = keys[i].data_ptr<float>(), *vp = values[i].data_ptr<float>();
+    const int64_t row_stride = keys[i].stride(0), head_stride = keys[i].stride(1);
     each_row(b, [&](int64_t r) {
-      rms_norm(hp + r * d, norms[2 * i].data_ptr<float>(), d, static_cast<float>(eps),
-               bits(x) + r * d);
+      rms_norm(hp + r * d, norms[2 * i].data_ptr<float>(), d, static_cast<float>(eps), bits(x) + r * d);
     });
     const Tensor qkv = int4_product(x, products[8 * i], group, products[8 * i + 1]);  // (B, q + 2 kv) bf16
+    TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_heads * head_dim, "qkv: (B, (H + 2 H_kv) head_dim)");
     each_row(b, [&](int64_t r) {
-      attention(bits(qkv) + r * qkv.size(1), cos.data_ptr<float>() + r * head_dim,
-                sin.data_ptr<float>() + r * head_dim, k.data_ptr<float>() + r * k.stride(0),
-                values[i].data_ptr<float>() + r * k.stride(0), k.stride(1), width,
-                attend.defined() ? attend.data_ptr<float>() + r * (width + 1) : nullptr, shape,
-                mixed.data_ptr<float>() + r * q_size, bits(mixed_bf16) + r * q_size);
+      rotate_and_write(bits(qkv) + r * qkv.size(1), cos.data_ptr<float>() + r * head_dim,
+                       sin.data_ptr<float>() + r * head_dim, shape, head_stride, width,
+                       q.data_ptr<float>() + r * q_size, kp + r * row_stride, vp + r * row_stride);
     });
+    // each (row, kv head) pair's attention; over both threads once there is enough of it (a long
+    // context, a batch): a chunk of pairs covers at least kColumnsPerChunk cached columns
+    constexpr int64_t kColumnsPerChunk = 4096;
+    at::parallel_for(0, b * kv_heads, std::max<int64_t>(1, kColumnsPerChunk / n), [&](int64_t begin, int64_t end) {
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t r = pair / kv_heads, g = pair % kv_heads;  // query head g * per_kv + j reads kv head g
+        const int64_t first = r * q_size + g * per_kv * head_dim;
+        attend_group(per_kv, q.data_ptr<float>() + first, kp + r * row_stride + g * head_stride,
+                     vp + r * row_stride + g * head_stride, n, head_dim,
+                     attend.defined() ? attend.data_ptr<float>() + r * n : nullptr, mixed.data_ptr<float>() + first);
+      }
+    });
+    const float* mp = mixed.data_ptr<float>();
+    bf16* mb = bits(mixed_bf16);
+    for (int64_t j = 0; j < b * q_size; ++j) mb[j] = to_bf16(mp[j]);
     h.add_(int4_product(mixed_bf16, products[8 * i + 2], group, products[8 * i + 3]));
     if (adapted) {
-      const Adapter o(adapters[6 * i], adapters[6 * i + 1], adapters[6 * i + 2]);
+      const Adapter o(adapters[6 * i], adapters[6 * i + 1], adapters[6 * i + 2], b, q_size, d);
       for_rows(b, [&](int64_t begin, int64_t end) { o.add(mixed.data_ptr<float>(), begin, end, hp); });
     }
     each_row(b, [&](int64_t r) {
-      rms_norm(hp + r * d, norms[2 * i + 1].data_ptr<float>(), d, static_cast<float>(eps),
-               bits(x) + r * d);
+      rms_norm(hp + r * d, norms[2 * i + 1].data_ptr<float>(), d, static_cast<float>(eps), bits(x) + r * d);
     });
     const Tensor gate_up = int4_product(x, products[8 * i + 4], group, products[8 * i + 5]);  // (B, 2 I) bf16
     const int64_t inner = gate_up.size(1) / 2;
@@ -345,19 +375,45 @@ Tensor decoder_layers(Tensor h, const Tensor& cos_, const Tensor& sin_, const c1
       z = at::empty({b, inner}, h.options());
       z_bf16 = at::empty({b, inner}, in_bf16);
     }
+    TORCH_CHECK(z.size(1) == inner, "every layer's MLP: the same width");
     each_row(b, [&](int64_t r) {
-      silu_times_up(bits(gate_up) + r * 2 * inner, inner, z.data_ptr<float>() + r * inner,
-                    bits(z_bf16) + r * inner);
+      silu_times_up(bits(gate_up) + r * 2 * inner, inner, z.data_ptr<float>() + r * inner, bits(z_bf16) + r * inner);
     });
     h.add_(int4_product(z_bf16, products[8 * i + 6], group, products[8 * i + 7]));
     if (adapted) {
-      const Adapter down(adapters[6 * i + 3], adapters[6 * i + 4], adapters[6 * i + 5]);
+      const Adapter down(adapters[6 * i + 3], adapters[6 * i + 4], adapters[6 * i + 5], b, inner, d);
       for_rows(b, [&](int64_t begin, int64_t end) { down.add(z.data_ptr<float>(), begin, end, hp); });
     }
   }
   return h;
 }
 
+// exp_nonpositive and to_bf16 over a tensor, for the tests (the kernels' own arithmetic).
+Tensor exp_nonpositive_of(const Tensor& x_) {
+  const Tensor x = x_.contiguous().to(at::kFloat), out = at::empty_like(x);
+  for (int64_t j = 0; j < x.numel(); ++j) out.data_ptr<float>()[j] = exp_nonpositive(x.data_ptr<float>()[j]);
+  return out;
+}
+
+Tensor to_bf16_of(const Tensor& x_) {
+  const Tensor x = x_.contiguous().to(at::kFloat), out = at::empty_like(x, x.options().dtype(at::kBFloat16));
+  for (int64_t j = 0; j < x.numel(); ++j) bits(out)[j] = to_bf16(x.data_ptr<float>()[j]);
+  return out;
+}
+
+bool avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decoder_layers", &decoder_layers, "the lean decode step's decoder layers (adapter_core/lean_decoder.py)");
+  // the GIL is let go for the step (~5 ms): other Python threads (the web server's) go on meanwhile
+  m.def("decoder_layers", &decoder_layers, "the lean decode step's decoder layers (adapter_core/lean_decoder.py)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("exp_nonpositive", &exp_nonpositive_of, "the kernels' exp, element by element (for tests)");
+  m.def("to_bf16", &to_bf16_of, "the kernels' rounding to bf16, element by element (for tests)");
+  m.def("avx512", &avx512, "whether the attention's AVX-512 path was compiled in");
 }

@@ -6,7 +6,7 @@ import torch
 from adapter_core import int4
 from adapter_core.decoding import DecodeBatch, ReplyRequest, reply
 from adapter_core.int4 import quantize_for_decoding
-from adapter_core.lean_decoder import lean_decoder
+from adapter_core.lean_decoder import _compiled, lean_decoder
 from adapter_core.sampling import SamplingConfig
 
 from .test_decoding import three_requests  # noqa: F401  (a fixture)
@@ -136,8 +136,9 @@ def test_the_compiled_layers_compute_what_the_python_step_does(make_four_bit_eng
     bob = engine.absorb(engine.empty_state(), [random_tokens(12)])
     for requests in ([ReplyRequest(random_tokens(6), alice, GREEDY)],  # one user's folded pairs
                      [ReplyRequest(random_tokens(6), None, GREEDY)],  # no adapter
-                     # rows of several lengths (padding masked), each with its memory or none
-                     [ReplyRequest(random_tokens(9), alice, GREEDY), ReplyRequest(random_tokens(4), None, GREEDY),
+                     # rows of several lengths (padding masked), each with its memory or none; 70 columns:
+                     # the kernels' vectorized sums, not only their remainders
+                     [ReplyRequest(random_tokens(66), alice, GREEDY), ReplyRequest(random_tokens(4), None, GREEDY),
                       ReplyRequest(random_tokens(6), bob, GREEDY)]):
         compiled = step_logits(engine, requests, True)
         decoder.native = None
@@ -160,3 +161,19 @@ def test_adapters_on_part_of_the_layers_decode_in_python(make_four_bit_engine, r
     request = ReplyRequest(random_tokens(6), state, GREEDY)
     for a, b in zip(step_logits(engine, [request], True), step_logits(engine, [request], False)):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_the_kernels_exp_and_bf16_rounding_are_torch_s():  # the C++ layers' own arithmetic
+    module = _compiled()
+    if module is None:
+        pytest.skip("no C++ compiler here: the Python step decodes")
+    x = torch.cat([torch.linspace(-100, 0, 200_001), torch.tensor([-87.0, -87.01, -86.99, -0.0, float("-inf")])])
+    # within 2e-7 relative; below e^-87 (where floats go subnormal) 0
+    torch.testing.assert_close(module.exp_nonpositive(x), torch.exp(x), rtol=2e-7, atol=1e-37)
+    assert module.exp_nonpositive(torch.tensor([float("nan")])).isnan().all()  # not hidden as a tiny weight
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(200_000, generator=generator) * torch.logspace(-40, 38, 200_000)
+    halfway = (torch.arange(1, 2001, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # ties: to even
+    values = torch.cat([values, halfway, torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 3.4e38, 1e-40])])
+    assert torch.equal(module.to_bf16(values).view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
+    assert module.to_bf16(torch.tensor([float("nan")])).isnan().all()  # a NaN (torch's bits vary by kernel)
