@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> TrainingProgress:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file with TrainConfig fields (see adapter_core/training/trainer.py)")
     p.add_argument("--output-dir", help="run folder (resumed when it holds a run)")
-    p.add_argument("--time-budget-minutes", type=float, help="stop this session after this many minutes")
+    p.add_argument("--time-budget-minutes", type=float, help="stop this session after this many minutes of training")
+    p.add_argument("--stop-at", type=float, help="stop by this wall-clock time (Unix seconds), loading included")
     p.add_argument("--max-steps", type=int, help="stop at this step (over all sessions)")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--init-checkpoint", help="generator folder to start a new run from")
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> TrainingProgress:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
-    overrides = {"output_dir": args.output_dir, "time_budget_minutes": args.time_budget_minutes,
+    overrides = {"output_dir": args.output_dir, "time_budget_minutes": args.time_budget_minutes, "stop_at": args.stop_at,
                  "max_steps": args.max_steps, "device": args.device, "init_checkpoint": args.init_checkpoint,
                  "cache_dir": args.cache_dir}
     for name, value in overrides.items():

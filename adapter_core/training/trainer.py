@@ -56,7 +56,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     """Peak AdamW learning rate."""
     warmup_steps: int = 100
-    """Linear warm-up; the rate then stays constant, since a time budget fixes no total step count."""
+    """Linear warm-up; the rate then stays constant, since a time budget fixes no total step count.
+    A run resumed without AdamW's moments warms up again (their restart would jolt the weights)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -64,7 +65,10 @@ class TrainConfig:
     max_steps: int = 10_000
     """Stop after this many steps (counted over all resumed sessions)."""
     time_budget_minutes: float | None = None
-    """Stop this session after this many minutes (then save), whatever the step."""
+    """Stop this session after this many minutes of training (then save), whatever the step."""
+    stop_at: float | None = None
+    """Stop by this wall-clock time (Unix seconds; then save), whatever the step: for a call with a
+    hard limit (a lent GPU's), counting the model's loading too."""
     eval_every: int = 200
     """Steps between held-out evaluations (0: never)."""
     eval_questions: int = 32
@@ -145,8 +149,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(engine.generator_parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
-        if resuming:
-            self._load_optimizer()
+        restored = self._load_optimizer() if resuming else False
+        # the step the learning rate warms up from: 0, or a resume's first without AdamW's moments
+        self.warmup_from = self.progress.step if resuming and not restored else 0
         self.data = DataSource(engine.tokenizer, config.data, engine.config.window, config.seed)
         self._eval_set = make_eval_set(config.seed, [3], [512], config.eval_questions) if config.eval_every else []
 
@@ -155,20 +160,24 @@ class Trainer:
     def train(self, show_progress: bool = True) -> TrainingProgress:
         cfg, engine = self.config, self.engine
         engine.train()
-        deadline = None if cfg.time_budget_minutes is None else time.monotonic() + 60 * cfg.time_budget_minutes
+        deadlines = [time.monotonic() + 60 * cfg.time_budget_minutes] if cfg.time_budget_minutes is not None else []
+        if cfg.stop_at is not None:
+            deadlines.append(time.monotonic() + cfg.stop_at - time.time())
+        deadline = min(deadlines, default=None)
         # In a log file (no terminal) a bar redrawn ten times a second would bury everything else.
         bar = tqdm(total=cfg.max_steps, initial=self.progress.step, disable=not show_progress, desc="training",
                    unit="step", mininterval=0.1 if sys.stderr.isatty() else 30)
         last_save = self.progress.step
         while self.progress.step < cfg.max_steps:
             if deadline is not None and time.monotonic() > deadline:
-                log.info("time budget of %.1f minutes reached", cfg.time_budget_minutes)
+                log.info("time budget reached at step %d", self.progress.step)
                 break
             started = time.perf_counter()
             step = self.progress.step
             objective, batch = self.data.batch(step)
+            lr = self.learning_rate(step)
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = lr
             loss, _ = engine.loss(batch)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(engine.generator_parameters(), cfg.grad_clip)
@@ -180,7 +189,8 @@ class Trainer:
             self.progress.tokens += tokens
             self.progress.seconds += seconds
             entry = {"step": step + 1, "objective": objective, "loss": round(loss.item(), 5),
-                     "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tokens / seconds, 1)}
+                     "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tokens / seconds, 1),
+                     "lr": float(f"{lr:.4g}")}
             self.progress.log.append(entry)
             bar.update(1)
             bar.set_postfix(objective=objective[:5], loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
@@ -197,6 +207,11 @@ class Trainer:
         if self.progress.step != last_save or not (self.out / STATE_NAME).exists():
             self.save()
         return self.progress
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of step `step` (0-based): linear warm-up from warmup_from, then constant."""
+        cfg = self.config
+        return cfg.learning_rate * min(1.0, (step + 1 - self.warmup_from) / max(1, cfg.warmup_steps))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -250,11 +265,14 @@ class Trainer:
         log.info("saved step %d to %s", self.progress.step, self.out)
         return self.out
 
-    def _load_optimizer(self) -> None:
+    def _load_optimizer(self) -> bool:
+        """AdamW's moments from the run's folder; False where it has none (the shipped checkpoint
+        keeps none, to stay small)."""
         folder = self.out / OPTIMIZER_DIR
         if not folder.exists():
-            log.warning("no optimizer state in %s: AdamW restarts from zero moments", self.out)
-            return
+            log.warning("no optimizer state in %s: AdamW restarts from zero moments, and the learning rate "
+                        "warms up again over %d steps", self.out, self.config.warmup_steps)
+            return False
         flat = load_sharded(folder)
         groups = json.loads((folder / "param_groups.json").read_text())
         params = self.optimizer.param_groups[0]["params"]
@@ -264,6 +282,7 @@ class Trainer:
             state.setdefault(int(index), {})[name] = tensor.to(params[int(index)].device)
         self.optimizer.load_state_dict({"state": state,
                                         "param_groups": [dict(g, params=list(range(len(params)))) for g in groups]})
+        return True
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

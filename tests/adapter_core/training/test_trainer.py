@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -37,6 +38,16 @@ def test_resuming_continues_the_same_run(make_text_engine, tmp_path):
     assert any(not torch.equal(a[k], untrained[k]) for k in a)  # training changed something
 
 
+@pytest.mark.parametrize("save_optimizer", [True, False])
+def test_a_resume_without_adamw_s_moments_warms_up_again(make_text_engine, tmp_path, save_optimizer):
+    options = dict(warmup_steps=4, save_optimizer=save_optimizer)
+    Trainer(config(tmp_path, max_steps=2, **options), make_text_engine()).train(show_progress=False)
+    done = Trainer(config(tmp_path, max_steps=4, **options), make_text_engine()).train(show_progress=False)
+    rates = [e["lr"] / 1e-2 for e in done.log]
+    # with the moments the warm-up goes on where it stopped; without, it starts again
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0] if save_optimizer else [0.25, 0.5, 0.25, 0.5])
+
+
 def test_a_run_saved_before_progress_was_a_dataclass_resumes(make_text_engine, tmp_path):
     Trainer(config(tmp_path, max_steps=2), make_text_engine()).train(show_progress=False)
     saved = json.loads((tmp_path / STATE_NAME).read_text())
@@ -68,10 +79,16 @@ def test_checkpoint_round_trip(make_text_engine, make_text_lm, tiny_tokenizer, t
     assert loaded.generator_id == engine.generator_id == saved["generator_id"]
 
 
-def test_time_budget_stops_and_saves(make_text_engine, tmp_path):
-    done = Trainer(config(tmp_path, time_budget_minutes=0.0), make_text_engine()).train(show_progress=False)
+@pytest.mark.parametrize("limit", [dict(time_budget_minutes=0.0), dict(stop_at=0.0)])  # minutes, a clock time
+def test_time_budget_stops_and_saves(make_text_engine, tmp_path, limit):
+    done = Trainer(config(tmp_path, **limit), make_text_engine()).train(show_progress=False)
     assert done.step == 0
     assert (tmp_path / STATE_NAME).exists()
+
+
+def test_a_stop_time_ahead_lets_it_train(make_text_engine, tmp_path):
+    done = Trainer(config(tmp_path, stop_at=time.time() + 600), make_text_engine()).train(show_progress=False)
+    assert done.step == 4
 
 
 def test_periodic_evaluation_is_logged(make_text_engine, tmp_path):
