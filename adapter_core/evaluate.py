@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="synthetic: seed of the held-out set")
     p.add_argument("--write-data", type=Path, help="write the conversations as JSONL (and stop if no --out)")
     p.add_argument("--limit", type=int, help="only the first N conversations")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", choices=MODES,
+                   help="default: all (adapter_swapped only where there are at least two conversations)")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             return None
     if args.out is None:
         raise SystemExit("--out is required to run the evaluation")
+    if args.modes is None:  # one conversation has no other user's adapter to swap in
+        args.modes = [m for m in MODES if m != "adapter_swapped" or len(conversations) > 1]
+    elif "adapter_swapped" in args.modes and len(conversations) < 2:
+        raise SystemExit("--modes adapter_swapped needs at least two conversations")
 
     engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir)
     options = EvalOptions(modes=tuple(args.modes), max_new_tokens=args.max_new_tokens,

@@ -1,5 +1,6 @@
 """The evaluation's tables: scores by cell (all, category, number of facts, history length) and
-mode, how much of the history each mode could draw on, and what became of updated facts."""
+mode, how much of the history each mode could draw on, what became of updated facts, and the swap
+test (each question under its own user's adapter and under another's)."""
 
 from __future__ import annotations
 
@@ -83,8 +84,25 @@ def summarize(results: list[Result], limit: int) -> dict:
          "superseded": sum(r.superseded for r in rs) / len(rs)}
         for mode, rs in updates.items()
     ]
+    summary["swap_test"] = swap_test(results)
     summary["context_limit"] = limit
     return summary
+
+
+def swap_test(results: list[Result]) -> dict | None:
+    """Each question's answer under its own user's adapter (mode adapter) against the same question
+    under another user's (adapter_swapped): learning the answers' format lowers both NLLs alike,
+    only memory of the user opens a gap. None without both modes."""
+    own = {(r.conversation, r.question): r for r in results if r.mode == "adapter"}
+    pairs = [(own[key], r) for r in results if r.mode == "adapter_swapped"
+             and (key := (r.conversation, r.question)) in own]
+    if not pairs:
+        return None
+    n = len(pairs)
+    return {"n": n, "own_nll": sum(o.nll for o, _ in pairs) / n, "swapped_nll": sum(s.nll for _, s in pairs) / n,
+            "gap": sum(s.nll - o.nll for o, s in pairs) / n, "own_better": sum(o.nll < s.nll for o, s in pairs),
+            "own_contains": sum(o.contains for o, _ in pairs) / n,
+            "swapped_contains": sum(s.contains for _, s in pairs) / n}
 
 
 def markdown_report(summary: dict, modes: Sequence[str], title: str = "Evaluation") -> str:
@@ -122,6 +140,14 @@ def markdown_report(summary: dict, modes: Sequence[str], title: str = "Evaluatio
         for u in summary["updates"]:
             lines.append(f"| {u['mode']} | {u['n']} | {u['latest']:.3f} | {u['superseded']:.3f} |")
         lines.append("")
+    swap = summary.get("swap_test")
+    if swap:
+        lines += ["## Swap test: own adapter against another user's", "",
+                  "| n | answer NLL, own | another's | gap | own lower | contains, own | another's |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {swap['n']} | {swap['own_nll']:.3f} | {swap['swapped_nll']:.3f} | {swap['gap']:+.3f} "
+                  f"| {swap['own_better']} of {swap['n']} | {swap['own_contains']:.3f} | {swap['swapped_contains']:.3f} |",
+                  "", "Format learning lowers both NLLs alike; a positive gap (another's adapter worse) is memory.", ""]
     lines += [
         "contains: a gold answer appears in the answer; token F1: word overlap; both on content words "
         "(no function words, on both sides). date match: the answer gives the gold answer's dates, over "

@@ -5,6 +5,9 @@ Modes:
   full_history    all turns in the prompt (earliest dropped when longer than the context limit)
   adapter         the whole history absorbed into an adapter, the question alone in the prompt
   adapter_recent  all but the last `recent_turns` turns absorbed, those in the prompt (as in the app)
+  adapter_swapped the question alone under another conversation's adapter (the next one in the
+                  set): learning the answers' format helps it as much as `adapter`; only memory
+                  of the user opens a gap between the two (the swap test, report.swap_test)
 
 How the history and the question are put before the model (a chat, or a transcript of named
 people): adapter_core.evaluation.prompts. Each answer is generated and its gold scored from one
@@ -26,7 +29,7 @@ from .answering import Answer, answer
 from .dates import date_match
 from .metrics import contains_answer, token_f1
 
-MODES = ("closed_book", "full_history", "adapter", "adapter_recent")
+MODES = ("closed_book", "full_history", "adapter", "adapter_recent", "adapter_swapped")
 
 
 @dataclass(frozen=True)
@@ -107,13 +110,17 @@ class _Ask:
 def evaluate(engine: GenerativeAdapterModel, conversations: Sequence[Conversation],
              options: EvalOptions | None = None, progress: bool = True) -> list[Result]:
     options = options or EvalOptions()
+    if "adapter_swapped" in options.modes and len(conversations) < 2:
+        raise ValueError("adapter_swapped needs at least two conversations (one's adapter answers the other's questions)")
     limit = context_limit(engine, options)
     results: list[Result] = []
     bar = tqdm(total=sum(len(c.questions) for c in conversations) * len(options.modes), disable=not progress,
                desc="evaluating", unit="answer")
     step = options.conversations_per_pass
     for start in range(0, len(conversations), step):
-        asks = _prepare(engine, list(conversations[start:start + step]), options, limit)
+        group = list(conversations[start:start + step])
+        partners = [conversations[(start + u + 1) % len(conversations)] for u in range(len(group))]
+        asks = _prepare(engine, group, partners, options, limit)
         for mode in options.modes:
             mode_asks = sorted((a for a in asks if a.mode == mode), key=lambda a: len(a.prompt))  # less padding
             for b in range(0, len(mode_asks), options.batch_size):
@@ -130,17 +137,21 @@ def _split(mode: str, turns: int, recent: int) -> tuple[int, int]:
     shows (before fitting it to the context limit)."""
     recent = min(recent, turns)
     return {"closed_book": (0, 0), "full_history": (0, turns), "adapter": (turns, 0),
-            "adapter_recent": (turns - recent, recent)}[mode]
+            "adapter_recent": (turns - recent, recent), "adapter_swapped": (0, 0)}[mode]
 
 
-def _prepare(engine: GenerativeAdapterModel, group: list[Conversation], options: EvalOptions,
-             limit: int) -> list[_Ask]:
+def _prepare(engine: GenerativeAdapterModel, group: list[Conversation], partners: list[Conversation],
+             options: EvalOptions, limit: int) -> list[_Ask]:
+    """partners[u]: the conversation whose adapter answers group[u]'s questions in adapter_swapped."""
     tok = engine.tokenizer
     states: dict[str, list[AdapterState]] = {}
     for mode in ("adapter", "adapter_recent"):
         if mode in options.modes:
             texts = [prompts.memory_text(c, _split(mode, len(c.turns), options.recent_turns)[0]) for c in group]
             states[mode] = engine.absorb_many([engine.empty_state()] * len(group), texts)
+    if "adapter_swapped" in options.modes:
+        texts = [prompts.memory_text(p, len(p.turns)) for p in partners]
+        states["adapter_swapped"] = engine.absorb_many([engine.empty_state()] * len(group), texts)
     asks = []
     for u, conversation in enumerate(group):
         lines = prompts.turn_lines(conversation)

@@ -40,9 +40,16 @@ def plot_training(log: list[dict], path: str | Path) -> None:
     if evals:
         steps = [e["step"] for e in evals]
         right.plot(steps, [e["eval_accuracy"] for e in evals], "o-", color="tab:green", label="accuracy")
+        swapped = [e for e in evals if "eval_nll_swapped" in e]  # runs logged before the swap test have none
+        if swapped:
+            right.plot([e["step"] for e in swapped], [e["eval_accuracy_swapped"] for e in swapped], "o:",
+                       color="tab:olive", label="accuracy, another user's adapter")
         right.set(title="held-out recall (adapter only)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
         twin = right.twinx()
         twin.plot(steps, [e["eval_nll"] for e in evals], "s--", color="tab:red", label="answer NLL")
+        if swapped:  # the gap between the two NLLs is memory of the user; format learning lowers both
+            twin.plot([e["step"] for e in swapped], [e["eval_nll_swapped"] for e in swapped], "s:",
+                      color="tab:purple", label="answer NLL, another user's adapter")
         twin.set_ylabel("answer NLL")
         right.legend(loc="upper left")
         twin.legend(loc="upper right")

@@ -215,25 +215,41 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out answer NLL (teacher-forced) and greedy accuracy, adapter mode only."""
+        """Held-out answer NLL (teacher-forced, the training prompts) and greedy accuracy in adapter
+        mode, each also under another user's adapter (the next conversation's: the swap test)."""
         engine = self.engine
         engine.eval()
+        conversations = self._eval_set
+        swap = len(conversations) > 1  # the swap test needs another user
         try:
-            per_user = [qa_windows(engine.tokenizer, engine.config.window, history_text(c.turns), [],
-                                   [(q.question, q.answer) for q in c.questions]) for c in self._eval_set]
-            losses = []
-            for start in range(0, len(per_user), self.config.data.batch_size):
-                packed = pack_training_batch(per_user[start:start + self.config.data.batch_size],
-                                             engine.tokenizer.pad_token_id)
-                loss, n = engine.loss(packed)
-                losses.append((loss.item(), n))
-            results = evaluate(engine, self._eval_set, EvalOptions(modes=("adapter",)), progress=False)
+            nll = self._answer_nll(conversations, conversations)
+            swapped_nll = self._answer_nll(conversations[1:] + conversations[:1], conversations) if swap else None
+            results = evaluate(engine, conversations, EvalOptions(modes=("adapter", "adapter_swapped")[:1 + swap]),
+                               progress=False)
         finally:
             engine.train()
-        nll = sum(l * n for l, n in losses) / sum(n for _, n in losses)
-        accuracy = sum(r.contains for r in results) / len(results)
-        log.info("held-out: answer NLL %.3f, accuracy %.3f (%d questions)", nll, accuracy, len(results))
-        return {"eval_nll": round(nll, 4), "eval_accuracy": round(accuracy, 4), "eval_n": len(results)}
+        own = [r for r in results if r.mode == "adapter"]
+        entry = {"eval_nll": round(nll, 4), "eval_accuracy": round(sum(r.contains for r in own) / len(own), 4),
+                 "eval_n": len(own)}
+        if swap:
+            swapped = [r for r in results if r.mode == "adapter_swapped"]
+            entry |= {"eval_nll_swapped": round(swapped_nll, 4), "eval_swap_gap": round(swapped_nll - nll, 4),
+                      "eval_accuracy_swapped": round(sum(r.contains for r in swapped) / len(swapped), 4)}
+        log.info("held-out (%d questions): %s", len(own), entry)
+        return entry
+
+    def _answer_nll(self, memories: list, asked: list) -> float:
+        """Mean NLL per answer token of asked[i]'s questions with memories[i]'s history absorbed."""
+        engine = self.engine
+        per_user = [qa_windows(engine.tokenizer, engine.config.window, history_text(m.turns), [],
+                               [(q.question, q.answer) for q in c.questions]) for m, c in zip(memories, asked)]
+        losses = []
+        for start in range(0, len(per_user), self.config.data.batch_size):
+            packed = pack_training_batch(per_user[start:start + self.config.data.batch_size],
+                                         engine.tokenizer.pad_token_id)
+            loss, n = engine.loss(packed)
+            losses.append((loss.item(), n))
+        return sum(value * n for value, n in losses) / sum(n for _, n in losses)
 
     # --- checkpoints -------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
+
 from adapter_core import evaluate as evaluate_cli
 from adapter_core.data.dataset import read_jsonl
 
@@ -33,3 +35,16 @@ def test_a_run_records_its_command_line_and_context_limit(tmp_path, monkeypatch,
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 14 and {"category", "contains", "f1", "date_match", "evidence_cut"} <= set(answers[0])
     assert "## By question category" in (out / "report.md").read_text()
+
+
+def test_by_default_every_mode_runs_and_the_swap_test_only_with_two_conversations(tmp_path, monkeypatch,
+                                                                                   make_text_engine):
+    monkeypatch.setattr(evaluate_cli, "load_engine", lambda *args, **kwargs: make_text_engine())
+    for limit, swapped in (("2", True), ("1", False)):
+        out = tmp_path / limit
+        evaluate_cli.main(["--data", str(TWO_SPEAKERS), "--limit", limit, "--max-new-tokens", "1", "--out", str(out)])
+        report = json.loads((out / "report.json").read_text())
+        assert ("adapter_swapped" in report["modes"]) == swapped == (report["swap_test"] is not None)
+    with pytest.raises(SystemExit, match="at least two conversations"):
+        evaluate_cli.main(["--data", str(TWO_SPEAKERS), "--limit", "1", "--modes", "adapter_swapped",
+                           "--out", str(tmp_path / "x")])

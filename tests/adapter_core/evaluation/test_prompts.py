@@ -66,8 +66,9 @@ def test_every_mode_asks_for_a_short_answer_the_same_way(make_text_engine):
     engine = make_text_engine()
     tok = engine.tokenizer
     conversations = [CAROLINE, JOANNA, *CHATS]
-    asks = _prepare(engine, conversations, EvalOptions(modes=MODES, recent_turns=2), limit=1024)
-    assert len(asks) == 4 * sum(len(c.questions) for c in conversations)
+    asks = _prepare(engine, conversations, conversations[1:] + conversations[:1], EvalOptions(modes=MODES, recent_turns=2),
+                    limit=1024)
+    assert len(asks) == len(MODES) * sum(len(c.questions) for c in conversations)
     for ask in asks:
         asked = prompts.question_text(ask.conversation, ask.conversation.questions[ask.index].question)
         shown = text(tok, ask.prompt)
@@ -79,7 +80,8 @@ def test_every_mode_asks_for_a_short_answer_the_same_way(make_text_engine):
 
 def test_adapter_modes_absorb_the_transcript(make_text_engine):
     engine = make_text_engine()
-    asks = _prepare(engine, [CAROLINE], EvalOptions(modes=("adapter", "adapter_recent"), recent_turns=3), limit=1024)
+    asks = _prepare(engine, [CAROLINE], [JOANNA], EvalOptions(modes=("adapter", "adapter_recent"), recent_turns=3),
+                    limit=1024)
     n = len(CAROLINE.turns)
     for mode, absorbed in (("adapter", n), ("adapter_recent", n - 3)):
         state = next(a.state for a in asks if a.mode == mode)

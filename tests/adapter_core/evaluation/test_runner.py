@@ -2,6 +2,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapter_core.data.dataset import read_jsonl
 from adapter_core.data.personas import make_eval_set
@@ -94,7 +95,7 @@ def test_every_mode_on_two_speaker_conversations_with_a_tiny_model(tiny_tokenize
     conversations = list(read_jsonl(TWO_SPEAKERS))
     results = evaluate(engine, conversations, EvalOptions(modes=MODES, max_new_tokens=3, recent_turns=2),
                        progress=False)
-    assert len(results) == 4 * 7 and {r.mode for r in results} == set(MODES)
+    assert len(results) == len(MODES) * 7 and {r.mode for r in results} == set(MODES)
     assert all(r.nll > 0 and r.prompt_tokens > 0 for r in results)
     by = {(r.mode, r.question): r for r in results}
     for q in (q.question for c in conversations for q in c.questions):
@@ -108,6 +109,29 @@ def test_every_mode_on_two_speaker_conversations_with_a_tiny_model(tiny_tokenize
     history = {h["mode"]: h for h in summary["history"]}
     assert history["full_history"]["turns_kept"] == history["adapter_recent"]["turns_kept"] == 1.0
     assert history["full_history"]["evidence_cut"] == 0.0
+
+
+def test_the_swap_test_answers_each_question_under_the_next_conversation_s_adapter(tiny_tokenizer):
+    engine = tiny_text_engine(tiny_tokenizer, seed=2, live=True)
+    conversations = list(read_jsonl(TWO_SPEAKERS))
+    asks = _prepare(engine, conversations, conversations[1:] + conversations[:1],
+                    EvalOptions(modes=("adapter", "adapter_swapped")), limit=1024)
+    for u, conversation in enumerate(conversations):
+        partner = conversations[(u + 1) % len(conversations)]
+        state = next(a.state for a in asks if a.conversation is conversation and a.mode == "adapter_swapped")
+        expected = engine.absorb(engine.empty_state(), prompts.memory_text(partner, len(partner.turns)))
+        assert state.tokens == expected.tokens and all(torch.equal(state.sums[k], expected.sums[k]) for k in state.sums)
+    results = evaluate(engine, conversations, EvalOptions(modes=("adapter", "adapter_swapped"), max_new_tokens=2),
+                       progress=False)
+    swap = summarize(results, 1024)["swap_test"]
+    own = {r.question: r for r in results if r.mode == "adapter"}
+    swapped = [r for r in results if r.mode == "adapter_swapped"]
+    assert swap["n"] == len(swapped) == len(own) == 7
+    assert swap["gap"] == pytest.approx(sum(r.nll - own[r.question].nll for r in swapped) / 7) != 0
+    assert swap["own_better"] == sum(own[r.question].nll < r.nll for r in swapped)
+    assert "## Swap test" in markdown_report(summarize(results, 1024), ["adapter", "adapter_swapped"])
+    with pytest.raises(ValueError, match="at least two conversations"):
+        evaluate(engine, conversations[:1], EvalOptions(modes=("adapter_swapped",)), progress=False)
 
 
 def test_full_history_is_cut_to_the_context_limit_and_says_what_it_lost(make_text_engine):
@@ -140,7 +164,8 @@ def test_a_gold_longer_than_the_answer_budget_still_fits_the_window(make_text_en
     engine = make_text_engine()
     conversations = list(read_jsonl(TWO_SPEAKERS))
     limit, budget = 400, 2
-    asks = _prepare(engine, conversations, EvalOptions(modes=MODES, max_new_tokens=budget, recent_turns=4), limit)
+    asks = _prepare(engine, conversations, conversations[1:] + conversations[:1],
+                    EvalOptions(modes=MODES, max_new_tokens=budget, recent_turns=4), limit)
     assert max(len(a.gold) for a in asks) > 40  # "a lighthouse keeper who collects lost letters"
     assert all(len(a.prompt) + max(budget, len(a.gold)) <= limit for a in asks)
     long_gold = [a for a in asks if len(a.gold) > 40 and a.mode == "full_history"]

@@ -91,12 +91,22 @@ def test_a_stop_time_ahead_lets_it_train(make_text_engine, tmp_path):
     assert done.step == 4
 
 
-def test_periodic_evaluation_is_logged(make_text_engine, tmp_path):
-    done = Trainer(config(tmp_path, max_steps=2, eval_every=2, eval_questions=3), make_text_engine()).train(
-        show_progress=False)
+def test_periodic_evaluation_is_logged_with_the_swap_test(make_text_engine, tmp_path):
+    done = Trainer(config(tmp_path, max_steps=2, eval_every=2, eval_questions=6), make_text_engine(live=True)).train(
+        show_progress=False)  # 6 questions at 3 facts: two users, so one's adapter can answer the other's
     evals = [e for e in done.log if "eval_accuracy" in e]
-    assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["eval_n"] >= 3
-    assert evals[0]["eval_nll"] > 0
+    assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["eval_n"] >= 6
+    e = evals[0]
+    assert e["eval_nll"] > 0 and e["eval_nll_swapped"] > 0 and 0 <= e["eval_accuracy_swapped"] <= 1
+    # another user's memory answers: the two NLLs differ (a swap that kept the own memory would give 0)
+    assert e["eval_swap_gap"] == pytest.approx(e["eval_nll_swapped"] - e["eval_nll"], abs=2e-4) != 0
+
+
+def test_with_one_held_out_user_the_evaluation_skips_the_swap_test(make_text_engine, tmp_path):
+    done = Trainer(config(tmp_path, max_steps=1, eval_every=1, eval_questions=3), make_text_engine()).train(
+        show_progress=False)
+    (e,) = [e for e in done.log if "eval_accuracy" in e]
+    assert e["eval_n"] == 3 and "eval_swap_gap" not in e
 
 
 def test_toml_config(tmp_path):
