@@ -44,7 +44,8 @@ def plot_training(log: list[dict], path: str | Path) -> None:
         if swapped:
             right.plot([e["step"] for e in swapped], [e["eval_accuracy_swapped"] for e in swapped], "o:",
                        color="tab:olive", label="accuracy, another user's adapter")
-        right.set(title="held-out recall (adapter only)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+        right.set(title="held-out recall (adapter mode; dotted: another user's adapter)", xlabel="step",
+                  ylabel="accuracy", ylim=(0, 1))
         twin = right.twinx()
         twin.plot(steps, [e["eval_nll"] for e in evals], "s--", color="tab:red", label="answer NLL")
         if swapped:  # the gap between the two NLLs is memory of the user; format learning lowers both

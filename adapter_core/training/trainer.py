@@ -154,6 +154,7 @@ class Trainer:
         self.warmup_from = self.progress.step if resuming and not restored else 0
         self.data = DataSource(engine.tokenizer, config.data, engine.config.window, config.seed)
         self._eval_set = make_eval_set(config.seed, [3], [512], config.eval_questions) if config.eval_every else []
+        self._check_seconds = 0.0  # how long the last held-out check took
 
     # --- loop ---------------------------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class Trainer:
         # In a log file (no terminal) a bar redrawn ten times a second would bury everything else.
         bar = tqdm(total=cfg.max_steps, initial=self.progress.step, disable=not show_progress, desc="training",
                    unit="step", mininterval=0.1 if sys.stderr.isatty() else 30)
-        last_save = self.progress.step
+        saved = (self.progress.step, len(self.progress.log))  # what the folder holds: a final save if it changed
         while self.progress.step < cfg.max_steps:
             if deadline is not None and time.monotonic() > deadline:
                 log.info("time budget reached at step %d", self.progress.step)
@@ -196,17 +197,33 @@ class Trainer:
             bar.set_postfix(objective=objective[:5], loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(f"loss became {entry['loss']} at step {step + 1}")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                self.progress.log.append({"step": step + 1, **self.evaluate()})
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:  # before the check: it cannot lose steps
                 self.save()
-                last_save = step + 1
+                saved = (self.progress.step, len(self.progress.log))
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                self._periodic_check(step + 1, deadline)
         bar.close()
         if engine.device.type == "cuda":  # tells the next run how far the batch size can grow
             log.info("peak GPU memory: %.1f GiB", torch.cuda.max_memory_allocated() / 2**30)
-        if self.progress.step != last_save or not (self.out / STATE_NAME).exists():
+        if saved != (self.progress.step, len(self.progress.log)) or not (self.out / STATE_NAME).exists():
             self.save()
         return self.progress
+
+    def _periodic_check(self, step: int, deadline: float | None) -> None:
+        """The held-out check, logged with its duration. Skipped where the last one's duration would
+        take it past the deadline (a lent GPU's call has a hard limit), and a failing check is logged,
+        not fatal: the training is what the run is for."""
+        if deadline is not None and time.monotonic() + self._check_seconds > deadline:
+            log.info("held-out check at step %d skipped: it would end after the time budget", step)
+            return
+        started = time.monotonic()
+        try:
+            entry = self.evaluate()
+        except Exception as e:  # noqa: BLE001 - any failure of the check: say so, go on training
+            log.exception("held-out check at step %d failed; training goes on", step)
+            entry = {"eval_error": f"{type(e).__name__}: {e}"}
+        self._check_seconds = time.monotonic() - started
+        self.progress.log.append({"step": step, **entry, "eval_seconds": round(self._check_seconds, 1)})
 
     def learning_rate(self, step: int) -> float:
         """The rate of step `step` (0-based): linear warm-up from warmup_from, then constant."""

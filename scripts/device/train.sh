@@ -12,7 +12,7 @@
 # the export.
 # A dry run on the CPU here (after copying the other parts to /tmp/parts; the smoke config's batch
 # fits a CPU's memory): OUT=/tmp/out DEVICE=cpu PYTHON=.venv/bin/python PARTS=/tmp/parts \
-#   RUN_DIR=runs/device-dry CONFIG=configs/train-smollm2-cpu-smoke.toml bash scripts/device/train.sh 0.5
+#   RUN_DIR=runs/device-dry CONFIG=configs/train-smollm2-cpu-smoke.toml bash scripts/device/train.sh 2
 set -euo pipefail
 MINUTES=${1:?minutes for the whole call}
 STARTED=$(date +%s)
@@ -41,8 +41,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memo
 
 STOP_AT=$("$PYTHON" -c "print($STARTED + 60 * $MINUTES - 30)")  # 30 s left to save and export
 echo "set up in $(( $(date +%s) - STARTED )) s; training stops by $(date -d "@${STOP_AT%.*}" +%T)"
+rc=0  # a failed run (NaN loss, out of memory) still exports what it saved: its steps are not lost
 "$PYTHON" -m adapter_core.train --config "$CONFIG" --output-dir "$RUN_DIR" --device "$DEVICE" \
-  --cache-dir /tmp/model-cache --stop-at "$STOP_AT"
-cp "$RUN_DIR"/*.safetensors "$OUT"/
-tar -czf "$OUT/checkpoint-meta.tar.gz" --exclude='*.safetensors' -C "$RUN_DIR" .
+  --cache-dir /tmp/model-cache --stop-at "$STOP_AT" || rc=$?
+if compgen -G "$RUN_DIR/*.safetensors" >/dev/null; then
+  cp "$RUN_DIR"/*.safetensors "$OUT"/
+  tar -czf "$OUT/checkpoint-meta.tar.gz" --exclude='*.safetensors' -C "$RUN_DIR" .
+fi
 ls -la "$OUT"
+[ "$rc" -eq 0 ] || echo "training failed (exit $rc); \$OUT holds the last checkpoint it saved, if any"
+exit "$rc"

@@ -102,6 +102,24 @@ def test_periodic_evaluation_is_logged_with_the_swap_test(make_text_engine, tmp_
     assert e["eval_swap_gap"] == pytest.approx(e["eval_nll_swapped"] - e["eval_nll"], abs=2e-4) != 0
 
 
+def test_the_last_check_is_saved_and_a_failing_or_overlong_check_does_not_stop_training(make_text_engine, tmp_path,
+                                                                                         monkeypatch):
+    done = Trainer(config(tmp_path / "a", max_steps=2, eval_every=2, eval_questions=3), make_text_engine()).train(
+        show_progress=False)
+    saved = json.loads((tmp_path / "a" / STATE_NAME).read_text())["log"]
+    assert saved == done.log and "eval_accuracy" in saved[-1] and saved[-1]["eval_seconds"] >= 0  # saved after it
+
+    failing = Trainer(config(tmp_path / "b", eval_every=1, eval_questions=3), make_text_engine())
+    monkeypatch.setattr(failing, "evaluate", lambda: 1 / 0)
+    done = failing.train(show_progress=False)
+    assert done.step == 4 and [e["eval_error"] for e in done.log if "eval_error" in e] == ["ZeroDivisionError: division by zero"] * 4
+
+    slow = Trainer(config(tmp_path / "c", eval_every=1, eval_questions=3, stop_at=time.time() + 600), make_text_engine())
+    slow._check_seconds = 3600.0  # the last check took an hour: none fits before the deadline
+    done = slow.train(show_progress=False)
+    assert done.step == 4 and not any("eval_n" in e for e in done.log)
+
+
 def test_with_one_held_out_user_the_evaluation_skips_the_swap_test(make_text_engine, tmp_path):
     done = Trainer(config(tmp_path, max_steps=1, eval_every=1, eval_questions=3), make_text_engine()).train(
         show_progress=False)
