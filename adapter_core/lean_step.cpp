@@ -47,43 +47,34 @@ bf16* bits(const Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<BFloat16
 
 constexpr int64_t kLanes = 32;  // independent partial results: two AVX-512 registers, so loops vectorize
 
-// The partial results of kLanes lanes combined as a tree (not a chain of dependent steps).
-template <typename Op>
-float combine(float* partial, Op op) {
+inline float plus(float a, float b) { return a + b; }
+inline float larger(float a, float b) { return a > b ? a : b; }
+
+// op over term(0) .. term(n - 1), starting from init: kLanes partial results, combined as a tree
+// at the end (not a chain of n dependent steps, which the compiler may not reorder into vectors).
+template <typename Term, typename Op>
+inline __attribute__((always_inline)) float reduce(int64_t n, float init, const Term& term, Op op) {
+  float partial[kLanes];
+  std::fill(partial, partial + kLanes, init);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] = op(partial[l], term(j + l));
+  for (int64_t l = 0; j < n; ++j, ++l) partial[l] = op(partial[l], term(j));
   for (int64_t width = kLanes / 2; width > 0; width /= 2)
     for (int64_t l = 0; l < width; ++l) partial[l] = op(partial[l], partial[l + width]);
   return partial[0];
 }
 
-inline float plus(float a, float b) { return a + b; }
-inline float larger(float a, float b) { return a > b ? a : b; }
-
 inline __attribute__((always_inline)) float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  float partial[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] += a[j + l] * b[j + l];
-  for (int64_t l = 0; j < n; ++j, ++l) partial[l] += a[j] * b[j];
-  return combine(partial, plus);
+  return reduce(n, 0.f, [&](int64_t j) { return a[j] * b[j]; }, plus);
 }
 
 float sum(const float* x, int64_t n) {
-  float partial[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] += x[j + l];
-  for (int64_t l = 0; j < n; ++j, ++l) partial[l] += x[j];
-  return combine(partial, plus);
+  return reduce(n, 0.f, [&](int64_t j) { return x[j]; }, plus);
 }
 
 float max(const float* x, int64_t n) {
-  float partial[kLanes];
-  std::fill(partial, partial + kLanes, -std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] = larger(partial[l], x[j + l]);
-  for (int64_t l = 0; j < n; ++j, ++l) partial[l] = larger(partial[l], x[j]);
-  return combine(partial, larger);
+  return reduce(n, -std::numeric_limits<float>::infinity(), [&](int64_t j) { return x[j]; }, larger);
 }
 
 // e^x for x <= 0 (softmax after subtracting the max, a sigmoid), Cephes' expf: within 1e-7 and,

@@ -107,20 +107,25 @@ class _Ask:
     evidence_cut: bool | None
 
 
+def swap_partners(conversations: Sequence[Conversation]) -> list[Conversation]:
+    """Whose adapter answers each conversation's questions in adapter_swapped: the next one in the
+    set (the last one's: the first)."""
+    return [*conversations[1:], *conversations[:1]]
+
+
 def evaluate(engine: GenerativeAdapterModel, conversations: Sequence[Conversation],
              options: EvalOptions | None = None, progress: bool = True) -> list[Result]:
     options = options or EvalOptions()
     if "adapter_swapped" in options.modes and len(conversations) < 2:
         raise ValueError("adapter_swapped needs at least two conversations (one's adapter answers the other's questions)")
     limit = context_limit(engine, options)
+    partners = swap_partners(conversations)
     results: list[Result] = []
     bar = tqdm(total=sum(len(c.questions) for c in conversations) * len(options.modes), disable=not progress,
                desc="evaluating", unit="answer")
     step = options.conversations_per_pass
     for start in range(0, len(conversations), step):
-        group = list(conversations[start:start + step])
-        partners = [conversations[(start + u + 1) % len(conversations)] for u in range(len(group))]
-        asks = _prepare(engine, group, partners, options, limit)
+        asks = _prepare(engine, list(conversations[start:start + step]), partners[start:start + step], options, limit)
         for mode in options.modes:
             mode_asks = sorted((a for a in asks if a.mode == mode), key=lambda a: len(a.prompt))  # less padding
             for b in range(0, len(mode_asks), options.batch_size):

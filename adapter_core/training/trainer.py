@@ -30,7 +30,7 @@ from ..config import GeneratorConfig
 from ..data.conversation import history_text
 from ..data.personas import make_eval_set
 from ..engine import load_engine
-from ..evaluation.runner import EvalOptions, evaluate
+from ..evaluation.runner import EvalOptions, evaluate, swap_partners
 from ..model import GenerativeAdapterModel
 from ..windows import pack_training_batch
 from .objectives import DataRecipe, DataSource, qa_windows
@@ -240,9 +240,9 @@ class Trainer:
         swap = len(conversations) > 1  # the swap test needs another user
         try:
             nll = self._answer_nll(conversations, conversations)
-            swapped_nll = self._answer_nll(conversations[1:] + conversations[:1], conversations) if swap else None
-            results = evaluate(engine, conversations, EvalOptions(modes=("adapter", "adapter_swapped")[:1 + swap]),
-                               progress=False)
+            swapped_nll = self._answer_nll(swap_partners(conversations), conversations) if swap else None
+            modes = ("adapter", "adapter_swapped") if swap else ("adapter",)
+            results = evaluate(engine, conversations, EvalOptions(modes=modes), progress=False)
         finally:
             engine.train()
         own = [r for r in results if r.mode == "adapter"]

@@ -7,7 +7,7 @@ from adapter_core.data.conversation import history_text
 from adapter_core.data.dataset import read_jsonl
 from adapter_core.evaluation import prompts
 from adapter_core.evaluation.prompts import SHORT_ANSWER
-from adapter_core.evaluation.runner import MODES, EvalOptions, _prepare
+from adapter_core.evaluation.runner import MODES, EvalOptions, _prepare, swap_partners
 
 DATA = Path(__file__).parents[1] / "data"
 CAROLINE, JOANNA = read_jsonl(DATA / "two_speakers.jsonl")
@@ -66,7 +66,7 @@ def test_every_mode_asks_for_a_short_answer_the_same_way(make_text_engine):
     engine = make_text_engine()
     tok = engine.tokenizer
     conversations = [CAROLINE, JOANNA, *CHATS]
-    asks = _prepare(engine, conversations, conversations[1:] + conversations[:1], EvalOptions(modes=MODES, recent_turns=2),
+    asks = _prepare(engine, conversations, swap_partners(conversations), EvalOptions(modes=MODES, recent_turns=2),
                     limit=1024)
     assert len(asks) == len(MODES) * sum(len(c.questions) for c in conversations)
     for ask in asks:

@@ -9,7 +9,7 @@ from adapter_core.data.personas import make_eval_set
 from adapter_core.evaluation import prompts, runner
 from adapter_core.evaluation.answering import Answer
 from adapter_core.evaluation.report import markdown_report, summarize
-from adapter_core.evaluation.runner import MODES, EvalOptions, _prepare, evaluate
+from adapter_core.evaluation.runner import MODES, EvalOptions, _prepare, evaluate, swap_partners
 
 from tests.conftest import tiny_text_engine
 
@@ -114,7 +114,7 @@ def test_every_mode_on_two_speaker_conversations_with_a_tiny_model(tiny_tokenize
 def test_the_swap_test_answers_each_question_under_the_next_conversation_s_adapter(tiny_tokenizer):
     engine = tiny_text_engine(tiny_tokenizer, seed=2, live=True)
     conversations = list(read_jsonl(TWO_SPEAKERS))
-    asks = _prepare(engine, conversations, conversations[1:] + conversations[:1],
+    asks = _prepare(engine, conversations, swap_partners(conversations),
                     EvalOptions(modes=("adapter", "adapter_swapped")), limit=1024)
     for u, conversation in enumerate(conversations):
         partner = conversations[(u + 1) % len(conversations)]
@@ -164,7 +164,7 @@ def test_a_gold_longer_than_the_answer_budget_still_fits_the_window(make_text_en
     engine = make_text_engine()
     conversations = list(read_jsonl(TWO_SPEAKERS))
     limit, budget = 400, 2
-    asks = _prepare(engine, conversations, conversations[1:] + conversations[:1],
+    asks = _prepare(engine, conversations, swap_partners(conversations),
                     EvalOptions(modes=MODES, max_new_tokens=budget, recent_turns=4), limit)
     assert max(len(a.gold) for a in asks) > 40  # "a lighthouse keeper who collects lost letters"
     assert all(len(a.prompt) + max(budget, len(a.gold)) <= limit for a in asks)
