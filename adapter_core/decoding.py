@@ -51,12 +51,30 @@ def fit_prompt(tokenizer, question: str, recent: Sequence[Turn], max_tokens: int
                system: str | None = SYSTEM_PROMPT) -> tuple[list[int], list[Turn]]:
     """The prompt's ids and the recent turns it kept: the earliest turns are dropped until the
     prompt has at most max_tokens (the question itself is never cut; check its size before)."""
-    recent = list(recent)
+    bare = len(prompt_ids(tokenizer, question, (), system))
+    recent = newest_within(tokenizer, recent, max_tokens - bare)
     ids = prompt_ids(tokenizer, question, recent, system)
     if len(ids) <= max_tokens:
         return ids, recent
     dropped = fewest_dropped(len(recent), lambda n: len(prompt_ids(tokenizer, question, recent[n:], system)) <= max_tokens)
     return prompt_ids(tokenizer, question, recent[dropped:], system), recent[dropped:]
+
+
+def newest_within(tokenizer, turns: Sequence[Turn], tokens: int) -> list[Turn]:
+    """The newest turns whose texts hold at most `tokens` tokens together (the chat template adds
+    more, so fit_prompt may drop more). One batched tokenization: a request with thousands of
+    earlier turns costs milliseconds here, where each of fit_prompt's tries renders the chat
+    template over every turn it is given (5,800 tiny turns held a request thread for 20 s)."""
+    turns = list(turns)
+    if not turns or tokens <= 0:
+        return []
+    counts = [len(ids) for ids in tokenizer([t.text for t in turns], add_special_tokens=False)["input_ids"]]
+    kept, total = 0, 0
+    for count in reversed(counts):
+        if total + count > tokens:
+            break
+        kept, total = kept + 1, total + count
+    return turns[len(turns) - kept:]
 
 
 def fewest_dropped(count: int, fits: Callable[[int], bool]) -> int:
@@ -129,6 +147,23 @@ class Row:
         return new
 
 
+PREFILL_CHUNK_TOKENS = 256
+"""Prompt columns run in one forward of a prefill: big enough to keep the products efficient,
+small enough that one decoder layer of a chunk stays short at a long context (see prefill)."""
+
+PrefilledGroup = tuple[list[Row], KVCache, torch.Tensor, RowAdapters | None]
+"""Rows prefilled together: the rows, their KV cache (N, H, T, D) per layer, mask (N, T), adapters."""
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """Replies whose prompts ran (DecodeBatch.prefill), ready to join a batch (DecodeBatch.add)."""
+
+    rows: list[Row]
+    """In the order of the requests."""
+    groups: list[PrefilledGroup]
+
+
 class DecodeBatch:
     """The rows being decoded together: their KV cache, attention mask and adapters.
 
@@ -153,19 +188,29 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @torch.inference_mode()
     def join(self, requests: Sequence[ReplyRequest]) -> list[Row]:
         """Prefill the requests and add them to the batch, each with its first token chosen; the
-        rows in the order of the requests. If this raises, the batch is as it was.
+        rows in the order of the requests. If this raises, the batch is as it was."""
+        return self.add(self.prefill(requests))
+
+    @torch.inference_mode()
+    def prefill(self, requests: Sequence[ReplyRequest], pause: Callable[[], None] | None = None) -> Prefilled:
+        """Run the requests' prompts, first tokens chosen, without adding them to the batch yet (see add).
 
         Prompts of similar length are prefilled together; a short prompt is not padded to a long
         one's length (left padding is computed like real tokens, and prefill is most of a new
-        reply's wait)."""
+        reply's wait). A prompt runs in chunks of PREFILL_CHUNK_TOKENS columns, each extending the
+        cache; pause, if given, is called before each decoder layer of each chunk (the inference
+        loop decodes other replies there, so a long prompt never holds them up: a chunk's layer at
+        an 8K context is tens of milliseconds, where the whole prompt is a minute)."""
         rows = self._rows(requests)
-        prefilled = [self._prefill(group) for group in _by_length(rows)]  # nothing changes before all succeed
-        for group, cache, mask, adapters in prefilled:
+        return Prefilled(rows, [self._prefill(group, pause) for group in _by_length(rows)])
+
+    def add(self, prefilled: Prefilled) -> list[Row]:
+        """Add prefilled rows to the batch (they join the next step); their rows, in request order."""
+        for group, cache, mask, adapters in prefilled.groups:
             self._merge(group, cache, mask, adapters)
-        return rows
+        return prefilled.rows
 
     @torch.inference_mode()
     def join_prefilled(self, requests: Sequence[ReplyRequest], cache: DynamicCache, mask: torch.Tensor,
@@ -184,21 +229,25 @@ class DecodeBatch:
         return [Row(r, None if r.state is None else engine.memory_matrices(r.state),
                     TokenPicker(r.sampling, r.prompt, r.seed)) for r in requests]
 
-    def _prefill(self, rows: list[Row]) -> tuple[list[Row], KVCache, torch.Tensor, RowAdapters | None]:
-        """One forward over the rows' prompts: their KV cache, mask and adapters, first tokens chosen."""
+    def _prefill(self, rows: list[Row], pause: Callable[[], None] | None = None) -> PrefilledGroup:
+        """The rows' prompts, chunk by chunk into one cache: their KV cache, mask and adapters,
+        first tokens chosen."""
         engine = self.engine
         ids, mask = left_pad([row.request.prompt for row in rows], self.pad_id)  # (N, T) each
+        ids, mask = ids.to(engine.device), mask.to(engine.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (N, T)
         cache = DynamicCache()
         adapters = engine.row_adapters([row.memory for row in rows])
-        with engine.applying(adapters):
-            logits = engine.base_model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
-                                       position_ids=positions.to(engine.device), cache=cache,
-                                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (N, V)
-        return self._start(rows, cache, mask.to(engine.device), logits, adapters)
+        with engine.applying(adapters, pause):
+            for start in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
+                end = min(start + PREFILL_CHUNK_TOKENS, ids.shape[1])
+                logits = engine.base_model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                                           position_ids=positions[:, start:end], cache=cache,
+                                           use_cache=True, logits_to_keep=1).logits[:, -1]  # (N, V)
+        return self._start(rows, cache, mask, logits, adapters)
 
     def _start(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor,
-               adapters: RowAdapters | None) -> tuple[list[Row], KVCache, torch.Tensor, RowAdapters | None]:
+               adapters: RowAdapters | None) -> PrefilledGroup:
         """Rows whose prompts were run: first tokens chosen; what _merge takes."""
         for row in rows:
             row.position = len(row.request.prompt)

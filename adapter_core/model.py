@@ -114,9 +114,13 @@ class GenerativeAdapterModel(nn.Module):
                 self._by_layer.setdefault(i, []).append((name, wrapped))
             layer.register_forward_pre_hook(self._hook_for(i), with_kwargs=True)
 
+        for layer in layers:  # every layer, adapted or not: see applying's pause
+            layer.register_forward_pre_hook(self._pausing_hook)
+
         self.checkpoint_meta: dict | None = None
         """What the loaded checkpoint says of itself (None: a freshly initialised, untrained generator)."""
         self._pass: _MemoryPass | None = None
+        self._pausing: tuple[Callable[[], None], RowAdapters | None] | None = None  # see applying's pause
         # The per-row memories live on the layers during a call, so calls must not interleave.
         self._lock = threading.RLock()
         self.generator_id = self.compute_generator_id()
@@ -222,24 +226,47 @@ class GenerativeAdapterModel(nn.Module):
             for name in self.adapted})
 
     @contextlib.contextmanager
-    def applying(self, adapters: RowAdapters | None) -> Iterator[None]:
-        """Within the block, every batch is adapted row by row as `adapters` says (None: base model)."""
+    def applying(self, adapters: RowAdapters | None, pause: Callable[[], None] | None = None) -> Iterator[None]:
+        """Within the block, every batch is adapted row by row as `adapters` says (None: base model).
+
+        pause: called before each decoder layer of the forwards inside the block, where the caller
+        may run other forwards of this model (the inference loop decodes other replies while a
+        long prompt is prefilled): the layers hold no adapters while it runs, and these ones
+        again after it; forwards run during the pause do not pause."""
         with self._lock:  # held even without adapters: an absorb in another thread sets memories
             # a memory pass paused between layers (see absorb's pause) leaves its memories on the
             # layers it went through: this call must not read them
             self._clear_memories()
-            if adapters is None:
-                yield
-                return
-            for name, layer in self.adapted.items():
-                if adapters.folded is not None:
-                    layer.folded = adapters.folded[name]
-                else:
-                    layer.memory = adapters.memory[name]
+            self._set_adapters(adapters)
+            outer, self._pausing = self._pausing, None if pause is None else (pause, adapters)
             try:
                 yield
             finally:
+                self._pausing = outer
                 self._clear_memories()
+
+    def _set_adapters(self, adapters: RowAdapters | None) -> None:
+        if adapters is None:
+            return
+        for name, layer in self.adapted.items():
+            if adapters.folded is not None:
+                layer.folded = adapters.folded[name]
+            else:
+                layer.memory = adapters.memory[name]
+
+    def _pausing_hook(self, _module, _args) -> None:
+        held = self._pausing
+        if held is None:
+            return
+        pause, adapters = held
+        self._pausing = None  # what runs during the pause is not paused, and sees no adapters of this call
+        self._clear_memories()
+        try:
+            pause()
+        finally:
+            self._clear_memories()
+            self._set_adapters(adapters)
+            self._pausing = held
 
     @contextlib.contextmanager
     def reading(self, sums: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> Iterator[None]:

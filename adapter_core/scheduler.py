@@ -2,11 +2,19 @@
 
 The thread owns the engine. Each turn of its loop
 
-1. lets the replies that arrived join the running batch (one prefill for all of them),
+1. lets the replies that arrived join the running batch (one prefill for all of them); a reply
+   whose prompt is longer than `long_prompt_tokens` is prefilled apart, in slices (4.),
 2. decodes one token for every reply in the batch and hands each its new tokens, dropping the
    rows that ended or whose reader cancelled, and
 3. every `steps_per_slice` decode steps (or at once when no reply is running) carries on with
-   the oldest compression for about `slice_seconds`.
+   the oldest long prefill, or when there is none the oldest compression, for about
+   `slice_seconds`.
+
+4. A long prefill runs in a greenlet too, chunk by chunk (DecodeBatch.prefill), and steps aside
+   before a decoder layer once its slice is used up and other replies wait: a user who sends an
+   8K-token prompt waits for it, everyone else only for one layer of one chunk. Long prefills go
+   one at a time and before compressions, and a compression paused meanwhile resumes only once
+   the prefill has ended (so the two greenlets' grad-mode contexts nest).
 
 A compression is one ordinary `engine.absorb` (passes of `windows_per_pass` windows, as the app
 always absorbed) run in a greenlet, which steps aside at a decoder layer's boundary once its
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 
 from greenlet import GreenletExit, greenlet
 
-from .decoding import DecodeBatch, Reply, ReplyRequest, Row, finished_reply
+from .decoding import PREFILL_CHUNK_TOKENS, DecodeBatch, Prefilled, Reply, ReplyRequest, Row, finished_reply
 from .model import GenerativeAdapterModel, Texts
 from .state import AdapterState
 
@@ -69,6 +77,10 @@ class ReplyStream:
     def result(self, timeout: float | None = None) -> Reply:
         """The finished reply (waits for it)."""
         return self._result.result(timeout)
+
+    def result_ready(self) -> bool:
+        """Whether the reply has ended."""
+        return self._result.done()
 
     def token_ids(self) -> Iterator[int]:
         """The reply's token ids as they are chosen (read either these or the text, not both)."""
@@ -111,22 +123,35 @@ class _Compression:
     runner: greenlet | None = None
 
 
+@dataclass
+class _LongPrefill:
+    """A reply whose long prompt is prefilled in a greenlet of its own, in slices (see the module docstring)."""
+
+    stream: ReplyStream
+    runner: greenlet | None = None
+
+
 class InferenceLoop:
     """The thread that runs every reply and compression of the app on one engine."""
 
     def __init__(self, engine: GenerativeAdapterModel, *, max_rows: int = 32, windows_per_pass: int = 4,
-                 slice_seconds: float = 0.25, steps_per_slice: int = 4):
+                 slice_seconds: float = 0.25, steps_per_slice: int = 4, long_prompt_tokens: int = PREFILL_CHUNK_TOKENS):
         """max_rows: most replies decoded at once (others wait to join); windows_per_pass: windows
         of one user's text in one absorbing pass (4, as the app before this loop, so adapters are
         unchanged); slice_seconds: how long a compression runs before it lets waiting replies in;
-        steps_per_slice: decode steps between two slices of a compression while replies run."""
-        if max_rows < 1 or windows_per_pass < 1 or steps_per_slice < 1 or not slice_seconds > 0:
-            raise ValueError("max_rows, windows_per_pass, steps_per_slice must be >= 1 and slice_seconds > 0")
+        steps_per_slice: decode steps between two slices of a compression or long prefill while
+        replies run; long_prompt_tokens: longer prompts are prefilled in slices, apart."""
+        if (max_rows < 1 or windows_per_pass < 1 or steps_per_slice < 1 or long_prompt_tokens < 1
+                or not slice_seconds > 0):
+            raise ValueError("max_rows, windows_per_pass, steps_per_slice, long_prompt_tokens must be >= 1 "
+                             "and slice_seconds > 0")
         self.engine = engine
         self.max_rows, self.windows_per_pass = max_rows, windows_per_pass
         self.slice_seconds, self.steps_per_slice = slice_seconds, steps_per_slice
+        self.long_prompt_tokens = long_prompt_tokens
         self._inbox: deque[ReplyStream] = deque()
         self._compressions: deque[_Compression] = deque()
+        self._long_prefills: deque[_LongPrefill] = deque()  # owned by the loop's thread
         self._wake = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -209,22 +234,29 @@ class InferenceLoop:
         try:
             while True:
                 with self._wake:
-                    while self._running and not (self._inbox or self._compressions or self._batch.rows):
+                    while self._running and not (self._inbox or self._compressions or self._batch.rows
+                                                 or self._long_prefills):
                         self._wake.wait()
                     if not self._running:
                         break
                     newcomers = self._take_newcomers()
                 try:
-                    if newcomers:
-                        self._join(newcomers)
+                    short = [s for s in newcomers if len(s.request.prompt) <= self.long_prompt_tokens]
+                    self._long_prefills.extend(_LongPrefill(s) for s in newcomers if s not in short)
+                    if short:
+                        self._join(short)
                         self._hand_out()
                     if self._batch.rows:
                         self._step()
                         steps += 1
                         self._hand_out()
-                    if self._compressions and (not self._batch.rows or steps >= self.steps_per_slice):
-                        self._slice()
-                        steps = 0
+                    if not self._batch.rows or steps >= self.steps_per_slice:
+                        if self._long_prefills:
+                            self._prefill_slice()
+                            steps = 0
+                        elif self._compressions:
+                            self._slice()
+                            steps = 0
                 except Exception:  # a bug of the loop itself: the replies in flight fail, the loop goes on
                     log.exception("the inference loop failed; its running replies end as failed")
                     self._fail_batch()
@@ -236,13 +268,13 @@ class InferenceLoop:
     def _take_newcomers(self) -> list[ReplyStream]:
         """The waiting replies that fit in the batch (called holding the lock); cancelled ones end here."""
         waiting = [s for s in self._inbox if not self._ended_early(s)]
-        room = max(0, self.max_rows - len(self._batch))
+        room = max(0, self.max_rows - len(self._batch) - len(self._long_prefills))
         self._inbox = deque(waiting[room:])
         return waiting[:room]
 
     def _join(self, newcomers: list[ReplyStream]) -> None:
         try:
-            rows = self._batch.join([s.request for s in newcomers])
+            prefilled = self._batch.prefill([s.request for s in newcomers])
         except Exception:
             if len(newcomers) == 1:
                 log.exception("a reply failed to start")
@@ -251,8 +283,7 @@ class InferenceLoop:
             for stream in newcomers:  # find the one that fails; the others still start
                 self._join([stream])
             return
-        for row, stream in zip(rows, newcomers):
-            self._streams[id(row)] = stream
+        self._add(prefilled, newcomers)
 
     def _step(self) -> None:
         try:
@@ -277,6 +308,36 @@ class InferenceLoop:
             stream._end(finished_reply(row, self.engine.tokenizer, stream.submitted))
         self._batch.leave(ended)
 
+    def _prefill_slice(self) -> None:
+        """Carry on with the oldest long prefill until its slice is used up and a reply waits, or it
+        ends (its reply then joins the batch); a cancelled one stops here."""
+        job = self._long_prefills[0]
+        if job.stream.cancelled:
+            self._long_prefills.popleft()
+            if job.runner is not None and not job.runner.dead:
+                job.runner.throw(GreenletExit)
+            self._end_unstarted(job.stream, "cancelled")
+            return
+        if job.runner is None:
+            job.runner = greenlet(lambda: self._batch.prefill([job.stream.request], pause=self._pause))
+        self._slice_ends = time.perf_counter() + self.slice_seconds
+        try:
+            prefilled = job.runner.switch()
+        except Exception:
+            self._long_prefills.popleft()
+            log.exception("a reply failed to start")
+            self._end_unstarted(job.stream, "failed")
+            return
+        if not job.runner.dead:
+            return
+        self._long_prefills.popleft()
+        self._add(prefilled, [job.stream])
+        self._hand_out()
+
+    def _add(self, prefilled: Prefilled, streams: list[ReplyStream]) -> None:
+        for row, stream in zip(self._batch.add(prefilled), streams):
+            self._streams[id(row)] = stream
+
     def _slice(self) -> None:
         """Carry on with the oldest compression until its slice is used up and a reply waits, or it ends."""
         job = self._compressions[0]
@@ -295,9 +356,12 @@ class InferenceLoop:
             job.future.set_result(result)
 
     def _pause(self) -> None:
-        """Called inside a compression before each decoder layer: step aside when its slice is used
-        up and replies are waiting (the loop switches back into it at the next slice)."""
-        if time.perf_counter() >= self._slice_ends and (self._batch.rows or self._inbox):
+        """Called inside a compression or long prefill before each decoder layer: step aside at
+        once for a reply that waits to join (its first token is what its user waits for), and once
+        the slice is used up for the replies being decoded (the loop switches back into it at the
+        next slice)."""
+        joining = self._inbox and len(self._batch) + len(self._long_prefills) < self.max_rows
+        if joining or (self._batch.rows and time.perf_counter() >= self._slice_ends):
             greenlet.getcurrent().parent.switch()
 
     def _fail_batch(self) -> None:
@@ -334,6 +398,11 @@ class InferenceLoop:
             log.exception("could not end the running replies cleanly")
             for stream in self._streams.values():
                 self._end_unstarted(stream, "cancelled")
+        for job in self._long_prefills:  # before the compressions: a prefill runs inside a paused one
+            if job.runner is not None and not job.runner.dead:
+                job.runner.throw(GreenletExit)
+            self._end_unstarted(job.stream, "cancelled")
+        self._long_prefills.clear()
         with self._wake:
             waiting, self._inbox = list(self._inbox), deque()
             compressions, self._compressions = list(self._compressions), deque()

@@ -1,8 +1,10 @@
 """Who is acting, and what they may do: the one place every service checks it.
 
-The UI's session holds the acting user's id (a gr.State, kept on the server); every service call
-passes it here, which reads the user again from the database, so that a deleted account or a
-revoked admin right takes effect at the next click.
+Who acts is an Actor: on the page, the secret of its login (a gr.State, kept on the server),
+which names a row of storage's login_sessions; in the API, the id of the user whose key this very
+request carried. Every service call passes it here, which reads the user again from the database,
+so that a logout, a deleted account or a revoked admin right takes effect at the next click. A page
+never holds a user id: an id outlives its account, a login does not.
 """
 
 from __future__ import annotations
@@ -17,19 +19,38 @@ from .limits import RateLimits
 from .settings import AppSettings
 
 
+Actor = int | str
+"""Who acts: a user id resolved from an API key within the current request, or a page's login secret."""
+
+
 @dataclass(frozen=True)
 class Access:
     storage: Storage
     settings: AppSettings
     limits: RateLimits
 
-    def user(self, user_id: object) -> User:
-        """The logged-in user; AccessDenied when nobody (or an account since deleted) is."""
-        checked = logged_in_id(user_id)
+    def user(self, actor: object) -> User:
+        """The acting user; AccessDenied when nobody is: no login, one that ended (logout, expiry,
+        account deleted), or an account since deleted."""
+        if isinstance(actor, str):
+            user = self.storage.login_user(actor)
+            if user is None:
+                raise AccessDenied("Please log in")
+            return user
+        if not isinstance(actor, int) or isinstance(actor, bool):
+            raise AccessDenied("Please log in")
         try:
-            return self.storage.get_user(checked)
+            return self.storage.get_user(actor)
         except NotFound:
             raise AccessDenied("Please log in") from None
+
+    def user_id(self, actor: object) -> int:
+        """The acting user's id, for a call whose own transaction then reads the user (and finds
+        it deleted, NotFound): a login is read here (one transaction), an API request's id is not
+        read again."""
+        if isinstance(actor, int) and not isinstance(actor, bool):
+            return actor
+        return self.user(actor).id
 
     def admin(self, actor_id: object) -> User:
         """The acting admin; AccessDenied for anyone else."""
@@ -68,16 +89,6 @@ class Access:
         """Count one costly action (export, compress now, probe) against the user's limit."""
         self.limits.hit(self.settings.actions_per_user, "action", str(user_id),
                         what="That was asked for several times in a short while")
-
-
-def logged_in_id(user_id: object) -> int:
-    """The session's user id as a number, before any database read; AccessDenied if there is none."""
-    if user_id is None:
-        raise AccessDenied("Please log in")
-    try:
-        return int(user_id)
-    except (TypeError, ValueError):
-        raise AccessDenied("Please log in") from None
 
 
 def chosen_id(field: str, value: object) -> int | None:

@@ -28,6 +28,15 @@ class Account:
         return cls(user.id, user.username, user.is_admin)
 
 
+@dataclass(frozen=True)
+class Login:
+    """A browser that logged in or signed up: who it is, and the secret its page acts with (the
+    only thing the page keeps: see app/access.py)."""
+
+    account: Account
+    secret: str
+
+
 class Accounts:
     def __init__(self, access: Access, downloads: DownloadStore, memory: Memory) -> None:
         self.access, self.downloads, self.memory = access, downloads, memory
@@ -35,7 +44,7 @@ class Accounts:
         self.signup_open = self.settings.allow_signup
         """Whether anyone may create an account; admins switch it at run time (app/admin.py)."""
 
-    def sign_up(self, username: str, password: str, address: str | None = None) -> Account:
+    def sign_up(self, username: str, password: str, address: str | None = None) -> Login:
         if not self.signup_open:
             raise AccessDenied("Sign-up is closed; ask an admin for an account")
         per_address, per_server = self.settings.signups_per_address, self.settings.signups_per_server
@@ -58,9 +67,9 @@ class Accounts:
         self.limits.record(per_address, "signup", str(address))
         self.limits.record(per_server, "signup")
         self.storage.record_audit(user.id, "signup", user.id, {"address": address})
-        return Account.of(user)
+        return self._login(user)
 
-    def log_in(self, username: str, password: str, address: str | None = None) -> Account:
+    def log_in(self, username: str, password: str, address: str | None = None) -> Login:
         """Failures are counted per normalised name and address, and per address; once either is
         used up, tries are refused at once (no password is checked, nobody waits)."""
         name = validation.normalize_username(str(username))[:64]
@@ -76,12 +85,27 @@ class Accounts:
                                       {"username": name, "address": address})
             raise LoginFailed("Wrong username or password")
         self.limits.clear(per_name, "login", name, str(address))
-        return Account.of(user)
+        return self._login(user)
 
-    def log_out(self, user_id: int | None) -> None:
-        """Drop what this browser session was handed (its download links)."""
-        if user_id is not None:
-            self.downloads.remove_user(int(user_id))
+    def _login(self, user: User) -> Login:
+        try:
+            return Login(Account.of(user), self.storage.start_login(user.id).secret)
+        except NotFound:  # deleted in between
+            raise AccessDenied("That account was just deleted") from None
+
+    def log_out(self, actor: object, *, everywhere: bool = False) -> int:
+        """End this page's login (everywhere: every login of its user, on every browser) and drop
+        the download links it was handed; how many logins ended. Nothing for a page whose login
+        had already ended."""
+        try:
+            user = self.access.user(actor)
+        except AccessDenied:
+            return 0
+        self.downloads.remove_user(user.id)
+        if everywhere:
+            return self.storage.end_logins(user.id)
+        self.storage.end_login(actor)
+        return 1
 
     def delete_own(self, user_id: object) -> str:
         """Delete the user's own account and all its data (its API keys stop working with the

@@ -25,7 +25,7 @@ from adapter_core.scheduler import InferenceLoop, ReplyStream
 from storage import NotFound, ValidationError, validation
 from storage.models import Message
 
-from .access import Access, logged_in_id
+from .access import Access
 from .errors import AccessDenied, Busy, InvalidInput, TooLong
 from .memory import Memory
 
@@ -151,6 +151,12 @@ class Chat:
         user = self.access.user(user_id)
         return tuple(HistoryMessage.of(m) for m in self.storage.history(user.id))
 
+    @property
+    def prompt_limit(self) -> int:
+        """Most tokens of a prompt: what the model can take, and what one request may cost (a long
+        prompt is prefilled in slices, so it holds nobody else up, but it costs its user the time)."""
+        return min(self.prompt_room, self.settings.max_prompt_tokens)
+
     def check_message(self, text: object, field: str = "text") -> tuple[str, int]:
         """The message as it will be stored, and its tokens; InvalidInput if it cannot be sent."""
         if isinstance(text, str) and len(text) > self.settings.max_message_chars:  # refused unread
@@ -161,9 +167,9 @@ class Chat:
         except ValidationError as e:
             raise InvalidInput(field, e.reason) from e
         tokens = count_tokens(self.engine.tokenizer, text)
-        room = self.prompt_room - self._framing
+        room = self.prompt_limit - self._framing
         if tokens > room:
-            raise TooLong(field, f"is too long for the model: {tokens:,} tokens, at most {room:,}")
+            raise TooLong(field, f"is too long: {tokens:,} tokens, at most {room:,}")
         return text, tokens
 
     def reply(self, user_id: object, text: str, *, with_history: bool = False, announce: bool = False,
@@ -181,7 +187,7 @@ class Chat:
         options = options or ReplyOptions()
         if with_history and not options.store:
             raise ValueError("with_history shows the stored history: a turn that is not stored has none to show")
-        user_id = logged_in_id(user_id)
+        user_id = self.access.user_id(user_id)
         text, tokens = self.check_message(text)
         system, framing = self._system(options.instructions, tokens)
         with self._answering_lock:
@@ -203,7 +209,7 @@ class Chat:
             else:
                 state, version, pending = self._unstored_context(user_id, with_pending=options.context is None)
             recent = list(options.context) if options.context is not None else [Turn(m.role, m.text) for m in pending]
-            budget = min(self.prompt_room, framing + tokens + self.settings.recent_token_budget)
+            budget = min(self.prompt_limit, framing + tokens + self.settings.recent_token_budget)
             ids, kept = fit_prompt(self.engine.tokenizer, text, recent, budget, system)
             stream = self.loop.submit(ReplyRequest(prompt=tuple(ids), state=state,
                                                    sampling=options.sampling or self.sampling, seed=options.seed))
@@ -252,9 +258,9 @@ class Chat:
             return SYSTEM_PROMPT, self._framing
         system = f"{SYSTEM_PROMPT}\n\n{instructions}"
         framing = len(prompt_ids(self.engine.tokenizer, "", system=system))
-        if framing + tokens > self.prompt_room:
-            raise TooLong("instructions", f"and the message are too long for the model together: "
-                                          f"{framing + tokens:,} tokens, at most {self.prompt_room:,}")
+        if framing + tokens > self.prompt_limit:
+            raise TooLong("instructions", f"and the message are too long together: "
+                                          f"{framing + tokens:,} tokens, at most {self.prompt_limit:,}")
         return system, framing
 
 

@@ -23,7 +23,7 @@ from adapter_core.scheduler import InferenceLoop
 from storage import CursorError, MemorySummary, NotFound, RebuildRequired, SnapshotFileError, TurnStart
 from storage.models import AdapterSnapshot, CompressionJob, Message, User
 
-from .access import Access, chosen_id, logged_in_id
+from .access import Access, chosen_id
 from .downloads import DownloadStore
 from .errors import AccessDenied, Gone, refusing
 
@@ -80,9 +80,9 @@ class Memory:
     # --- the memory tab ----------------------------------------------------------------------------
 
     def status(self, user_id: object) -> MemoryStatus:
-        """One read of the database: this runs on a timer for every open page."""
+        """One read of the database, and one of the page's login: this runs on a timer for every open page."""
         try:
-            return MemoryStatus.of(self.storage.memory_summary(logged_in_id(user_id)))
+            return MemoryStatus.of(self.storage.memory_summary(self.access.user_id(user_id)))
         except NotFound:
             raise AccessDenied("Please log in") from None
 

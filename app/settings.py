@@ -61,6 +61,9 @@ class AppSettings:
     messages_per_user: str = _limit("12/minute", "chat messages of one user (each costs a reply)")
     actions_per_user: str = _limit("6/minute", "exports, compress-now and admin probes of one user")
     recent_token_budget: int = _setting(3072, "most tokens of not-yet-absorbed turns kept in a prompt")
+    max_prompt_tokens: int = _setting(4096, "most tokens of a reply's prompt in all: system text, earlier turns "
+                                            "and message (longer instructions or messages are refused; earlier "
+                                            "turns are dropped, earliest first)")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> "AppSettings":

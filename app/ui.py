@@ -1,7 +1,8 @@
 """The Gradio interface: login and sign-up, the chat, the memory panel and the admin page.
 
 Who is logged in lives in a gr.State, which Gradio keeps on the server for each browser session
-(a client cannot set it). Every handler passes it to the services (app/services.py), which check
+(a client cannot set it): the secret of the page's login (app/access.py), never a user id, so a
+logout elsewhere or a deleted account ends what this page can do. Every handler passes it to the services (app/services.py), which check
 it again; hiding the admin tab is a convenience, not the protection. The services hand back
 typed results (frozen dataclasses), read here by attribute.
 
@@ -24,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import gradio as gr
 import pandas as pd
 
-from .accounts import Account
+from .accounts import Login
 from .api_keys import ApiKeyRow
 from .chat import FinishedReply, HistoryMessage, TurnOpened
 from .downloads import Download
@@ -188,7 +189,7 @@ def build_ui(services: Services) -> gr.Blocks:
         services.accounts, services.chat, services.memory, services.exports, services.admin, services.api_keys)
     rules = services.storage.settings
     with gr.Blocks(title=TITLE) as ui:
-        session = gr.State(None)        # the logged-in user's id
+        session = gr.State(None)        # the secret of this page's login (app/access.py)
         pending_forget = gr.State(None)  # a message id waiting for "Yes, forget"
         pending_admin = gr.State(None)   # (action, user id) waiting for "Yes"
         zone = gr.Textbox(value="UTC", visible=False, elem_id="timezone")
@@ -215,6 +216,7 @@ def build_ui(services: Services) -> gr.Blocks:
             with gr.Row():
                 whoami = gr.Markdown(elem_id="whoami")
                 logout_button = gr.Button("Log out", size="sm", scale=0, elem_id="logout")
+                logout_all_button = gr.Button("Log out everywhere", size="sm", scale=0, elem_id="logout-everywhere")
             with gr.Tabs():
                 with gr.Tab("Chat", id="chat"):
                     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot",
@@ -323,12 +325,13 @@ def build_ui(services: Services) -> gr.Blocks:
             }
         page_outputs = list(blank())
 
-        def entered(me: Account) -> dict:
+        def entered(login: Login) -> dict:
+            me = login.account
             return blank() | {
-                session: me.id, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
+                session: login.secret, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
                 admin_tab: gr.update(visible=me.is_admin),
                 whoami: f"Logged in as **{name_markdown(me.username)}**" + (" (admin)" if me.is_admin else ""),
-                chatbot: _chat_messages(chat_service.history(me.id)),
+                chatbot: _chat_messages(chat_service.history(login.secret)),
             }
 
         def refused(notice_text: str) -> dict:
@@ -347,8 +350,14 @@ def build_ui(services: Services) -> gr.Blocks:
             except Exception as e:  # noqa: BLE001
                 return refused(describe(e, "sign up"))
 
-        def log_out(user_id):
-            accounts.log_out(user_id)
+        def log_out(login):
+            accounts.log_out(login)
+            return blank()
+
+        def log_out_everywhere(login):
+            ended = accounts.log_out(login, everywhere=True)
+            if ended > 1:
+                gr.Info(f"Logged out on {plural(ended, 'browser')}.")
             return blank()
 
         login_button.click(log_in, [username, password], page_outputs, api_name="login")
@@ -607,5 +616,7 @@ def build_ui(services: Services) -> gr.Blocks:
         # A reply, export or probe still running would write the last person's data into the
         # page after the logout: logging out cancels them first.
         logout_button.click(log_out, [session], page_outputs, api_name="logout", cancels=running)
+        logout_all_button.click(log_out_everywhere, [session], page_outputs, api_name="logout_everywhere",
+                                cancels=running)
     return ui
 

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from adapter_core import GenerativeAdapterModel
-from adapter_core.data.conversation import Turn, history_text
-from adapter_core.decoding import count_tokens
+from adapter_core.data.conversation import Turn, history_text, prompt_ids
+from adapter_core.decoding import ReplyRequest, count_tokens, fit_prompt
+from adapter_core.sampling import SamplingConfig
 from adapter_core.scheduler import InferenceLoop
 from app.services import Services
 from app.settings import AppSettings
@@ -205,3 +206,32 @@ def _during_compression(services: Services, mode: str, chatting: int, compressed
     worker.join()
     return {"mode": mode, "compression_tokens": options.compression_tokens, "compression_s": result.get("seconds"),
             "first_token_s": firsts, "first_token_max_s": max(firsts) if firsts else None}
+
+
+def during_long_prefill(engine: GenerativeAdapterModel, options: BenchOptions) -> dict:
+    """User A sends a prompt of long_prompt_tokens; while it is prefilled, user B sends short
+    messages one after another: B's first tokens, and how long A waited for its own. The loop runs
+    on this thread, as in the app."""
+    tok = engine.tokenizer
+    long_prompt, _ = fit_prompt(tok, QUESTION, history_turns(tok, options.long_prompt_tokens, seed=300),
+                                options.long_prompt_tokens)
+    short_prompt = prompt_ids(tok, QUESTION)
+    sampling = SamplingConfig.greedy(4)
+    loop = InferenceLoop(engine)
+    result: dict = {"long_prompt_tokens": len(long_prompt), "short_prompt_tokens": len(short_prompt)}
+
+    def measure() -> None:
+        loop.submit(ReplyRequest(short_prompt, None, sampling)).result()  # warm-up
+        started = time.perf_counter()
+        long = loop.submit(ReplyRequest(long_prompt, None, sampling))
+        time.sleep(0.3)  # A's prefill is under way
+        firsts = []
+        while not long.result_ready() and len(firsts) < options.replies_during_compression:
+            answer = loop.submit(ReplyRequest(short_prompt, None, sampling)).result()
+            firsts.append(answer.first_token_s)
+        a = long.result()
+        result.update(first_token_s=firsts, first_token_max_s=max(firsts) if firsts else None,
+                      long_first_token_s=a.first_token_s, long_total_s=time.perf_counter() - started)
+
+    _with_loop_on_this_thread(loop, measure)
+    return result

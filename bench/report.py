@@ -84,6 +84,7 @@ def markdown(results: dict) -> str:
                      f"{_verdict(last['adapter_overhead'] <= t['many_users_overhead_16'])}.")
     lines += _decode(results)
     lines += _concurrency(results)
+    lines += ["", *_long_prefill(results)]
     lines += ["", "## Memory per user", "", "| history tokens | adapter state | KV cache of the history | raw text |",
               "|---|---|---|---|"]
     for r in results["memory_size"]:
@@ -161,6 +162,21 @@ def _concurrency(results: dict) -> list[str]:
                           f"within {limit:.0f} s: worst {d['first_token_max_s']:.2f} s, "
                           f"{_verdict(d['first_token_max_s'] <= limit)}."]
     return lines
+
+
+def _long_prefill(results: dict) -> list[str]:
+    d, t = results.get("long_prefill"), results["targets"]
+    if not d:
+        return []
+    each = ", ".join(f"{s:.2f}" for s in d["first_token_s"]) or "none"
+    worst = d["first_token_max_s"]
+    limit = t["first_token_during_long_prefill_s"]
+    return ["## A long prompt beside short ones", "",
+            f"User A sends a {d['long_prompt_tokens']:,}-token prompt; while it is prefilled (in chunks, stepping "
+            f"aside between decoder layers), user B sends {d['short_prompt_tokens']}-token messages one after another.",
+            "", f"B's first tokens (s): {each}. A's first token after {d['long_first_token_s']:.1f} s.", "",
+            f"Target: B's first token within {limit:.0f} s: worst "
+            + (f"{worst:.2f} s, {_verdict(worst <= limit)}." if worst is not None else "no reply of B measured.")]
 
 
 def _save(fig, path: Path) -> None:

@@ -47,6 +47,8 @@ class BenchOptions:
     compression_tokens: int = 4096
     """Size of the compression that runs while replies are measured."""
     replies_during_compression: int = 5
+    long_prompt_tokens: int = 7800
+    """Prompt of the user whose long prefill runs while another user's replies are measured."""
     decode_bench_tokens: int = 128
     """Tokens decoded per user in the decode section (llama.cpp's tg128)."""
     agreement_tokens: int = 64

@@ -11,11 +11,11 @@ from .errors import (
     ValidationError,
 )
 from .repository import Storage
-from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, TurnEnd, TurnStart, UserSummary
+from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, NewLogin, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
 
 __all__ = [
-    "CursorError", "KeyHolder", "MemorySummary", "MessageCounts", "NewApiKey", "NotFound", "RebuildRequired",
+    "CursorError", "KeyHolder", "MemorySummary", "MessageCounts", "NewApiKey", "NewLogin", "NotFound", "RebuildRequired",
     "SnapshotFileError", "Storage", "StorageError", "StorageSettings", "TurnEnd", "TurnStart", "UserSummary",
     "UsernameLookAlike", "UsernameTaken", "ValidationError", "default_url", "make_engine", "upgrade",
 ]

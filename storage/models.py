@@ -71,8 +71,16 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
 
 
+NEVER_REUSED = {"sqlite_autoincrement": True}
+"""Table option of every table: an id, once used, never comes back. Plain SQLite hands the largest
+rowid out again once its row is deleted, so a page, key, link, job or cursor that still names a
+deleted row would name the next one made (a deleted account's open page would become the next
+account); AUTOINCREMENT never does. PostgreSQL's sequences never reuse a value anyway."""
+
+
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = (NEVER_REUSED,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(USERNAME_COLUMN_CHARS), unique=True)
@@ -94,7 +102,7 @@ class User(Base):
 class Conversation(Base):
     __tablename__ = "conversations"
     # (id, user_id) is unique so that messages can refer to it with a composite foreign key.
-    __table_args__ = (UniqueConstraint("id", "user_id"),)
+    __table_args__ = (UniqueConstraint("id", "user_id"), NEVER_REUSED)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -104,7 +112,7 @@ class Conversation(Base):
 
 class AdapterSnapshot(Base):
     __tablename__ = "adapter_snapshots"
-    __table_args__ = (UniqueConstraint("user_id", "version"),)
+    __table_args__ = (UniqueConstraint("user_id", "version"), NEVER_REUSED)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -130,9 +138,8 @@ class Message(Base):
                              ondelete="CASCADE"),
         CheckConstraint("role IN ('user', 'assistant')", name="role"),
         Index("ix_messages_user_id_id", "user_id", "id"),
-        # Cursors compare message ids, so an id must never come back after a deletion; plain
-        # SQLite reuses the highest rowid once its row is gone, AUTOINCREMENT never does.
-        {"sqlite_autoincrement": True},
+        # Cursors compare message ids, so an id must never come back after a deletion.
+        NEVER_REUSED,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -155,6 +162,7 @@ class CompressionJob(Base):
         Index("uq_compression_jobs_active_user", "user_id", unique=True,
               sqlite_where=text(ACTIVE_JOB), postgresql_where=text(ACTIVE_JOB)),
         Index("ix_compression_jobs_status_not_before", "status", "not_before"),
+        NEVER_REUSED,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -179,6 +187,7 @@ class ApiKey(Base):
     random bits, so a plain hash suffices (a slow password hash would only slow every request)."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (NEVER_REUSED,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -197,6 +206,7 @@ class AuditEntry(Base):
     """An admin action. Kept when the users involved are deleted, with their ids set to NULL."""
 
     __tablename__ = "audit_log"
+    __table_args__ = (NEVER_REUSED,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
@@ -205,3 +215,23 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+
+
+class LoginSession(Base):
+    """A browser's login: the page holds its secret, and every action of the page is checked
+    against this row (app/access.py). It ends (the row is deleted) at logout, at a logout from
+    everywhere, when it has been idle or alive too long, and with its account (ON DELETE CASCADE):
+    a page of a deleted account can never act again, whatever account is made after it.
+
+    Only the secret's SHA-256 is kept: it is 256 random bits, as an API key's."""
+
+    __tablename__ = "login_sessions"
+    __table_args__ = (NEVER_REUSED,)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """SHA-256 of the session's secret, in hex."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    """When the page last acted, to the minute (storage.repository.SEEN_RESOLUTION)."""

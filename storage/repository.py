@@ -36,9 +36,9 @@ from .errors import (
 from .files import DIR_MODE, SnapshotFiles, make_private_dirs, restrict_mode
 from .models import (
     API_KEY_NAME_CHARS, USERNAME_SKELETON_CHARS, AdapterSnapshot, ApiKey, AuditEntry, CompressionJob, Conversation,
-    Message, User, utcnow,
+    LoginSession, Message, User, utcnow,
 )
-from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, TurnEnd, TurnStart, UserSummary
+from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, NewLogin, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
 
 ID_MAX_CHARS = 200
@@ -51,7 +51,10 @@ API_KEY_PREFIX = "sk-mc-"
 _API_KEY = re.compile(r"sk-mc-[A-Za-z0-9_-]{43}")
 """The prefix and 32 random bytes in URL-safe base64 (secrets.token_urlsafe(32))."""
 KEY_USE_RESOLUTION = timedelta(minutes=1)
-"""How finely an API key's last use is recorded: at most one write per key and minute."""
+"""How finely an API key's (or a login's) last use is recorded: at most one write per key and minute."""
+LOGIN_PREFIX = "ms-"
+_LOGIN_SECRET = re.compile(r"ms-[A-Za-z0-9_-]{43}")
+"""A login's secret: the prefix and 32 random bytes in URL-safe base64."""
 
 
 class Storage:
@@ -241,6 +244,61 @@ class Storage:
                 ).values(last_used_at=now))
             key.last_used_at = now
         return KeyHolder(key, user)
+
+    # --- browser logins ---------------------------------------------------------------------
+
+    def start_login(self, user_id: int) -> NewLogin:
+        """A new login of the user (a browser that gave the right password); its secret is in the
+        result and nowhere else. Logins that have expired meanwhile are deleted on the way."""
+        secret = LOGIN_PREFIX + secrets.token_urlsafe(32)
+        login = LoginSession(user_id=user_id, secret_hash=_key_hash(secret))
+        with self._writing() as session:
+            self._lock_user(session, user_id)
+            session.execute(delete(LoginSession).where(self._expired(utcnow())))
+            session.add(login)
+        return NewLogin(login, secret)
+
+    def login_user(self, secret: object) -> User | None:
+        """The user whose login this secret is; None when it is none: malformed (not looked up), ended
+        (logout, logout everywhere, account deleted) or expired (settings.login_idle_s and
+        login_lifetime_s; deleted then). Its use is recorded, at most once a minute, as an API key's."""
+        if not isinstance(secret, str) or not _LOGIN_SECRET.fullmatch(secret):
+            return None
+        query = (select(LoginSession, User).join(User, User.id == LoginSession.user_id)
+                 .where(LoginSession.secret_hash == _key_hash(secret)))
+        with self._reading() as session:
+            row = session.execute(query).one_or_none()
+        if row is None:
+            return None
+        login, user = row
+        now = utcnow()
+        if self._login_expired(login, now):
+            self.end_login(secret)
+            return None
+        if now - login.last_seen_at >= KEY_USE_RESOLUTION:
+            with self._writing() as session:
+                session.execute(update(LoginSession).where(LoginSession.id == login.id).values(last_seen_at=now))
+        return user
+
+    def end_login(self, secret: object) -> None:
+        """End one login (logout); nothing happens for a secret that is no login."""
+        if isinstance(secret, str) and _LOGIN_SECRET.fullmatch(secret):
+            with self._writing() as session:
+                session.execute(delete(LoginSession).where(LoginSession.secret_hash == _key_hash(secret)))
+
+    def end_logins(self, user_id: int) -> int:
+        """End every login of the user (logout everywhere); how many there were."""
+        with self._writing() as session:
+            return session.execute(delete(LoginSession).where(LoginSession.user_id == user_id)).rowcount
+
+    def _login_expired(self, login: LoginSession, now: datetime) -> bool:
+        return (now - login.last_seen_at > timedelta(seconds=self.settings.login_idle_s)
+                or now - login.created_at > timedelta(seconds=self.settings.login_lifetime_s))
+
+    def _expired(self, now: datetime):
+        """The logins past their idle time or lifetime, as a WHERE clause."""
+        return ((LoginSession.last_seen_at < now - timedelta(seconds=self.settings.login_idle_s))
+                | (LoginSession.created_at < now - timedelta(seconds=self.settings.login_lifetime_s)))
 
     # --- conversations and messages --------------------------------------------------------
 

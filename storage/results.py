@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import AdapterSnapshot, ApiKey, CompressionJob, Message, User
+from .models import AdapterSnapshot, ApiKey, CompressionJob, LoginSession, Message, User
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,12 @@ class KeyHolder:
 
     key: ApiKey
     user: User
+
+
+@dataclass(frozen=True)
+class NewLogin:
+    """A browser's login just begun (Storage.start_login): its row and its secret, which is kept
+    nowhere else (only its SHA-256 is stored)."""
+
+    login: LoginSession
+    secret: str

@@ -33,6 +33,12 @@ class StorageSettings:
     api_keys_per_user: int = 20
     """Most API keys one user may hold at once (each is one more way into their account)."""
 
+    login_idle_s: float = 30 * 60
+    """A browser's login ends once it has not acted for this long (an open page acts every few seconds)."""
+
+    login_lifetime_s: float = 24 * 3600
+    """...and this long after it began, however active: then its person logs in again."""
+
     json_max_bytes: int = 64 * 1024
     """Largest JSON document (snapshot statistics, audit details) once encoded."""
 
@@ -69,6 +75,8 @@ class StorageSettings:
                      "snapshot_max_bytes", "busy_timeout_ms", "job_max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 < self.login_idle_s <= self.login_lifetime_s:
+            raise ValueError("need 0 < login_idle_s <= login_lifetime_s")
         if not 0 <= self.job_retry_base_s <= self.job_retry_max_s:
             raise ValueError("need 0 <= job_retry_base_s <= job_retry_max_s")
 

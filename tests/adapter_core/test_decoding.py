@@ -121,8 +121,8 @@ def test_prompts_of_very_different_lengths_are_prefilled_apart(make_engine, rand
     batch = DecodeBatch(engine)
     widths = []
     prefill = batch._prefill
-    monkeypatch.setattr(batch, "_prefill", lambda rows: widths.append([len(r.request.prompt) for r in rows])
-                        or prefill(rows))
+    monkeypatch.setattr(batch, "_prefill", lambda rows, pause=None: widths.append(
+        [len(r.request.prompt) for r in rows]) or prefill(rows, pause))
     requests = [ReplyRequest(random_tokens(n), None, GREEDY) for n in (30, 3, 31, 4, 29)]
     rows = batch.join(requests)
     assert widths == [[3, 4], [29, 30, 31]]  # a 3-token prompt is not padded to 31

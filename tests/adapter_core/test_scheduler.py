@@ -214,3 +214,91 @@ def test_a_row_whose_draw_fails_fails_alone():
     scores[1] = float("nan")
     chosen = choose_tokens(pickers, scores)
     assert isinstance(chosen[0], int) and isinstance(chosen[1], Exception) and chosen[2] == int(scores[2].argmax())
+
+
+# --- long prompts are prefilled in slices (attacker findings, point 2) -----------------------------
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Prefill chunks of 8 columns, so that the tiny model's prompts of ~100 tokens take many."""
+    monkeypatch.setattr("adapter_core.decoding.PREFILL_CHUNK_TOKENS", 8)
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_reply_of_one_forward(engine, random_tokens, monkeypatch):
+    alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    requests = [ReplyRequest(random_tokens(n), state, GREEDY) for n, state in ((100, alice), (37, None), (9, alice))]
+    monkeypatch.setattr("adapter_core.decoding.PREFILL_CHUNK_TOKENS", 10_000)
+    whole = [r.tokens for r in reply(engine, requests)]
+    monkeypatch.setattr("adapter_core.decoding.PREFILL_CHUNK_TOKENS", 8)
+    assert [r.tokens for r in reply(engine, requests)] == whole
+
+
+def test_a_long_prompt_steps_aside_for_other_replies_and_gives_the_same_reply(engine, random_tokens, small_chunks,
+                                                                              monkeypatch):
+    alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    long = ReplyRequest(random_tokens(200), alice, GREEDY)
+    expected = reply(engine, [long])[0].tokens
+    pauses = []
+    with InferenceLoop(engine, slice_seconds=1e-9, long_prompt_tokens=16) as loop:
+        step_aside = loop._pause
+        monkeypatch.setattr(loop, "_pause", lambda: pauses.append(bool(loop._batch.rows or loop._inbox))
+                            or step_aside())
+        stop, replies = threading.Event(), []
+        replying = keep_replying(loop, random_tokens, stop, replies)
+        try:
+            time.sleep(0.05)
+            answer = loop.submit(long).result(timeout=60)
+        finally:
+            stop.set()
+            replying.join(60)
+    assert answer.tokens == expected and answer.prompt_tokens == 200
+    assert sum(pauses) >= 4  # it stepped aside while others were decoding
+    # the replies decoded during its pauses saw nothing of its adapter
+    assert replies and all(a.tokens == reply(engine, [r])[0].tokens for r, a in replies)
+
+
+def test_a_short_reply_does_not_wait_for_a_long_prefill(engine, random_tokens, small_chunks, monkeypatch):
+    first_token: dict[str, float] = {}
+    with InferenceLoop(engine, slice_seconds=1e-3, long_prompt_tokens=16) as loop:
+        slow = loop._pause
+        monkeypatch.setattr(loop, "_pause", lambda: time.sleep(0.002) or slow())  # each layer of the long one: 2 ms+
+        long = loop.submit(ReplyRequest(random_tokens(250), None, SamplingConfig.greedy(2)))
+        time.sleep(0.05)  # the long prefill is under way
+        short = loop.submit(ReplyRequest(random_tokens(5), None, SamplingConfig.greedy(2)))
+        for name, stream in (("short", short), ("long", long)):
+            next(iter(stream.token_ids()))
+            first_token[name] = time.perf_counter()
+        assert long.result(timeout=60).finish == "length" and short.result(timeout=60).finish == "length"
+    assert first_token["short"] < first_token["long"]
+
+
+def test_stopping_during_a_long_prefill_cancels_it_and_leaves_the_engine_clean(engine, random_tokens, small_chunks):
+    loop = InferenceLoop(engine, slice_seconds=1e-9, long_prompt_tokens=16).start()
+    stop = threading.Event()
+    replying = keep_replying(loop, random_tokens, stop)
+    time.sleep(0.05)
+    alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    long = loop.submit(ReplyRequest(random_tokens(250), alice, GREEDY))
+    deadline = time.perf_counter() + 30
+    while not (loop._long_prefills and loop._long_prefills[0].runner is not None) and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    stop.set()
+    loop.stop()
+    replying.join(60)
+    assert long.result(timeout=10).finish == "cancelled"
+    assert engine._pausing is None and all(layer.memory is None and layer.folded is None
+                                           for layer in engine.adapted.values())
+
+
+def test_a_cancelled_long_prefill_ends_without_joining(engine, random_tokens, small_chunks):
+    with InferenceLoop(engine, slice_seconds=1e-9, long_prompt_tokens=16) as loop:
+        stop = threading.Event()
+        replying = keep_replying(loop, random_tokens, stop)
+        long = loop.submit(ReplyRequest(random_tokens(250), None, GREEDY))
+        time.sleep(0.02)
+        long.cancel()
+        assert long.result(timeout=30).finish == "cancelled" and long.result().tokens == ()
+        stop.set()
+        replying.join(60)
+        # the loop goes on
+        assert loop.submit(ReplyRequest(random_tokens(30), None, GREEDY)).result(timeout=30).finish == "length"

@@ -6,17 +6,48 @@ from app.errors import AccessDenied, InvalidInput, LoginFailed, RateLimited, des
 
 
 def test_sign_up_log_in_and_wrong_password(services, password):
-    alice = services.accounts.sign_up("alice", password)
+    signed_up = services.accounts.sign_up("alice", password)
+    alice = signed_up.account
     assert (alice.username, alice.is_admin) == ("alice", False)
-    assert services.accounts.log_in("Alice", password) == alice  # usernames are case-folded
-    assert services.accounts.whoami(alice.id) == alice
+    logged_in = services.accounts.log_in("Alice", password)  # usernames are case-folded
+    assert logged_in.account == alice and logged_in.secret != signed_up.secret  # a login of its own
+    assert services.accounts.whoami(logged_in.secret) == alice
     with pytest.raises(LoginFailed):
         services.accounts.log_in("alice", "wrong password!")
     with pytest.raises(LoginFailed):
         services.accounts.log_in("nobody", password)
-    for nobody in (None, "abc", 99999):
+    for nobody in (None, "abc", 99999, True, 1.0, str(alice.id)):
         with pytest.raises(AccessDenied, match="Please log in"):
             services.accounts.whoami(nobody)
+
+
+def test_a_deleted_accounts_page_never_becomes_the_next_account(services, password):
+    """Attacker findings, point 1: an open page kept only a user id, and SQLite gave the next
+    sign-up that id; the old page then read and wrote the new user's chat, memory and keys."""
+    old = services.accounts.sign_up("alice", password)
+    services.accounts.delete_own(old.secret)
+    new = services.accounts.sign_up("bob", password)
+    assert new.account.id != old.account.id
+    for action in (services.accounts.whoami, services.chat.history, services.memory.status,
+                   services.api_keys.mine, lambda who: services.api_keys.create(who, "stolen")):
+        with pytest.raises(AccessDenied, match="Please log in"):
+            action(old.secret)
+    assert services.api_keys.mine(new.secret) == ()
+
+
+def test_logging_out_ends_this_login_and_everywhere_ends_all(services, password):
+    home, work = services.accounts.sign_up("alice", password), services.accounts.log_in("alice", password)
+    bob = services.accounts.sign_up("bob", password)
+    assert services.accounts.log_out(home.secret) == 1
+    with pytest.raises(AccessDenied):
+        services.accounts.whoami(home.secret)
+    assert services.accounts.whoami(work.secret).username == "alice"  # another browser stays in
+    assert services.accounts.log_out(home.secret) == 0  # a second logout of the same page: nothing to end
+    again = services.accounts.log_in("alice", password)
+    assert services.accounts.log_out(again.secret, everywhere=True) == 2
+    with pytest.raises(AccessDenied):
+        services.accounts.whoami(work.secret)
+    assert services.accounts.whoami(bob.secret).username == "bob"
 
 
 def test_a_refused_sign_up_says_which_field_and_why_in_words_for_people(services, password):
@@ -32,7 +63,7 @@ def test_a_refused_sign_up_says_which_field_and_why_in_words_for_people(services
 def test_sign_up_can_be_closed_by_an_admin(services, password):
     admin = services.accounts.ensure_admin("root", password)
     assert admin.is_admin and services.accounts.ensure_admin("root", password) == admin
-    user = services.accounts.sign_up("alice", password).id
+    user = services.accounts.sign_up("alice", password).account.id
     with pytest.raises(AccessDenied, match="Admins only"):
         services.admin.set_signup(user, False)
     services.admin.set_signup(admin.id, False)
@@ -55,7 +86,7 @@ def test_failed_logins_are_throttled_per_normalised_name_and_address_without_wai
         services.accounts.log_in("Alice", password, "10.0.0.1")
     assert checked == []  # refused before any password is checked
     monkeypatch.undo()
-    assert services.accounts.log_in("alice", password, "10.0.0.2").username == "alice"  # the owner still gets in
+    assert services.accounts.log_in("alice", password, "10.0.0.2").account.username == "alice"  # the owner still gets in
     audit = services.storage.list_audit()
     failed = [e for e in audit if e.action == "login_failed"]
     assert len(failed) == 3 and failed[0].details == {"username": "alice", "address": "10.0.0.1"}

@@ -16,8 +16,8 @@ from tests.app.helpers import chat, run_jobs
     lambda s, a, t: s.admin.set_signup(a, False),
 ])
 def test_every_admin_action_refuses_non_admins_and_anonymous_users(services, password, call):
-    target = services.accounts.sign_up("alice", password).id
-    mallory = services.accounts.sign_up("mallory", password).id
+    target = services.accounts.sign_up("alice", password).account.id
+    mallory = services.accounts.sign_up("mallory", password).account.id
     for actor in (mallory, None, 99999, "abc"):
         with pytest.raises(AccessDenied):
             call(services, actor, target)
@@ -26,7 +26,7 @@ def test_every_admin_action_refuses_non_admins_and_anonymous_users(services, pas
 
 def test_admin_pages_and_actions(services, password):
     admin = services.accounts.ensure_admin("root", password).id
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "My cat is called Tobrik.")
     chat(services, uid, "ok")
     run_jobs(services)
@@ -56,7 +56,7 @@ def test_admin_pages_and_actions(services, password):
 
 def test_the_probe_answers_three_ways_on_the_inference_loop(services, password):
     admin = services.accounts.ensure_admin("root", password).id
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     probe = services.admin.probe(admin, uid, "What is my cat called?")
     assert [a.name for a in probe.answers] == ["base model", "adapter", "full history"]
     assert probe.answers[1].text.startswith("(no adapter yet)")

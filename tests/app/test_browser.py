@@ -144,3 +144,27 @@ def test_a_refusal_is_a_message_beside_the_form_which_stays_usable(browser, runn
     # the chat's own trash icon would only empty the view: it is not offered, in any language
     assert page.locator("#chatbot .top-panel > button:visible").count() == 1  # "copy all" alone
     assert page.locator('#chatbot button[aria-label="Chat leeren"]:visible').count() == 0
+
+
+def test_a_deleted_accounts_open_tab_never_becomes_the_next_account(browser, running, password):
+    """Attacker findings, point 1: the old tab kept a user id, and the next sign-up got that id."""
+    old_tab = browser.new_page()
+    sign_up(old_tab, running.url, "alice", password)
+    send(old_tab, "Alice's secret")
+    alice = running.services.storage.find_user("alice")
+    running.services.accounts.delete_own(alice.id)  # as DELETE /v1/account does, from elsewhere
+
+    new_tab = browser.new_context().new_page()
+    sign_up(new_tab, running.url, "bob", password)
+    send(new_tab, "Bob's own secret")
+    assert running.services.storage.find_user("bob").id != alice.id
+
+    field(old_tab, "message").fill("written into whose chat?")
+    old_tab.locator("#send").click()
+    old_tab.locator("#chat-notice").get_by_text("Please log in").wait_for(timeout=20_000)
+    old_tab.get_by_role("tab", name="Memory").click()
+    old_tab.locator("#refresh-memory").click()
+    old_tab.locator("#memory-notice").get_by_text("Please log in").wait_for(timeout=20_000)
+    assert "Bob's own secret" not in old_tab.locator("body").inner_text()
+    bob = running.services.storage.find_user("bob")
+    assert [m.text for m in running.services.storage.history(bob.id) if m.role == "user"] == ["Bob's own secret"]

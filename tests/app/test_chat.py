@@ -13,12 +13,12 @@ from tests.storage.helpers import transactions
 
 
 def test_messages_are_limited_in_size_and_rate(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     services.settings.max_message_chars = 50
     with pytest.raises(InvalidInput, match="The message is too long: 51 characters, at most 50"):
         chat(services, uid, "x" * 51)
     services.settings.max_message_chars = 2000
-    with pytest.raises(InvalidInput, match="^The question is too long for the model: 1,100 tokens, at most"):
+    with pytest.raises(InvalidInput, match="^The question is too long: 1,100 tokens, at most"):
         services.chat.check_message("y" * 1100, field="question")
     services.settings.messages_per_user = "2/minute"
     chat(services, uid, "one")
@@ -29,7 +29,7 @@ def test_messages_are_limited_in_size_and_rate(services, password):
 
 
 def test_a_turn_is_stored_streamed_and_measured(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     streamed, finished = chat(services, uid, "Hello there")
     history = services.chat.history(uid)
     assert [m.role for m in history] == ["user", "assistant"]
@@ -45,7 +45,7 @@ def test_a_turn_is_stored_streamed_and_measured(services, password):
 def test_a_reply_takes_at_most_three_database_transactions(services, password):
     """Counted over the whole turn: the user check, the conversation, both messages, the snapshot,
     the pending turns and the compression job are read and written in begin_turn and finish_turn."""
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     with transactions(services.storage) as first:
         chat(services, uid, "My cat is called Tobrik.")
     with transactions(services.storage) as second:  # this one queues the compression
@@ -60,7 +60,7 @@ def test_a_reply_takes_at_most_three_database_transactions(services, password):
 
 
 def test_answering_without_an_adapter_shows_the_turns_it_lacks(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     services.settings.compress_every = 100
     for text in ("one", "two", "three"):
         chat(services, uid, text)
@@ -72,8 +72,8 @@ def test_answering_without_an_adapter_shows_the_turns_it_lacks(services, passwor
 
 
 def test_one_user_s_turns_run_one_at_a_time(services, password, monkeypatch):
-    alice = services.accounts.sign_up("alice", password).id
-    bob = services.accounts.sign_up("bob", password).id
+    alice = services.accounts.sign_up("alice", password).account.id
+    bob = services.accounts.sign_up("bob", password).account.id
     gate, requests = threading.Event(), []
 
     def submit(request):
@@ -101,7 +101,7 @@ def test_one_user_s_turns_run_one_at_a_time(services, password, monkeypatch):
 
 
 def test_the_page_gets_the_history_from_the_turn_itself(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "one")
     with transactions(services.storage) as used:
         items = list(services.chat.reply(uid, "two", with_history=True))
@@ -112,7 +112,7 @@ def test_the_page_gets_the_history_from_the_turn_itself(services, password):
 
 
 def test_a_reply_whose_reader_goes_away_stops_decoding_and_stores_nothing(services, password, monkeypatch):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     streams = []
     monkeypatch.setattr(services.chat.loop, "submit",
                         lambda request: streams.append(FakeStream(request, ["First words ", "more"])) or streams[-1])
@@ -125,7 +125,7 @@ def test_a_reply_whose_reader_goes_away_stops_decoding_and_stores_nothing(servic
 
 
 def test_a_failed_decoding_is_a_fault_not_a_stored_reply(services, password, monkeypatch):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, [], finish="failed"))
     with pytest.raises(ReplyFailed) as failed:
         chat(services, uid, "hi")
@@ -134,7 +134,7 @@ def test_a_failed_decoding_is_a_fault_not_a_stored_reply(services, password, mon
 
 
 def test_a_reply_is_stored_as_printable_text_and_never_empty(services, password, monkeypatch):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     replies = iter([(["Tea\x1b[31m is", " warm\x00.", " And then"], "length"), (["  "], "end")])
     monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, *next(replies)))
     assert chat(services, uid, "one")[1].text == "Tea[31m is warm."  # cut at the length cap, at a sentence
@@ -163,7 +163,7 @@ def test_a_reply_cut_off_by_the_cap_ends_at_its_last_whole_sentence():
 
 def test_a_stop_sequence_ends_the_reply_before_it_and_is_neither_streamed_nor_stored(services, password,
                                                                                        monkeypatch):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     streams = []
 
     def submit(request):
@@ -183,7 +183,7 @@ def test_a_stop_sequence_ends_the_reply_before_it_and_is_neither_streamed_nor_st
 
 
 def test_a_client_s_context_and_instructions_make_the_prompt(services, password, monkeypatch):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     services.settings.compress_every = 100
     chat(services, uid, "stored earlier")
     requests = []
@@ -207,7 +207,7 @@ def test_a_client_s_context_and_instructions_make_the_prompt(services, password,
 
 
 def test_instructions_too_long_for_the_model_are_refused_before_anything_is_stored(services, password):
-    uid = services.accounts.sign_up("alice", password).id
-    with pytest.raises(TooLong, match="The system message and the message are too long for the model together"):
+    uid = services.accounts.sign_up("alice", password).account.id
+    with pytest.raises(TooLong, match="The system message and the message are too long together"):
         list(services.chat.reply(uid, "hi", options=ReplyOptions(instructions="x" * 1100)))
     assert services.chat.history(uid) == ()

@@ -11,7 +11,7 @@ PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 def test_export_holds_history_and_a_peft_adapter(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "hello")
     chat(services, uid, "again")
     run_jobs(services)
@@ -28,7 +28,7 @@ def test_export_holds_history_and_a_peft_adapter(services, password):
 
 
 def test_an_export_holds_only_its_owner_s_data(services, password):
-    alice, bob = services.accounts.sign_up("alice", password).id, services.accounts.sign_up("bob", password).id
+    alice, bob = services.accounts.sign_up("alice", password).account.id, services.accounts.sign_up("bob", password).account.id
     chat(services, alice, "Alice's secret")
     chat(services, alice, "more")
     run_jobs(services)
@@ -41,7 +41,7 @@ def test_an_export_holds_only_its_owner_s_data(services, password):
 
 def test_an_admin_exports_a_user_s_adapter_as_a_peft_lora(services, password):
     admin = services.accounts.ensure_admin("root", password).id
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     with pytest.raises(AppError, match="alice has no usable adapter yet"):
         services.admin.export_peft(admin, uid)
     chat(services, uid, "hello")

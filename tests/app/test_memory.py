@@ -25,7 +25,7 @@ def same_state(a: AdapterState, b: AdapterState) -> bool:
 
 
 def test_compression_after_n_messages_moves_turns_from_prompt_to_adapter(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "My cat is called Tobrik.")
     assert services.memory.status(uid).job is None  # 1 user message < compress_every (2)
     chat(services, uid, "I live in Quenmoor.")
@@ -43,7 +43,7 @@ def test_compression_after_n_messages_moves_turns_from_prompt_to_adapter(service
 
 
 def test_incremental_compression_reads_only_new_turns(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     for text in ("one", "two", "three", "four"):
         chat(services, uid, text)
         run_jobs(services)
@@ -60,7 +60,7 @@ def test_compression_on_the_inference_loop_is_bit_for_bit_what_the_app_absorbed_
     """Before the inference loop, the service called engine.absorb(state, text, windows_per_pass=4)
     itself; the loop runs that same call (stepping aside between layers for replies), so the
     adapter is the same, bit for bit."""
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     long = "I keep a diary of every walk I take along the river, with the birds I saw. " * 3
     for text in (long, "two", long, "four"):
         chat(services, uid, text)
@@ -74,7 +74,7 @@ def test_compression_on_the_inference_loop_is_bit_for_bit_what_the_app_absorbed_
 
 
 def test_idle_trigger_and_compress_now_queue_compression(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "just one message")
     services.settings.compress_idle_seconds = 60
     assert services.memory.queue_idle(time.time()) == []  # too recent
@@ -89,7 +89,7 @@ def test_idle_trigger_and_compress_now_queue_compression(services, password):
 
 
 def test_forgetting_a_message_rebuilds_the_adapter_without_it(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "My secret code is 4821.")
     chat(services, uid, "I like tea.")
     run_jobs(services)
@@ -110,7 +110,7 @@ def test_forgetting_a_message_rebuilds_the_adapter_without_it(services, password
 
 
 def test_a_failing_compression_is_retried_and_visible(services, password, monkeypatch):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "a")
     chat(services, uid, "b")
     monkeypatch.setattr(services.memory.loop, "absorb",
@@ -123,7 +123,7 @@ def test_a_failing_compression_is_retried_and_visible(services, password, monkey
 @pytest.mark.parametrize("damage", ["garbage", "missing"])
 def test_a_damaged_adapter_file_is_served_around_reported_and_rebuilt(services, password, damage):
     admin = services.accounts.ensure_admin("root", password).id
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "a")
     chat(services, uid, "b")
     run_jobs(services)
@@ -146,7 +146,7 @@ def test_a_damaged_adapter_file_is_served_around_reported_and_rebuilt(services, 
 
 
 def test_users_only_ever_forget_their_own_messages(services, password):
-    alice, bob = services.accounts.sign_up("alice", password).id, services.accounts.sign_up("bob", password).id
+    alice, bob = services.accounts.sign_up("alice", password).account.id, services.accounts.sign_up("bob", password).account.id
     chat(services, alice, "Alice's secret")
     chat(services, alice, "more")
     run_jobs(services)
@@ -160,7 +160,7 @@ def test_users_only_ever_forget_their_own_messages(services, password):
 
 
 def test_forgetting_everything_rebuilds_an_empty_adapter(services, password):
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "forget me")
     services.memory.compress_now(uid)
     run_jobs(services)

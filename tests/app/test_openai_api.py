@@ -24,7 +24,7 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 def sign_up(running, name: str, password: str) -> tuple[int, str]:
     """A new user and an API key of theirs."""
-    user_id = running.services.accounts.sign_up(name, password).id
+    user_id = running.services.accounts.sign_up(name, password).account.id
     return user_id, running.services.api_keys.create(user_id, f"{name}'s client").secret
 
 
@@ -469,6 +469,29 @@ def test_too_long_is_413(running, password):
     chunked = call(running, "POST", "chat/completions", key, content=iter(pieces))
     assert chunked.status_code == 413  # no length declared: cut where it passes the cap
     assert history(running, alice) == []
+
+
+def test_what_one_request_sends_in_all_is_bounded(running, password, monkeypatch):
+    """Attacker findings, point 2: a 37 KiB system message (7,735 tokens) was answered in 60 s, and
+    5,800 tiny earlier turns held the server for 20 s. The prompt in all (system text, earlier turns,
+    message) has at most max_prompt_tokens: instructions too long are refused with 413, earlier turns
+    beyond it are dropped, earliest first, at the cost of one batched tokenization."""
+    alice, key = sign_up(running, "alice", password)
+    running.services.settings.max_prompt_tokens = 200
+    system = {"role": "system", "content": "Always be brief. " * 60}  # over 200 tokens
+    error = assert_error(call(running, "POST", "chat/completions", key, json={
+        "model": MODEL_ID, "messages": [system, *HELLO]}), 413, "context_length_exceeded")
+    assert "at most 200" in error["message"] and error["param"] == "messages"
+    assert history(running, alice) == []
+
+    rendered = []
+    template = running.services.engine.tokenizer.apply_chat_template
+    monkeypatch.setattr(running.services.engine.tokenizer, "apply_chat_template",
+                        lambda messages, **kw: rendered.append(len(messages)) or template(messages, **kw))
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"t{i}"} for i in range(5_800)]
+    reply = client(running, key).chat.completions.create(model=MODEL_ID, messages=[*turns, *HELLO])
+    assert 0 < reply.usage.prompt_tokens <= 200
+    assert max(rendered) < 200  # the template never saw the thousands of turns that could not fit
 
 
 def test_rate_limits_and_a_running_turn_are_429(running, password, monkeypatch):

@@ -89,7 +89,7 @@ def test_a_streamed_reply_leaves_the_message_box_and_notice_alone(services, pass
     second message sent meanwhile is refused with its text kept and the view left as it is."""
     from tests.app.helpers import FakeStream
 
-    uid = services.accounts.sign_up("alice", password).id
+    uid = services.accounts.sign_up("alice", password).account.id
     monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, ["One.", " Two.", " Three."]))
     ui = build_ui(services)
     chat = next(f.fn for f in ui.fns.values() if f.api_name == "chat")

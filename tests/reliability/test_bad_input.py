@@ -24,9 +24,9 @@ def test_the_corpus_is_large_and_varied():
 
 @pytest.mark.parametrize("name, text, outcome", HOSTILE, ids=IDS)
 def test_chat_messages_through_the_services(services, password, name, text, outcome):
-    bob = services.accounts.sign_up("bob", password).id
+    bob = services.accounts.sign_up("bob", password).account.id
     chat(services, bob, "My secret is 4821-ZEBRA.")
-    alice = services.accounts.sign_up("alice", password).id
+    alice = services.accounts.sign_up("alice", password).account.id
     before = table_counts(services.storage)
     if outcome == REJECT:
         with pytest.raises(InvalidInput) as refused:
@@ -47,14 +47,14 @@ def test_chat_messages_through_the_services(services, password, name, text, outc
 def test_the_same_text_as_a_username_or_password(services, password, name, text, _outcome):
     before = table_counts(services.storage)
     try:
-        user_id = services.accounts.sign_up(text, password).id
+        user_id = services.accounts.sign_up(text, password).account.id
     except InvalidInput as e:
         assert e.field == "username" and str(e).startswith("The username ")
         after = table_counts(services.storage)
         assert after.pop("audit_log") == before.pop("audit_log") + 1  # the refusal is audited, nothing else
         assert after == before
     else:
-        assert services.accounts.log_in(text, password).id == user_id
+        assert services.accounts.log_in(text, password).account.id == user_id
     try:
         services.accounts.sign_up(f"user{len(name)}x{abs(hash(name)) % 1000}", text)
     except InvalidInput as e:

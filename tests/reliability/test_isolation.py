@@ -31,7 +31,7 @@ def test_passwords_are_stored_only_as_argon2_hashes(services, password, tmp_path
 def test_bs_adapter_holds_nothing_of_a_and_recalls_no_better_than_closed_book(services, password):
     rng = random.Random(5)
     conversation_a = make_conversation(rng, EVAL, 6, 300, cid="a")
-    alice, bob = services.accounts.sign_up("alice", password).id, services.accounts.sign_up("bob", password).id
+    alice, bob = services.accounts.sign_up("alice", password).account.id, services.accounts.sign_up("bob", password).account.id
     for turn in conversation_a.turns:
         if turn.role == "user":
             chat(services, alice, turn.text)

@@ -502,6 +502,7 @@ def test_deleting_a_user_leaves_nothing_of_theirs(storage, alice, bob, data_dir)
         storage.queue_job(user.id)
         storage.record_audit(user.id, "self_service", user.id)
         storage.create_api_key(user.id, "a client")
+        storage.start_login(user.id)
     storage.set_admin(bob.id, True, actor_id=alice.id)
     assert storage.claim_job() is not None
     assert all(user_row_counts(storage, alice.id).values())
