@@ -72,18 +72,21 @@ class Access:
     def api_user(self, key: object, address: str | None) -> User:
         """The user an API key belongs to (app/openai_api.py); AccessDenied for no key, or one that
         is malformed, revoked or unknown (a deleted account's keys went with it). Wrong keys are
-        counted per client address and, once too many came, refused unread (RateLimited), with
-        the failed logins' limit but a count of their own: a client left with an old key must not
-        lock its address out of the page's login."""
+        counted per client address and, once too many came, refused (RateLimited), with the failed
+        logins' limit but a count of their own: a client left with an old key must not lock its
+        address out of the page's login. A right key is always let in, however many wrong ones
+        its address sent: every local client shares 127.0.0.1, and one misconfigured client must
+        not lock out the others (a key is 256 random bits: the count guards the log and the
+        database, not the keys)."""
         if key is None or key == "":
             raise AccessDenied("No API key: send one as 'Authorization: Bearer <key>' (make one on the Memory tab)")
+        holder = self.storage.find_api_key(key)  # a malformed key is not looked up
+        if holder is not None:
+            return holder.user
         limit = self.settings.login_failures_per_address
         self.limits.check(limit, "api-key", str(address), what="Too many requests with a wrong API key from here")
-        holder = self.storage.find_api_key(key)
-        if holder is None:
-            self.limits.record(limit, "api-key", str(address))
-            raise AccessDenied("Invalid API key: it was revoked or mistyped, or its account was deleted")
-        return holder.user
+        self.limits.record(limit, "api-key", str(address))
+        raise AccessDenied("Invalid API key: it was revoked or mistyped, or its account was deleted")
 
     def costly(self, user_id: int) -> None:
         """Count one costly action (export, compress now, probe) against the user's limit."""

@@ -65,7 +65,7 @@ class Gone(AppError):
 
 _FIELD_WORDS = {"username": "The username", "password": "The password", "text": "The message",
                 "question": "The question", "instructions": "The system message", "key": "A new key",
-                "name": "The key's name"}
+                "name": "The key's name", "time zone": "The time zone"}
 
 
 @contextmanager

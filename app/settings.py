@@ -69,7 +69,8 @@ class AppSettings:
     def from_args(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> "AppSettings":
         """Defaults, overridden by MEMCHAT_* environment variables, overridden by flags."""
         environ = os.environ if environ is None else environ
-        parser = argparse.ArgumentParser(description="Memory chat: a chatbot that remembers you in its weights.")
+        # allow_abbrev=False: '--admin-password x' must not be read as '--admin-password-file x'
+        parser = _Parser(description="Memory chat: a chatbot that remembers you in its weights.", allow_abbrev=False)
         secrets = {}
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
@@ -103,6 +104,18 @@ def redact_url(url: str | None) -> str | None:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: print nothing of it
         return "(a URL that cannot be read)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Says which arguments it did not know, without their values: `--admin-password hunter2` must
+    not put the password into a terminal's scrollback or a service's log."""
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [a.split("=", 1)[0] for a in message[len(prefix):].split() if a.startswith("-")]
+            message = prefix + (" ".join(flags) or "values that are not flags") + " (values not shown)"
+        super().error(message)
 
 
 def _convert(f, value: str):

@@ -29,7 +29,7 @@ from .accounts import Login
 from .api_keys import ApiKeyRow
 from .chat import FinishedReply, HistoryMessage, TurnOpened
 from .downloads import Download
-from .errors import AppError, describe
+from .errors import AppError, InvalidInput, describe
 from .limits import client_address
 from .memory import MemoryStatus
 from .plots import adapter_figure
@@ -51,6 +51,8 @@ CSS = """
 .notice p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
 """
 # The browser's time zone, so that times are shown as the person reads a clock.
+ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]{1,32}(/[A-Za-z0-9_+\-]{1,32}){0,2}")
+"""An IANA zone name ('UTC', 'Europe/Paris', 'America/Argentina/Buenos_Aires'): no '..', at most 98 characters."""
 TIMEZONE_JS = "() => Intl.DateTimeFormat().resolvedOptions().timeZone"
 
 
@@ -80,10 +82,13 @@ def local_time(value: str | datetime | None, zone: str | None) -> str:
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
+    if zone is not None and not (isinstance(zone, str) and ZONE_NAME.fullmatch(zone)):
+        # the hidden field is an input of the page's API like any other: a client may send anything
+        raise InvalidInput("time zone", "is not the name of a time zone")
     try:
         moment = moment.astimezone(ZoneInfo(zone)) if zone else moment
-    except (ZoneInfoNotFoundError, ValueError):
-        pass  # an unknown zone from the browser: UTC, and the label says so
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        pass  # a zone this server does not know: UTC, and the label says so
     return f"{moment.day} {moment:%b %Y, %H:%M} {moment.tzname() or ''}".rstrip()
 
 

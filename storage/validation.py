@@ -112,12 +112,24 @@ def password(value: object, settings: StorageSettings, *, new: bool = True) -> s
     return text
 
 
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+"""Characters of letter or symbol classes that draw nothing: Hangul fillers and the blank Braille pattern."""
+
+
+def visible(char: str) -> bool:
+    """Whether a character draws something: not a space, not a format character (zero-width
+    space and joiners, word joiner, BOM, bidi marks: Unicode's Cf), not a lone combining mark,
+    not one of INVISIBLE_LETTERS."""
+    return not (char.isspace() or unicodedata.category(char) in ("Cf", "Cc", "Mn", "Me", "Zs")
+                or char in INVISIBLE_LETTERS)
+
+
 def message_text(value: object, settings: StorageSettings) -> str:
     """Kept as typed, except that CRLF and CR become LF (browsers send CRLF from a textarea)."""
     text = _text("text", value, settings.message_max_chars)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.strip():
-        raise ValidationError("text", "is empty")
+    if not any(visible(c) for c in text):
+        raise ValidationError("text", "is empty" if not text.strip() else "has no visible character")
     _refuse_controls("text", text, allowed=_MESSAGE_CONTROLS)
     return text
 

@@ -26,8 +26,14 @@ def test_the_admin_password_is_never_a_flag_nor_printed(capsys, tmp_path):
         AppSettings.from_args(["--help"], environ=env)
     shown = capsys.readouterr().out
     assert "hunter2" not in shown and "MEMCHAT_ADMIN_PASSWORD" in shown
-    with pytest.raises(SystemExit):  # a flag would show in `ps`
-        AppSettings.from_args(["--admin-password", "x"], environ={})
+    capsys.readouterr()
+    for argv in (["--admin-password", "hunter2"], ["--admin-password=hunter2"], ["hunter2"]):
+        with pytest.raises(SystemExit):  # a flag would show in `ps`; no abbreviation of --admin-password-file
+            AppSettings.from_args(argv, environ={})
+        error = capsys.readouterr().err
+        assert "hunter2" not in error
+        assert error.strip().splitlines()[-1].endswith("unrecognized arguments: " + (
+            "--admin-password (values not shown)" if argv[0].startswith("-") else "values that are not flags (values not shown)"))
     settings = AppSettings.from_args(["--admin-username", "root"], environ=env)
     assert settings.admin_password == "hunter2-very-secret" and "hunter2" not in repr(settings)
     secret = tmp_path / "admin-password"

@@ -106,3 +106,20 @@ def test_a_streamed_reply_leaves_the_message_box_and_notice_alone(services, pass
     view, box, stats, notice = refused[0]
     assert view == gr.skip() and box == "second, too soon" and "still being answered" in notice
     list(streaming)
+
+
+def test_the_hidden_time_zone_is_checked_like_any_input(services, password, caplog):
+    """Attacker findings, point 7: a 10,000-character zone wrote a traceback at every call."""
+    from tests.app.helpers import chat
+
+    login = services.accounts.sign_up("alice", password)
+    chat(services, login.secret, "a message, so that the tab shows times")
+    ui = build_ui(services)
+    memory = next(f.fn for f in ui.fns.values() if f.api_name == "memory")
+    for zone in ("x" * 10_000, "../../etc/passwd", "Europe/../../x", 42):
+        caplog.clear()
+        notice = memory(login.secret, zone)[-1]
+        assert notice == "The time zone is not the name of a time zone."
+        assert not any(r.exc_info for r in caplog.records)
+    assert memory(login.secret, "Mars/Olympus_Mons")[-1] == ""  # well formed but unknown: UTC, as before
+    assert memory(login.secret, "Europe/Paris")[-1] == ""

@@ -51,6 +51,9 @@ BAD_USERNAMES = [
 BAD_MESSAGES = [
     ("", "is empty"),
     (" \n\t ", "is empty"),
+    ("\u200b\u200c\u200d\u2060\ufeff", "no visible character"),  # zero-width space, joiners, word joiner, BOM
+    ("\u3164 \u2800\u115f", "no visible character"),  # Hangul filler, blank Braille, choseong filler
+    ("\u202e\u2066\u0301", "no visible character"),  # bidi controls and a lone combining mark
     ("x" * (10 * 1024 * 1024), "longer than"),
     ("hi\x00there", "NUL"),
     ("hi\ud800there", "lone surrogate"),
