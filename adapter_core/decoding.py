@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from .data.conversation import SYSTEM_PROMPT, Turn, left_pad, prompt_ids
 from .kv_cache import KVCache, pad_left
 from .lean_decoder import lean_decoder
-from .model import GenerativeAdapterModel, RowAdapters
+from .model import GenerativeAdapterModel, RowAdapters, UserAdapter
 from .sampling import SamplingConfig, TokenPicker, choose_tokens, end_of_turn_ids
 from .state import AdapterState
 
@@ -131,7 +131,7 @@ class Row:
     """One reply being decoded: what it was asked, what it has chosen so far."""
 
     request: ReplyRequest
-    memory: dict[str, torch.Tensor] | None  # module name -> M (r, r); None: base model
+    adapter: UserAdapter | None  # the user's adapter (GenerativeAdapterModel.user_adapter); None: base model
     picker: TokenPicker
     tokens: list[int] = field(default_factory=list)
     last: int | None = None  # the chosen token not yet fed to the model
@@ -220,13 +220,13 @@ class DecodeBatch:
         For a caller that needs that forward for more than decoding (the evaluator scores the gold
         answer in the same pass). The rows in the order of the requests, first tokens chosen."""
         rows = self._rows(requests)
-        adapters = self.engine.row_adapters([row.memory for row in rows])
+        adapters = self.engine.row_adapters([row.adapter for row in rows])
         self._merge(*self._start(rows, cache, mask.to(self.engine.device), logits, adapters))
         return rows
 
     def _rows(self, requests: Sequence[ReplyRequest]) -> list[Row]:
         engine = self.engine
-        return [Row(r, None if r.state is None else engine.memory_matrices(r.state),
+        return [Row(r, None if r.state is None else engine.user_adapter(r.state),
                     TokenPicker(r.sampling, r.prompt, r.seed)) for r in requests]
 
     def _prefill(self, rows: list[Row], pause: Callable[[], None] | None = None) -> PrefilledGroup:
@@ -237,7 +237,7 @@ class DecodeBatch:
         ids, mask = ids.to(engine.device), mask.to(engine.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (N, T)
         cache = DynamicCache()
-        adapters = engine.row_adapters([row.memory for row in rows])
+        adapters = engine.row_adapters([row.adapter for row in rows])
         with engine.applying(adapters, pause):
             for start in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
                 end = min(start + PREFILL_CHUNK_TOKENS, ids.shape[1])
@@ -291,7 +291,7 @@ class DecodeBatch:
         first = int(self.mask[index].any(0).nonzero()[0])  # leading columns that are padding in every row
         self.mask = self.mask[index, first:]
         self.cache = self.cache.select(index, first)
-        self.adapters = self.engine.row_adapters([row.memory for row in self.rows])
+        self.adapters = self.engine.row_adapters([row.adapter for row in self.rows])
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Each row's next token from its logits (N, V). A row whose choice fails (NaN logits from a
@@ -331,7 +331,7 @@ class DecodeBatch:
         width = max(self.mask.shape[1], mask.shape[1])
         merged_mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])  # (B+N, width)
         merged_cache = self.cache.concat(cache)  # (B+N, H, width, D) per layer
-        merged_adapters = self.engine.row_adapters([row.memory for row in self.rows + rows])
+        merged_adapters = self.engine.row_adapters([row.adapter for row in self.rows + rows])
         self.rows, self.cache, self.mask, self.adapters = self.rows + rows, merged_cache, merged_mask, merged_adapters
 
 

@@ -26,19 +26,24 @@ def servable_rank(rank: int) -> int:
 
 
 def lora_factors(engine: GenerativeAdapterModel, state: AdapterState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per adapted module, the exact LoRA (lora_A (r, d_in), lora_B (d_out, r)) that `state` applies, fp32."""
-    memories = engine.memory_matrices(state)
-    return {name: tuple(t.cpu() for t in layer.lora_pair(memories[name])) for name, layer in engine.adapted.items()}
+    """Per adapted module, the exact LoRA (lora_A (r, d_in), lora_B (d_out, r)) that `state` applies, fp32:
+    a generator's memory read through its lora_A and lora_B, or a fine-tuned state's own pair."""
+    adapter = engine.user_adapter(state)
+    if adapter.pairs is not None:
+        return {name: (a.float().cpu(), b.float().cpu()) for name, (a, b) in adapter.pairs.items()}
+    return {name: tuple(t.cpu() for t in layer.lora_pair(adapter.memory[name])) for name, layer in engine.adapted.items()}
 
 
 def lora_weights(engine: GenerativeAdapterModel, state: AdapterState,
                  rank: int | None = None) -> dict[str, torch.Tensor]:
     """PEFT-named fp32 tensors of the adapter for `state`, rank padded to `rank`."""
-    rank = rank or engine.config.rank
-    if rank < engine.config.rank:
-        raise ValueError(f"cannot export rank {engine.config.rank} into rank {rank}")
+    factors = lora_factors(engine, state)
+    largest = max(a.shape[0] for a, _ in factors.values())
+    rank = rank or largest
+    if rank < largest:
+        raise ValueError(f"cannot export rank {largest} into rank {rank}")
     tensors = {}
-    for name, (lora_a, lora_b) in lora_factors(engine, state).items():
+    for name, (lora_a, lora_b) in factors.items():
         pad = rank - lora_a.shape[0]
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.nn.functional.pad(lora_a, (0, 0, 0, pad))
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.nn.functional.pad(lora_b, (0, pad))
@@ -49,7 +54,8 @@ def export_peft(engine: GenerativeAdapterModel, state: AdapterState, folder: str
                 pad_to_servable_rank: bool = True, dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter_config.json + adapter_model.safetensors into `folder` and return it."""
     cfg = engine.config
-    rank = servable_rank(cfg.rank) if pad_to_servable_rank else cfg.rank
+    largest = max(a.shape[0] for a, _ in lora_factors(engine, state).values())
+    rank = servable_rank(largest) if pad_to_servable_rank else largest
     tensors = {k: v.to(dtype) for k, v in lora_weights(engine, state, rank).items()}
     num_layers = len(decoder_layers(engine.base_model))
     layers = cfg.layer_indices(num_layers)

@@ -13,13 +13,14 @@ from .state import AdapterState
 def adapter_summary(engine: GenerativeAdapterModel, state: AdapterState) -> list[dict]:
     """One row per adapted module, in model order:
 
-    layer, module, sum_norm (||S||_F, grows with history), delta_norm (||Delta W||_F of the LoRA it
-    applies), singular_values (of S, largest first, divided by the largest: how many directions
-    the memory uses).
+    layer, module, sum_norm (||S||_F, grows with history; for a fine-tuned pair, of (B^T B)(A A^T)),
+    delta_norm (||Delta W||_F of the LoRA it applies), singular_values (of S, largest first, divided
+    by the largest: how many directions the memory uses).
     """
     rows = []
     for name, (lora_a, lora_b) in lora_factors(engine, state).items():
-        s = state.sums[name].float()
+        # a fine-tuned state has no sums: its pair's own product B A stands for S (its rank, its spectrum)
+        s = state.sums[name].float() if name in state.sums else lora_b.T @ lora_b @ (lora_a @ lora_a.T)
         # ||B A||_F without forming the d_out x d_in matrix: trace((B^T B)(A A^T))
         delta = torch.sqrt(torch.clamp(((lora_b.T @ lora_b) * (lora_a @ lora_a.T)).sum(), min=0))
         sigma = torch.linalg.svdvals(s)

@@ -54,6 +54,9 @@ class AdapterLinear(nn.Module):
         # One user's memory folded into a plain LoRA pair (lora_A (r, d_in), lora_B (d_out, r)), or
         # None; used instead of `memory` when every row of a call belongs to the same user.
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Each row's own LoRA pair, (lora_A (N, R, d_in), lora_B (N, d_out, R)), or None; used when
+        # some row's adapter is fine-tuned (adapter_core.finetune) and rows belong to several users.
+        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lora_pair(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact LoRA that memory M (r, r) applies: (lora_A (r, d_in), lora_B (d_out, r)).
@@ -78,17 +81,26 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (N, T, d_out)
-        delta = self.delta(x, self.folded, self.memory)
+        delta = self.delta(x, self.folded, self.memory, self.pairs)
         return y if delta is None else y + delta.to(y.dtype)
 
     def delta(self, x: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor] | None,
-              memory: torch.Tensor | None) -> torch.Tensor | None:
+              memory: torch.Tensor | None, pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor | None:
         """What the adapter adds to the base layer's output for x (N, T, d_in) or (N, d_in): the folded pair's
-        product, else row i's memory[i] (N, r, r) read through lora_A and lora_B, else None.
-        (adapter_core.lean_decoder calls it too, on its own fused layers' inputs.)"""
+        product, else row i's own pair (pairs[0][i], pairs[1][i]), else row i's memory[i] (N, r, r) read
+        through lora_A and lora_B, else None. (adapter_core.lean_decoder calls it too, on its own fused
+        layers' inputs.)"""
         if folded is not None:
             lora_a, lora_b = folded
             return F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b)  # (N, T, d_out)
+        if pairs is not None:
+            lora_a, lora_b = pairs  # (N, R, d_in), (N, d_out, R)
+            if lora_a.shape[0] != x.shape[0]:
+                raise RuntimeError(f"batch of {x.shape[0]} rows but {lora_a.shape[0]} adapters were set")
+            rows = x.to(lora_a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (N, T, d_in)
+            out = torch.bmm(torch.bmm(rows, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))  # (N, T, d_out)
+            return out.view(*x.shape[:-1], out.shape[-1])
         if memory is None:
             return None
         if memory.shape[0] != x.shape[0]:

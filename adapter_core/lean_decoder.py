@@ -204,13 +204,13 @@ class LeanDecoder:
         attend = None if bool(mask.all()) else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
             mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, width + 1); None: no padding to hide
         cache.reserve(1)
-        if self.native is not None:
-            h = self.native(h, cos, sin, attend, cache, self.heads, self.kv_heads, self.head_dim,
-                            self._prepared(adapters).native)
+        prepared = self._prepared(adapters)
+        if self.native is not None and prepared.native is not None:
+            h = self.native(h, cos, sin, attend, cache, self.heads, self.kv_heads, self.head_dim, prepared.native)
             cache.width += 1
             return self.lm_head(self.norm(h))  # (B, V)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, (layer, adapted) in enumerate(zip(self.layers, self._prepared(adapters).by_layer)):
+        for i, (layer, adapted) in enumerate(zip(self.layers, prepared.by_layer)):
             x = layer.input_norm(h)  # (B, D)
             qkv = _adapt(layer.qkv(x), x, adapted.get("qkv"))  # (B, q_size + 2 kv_size)
             qk = qkv[:, :q_size + kv_size].view(b, self.heads + self.kv_heads, 1, self.head_dim)
@@ -246,17 +246,18 @@ class _Adapter:
     end: int
     lora_a_t: torch.Tensor | None = None  # (d_in, r): one user's folded pair, transposed
     lora_b_t: torch.Tensor | None = None  # (r, d_out)
-    module: AdapterLinear | None = None  # else each row's memory, through the module's own delta
+    module: AdapterLinear | None = None  # else each row's memory or pair, through the module's own delta
     memory: torch.Tensor | None = None  # (B, r, r)
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, R, d_in), (B, d_out, R)
 
 
 @dataclass(frozen=True)
 class _Prepared:
     by_layer: list[dict[str, list[_Adapter]]]
     """For each layer, its fused products' adapters (the Python step)."""
-    native: list[torch.Tensor]
+    native: list[torch.Tensor] | None
     """o's and down's adapters laid out for the C++ layers (NativeLayers.adapter), layer by layer
-    (empty: no adapter)."""
+    (empty: no adapter; None: the C++ layers cannot take these adapters, the Python step runs)."""
 
     @classmethod
     def of(cls, layers: list[LeanLayer], adapters: RowAdapters | None, native: NativeLayers | None) -> _Prepared:
@@ -270,13 +271,15 @@ class _Prepared:
                     if adapters.folded is not None:
                         lora_a, lora_b = adapters.folded[name]
                         adapter = _Adapter(start, end, lora_a.T, lora_b.T)
+                    elif adapters.pairs is not None:
+                        adapter = _Adapter(start, end, module=module, pairs=adapters.pairs[name])
                     else:
                         adapter = _Adapter(start, end, module=module, memory=adapters.memory[name])
                     here.setdefault(product, []).append(adapter)
             by_layer.append(here)
-        native_adapters = [] if native is None else [
-            t for here in by_layer for product in ("o", "down") for t in native.adapter(here[product][0])]
-        return cls(by_layer, native_adapters)
+        if native is None or (adapters.pairs is not None and not NativeLayers.takes_pairs(adapters.pairs)):
+            return cls(by_layer, None)
+        return cls(by_layer, [t for here in by_layer for product in ("o", "down") for t in native.adapter(here[product][0])])
 
 
 def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) -> torch.Tensor:
@@ -286,7 +289,7 @@ def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) ->
         if adapter.module is None:  # the folded LoRA pair (AdapterLinear.delta's first case), in two products
             out.addmm_(torch.mm(x, adapter.lora_a_t), adapter.lora_b_t)
         else:
-            out += adapter.module.delta(x, None, adapter.memory)
+            out += adapter.module.delta(x, None, adapter.memory, adapter.pairs)
     return y
 
 
@@ -323,11 +326,29 @@ class NativeLayers:
         return None if module is None else cls(layers, module)
 
     @staticmethod
+    def takes_pairs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Whether rows' own pairs are few and small enough to stack (see adapter): each row's
+        memory is then (B*R)^2 numbers, cheap up to 128."""
+        return all(a.shape[0] * a.shape[1] <= MAX_STACKED_RANK for a, _ in pairs.values())
+
+    @staticmethod
     def adapter(adapter: _Adapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """lora_A (r, d_in), lora_B^T (r, d_out) and the rows' memories (B, r, r), or an empty tensor
-        for one user's folded pair; contiguous fp32. The same product as AdapterLinear.delta's."""
+        for one user's folded pair; contiguous fp32. The same product as AdapterLinear.delta's.
+
+        Rows' own pairs (B rows of rank R) go in as one stacked pair of rank B*R whose memory for
+        row i keeps only its own block: lora_A = [A_1; ...; A_B], lora_B^T = [B_1^T; ...; B_B^T],
+        M_i = the identity on block i, zero elsewhere. The C++ layers then need no case of their own."""
         if adapter.module is None:
             return adapter.lora_a_t.T.contiguous(), adapter.lora_b_t.contiguous(), _NO_MEMORY
+        if adapter.pairs is not None:
+            lora_a, lora_b = adapter.pairs  # (B, R, d_in), (B, d_out, R)
+            rows, rank = lora_a.shape[:2]
+            selectors = torch.zeros(rows, rows * rank, rows * rank)
+            for i in range(rows):
+                selectors[i, i * rank:(i + 1) * rank, i * rank:(i + 1) * rank] = torch.eye(rank)
+            return (lora_a.reshape(rows * rank, -1).float().contiguous(),
+                    lora_b.transpose(1, 2).reshape(rows * rank, -1).float().contiguous(), selectors)
         module = adapter.module
         lora_b_t = (module.scaling * module.lora_B.weight.detach()).T.contiguous()
         return module.lora_A.weight.detach().float().contiguous(), lora_b_t.float(), adapter.memory.float().contiguous()
@@ -340,6 +361,8 @@ class NativeLayers:
 
 
 _SILU = (nn.SiLU, SiLUActivation)
+MAX_STACKED_RANK = 128
+"""Largest rows x rank of rows' own pairs that the C++ layers take stacked (NativeLayers.takes_pairs)."""
 _NO_MEMORY = torch.empty(0)
 
 

@@ -64,13 +64,29 @@ class _MemoryPass:
 
 
 @dataclass(frozen=True)
+class UserAdapter:
+    """One user's adapter as the adapted layers apply it (GenerativeAdapterModel.user_adapter): the
+    memories M that the generator's lora_A and lora_B read, or a fine-tuned LoRA pair per module."""
+
+    memory: dict[str, torch.Tensor] | None = None
+    """module name -> M (r, r): a generator's state, normalized."""
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """module name -> (lora_A (r, d_in), lora_B (d_out, r)), scaling folded in: a fine-tuned state
+    (adapter_core.finetune), every adapted module (a pair of zeros where it trained none)."""
+
+
+@dataclass(frozen=True)
 class RowAdapters:
-    """The adapters of a batch's rows as the adapted layers apply them (see `row_adapters`)."""
+    """The adapters of a batch's rows as the adapted layers apply them (see `row_adapters`): one of
+    the three is set."""
 
     memory: dict[str, torch.Tensor] | None = None
     """module name -> (N, r, r): row i's normalized memory M (zeros: the base model)."""
     folded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    """module name -> (lora_A (r, d_in), lora_B (d_out, r)): one row's M folded into a LoRA pair."""
+    """module name -> (lora_A (r, d_in), lora_B (d_out, r)): one row's adapter as one LoRA pair."""
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """module name -> (lora_A (N, R, d_in), lora_B (N, d_out, R)): row i's own LoRA pair, ranks
+    padded with zeros to the largest R; for batches where some row's adapter is fine-tuned."""
 
 
 def decoder_layers(base_model: nn.Module) -> nn.ModuleList:
@@ -207,23 +223,48 @@ class GenerativeAdapterModel(nn.Module):
     @contextlib.contextmanager
     def adapters(self, states: Sequence[AdapterState | None] | None) -> Iterator[None]:
         """Within the block, row i of every batch is adapted by states[i] (None: base model)."""
-        memories = [None if s is None else self.memory_matrices(s) for s in states or []]
-        with self.applying(self.row_adapters(memories)):
+        with self.applying(self.row_adapters([None if s is None else self.user_adapter(s) for s in states or []])):
             yield
 
-    def row_adapters(self, memories: Sequence[dict[str, torch.Tensor] | None]) -> RowAdapters | None:
-        """What `applying` sets for a batch whose row i has memories[i] (from memory_matrices; None:
-        the base model). None when no row has one. A single row is folded into plain LoRA pairs
-        (AdapterLinear.folded_pair), cheaper than the per-row product, unless gradients are on."""
-        if not any(m is not None for m in memories):
+    def user_adapter(self, state: AdapterState) -> UserAdapter:
+        """What a state applies: M = normalize(S) per module for the generator's, the LoRA pairs
+        (and pairs of zeros for the modules without one) for a fine-tuned one."""
+        if state.sums or not state.pairs:
+            return UserAdapter(memory=self.memory_matrices(state))
+        if state.base_model_id != self.base_model_id or not set(state.pairs) <= set(self.adapted):
+            raise ConfigError("a fine-tuned state made for another base model or other modules")
+        return UserAdapter(pairs={name: state.pairs.get(name) or zero_pair(layer)
+                                  for name, layer in self.adapted.items()})
+
+    def row_adapters(self, adapters: Sequence[UserAdapter | None]) -> RowAdapters | None:
+        """What `applying` sets for a batch whose row i has adapters[i] (from user_adapter; None:
+        the base model). None when no row has one. A single row is one plain LoRA pair per module
+        (AdapterLinear.folded_pair), cheaper than the per-row product, unless gradients are on; rows
+        that are all the generator's are memories between its shared lora_A and lora_B; otherwise
+        every row is its own LoRA pair (a generator's M as its exact pair, AdapterLinear.lora_pair)."""
+        if not any(a is not None for a in adapters):
             return None
-        if len(memories) == 1 and not torch.is_grad_enabled():
-            return RowAdapters(folded={name: layer.folded_pair(memories[0][name])
-                                               for name, layer in self.adapted.items()})
-        zero = torch.zeros(self.config.rank, self.config.rank)  # M = 0 adds nothing: the base model
-        return RowAdapters(memory={
-            name: torch.stack([zero if m is None else m[name] for m in memories]).to(self.device)  # (N, r, r)
-            for name in self.adapted})
+        if len(adapters) == 1 and not torch.is_grad_enabled():
+            only = adapters[0]
+            if only.pairs is not None:
+                return RowAdapters(folded={name: (a.to(self.device), b.to(self.device))
+                                           for name, (a, b) in only.pairs.items()})
+            return RowAdapters(folded={name: layer.folded_pair(only.memory[name])
+                                       for name, layer in self.adapted.items()})
+        if all(a is None or a.memory is not None for a in adapters):
+            zero = torch.zeros(self.config.rank, self.config.rank)  # M = 0 adds nothing: the base model
+            return RowAdapters(memory={
+                name: torch.stack([zero if a is None else a.memory[name] for a in adapters]).to(self.device)
+                for name in self.adapted})  # (N, r, r) each
+        pairs = {}
+        for name, layer in self.adapted.items():
+            rows = [zero_pair(layer) if a is None else a.pairs[name] if a.pairs is not None
+                    else layer.lora_pair(a.memory[name]) for a in adapters]
+            rank = max(pair[0].shape[0] for pair in rows)
+            lora_a = torch.stack([F.pad(a.float(), (0, 0, 0, rank - a.shape[0])) for a, _ in rows])  # (N, R, d_in)
+            lora_b = torch.stack([F.pad(b.float(), (0, rank - b.shape[1])) for _, b in rows])  # (N, d_out, R)
+            pairs[name] = (lora_a.to(self.device), lora_b.to(self.device))
+        return RowAdapters(pairs=pairs)
 
     @contextlib.contextmanager
     def applying(self, adapters: RowAdapters | None, pause: Callable[[], None] | None = None) -> Iterator[None]:
@@ -251,6 +292,8 @@ class GenerativeAdapterModel(nn.Module):
         for name, layer in self.adapted.items():
             if adapters.folded is not None:
                 layer.folded = adapters.folded[name]
+            elif adapters.pairs is not None:
+                layer.pairs = adapters.pairs[name]
             else:
                 layer.memory = adapters.memory[name]
 
@@ -433,6 +476,7 @@ class GenerativeAdapterModel(nn.Module):
         for layer in self.adapted.values():
             layer.memory = None
             layer.folded = None
+            layer.pairs = None
 
 
 def _labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,3 +484,8 @@ def _labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     targets = labels[:, 1:]  # position t predicts token t+1
     selected = targets != IGNORE
     return hidden[:, :-1][selected], targets[selected]
+
+
+def zero_pair(layer: AdapterLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank-1 LoRA pair of zeros: what a module without an adapter of its own adds."""
+    return torch.zeros(1, layer.base_layer.in_features), torch.zeros(layer.base_layer.out_features, 1)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from greenlet import GreenletExit, greenlet
 
 from .decoding import PREFILL_CHUNK_TOKENS, DecodeBatch, Prefilled, Reply, ReplyRequest, Row, finished_reply
+from .compressor import Compressor
 from .model import GenerativeAdapterModel, Texts
 from .state import AdapterState
 
@@ -120,6 +121,8 @@ class _Compression:
     state: AdapterState
     texts: Texts
     future: Future
+    compressor: Compressor | None = None  # None: the engine's own absorb
+    replay: Sequence[str] = ()
     runner: greenlet | None = None
 
 
@@ -216,10 +219,12 @@ class InferenceLoop:
         streams = [self.submit(r) for r in requests]
         return [s.result() for s in streams]
 
-    def absorb(self, state: AdapterState, texts: Texts) -> AdapterState:
-        """A new state that also holds `texts`: `engine.absorb(state, texts, windows_per_pass)`,
-        bit for bit, run in slices between decode steps; waits for it."""
-        job = _Compression(state, texts, Future())
+    def absorb(self, state: AdapterState, texts: Texts, compressor: Compressor | None = None,
+               replay: Sequence[str] = ()) -> AdapterState:
+        """A new state that also holds `texts`: `compressor.absorb(state, texts, replay)` (no
+        compressor: `engine.absorb(state, texts, windows_per_pass)`), bit for bit, run in slices
+        between decode steps; waits for it."""
+        job = _Compression(state, texts, Future(), compressor, replay)
         with self._wake:
             if not self._running:
                 raise LoopStopped("the inference loop is not running")
@@ -342,8 +347,12 @@ class InferenceLoop:
         """Carry on with the oldest compression until its slice is used up and a reply waits, or it ends."""
         job = self._compressions[0]
         if job.runner is None:
-            job.runner = greenlet(lambda: self.engine.absorb(job.state, job.texts, self.windows_per_pass,
-                                                             pause=self._pause))
+            if job.compressor is None:
+                job.runner = greenlet(lambda: self.engine.absorb(job.state, job.texts, self.windows_per_pass,
+                                                                 pause=self._pause))
+            else:
+                job.runner = greenlet(lambda: job.compressor.absorb(job.state, job.texts, job.replay,
+                                                                    pause=self._pause))
         self._slice_ends = time.perf_counter() + self.slice_seconds
         try:
             result = job.runner.switch()

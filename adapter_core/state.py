@@ -1,4 +1,5 @@
-"""AdapterState: one user's memory, the un-normalised running sums S per adapted module.
+"""AdapterState: one user's memory: the generator's un-normalised running sums S per adapted
+module, or (adapter_core.finetune) a LoRA pair of its own per module.
 
 A state is tied to the generator checkpoint and base model that produced it: sums made by one
 generator mean nothing to another. Serialised as safetensors with metadata and a sha256 over
@@ -20,6 +21,8 @@ from safetensors.torch import save as st_save
 from .checkpoint import tensor_digest
 
 FORMAT = "generative-adapter-state/1"
+PAIR_PREFIX = "pair."
+"""Stored name of a fine-tuned pair's tensors: 'pair.<module>.lora_A' and 'pair.<module>.lora_B'."""
 
 
 class StateError(ValueError):
@@ -40,6 +43,10 @@ class AdapterState:
     """Windows absorbed so far."""
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form string metadata kept with the state (for example the app's cursor)."""
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """A fine-tuned state's adapter (adapter_core.finetune; its sums are empty): module name ->
+    (lora_A (r, d_in), lora_B (d_out, r)) fp32 on the CPU, scaling folded into lora_B. Modules
+    without a pair add nothing."""
 
     @property
     def is_empty(self) -> bool:
@@ -57,7 +64,14 @@ class AdapterState:
             )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.sums.values())
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor as stored: the sums under their module names, the pairs under PAIR_PREFIX."""
+        tensors = dict(self.sums)
+        for name, (lora_a, lora_b) in self.pairs.items():
+            tensors[f"{PAIR_PREFIX}{name}.lora_A"], tensors[f"{PAIR_PREFIX}{name}.lora_B"] = lora_a, lora_b
+        return tensors
 
     # --- serialisation -------------------------------------------------------------------------
 
@@ -72,7 +86,7 @@ class AdapterState:
         }
 
     def to_bytes(self) -> bytes:
-        tensors = {name: s.detach().to("cpu", torch.float32).contiguous() for name, s in self.sums.items()}
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._tensors().items()}
         metadata = self._metadata()
         metadata["sha256"] = _digest(tensors, metadata)
         return st_save(tensors, metadata=metadata)
@@ -92,8 +106,11 @@ class AdapterState:
         if claimed != _digest(tensors, metadata):
             raise StateError("adapter state failed its checksum: the file was damaged or edited")
         try:
+            sums = {name: t for name, t in tensors.items() if not name.startswith(PAIR_PREFIX)}
+            pairs = {name[len(PAIR_PREFIX):-len(".lora_A")]: (t, tensors[name[:-len("lora_A")] + "lora_B"])
+                     for name, t in tensors.items() if name.startswith(PAIR_PREFIX) and name.endswith(".lora_A")}
             state = cls(
-                sums=tensors,
+                sums=sums, pairs=pairs,
                 generator_id=metadata["generator_id"],
                 base_model_id=metadata["base_model_id"],
                 tokens=int(metadata["tokens"]),

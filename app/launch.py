@@ -111,7 +111,7 @@ def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
     engine.eval()
     # the decode step's fused weights and, at a machine's first start, its C++ layers (~35 s on 2 cores)
     lean_decoder(engine)
-    log.info("model %s, generator %s", engine.base_model_id, engine.generator_id)
+    log.info("model %s, generator %s, compressor %s", engine.base_model_id, engine.generator_id, settings.compressor)
     progress.begin("web page")
     loop = InferenceLoop(engine)
     services = Services.create(storage, engine, loop, settings)

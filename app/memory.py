@@ -19,6 +19,8 @@ from datetime import datetime
 
 from adapter_core import AdapterState, GenerativeAdapterModel, StateError
 from adapter_core.data.conversation import Turn, history_text
+from adapter_core.compressor import Compressor, make_compressor
+from adapter_core.finetune import replay_sample
 from adapter_core.scheduler import InferenceLoop
 from storage import CursorError, MemorySummary, NotFound, RebuildRequired, SnapshotFileError, TurnStart
 from storage.models import AdapterSnapshot, CompressionJob, Message, User
@@ -71,9 +73,11 @@ class MemoryStatus:
 
 class Memory:
     def __init__(self, access: Access, engine: GenerativeAdapterModel, loop: InferenceLoop,
-                 downloads: DownloadStore) -> None:
+                 downloads: DownloadStore, compressor: Compressor | None = None) -> None:
         self.access, self.engine, self.loop, self.downloads = access, engine, loop, downloads
         self.storage, self.settings = access.storage, access.settings
+        self.compressor = compressor or make_compressor(self.settings.compressor, engine)
+        """What writes users' turns into their adapters (--compressor); another one's snapshots are rebuilt."""
         self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, its state)
         self._states_lock = threading.Lock()
 
@@ -153,7 +157,7 @@ class Memory:
             cached = self._states.get(user_id)
         if cached is not None and cached[0] == snapshot.id:
             return cached[1]
-        state = AdapterState.from_bytes(self.storage.read_snapshot_file(snapshot), self.engine.generator_id,
+        state = AdapterState.from_bytes(self.storage.read_snapshot_file(snapshot), self.compressor.id,
                                         self.engine.base_model_id)
         self._keep_state(user_id, snapshot.id, state)
         return state
@@ -215,7 +219,7 @@ class Memory:
         if not pending:
             return None
         try:
-            return self._absorb(user_id, state, pending)
+            return self._absorb(user_id, state, pending, self._replay(user_id, snapshot))
         except RebuildRequired:  # a message was forgotten meanwhile, or another generator made the snapshot
             return self._rebuild(self.storage.get_user(user_id))
         except CursorError:  # another compression absorbed these turns first: nothing left to do
@@ -227,19 +231,32 @@ class Memory:
         message deleted in between makes the commit refuse (its revision moved on)."""
         return self._absorb(user.id, None, self.storage.history(user.id), rebuild_revision=user.history_revision)
 
+    def _replay(self, user_id: int, snapshot: AdapterSnapshot | None) -> list[str]:
+        """Earlier turns the compressor trains again with the new ones (see FinetuneCompressor): a
+        seeded sample of what the snapshot holds, its size bounded; none for the generator."""
+        tokens = self.compressor.replay_tokens
+        if not tokens or snapshot is None:
+            return []
+        earlier = [m for m in self.storage.history(user_id) if m.id <= snapshot.cursor]
+        turns = [history_text([Turn(m.role, m.text)]) for m in earlier]
+        return replay_sample(turns, tokens, self.engine.tokenizer, seed=snapshot.version)
+
     def _absorb(self, user_id: int, state: AdapterState | None, messages: Sequence[Message],
-                rebuild_revision: int | None = None) -> int:
-        """Absorb the messages into the state (None: an empty one) and commit the result as the
-        user's new snapshot, a rebuild when a revision is given; the new version."""
+                replay: Sequence[str] = (), rebuild_revision: int | None = None) -> int:
+        """Absorb the messages into the state (None: an empty one), replaying earlier turns where
+        the compressor wants them, and commit the result as the user's new snapshot, a rebuild
+        when a revision is given; the new version."""
         started = time.perf_counter()
-        new = self.loop.absorb(state or self.engine.empty_state(),
-                               history_text([Turn(m.role, m.text) for m in messages]))
-        stats = {"tokens": new.tokens, "windows": new.windows, "messages": len(messages),
-                 "seconds": round(time.perf_counter() - started, 3), "state_bytes": new.nbytes()}
+        new = self.loop.absorb(state or self.compressor.empty_state(),
+                               history_text([Turn(m.role, m.text) for m in messages]), self.compressor, replay)
+        stats = {"compressor": self.compressor.name, "tokens": new.tokens, "windows": new.windows,
+                 "messages": len(messages), "new_tokens": new.tokens - (state.tokens if state else 0),
+                 "replayed_turns": len(replay), "seconds": round(time.perf_counter() - started, 3),
+                 "state_bytes": new.nbytes()}
         if rebuild_revision is not None:
             stats["rebuild"] = True
         snapshot = self.storage.commit_snapshot(
-            user_id, new.to_bytes(), generator_id=self.engine.generator_id, base_model_id=self.engine.base_model_id,
+            user_id, new.to_bytes(), generator_id=self.compressor.id, base_model_id=self.engine.base_model_id,
             cursor=messages[-1].id if messages else 0, tokens_absorbed=new.tokens, stats=stats,
             rebuild_revision=rebuild_revision)
         self._keep_state(user_id, snapshot.id, new)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import make_url
 
+from adapter_core.compressor import COMPRESSORS
 from adapter_core.sampling import SamplingConfig
 
 from .limits import check_limit
@@ -37,6 +38,10 @@ class AppSettings:
                                               "(one with a password belongs in the variable, not the flag)")
     model: str | None = _setting(None, "base model: Hugging Face id or local folder; default: embedded SmolLM2-135M")
     checkpoint: str | None = _setting(None, "generator folder; default: the one shipped for the default model")
+    compressor: str = field(default="finetune", metadata={
+        "help": "how a user's turns become their adapter: finetune (a LoRA pair per user, fine-tuned on the CPU; "
+                "remembers now) or generator (one pass of the generator; remembers once it is trained)",
+        "choices": COMPRESSORS})
     device: str | None = _setting(None, "cpu or cuda; default: cuda when available")
     int4_decode: bool = _setting(True, "on the CPU, decode on the 4-bit weights of the model file (faster replies)")
     host: str = _setting("127.0.0.1", "interface to listen on; the default serves this machine only")
@@ -85,7 +90,8 @@ class AppSettings:
             if f.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             else:
-                parser.add_argument(flag, type=lambda v, f=f: _convert(f, v), default=default, help=help_text)
+                parser.add_argument(flag, type=lambda v, f=f: _convert(f, v), default=default, help=help_text,
+                                    choices=f.metadata.get("choices"))
         settings = cls(**vars(parser.parse_args(argv)), **secrets)
         if settings.admin_password_file is not None:
             try:
@@ -130,4 +136,7 @@ def _convert(f, value: str):
         return float(value)
     if kind.startswith("Path"):
         return Path(value) if value else None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:  # argparse checks flags' choices, not a variable's
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
     return value or None

@@ -199,7 +199,7 @@ def build_ui(services: Services) -> gr.Blocks:
         pending_admin = gr.State(None)   # (action, user id) waiting for "Yes"
         zone = gr.Textbox(value="UTC", visible=False, elem_id="timezone")
 
-        if services.engine.checkpoint_meta is None:
+        if services.engine.checkpoint_meta is None and services.memory.compressor.name == "generator":
             gr.Markdown("**Note: this server runs an untrained memory generator.** Conversations are stored and "
                         "compressed into adapters, but the adapters do not remember anything useful yet.",
                         elem_id="untrained-warning")

@@ -50,3 +50,17 @@ def test_export_uses_unfused_module_names(make_engine, random_tokens, tmp_path):
 @pytest.mark.parametrize("rank, servable", [(1, 8), (8, 8), (9, 16), (32, 32), (300, 320), (600, 600)])
 def test_servable_rank(rank, servable):
     assert servable_rank(rank) == servable
+
+
+def test_a_fine_tuned_states_own_pairs_export_as_the_same_logits(make_engine, make_tiny_lm, random_tokens, tmp_path):
+    from tests.adapter_core.test_finetune import random_pairs
+
+    engine = make_engine("llama")
+    state = random_pairs(engine, 5, rank=4)  # on the upper layer's modules; the others add nothing
+    folder = export_peft(engine, state, tmp_path / "peft")
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8  # rank 4, padded
+    peft_model = PeftModel.from_pretrained(plain_copy(engine, make_tiny_lm, "llama"), folder).eval()
+    ids = torch.tensor([random_tokens(11)])
+    ours = engine(ids, states=[state]).logits
+    assert (ours - peft_model(input_ids=ids).logits).abs().max().item() <= 1e-4
+    assert (ours - engine(ids).logits).abs().max().item() > 1e-2

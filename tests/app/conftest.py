@@ -17,8 +17,9 @@ from tests.storage.helpers import FAST, PASSWORD
 
 @pytest.fixture
 def app_settings(tmp_path) -> AppSettings:
-    # rate limits out of the way: the tests that check them set their own
-    return AppSettings(data_dir=tmp_path / "data", compress_every=2, compress_idle_seconds=0,
+    # rate limits out of the way: the tests that check them set their own; the generator compresses
+    # (its single pass is the cheaper one), except in the tests of the fine-tuning compressor
+    return AppSettings(data_dir=tmp_path / "data", compressor="generator", compress_every=2, compress_idle_seconds=0,
                        max_new_tokens=6, recent_token_budget=400, messages_per_user="1000/minute",
                        actions_per_user="1000/minute", signups_per_address="1000/hour")
 

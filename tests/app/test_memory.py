@@ -169,3 +169,56 @@ def test_forgetting_everything_rebuilds_an_empty_adapter(services, password):
     status = services.memory.status(uid)
     assert (status.adapter_version, status.messages, status.needs_rebuild) == (2, 0, False)
     assert AdapterState.from_bytes(services.storage.read_snapshot(uid)).tokens == 0
+
+
+# --- the fine-tuning compressor (--compressor finetune, the default) ----------------------------
+
+@pytest.fixture
+def finetuning(services, monkeypatch):
+    """The services with the fine-tuning compressor, cut to a few cheap steps for the tiny model."""
+    from adapter_core.finetune import FinetuneCompressor, FinetuneConfig
+
+    services.memory.compressor = FinetuneCompressor(
+        services.engine, FinetuneConfig(steps=3, lr=5e-2, window_tokens=64, replay_tokens=64))
+    return services
+
+
+def test_the_finetune_compressor_writes_pairs_replays_earlier_turns_and_serves_them(finetuning, password):
+    services = finetuning
+    uid = services.accounts.sign_up("alice", password).account.id
+    chat(services, uid, "My cat is called Tobrik.")
+    chat(services, uid, "I live in Quenmoor.")
+    run_jobs(services)
+    first = services.storage.latest_snapshot(uid)
+    assert first.generator_id == services.memory.compressor.id and first.stats["compressor"] == "finetune"
+    assert first.stats["replayed_turns"] == 0  # nothing earlier to replay
+    state = AdapterState.from_bytes(services.storage.read_snapshot(uid))
+    assert state.pairs and not state.sums
+    chat(services, uid, "My bike is green.")
+    chat(services, uid, "It rains today.")
+    run_jobs(services)
+    second = services.storage.latest_snapshot(uid)
+    assert second.version == 2 and second.stats["replayed_turns"] > 0
+    assert second.stats["new_tokens"] < second.tokens_absorbed  # trained on the new turns (and a replay), not all
+    _, finished = chat(services, uid, "What is my cat called?")
+    assert finished.stats.adapter_version == 2  # answered with the fine-tuned pairs
+    admin = services.accounts.ensure_admin("root", password).id
+    summary = services.admin.adapter_summary(admin, uid)
+    assert any(row.delta_norm > 0 for row in summary)  # the upper layers' pairs, on the admin page
+
+
+def test_switching_compressors_rebuilds_the_adapter_from_the_history(finetuning, password):
+    from adapter_core.compressor import GeneratorCompressor
+
+    services = finetuning
+    uid = services.accounts.sign_up("alice", password).account.id
+    chat(services, uid, "My cat is called Tobrik.")
+    chat(services, uid, "I live in Quenmoor.")
+    run_jobs(services)
+    services.memory.compressor = GeneratorCompressor(services.engine)
+    services.memory.drop_state(uid)
+    chat(services, uid, "And my dog is Biscuit.")  # the fine-tuned snapshot is not this compressor's
+    run_jobs(services)
+    latest = services.storage.latest_snapshot(uid)
+    assert latest.generator_id == services.engine.generator_id and latest.stats.get("rebuild")
+    assert latest.stats["messages"] == 6  # the whole history, absorbed anew

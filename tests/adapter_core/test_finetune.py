@@ -1,0 +1,110 @@
+"""The second compressor: a LoRA pair per user, fine-tuned (adapter_core.finetune), and rows' own
+pairs served beside the generator's memories, on every decode path."""
+
+import pytest
+import torch
+
+from adapter_core.decoding import ReplyRequest, reply
+from adapter_core.finetune import FinetuneCompressor, FinetuneConfig, replay_sample
+from adapter_core.lean_decoder import lean_decoder
+from adapter_core.state import AdapterState, StateError
+from adapter_core.sampling import SamplingConfig
+
+from .test_decoding import greedy_without_cache
+from .test_lean_decoder import make_four_bit_engine, step_logits  # noqa: F401  (a fixture)
+
+GREEDY = SamplingConfig.greedy(6)
+FAST = FinetuneConfig(steps=4, lr=5e-2, window_tokens=32, replay_tokens=64)
+
+
+def random_pairs(engine, seed: int, rank: int = 4, every: bool = False) -> AdapterState:
+    """A fine-tuned state with random pairs on the upper layer's modules (or every module)."""
+    gen = torch.Generator().manual_seed(seed)
+    top = max(engine.layer_index.values())
+    pairs = {name: (torch.randn(rank, layer.base_layer.in_features, generator=gen) * 0.3,
+                    torch.randn(layer.base_layer.out_features, rank, generator=gen) * 0.3)
+             for name, layer in engine.adapted.items() if every or engine.layer_index[name] == top}
+    return AdapterState(sums={}, generator_id="finetune-test", base_model_id=engine.base_model_id, pairs=pairs)
+
+
+def test_rows_with_their_own_pairs_a_generators_memory_or_none_each_reply_as_alone(make_engine, random_tokens):
+    engine = make_engine("llama")
+    alice = random_pairs(engine, 1)
+    bob = engine.absorb(engine.empty_state(), [random_tokens(20)])  # a generator's state, beside them
+    carol = random_pairs(engine, 2, rank=2, every=True)
+    requests = [ReplyRequest(random_tokens(n), state, GREEDY)
+                for n, state in ((6, alice), (3, None), (9, bob), (5, carol))]
+    expected = [greedy_without_cache(engine, r) for r in requests]
+    assert [list(r.tokens) for r in reply(engine, requests)] == expected
+    assert expected[0] != greedy_without_cache(engine, ReplyRequest(requests[0].prompt, None, GREEDY))
+
+
+def test_the_compiled_layers_take_rows_own_pairs_stacked(make_four_bit_engine, random_tokens, monkeypatch):
+    engine = make_four_bit_engine()
+    decoder = lean_decoder(engine)
+    assert decoder.native is not None
+    alice, carol = random_pairs(engine, 1), random_pairs(engine, 2, rank=2, every=True)
+    bob = engine.absorb(engine.empty_state(), [random_tokens(20)])
+    requests = [ReplyRequest(random_tokens(8), alice, GREEDY), ReplyRequest(random_tokens(4), None, GREEDY),
+                ReplyRequest(random_tokens(6), bob, GREEDY), ReplyRequest(random_tokens(5), carol, GREEDY)]
+    reference = step_logits(engine, requests, False)
+    for stacked_up_to in (128, 1):  # stacked into the C++ layers, or too many: the Python step
+        monkeypatch.setattr("adapter_core.lean_decoder.MAX_STACKED_RANK", stacked_up_to)
+        for a, b in zip(step_logits(engine, requests, True), reference):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-3)
+
+
+def test_a_state_with_pairs_is_stored_and_checked_like_any(make_engine):
+    engine = make_engine("llama")
+    state = random_pairs(engine, 3)
+    again = AdapterState.from_bytes(state.to_bytes())
+    assert set(again.pairs) == set(state.pairs) and again.sums == {}
+    assert all(torch.equal(again.pairs[n][0], state.pairs[n][0]) and torch.equal(again.pairs[n][1], state.pairs[n][1])
+               for n in state.pairs)
+    damaged = bytearray(state.to_bytes())
+    damaged[-3] ^= 0xFF
+    with pytest.raises(StateError):
+        AdapterState.from_bytes(bytes(damaged))
+
+
+def nll(engine, state, text: str) -> float:
+    ids = torch.tensor([engine.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = engine(ids, states=[state]).logits[0, :-1]
+    return float(torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:]))
+
+
+def test_fine_tuning_remembers_the_users_own_text_and_not_another_users(make_text_engine):
+    engine = make_text_engine()
+    compressor = FinetuneCompressor(engine, FAST)
+    alice_text, bob_text = "User: my dog is called Biscuit.\n", "User: I live in Quenmoor by the sea.\n"
+    alice = compressor.absorb(compressor.empty_state(), alice_text)
+    bob = compressor.absorb(compressor.empty_state(), bob_text)
+    assert alice.tokens == len(engine.tokenizer(alice_text, add_special_tokens=False)["input_ids"])
+    base = nll(engine, None, alice_text)
+    own, swapped = nll(engine, alice, alice_text), nll(engine, bob, alice_text)
+    assert own < base - 0.5 and own < swapped  # the swap test, in small
+    again = compressor.absorb(compressor.empty_state(), alice_text)  # deterministic
+    assert all(torch.equal(again.pairs[n][1], alice.pairs[n][1]) for n in alice.pairs)
+    assert set(alice.pairs) == set(compressor.modules) and alice.generator_id == compressor.id
+
+
+def test_a_compression_continues_from_the_last_pairs_with_earlier_turns_replayed(make_text_engine):
+    engine = make_text_engine()
+    compressor = FinetuneCompressor(engine, FAST)
+    first = "User: my dog is called Biscuit.\n"
+    state = compressor.absorb(compressor.empty_state(), first)
+    later = compressor.absorb(state, "User: the weather is fine today.\n", replay=[first])
+    assert later.tokens > state.tokens and later.windows == state.windows + 1  # replay is not counted as new
+    assert nll(engine, later, first) < nll(engine, None, first) - 0.5
+    assert compressor.absorb(later, "") is later  # nothing new: nothing trained
+    with pytest.raises(StateError):  # another compressor's state is rebuilt, not continued
+        compressor.absorb(engine.empty_state(), first)
+
+
+def test_the_replay_sample_is_bounded_seeded_and_in_order(tiny_tokenizer):
+    texts = [f"turn {i} " * 3 for i in range(20)]
+    chosen = replay_sample(texts, 60, tiny_tokenizer, seed=1)
+    assert sum(len(tiny_tokenizer(t)["input_ids"]) for t in chosen) <= 60 and chosen
+    assert chosen == replay_sample(texts, 60, tiny_tokenizer, seed=1) != replay_sample(texts, 60, tiny_tokenizer, seed=2)
+    assert chosen == [t for t in texts if t in chosen]
