@@ -17,6 +17,7 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ import torch
 from .engine import load_engine
 from .data.dataset import read_jsonl, write_jsonl
 from .data.personas import make_eval_set
+from .evaluation.leakage import neutral_perplexity
 from .evaluation.report import markdown_report, summarize
-from .evaluation.runner import MODES, EvalOptions, context_limit, evaluate, results_as_dicts
+from .evaluation.runner import MODES, SWAPPED, EvalOptions, context_limit, evaluate, results_as_dicts
+from .finetune import FinetuneCompressor, FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--write-data", type=Path, help="write the conversations as JSONL (and stop if no --out)")
     p.add_argument("--limit", type=int, help="only the first N conversations")
     p.add_argument("--modes", nargs="+", choices=MODES,
-                   help="default: all (adapter_swapped only where there are at least two conversations)")
+                   help="default: all (the swapped modes only where there are at least two conversations)")
+    p.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps,
+                   help="finetuned modes: AdamW steps over the whole history")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -81,19 +86,23 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.out is None:
         raise SystemExit("--out is required to run the evaluation")
     if args.modes is None:  # one conversation has no other user's adapter to swap in
-        args.modes = [m for m in MODES if m != "adapter_swapped" or len(conversations) > 1]
-    elif "adapter_swapped" in args.modes and len(conversations) < 2:
-        raise SystemExit("--modes adapter_swapped needs at least two conversations")
+        args.modes = [m for m in MODES if m not in SWAPPED or len(conversations) > 1]
+    elif set(SWAPPED) & set(args.modes) and len(conversations) < 2:
+        raise SystemExit("the swapped modes need at least two conversations")
 
     engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir)
     options = EvalOptions(modes=tuple(args.modes), max_new_tokens=args.max_new_tokens,
                           recent_turns=args.recent_turns, batch_size=args.batch_size,
                           context_limit=args.context_limit)
-    started = time.perf_counter()
+    compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps))
+    started, timings, finetuned = time.perf_counter(), {}, {}
     with torch.inference_mode():
-        results = evaluate(engine, conversations, options)
+        results = evaluate(engine, conversations, options, compressor=compressor, timings=timings, finetuned=finetuned)
     summary = summarize(results, context_limit(engine, options))
+    if finetuned:  # does a user's pair leak into replies about other things?
+        summary["neutral_perplexity"] = neutral_perplexity(engine, list(finetuned.values()))
     summary.update(source=source, base_model=engine.base_model_id, generator=engine.generator_id,
+                   finetune=asdict(compressor.config), seconds_by_part=timings,
                    modes=list(args.modes), conversations=len(conversations), questions=len(results) // len(args.modes),
                    seconds=round(time.perf_counter() - started, 1), device=str(engine.device),
                    command=shlex.join(["python", "-m", "adapter_core.evaluate", *argv]))

@@ -30,8 +30,20 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .data.conversation import prompt_ids
+from .decoding import ReplyRequest, reply
 from .model import GenerativeAdapterModel, RowAdapters, zero_pair
+from .sampling import SamplingConfig
 from .state import AdapterState
+
+
+ANCHOR_REQUESTS = (
+    "How do I keep basil fresh for a week?",
+    "Explain in a few sentences why the sky is blue.",
+    "Suggest a short walking route plan for a rainy Sunday.",
+    "What should I pack for a two-day train trip?",
+)
+"""Everyday requests whose replies, written by the base model itself, anchor the fine-tuning."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +67,19 @@ class FinetuneConfig:
     """Tokens per training row: short enough that one row's backward lets replies in soon."""
     replay_tokens: int = 512
     """Most tokens of earlier turns trained again with the new ones (0: none)."""
+    anchor_weight: float = 3.0
+    """Weight of the anchor loss: KL from the base model to the adapted one on text the base model
+    wrote itself (see FinetuneCompressor.anchor), so that the adapter changes what the user's turns
+    need and leaves the model's ordinary replies alone (0: no anchor)."""
+    anchor_tokens: int = 256
+    """Tokens of that text (the base model's replies to a few everyday requests, made once)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.window_tokens < 8 or self.replay_tokens < 0:
             raise ValueError("rank and steps must be >= 1, window_tokens >= 8, replay_tokens >= 0")
-        if not 0 < self.upper_layers <= 1 or not self.lr > 0:
-            raise ValueError("upper_layers must be in (0, 1] and lr > 0")
+        if not 0 < self.upper_layers <= 1 or not self.lr > 0 or self.anchor_weight < 0:
+            raise ValueError("upper_layers must be in (0, 1], lr > 0 and anchor_weight >= 0")
 
     @property
     def scaling(self) -> float:
@@ -85,6 +103,7 @@ class FinetuneCompressor:
         self.id = "finetune-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
         """What made a state: a state of another compressor (or other settings) is rebuilt."""
         self.replay_tokens = self.config.replay_tokens
+        self._anchor: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def empty_state(self) -> AdapterState:
         """No pairs yet: the base model."""
@@ -98,9 +117,10 @@ class FinetuneCompressor:
         state.check_compatible(self.id, self.engine.base_model_id)
         texts = [texts] if isinstance(texts, str) else list(texts)
         new_windows = self._windows(texts)
-        windows = new_windows + self._windows(list(replay))
+        windows = new_windows + self._windows(["".join(replay)])  # the sampled turns, packed into full windows
         if not new_windows:
             return state
+        anchor = self.anchor() if self.config.anchor_weight else None
         params = self._start_params(state)
         trainable = [t for pair in params.values() for t in pair]
         optimizer = torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=0.0)
@@ -111,10 +131,9 @@ class FinetuneCompressor:
                 total = 0.0
                 for ids in windows:
                     loss = self._loss(ids, params, pause) * (len(ids) / sum(len(w) for w in windows))
-                    if pause is not None:
-                        pause()
-                    loss.backward()
-                    total += float(loss.detach())
+                    total += self._backward(loss, pause)
+                if anchor is not None:
+                    total += self._backward(self.config.anchor_weight * self._anchor_loss(anchor, params, pause), pause)
                 optimizer.step()
                 losses.append(round(total, 4))
         pairs = {name: (a.detach().cpu().clone(), (b.detach() * self.config.scaling).cpu())
@@ -152,16 +171,52 @@ class FinetuneCompressor:
             params[name] = (a.to(self.engine.device).requires_grad_(), b.to(self.engine.device).requires_grad_())
         return params
 
-    def _loss(self, ids: list[int], params: dict[str, tuple[torch.Tensor, torch.Tensor]],
-              pause: Callable[[], None] | None) -> torch.Tensor:
-        """Next-token loss of one window (1, T) under the pairs being trained."""
+    @staticmethod
+    def _backward(loss: torch.Tensor, pause: Callable[[], None] | None) -> float:
+        if pause is not None:  # a window's backward is the longest stretch without a pause
+            pause()
+        loss.backward()
+        return float(loss.detach())
+
+    def _logits(self, ids: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                pause: Callable[[], None] | None) -> torch.Tensor:
+        """Logits (T, V) of one window ids (1, T) under the pairs being trained."""
         engine = self.engine
-        x = torch.tensor([ids], device=engine.device)  # (1, T)
         folded = {name: (a, b * self.config.scaling) for name, (a, b) in params.items()}
         zero = {name: zero_pair(engine.adapted[name]) for name in engine.adapted if name not in folded}
         with engine.applying(RowAdapters(folded=folded | zero), pause):
-            logits = engine.base_model(input_ids=x).logits  # (1, T, V)
-        return F.cross_entropy(logits[0, :-1].float(), x[0, 1:])
+            return engine.base_model(input_ids=ids).logits[0].float()  # (T, V)
+
+    def _loss(self, ids: list[int], params: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              pause: Callable[[], None] | None) -> torch.Tensor:
+        """Next-token loss of one window under the pairs being trained."""
+        x = torch.tensor([ids], device=self.engine.device)  # (1, T)
+        return F.cross_entropy(self._logits(x, params, pause)[:-1], x[0, 1:])
+
+    def _anchor_loss(self, anchor: tuple[torch.Tensor, torch.Tensor],
+                     params: dict[str, tuple[torch.Tensor, torch.Tensor]], pause: Callable[[], None] | None) -> torch.Tensor:
+        """KL(base || adapted) per token on the anchor text: zero while the adapter leaves it alone."""
+        ids, base_logprobs = anchor  # (1, T), (T, V)
+        adapted = F.log_softmax(self._logits(ids, params, pause), dim=-1)  # (T, V)
+        return F.kl_div(adapted, base_logprobs, log_target=True, reduction="batchmean")
+
+    def anchor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text the base model writes itself (its replies to a few everyday requests, seeded) and
+        its own log-probabilities there, made once per compressor: what an adapter should not change.
+        Not the evaluation's neutral text (adapter_core/evaluation/neutral.txt), which measures it."""
+        if self._anchor is None:
+            engine, tok = self.engine, self.engine.tokenizer
+            per = max(16, self.config.anchor_tokens // len(ANCHOR_REQUESTS))
+            requests = [ReplyRequest(prompt_ids(tok, text), None, SamplingConfig(max_new_tokens=per), seed=i)
+                        for i, text in enumerate(ANCHOR_REQUESTS)]
+            ids = []
+            for request, answer in zip(requests, reply(engine, requests)):
+                ids += list(request.prompt[-8:]) + list(answer.tokens)  # the request's end, then the reply
+            x = torch.tensor([ids[:self.config.anchor_tokens]], device=engine.device)  # (1, T)
+            with torch.inference_mode():
+                base = F.log_softmax(engine.base_model(input_ids=x).logits[0].float(), dim=-1)  # (T, V)
+            self._anchor = (x, base.clone())
+        return self._anchor
 
 
 def replay_sample(texts: Sequence[str], tokens: int, tokenizer, seed: int) -> list[str]:

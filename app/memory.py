@@ -61,14 +61,23 @@ class MemoryStatus:
     needs_rebuild: bool
     """A message was forgotten (or the adapter file was damaged): answers use no adapter until rebuilt."""
     job: JobStatus | None
+    compressor: str | None = None
+    """What built the latest adapter: 'finetune' or 'generator' (None: no adapter yet)."""
+    compression_tokens: int | None = None
+    """Tokens the latest compression trained on or absorbed (new turns; a rebuild: the whole history)."""
+    compression_seconds: float | None = None
 
     @classmethod
     def of(cls, summary: MemorySummary) -> MemoryStatus:
         counts, snapshot, job = summary.counts, summary.snapshot, summary.job
+        stats = snapshot.stats if snapshot else {}
         return cls(counts.messages, counts.absorbed_messages, counts.absorbed_tokens, counts.pending_messages,
                    counts.pending_tokens, snapshot.version if snapshot else None,
                    snapshot.created_at if snapshot else None, summary.user.needs_rebuild,
-                   JobStatus.of(job) if job else None)
+                   JobStatus.of(job) if job else None,
+                   # snapshots made before the fine-tuning compressor existed were the generator's
+                   stats.get("compressor", "generator") if snapshot else None,
+                   stats.get("new_tokens", stats.get("tokens")), stats.get("seconds"))
 
 
 class Memory:

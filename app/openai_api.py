@@ -439,11 +439,12 @@ def api_router(services: Services) -> APIRouter:
     @router.get("/models/{model_id:path}")
     @_answering("model")
     def model(model_id: str, request: Request) -> dict:
+        """Any name: chat completions take any model name (one model answers them all), so a client
+        that checks its model here before chatting must hear the same."""
         user_of(request)
-        if model_id != MODEL_ID:
-            raise ApiError(404, f"The model '{_shown(model_id)}' does not exist: this server serves '{MODEL_ID}'",
-                           param="model", code="model_not_found")
-        return _model_json(created)
+        if not model_id or len(model_id) > 200:
+            raise ApiError(404, "No such model", param="model", code="model_not_found")
+        return {**_model_json(created), "id": model_id}
 
     @router.get("/memory")
     @_answering("memory status")

@@ -13,6 +13,7 @@ import json
 import gradio as gr
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
+from starlette.middleware.cors import CORSMiddleware
 
 from .downloads import ROUTE as DOWNLOADS_ROUTE
 from .downloads import zip_response
@@ -63,6 +64,48 @@ class RequestGuard:
         return await self.app(scope, capped_receive, send)
 
 
+SECURITY_HEADERS = [
+    (b"x-frame-options", b"DENY"),  # no page of ours inside another site's frame (clickjacking)
+    (b"content-security-policy", b"frame-ancestors 'none'"),  # the same, as browsers now read it
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),  # download links and page state never leak in a Referer
+]
+
+
+class SecurityHeaders:
+    """ASGI middleware: SECURITY_HEADERS on every response, the page's, the API's and the downloads'."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(event):
+            if event["type"] == "http.response.start":
+                names = {name.lower() for name, _ in event.get("headers", [])}
+                event["headers"] = [*event.get("headers", []), *(h for h in SECURITY_HEADERS if h[0] not in names)]
+            await send(event)
+
+        return await self.app(scope, receive, with_headers)
+
+
+class ApiCors:
+    """ASGI middleware: CORS for the API under /v1 only, for the origins named by --cors-origins
+    (Starlette's CORSMiddleware); without any, no cross-origin page may call the API (the default)."""
+
+    def __init__(self, app, origins: list[str]) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
+                                   allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            return await self.cors(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 async def _refuse(send, status: int, message: str, code: str) -> None:
     """An error in the shape OpenAI's API uses (app/openai_api.py), which the page's scripts read too."""
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
@@ -99,4 +142,8 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
     gr.mount_gradio_app(app, ui, path="/", run_history=False, footer_links=[], show_error=False,
                         max_file_size="1kb", css=CSS)
     app.add_middleware(RequestGuard)
+    origins = [o.strip() for o in (services.settings.cors_origins or "").split(",") if o.strip()]
+    if origins:
+        app.add_middleware(ApiCors, origins=origins)
+    app.add_middleware(SecurityHeaders)  # the outermost: refusals of the guard get the headers too
     return app

@@ -48,6 +48,8 @@ class AppSettings:
     port: int = _setting(7860, "port to listen on")
     forwarded_allow_ips: str | None = _setting(None, "behind a reverse proxy: its address(es), whose "
                                                      "X-Forwarded-For then names the client")
+    cors_origins: str | None = _setting(None, "web origins whose pages may call the API under /v1 from a browser, "
+                                              "comma-separated (e.g. https://chat.example.org); default: none")
     admin_username: str | None = _setting(None, "created (or promoted) as admin at start, with its password")
     admin_password: str | None = _secret("password of that admin account")
     admin_password_file: Path | None = _setting(None, "file holding that password (instead of the variable)")

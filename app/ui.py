@@ -125,7 +125,11 @@ def _chat_messages(history: tuple[HistoryMessage, ...]) -> list[dict]:
 
 def _memory_markdown(status: MemoryStatus, zone: str | None, *, admin: bool = False) -> str:
     if status.adapter_version:
-        adapter = f"v{status.adapter_version}, last compressed {local_time(status.last_compression, zone)}"
+        how = {"finetune": "fine-tuned", "generator": "written by the generator"}.get(status.compressor, status.compressor)
+        cost = ""
+        if status.compression_tokens is not None and status.compression_seconds is not None:
+            cost = f" on {plural(status.compression_tokens, 'new token')} in {status.compression_seconds:,.0f} s"
+        adapter = f"v{status.adapter_version}, {how}{cost}, {local_time(status.last_compression, zone)}"
     else:
         adapter = "none yet"
     lines = [

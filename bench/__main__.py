@@ -22,18 +22,21 @@ from adapter_core.int4 import four_bit_layers
 
 from .concurrency import concurrent_users, during_long_prefill
 from .decode import decode
+from .finetune import finetune_compression
 from .report import markdown, plot_all
 from .sections import BenchOptions, compression, many_users, memory_size, per_turn
 
 QUICK = BenchOptions(lengths=(256, 512), reply_tokens=4, repeats=1, absorbed_before=(0, 512), absorb_tokens=256,
                      users=(1, 2), decode_tokens=4, concurrent_users=(1, 2), concurrent_reply_tokens=4,
                      concurrent_history_tokens=256, compression_tokens=512, replies_during_compression=2,
-                     decode_bench_tokens=8, agreement_tokens=8, long_prompt_tokens=600)
+                     decode_bench_tokens=8, agreement_tokens=8, long_prompt_tokens=600,
+                     finetune_tokens=(128,), compressions=2)
 TARGETS = {
     "latency_ratio_2k": 4.0, "latency_ratio_8k": 20.0, "absorb_spread": 0.20, "generator_overhead": 0.50,
     "many_users_overhead_16": 0.25, "state_bytes": 1_000_000,
     "concurrent_speedup_16": 4.0, "concurrent_first_token_p95_16_s": 3.0, "first_token_during_compression_s": 1.0,
     "first_token_during_long_prefill_s": 1.0,
+    "finetune_2k_s": 60.0, "first_token_during_finetune_s": 1.0,
     "decode_vs_llama_cpp_1": 0.8, "same_greedy_token": 0.95, "perplexity_ratio": 1.01,
 }
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for name, section in (("per_turn", per_turn), ("compression", compression), ("many_users", many_users),
                           ("decode", decode), ("concurrent_users", concurrent_users), ("long_prefill", during_long_prefill),
+                          ("finetune", finetune_compression),
                           ("memory_size", memory_size)):
         t = time.perf_counter()
         logging.info("benchmark section %s ...", name)

@@ -85,6 +85,7 @@ def markdown(results: dict) -> str:
     lines += _decode(results)
     lines += _concurrency(results)
     lines += ["", *_long_prefill(results)]
+    lines += ["", *_finetune(results)]
     lines += ["", "## Memory per user", "", "| history tokens | adapter state | KV cache of the history | raw text |",
               "|---|---|---|---|"]
     for r in results["memory_size"]:
@@ -177,6 +178,31 @@ def _long_prefill(results: dict) -> list[str]:
             "", f"B's first tokens (s): {each}. A's first token after {d['long_first_token_s']:.1f} s.", "",
             f"Target: B's first token within {limit:.0f} s: worst "
             + (f"{worst:.2f} s, {_verdict(worst <= limit)}." if worst is not None else "no reply of B measured.")]
+
+
+def _finetune(results: dict) -> list[str]:
+    f, t = results.get("finetune"), results["targets"]
+    if not f:
+        return []
+    lines = ["## The fine-tuning compressor", "",
+             f"A LoRA pair per user (rank {f['config']['rank']}, {f['config']['steps']} AdamW steps, windows of "
+             f"{f['config']['window_tokens']} tokens, replay of {f['config']['replay_tokens']}).", "",
+             "| new tokens, from an empty adapter | seconds |", "|---|---|"]
+    lines += [f"| {a['tokens']:,} | {a['seconds']:.1f} |" for a in f["absorb"]]
+    lines += ["", "One user's compressions in turn (new turns plus a replay of earlier ones):", "",
+              "| compression | history tokens | seconds |", "|---|---|---|"]
+    lines += [f"| {c['compression']} | {c['history_tokens']:,} | {c['seconds']:.1f} |" for c in f["compressions"]]
+    two_k = next((a["seconds"] for a in f["absorb"] if a["tokens"] >= 1900), None)
+    d = f["during"]
+    if two_k is not None:
+        lines += ["", f"Target: 2K new tokens in <= {t['finetune_2k_s']:.0f} s: {two_k:.1f} s, "
+                      f"{_verdict(two_k <= t['finetune_2k_s'])}."]
+    if d.get("first_token_max_s") is not None:
+        lines += [f"First tokens while one runs ({d['compression_s']} s): "
+                  + ", ".join(f"{x:.2f}" for x in d["first_token_s"])
+                  + f" s; target <= {t['first_token_during_finetune_s']:.0f} s: "
+                  + f"{_verdict(d['first_token_max_s'] <= t['first_token_during_finetune_s'])}."]
+    return lines
 
 
 def _save(fig, path: Path) -> None:

@@ -49,6 +49,11 @@ class BenchOptions:
     replies_during_compression: int = 5
     long_prompt_tokens: int = 7800
     """Prompt of the user whose long prefill runs while another user's replies are measured."""
+    finetune_tokens: tuple[int, ...] = (1024, 2048)
+    """New tokens the fine-tuning compressor absorbs from an empty adapter, timed."""
+    compressions: int = 20
+    """One user's compressions in turn with the fine-tuning compressor (the 1st, 5th and 20th timed)."""
+    turns_per_compression: int = 4
     decode_bench_tokens: int = 128
     """Tokens decoded per user in the decode section (llama.cpp's tg128)."""
     agreement_tokens: int = 64

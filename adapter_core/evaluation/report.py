@@ -85,16 +85,17 @@ def summarize(results: list[Result], limit: int) -> dict:
         for mode, rs in updates.items()
     ]
     summary["swap_test"] = swap_test(results)
+    summary["swap_test_finetuned"] = swap_test(results, "finetuned", "finetuned_swapped")
     summary["context_limit"] = limit
     return summary
 
 
-def swap_test(results: list[Result]) -> dict | None:
-    """Each question's answer under its own user's adapter (mode adapter) against the same question
-    under another user's (adapter_swapped): learning the answers' format lowers both NLLs alike,
-    only memory of the user opens a gap. None without both modes."""
-    own = {(r.conversation, r.question): r for r in results if r.mode == "adapter"}
-    pairs = [(own[key], r) for r in results if r.mode == "adapter_swapped"
+def swap_test(results: list[Result], own_mode: str = "adapter", swapped_mode: str = "adapter_swapped") -> dict | None:
+    """Each question's answer under its own user's adapter (own_mode: the generator's adapter, or
+    finetuned) against the same question under another user's (swapped_mode): learning the answers'
+    format lowers both NLLs alike, only memory of the user opens a gap. None without both modes."""
+    own = {(r.conversation, r.question): r for r in results if r.mode == own_mode}
+    pairs = [(own[key], r) for r in results if r.mode == swapped_mode
              and (key := (r.conversation, r.question)) in own]
     if not pairs:
         return None
@@ -140,14 +141,26 @@ def markdown_report(summary: dict, modes: Sequence[str], title: str = "Evaluatio
         for u in summary["updates"]:
             lines.append(f"| {u['mode']} | {u['n']} | {u['latest']:.3f} | {u['superseded']:.3f} |")
         lines.append("")
-    swap = summary.get("swap_test")
-    if swap:
+    swaps = [(kind, summary.get(key)) for kind, key in (("generator", "swap_test"), ("fine-tuned", "swap_test_finetuned"))
+             if summary.get(key)]
+    if swaps:
         lines += ["## Swap test: own adapter against another user's", "",
-                  "| n | answer NLL, own | another's | gap | own lower | contains, own | another's |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {swap['n']} | {swap['own_nll']:.3f} | {swap['swapped_nll']:.3f} | {swap['gap']:+.3f} "
-                  f"| {swap['own_better']} of {swap['n']} | {swap['own_contains']:.3f} | {swap['swapped_contains']:.3f} |",
-                  "", "Format learning lowers both NLLs alike; a positive gap (another's adapter worse) is memory.", ""]
+                  "| adapter | n | answer NLL, own | another's | gap | own lower | contains, own | another's |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {kind} | {swap['n']} | {swap['own_nll']:.3f} | {swap['swapped_nll']:.3f} | {swap['gap']:+.3f} "
+                  f"| {swap['own_better']} of {swap['n']} | {swap['own_contains']:.3f} | {swap['swapped_contains']:.3f} |"
+                  for kind, swap in swaps]
+        lines += ["", "Format learning lowers both NLLs alike; a positive gap (another's adapter worse) is memory.", ""]
+    neutral = summary.get("neutral_perplexity")
+    if neutral:
+        lines += ["## Unrelated text under each fine-tuned adapter", "",
+                  f"Perplexity of everyday prose no conversation mentions (adapter_core/evaluation/neutral.txt): base "
+                  f"model {neutral['base']:.2f}; under each of {neutral['n']} users' fine-tuned adapters "
+                  f"{neutral['mean_ratio']:.3f}x on average, {neutral['max_ratio']:.3f}x at most (target <= 1.10x).", ""]
+    timings = summary.get("seconds_by_part")
+    if timings:
+        lines += ["## Seconds", "", "| part | seconds |", "|---|---|"]
+        lines += [f"| {part} | {seconds:,.1f} |" for part, seconds in timings.items()] + [""]
     lines += [
         "contains: a gold answer appears in the answer; token F1: word overlap; both on content words "
         "(no function words, on both sides). date match: the answer gives the gold answer's dates, over "

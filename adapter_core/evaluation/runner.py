@@ -8,6 +8,13 @@ Modes:
   adapter_swapped the question alone under another conversation's adapter (the next one in the
                   set): learning the answers' format helps it as much as `adapter`; only memory
                   of the user opens a gap between the two (the swap test, report.swap_test)
+  finetuned       the whole history fine-tuned into a LoRA pair (adapter_core.finetune), the
+                  question alone in the prompt
+  finetuned_swapped  the question alone under the next conversation's fine-tuned pair (the pair
+                  `finetuned` made for it: each conversation is fine-tuned once)
+
+The `adapter*` modes use the generator (GenerativeAdapterModel.absorb), the `finetuned*` ones the
+fine-tuning compressor; `timings` gets each kind's seconds of compression apart from answering.
 
 How the history and the question are put before the model (a chat, or a transcript of named
 people): adapter_core.evaluation.prompts. Each answer is generated and its gold scored from one
@@ -16,12 +23,15 @@ pass over its prompt: adapter_core.evaluation.answering. Tables: adapter_core.ev
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from ..data.dataset import Conversation
+from ..finetune import FinetuneCompressor
 from ..model import GenerativeAdapterModel
 from ..state import AdapterState
 from . import prompts
@@ -29,7 +39,10 @@ from .answering import Answer, answer
 from .dates import date_match
 from .metrics import contains_answer, token_f1
 
-MODES = ("closed_book", "full_history", "adapter", "adapter_recent", "adapter_swapped")
+MODES = ("closed_book", "full_history", "adapter", "adapter_recent", "adapter_swapped", "finetuned",
+         "finetuned_swapped")
+SWAPPED = {"adapter_swapped": "adapter", "finetuned_swapped": "finetuned"}
+"""Each swapped mode and the mode whose adapters it borrows."""
 
 
 @dataclass(frozen=True)
@@ -114,18 +127,28 @@ def swap_partners(conversations: Sequence[Conversation]) -> list[Conversation]:
 
 
 def evaluate(engine: GenerativeAdapterModel, conversations: Sequence[Conversation],
-             options: EvalOptions | None = None, progress: bool = True) -> list[Result]:
+             options: EvalOptions | None = None, progress: bool = True, compressor: FinetuneCompressor | None = None,
+             timings: dict[str, float] | None = None, finetuned: dict[str, AdapterState] | None = None) -> list[Result]:
+    """compressor: the fine-tuning one of the finetuned modes (default: FinetuneCompressor(engine));
+    timings: filled with seconds of 'generator compression', 'finetune compression' and 'answering';
+    finetuned: filled with each conversation's fine-tuned state, by conversation id."""
     options = options or EvalOptions()
-    if "adapter_swapped" in options.modes and len(conversations) < 2:
-        raise ValueError("adapter_swapped needs at least two conversations (one's adapter answers the other's questions)")
+    if any(m in options.modes for m in SWAPPED) and len(conversations) < 2:
+        raise ValueError("a swapped mode needs at least two conversations (one's adapter answers the other's questions)")
+    if compressor is None and {"finetuned", "finetuned_swapped"} & set(options.modes):
+        compressor = FinetuneCompressor(engine)
+    timings = {} if timings is None else timings
     limit = context_limit(engine, options)
     partners = swap_partners(conversations)
+    finetuned = {} if finetuned is None else finetuned  # conversation id -> its pair, made once for both modes
     results: list[Result] = []
     bar = tqdm(total=sum(len(c.questions) for c in conversations) * len(options.modes), disable=not progress,
                desc="evaluating", unit="answer")
     step = options.conversations_per_pass
     for start in range(0, len(conversations), step):
-        asks = _prepare(engine, list(conversations[start:start + step]), partners[start:start + step], options, limit)
+        asks = _prepare(engine, list(conversations[start:start + step]), partners[start:start + step], options, limit,
+                        compressor, finetuned, timings)
+        started = time.perf_counter()
         for mode in options.modes:
             mode_asks = sorted((a for a in asks if a.mode == mode), key=lambda a: len(a.prompt))  # less padding
             for b in range(0, len(mode_asks), options.batch_size):
@@ -133,8 +156,13 @@ def evaluate(engine: GenerativeAdapterModel, conversations: Sequence[Conversatio
                 answers = _answers(engine, batch, options.max_new_tokens)
                 results += [_score(ask, a) for ask, a in zip(batch, answers)]
                 bar.update(len(batch))
+        _add_time(timings, "answering", started)
     bar.close()
     return results
+
+
+def _add_time(timings: dict[str, float], what: str, started: float) -> None:
+    timings[what] = round(timings.get(what, 0.0) + time.perf_counter() - started, 1)
 
 
 def _split(mode: str, turns: int, recent: int) -> tuple[int, int]:
@@ -142,14 +170,21 @@ def _split(mode: str, turns: int, recent: int) -> tuple[int, int]:
     shows (before fitting it to the context limit)."""
     recent = min(recent, turns)
     return {"closed_book": (0, 0), "full_history": (0, turns), "adapter": (turns, 0),
-            "adapter_recent": (turns - recent, recent), "adapter_swapped": (0, 0)}[mode]
+            "adapter_recent": (turns - recent, recent), "adapter_swapped": (0, 0), "finetuned": (turns, 0),
+            "finetuned_swapped": (0, 0)}[mode]
 
 
 def _prepare(engine: GenerativeAdapterModel, group: list[Conversation], partners: list[Conversation],
-             options: EvalOptions, limit: int) -> list[_Ask]:
-    """partners[u]: the conversation whose adapter answers group[u]'s questions in adapter_swapped."""
+             options: EvalOptions, limit: int, compressor: FinetuneCompressor | None = None,
+             finetuned: dict[str, AdapterState] | None = None, timings: dict[str, float] | None = None) -> list[_Ask]:
+    """partners[u]: the conversation whose adapter answers group[u]'s questions in the swapped modes;
+    compressor: the finetuned modes' (needed for them); finetuned: the pairs made so far, by
+    conversation id (filled in here); timings: as evaluate's."""
     tok = engine.tokenizer
+    finetuned = {} if finetuned is None else finetuned
+    timings = {} if timings is None else timings
     states: dict[str, list[AdapterState]] = {}
+    started = time.perf_counter()
     for mode in ("adapter", "adapter_recent"):
         if mode in options.modes:
             texts = [prompts.memory_text(c, _split(mode, len(c.turns), options.recent_turns)[0]) for c in group]
@@ -157,6 +192,16 @@ def _prepare(engine: GenerativeAdapterModel, group: list[Conversation], partners
     if "adapter_swapped" in options.modes:
         texts = [prompts.memory_text(p, len(p.turns)) for p in partners]
         states["adapter_swapped"] = engine.absorb_many([engine.empty_state()] * len(group), texts)
+    _add_time(timings, "generator compression", started)
+    if compressor is not None:
+        started = time.perf_counter()
+        for c in [*group, *partners] if "finetuned_swapped" in options.modes else group:
+            if c.id not in finetuned:
+                with torch.inference_mode(False):
+                    finetuned[c.id] = compressor.absorb(compressor.empty_state(), prompts.memory_text(c, len(c.turns)))
+        states["finetuned"] = [finetuned[c.id] for c in group]
+        states["finetuned_swapped"] = [finetuned[p.id] for p in partners] if "finetuned_swapped" in options.modes else []
+        _add_time(timings, "finetune compression", started)
     asks = []
     for u, conversation in enumerate(group):
         lines = prompts.turn_lines(conversation)

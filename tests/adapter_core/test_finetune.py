@@ -108,3 +108,23 @@ def test_the_replay_sample_is_bounded_seeded_and_in_order(tiny_tokenizer):
     assert sum(len(tiny_tokenizer(t)["input_ids"]) for t in chosen) <= 60 and chosen
     assert chosen == replay_sample(texts, 60, tiny_tokenizer, seed=1) != replay_sample(texts, 60, tiny_tokenizer, seed=2)
     assert chosen == [t for t in texts if t in chosen]
+
+
+def test_the_anchor_keeps_the_base_models_own_text_as_it_was(make_text_engine):
+    """The anchor loss (KL to the base model on text it wrote itself) holds what the adapter changes
+    elsewhere: with it, the adapted model's NLL of that text stays nearer the base model's."""
+    from adapter_core.evaluation.leakage import perplexity
+
+    engine = make_text_engine()
+    text = "User: my dog is called Biscuit and he sleeps all day.\n" * 3
+    drift = {}
+    for weight in (0.0, 20.0):
+        compressor = FinetuneCompressor(engine, FinetuneConfig(steps=6, lr=5e-2, window_tokens=64, anchor_weight=weight,
+                                                               anchor_tokens=64))
+        state = compressor.absorb(compressor.empty_state(), text)
+        ids, _ = compressor.anchor()
+        anchor_text = engine.tokenizer.decode(ids[0])
+        drift[weight] = abs(perplexity(engine, state, anchor_text) / perplexity(engine, None, anchor_text) - 1)
+    assert drift[20.0] < drift[0.0]
+    with pytest.raises(ValueError, match="anchor_weight"):
+        FinetuneConfig(anchor_weight=-1)

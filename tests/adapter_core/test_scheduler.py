@@ -1,5 +1,6 @@
 """The inference loop: replies join a running batch, compression runs in slices, failures stay alone."""
 
+import contextlib
 import threading
 import time
 
@@ -82,22 +83,28 @@ def keep_replying(loop, random_tokens, stop: threading.Event, replies: list | No
     return thread
 
 
+@contextlib.contextmanager
+def pauses_while_replying(loop, random_tokens, monkeypatch):
+    """Within the block a reply keeps running (keep_replying), and each pause of the loop's
+    greenlets is counted: (pauses, one bool each: were replies waiting; (request, reply) pairs)."""
+    pauses, replies, stop = [], [], threading.Event()
+    step_aside = loop._pause
+    monkeypatch.setattr(loop, "_pause", lambda: pauses.append(bool(loop._batch.rows or loop._inbox)) or step_aside())
+    replying = keep_replying(loop, random_tokens, stop, replies)
+    try:
+        yield pauses, replies
+    finally:
+        stop.set()
+        replying.join(60)
+
+
 def test_a_compression_that_steps_aside_between_layers_gives_the_same_state_bit_for_bit(engine, random_tokens,
                                                                                           monkeypatch):
     before = engine.absorb(engine.empty_state(), [random_tokens(11)])
     text = [random_tokens(60)]  # 8 windows of 8 tokens: 4 passes of 2 windows
-    pauses = []
     with InferenceLoop(engine, windows_per_pass=2, slice_seconds=1e-9) as loop:
-        step_aside = loop._pause
-        monkeypatch.setattr(loop, "_pause", lambda: pauses.append(bool(loop._batch.rows or loop._inbox))
-                            or step_aside())
-        stop, replies = threading.Event(), []
-        replying = keep_replying(loop, random_tokens, stop, replies)
-        try:
+        with pauses_while_replying(loop, random_tokens, monkeypatch) as (pauses, replies):
             sliced = loop.absorb(before, text)
-        finally:
-            stop.set()
-            replying.join(60)
     whole = engine.absorb(before, text, windows_per_pass=2)
     assert sum(pauses) >= 4  # it did step aside (at layer boundaries, while a reply was running)
     # and the replies decoded meanwhile saw nothing of the paused pass's memories
@@ -238,19 +245,10 @@ def test_a_long_prompt_steps_aside_for_other_replies_and_gives_the_same_reply(en
     alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
     long = ReplyRequest(random_tokens(200), alice, GREEDY)
     expected = reply(engine, [long])[0].tokens
-    pauses = []
     with InferenceLoop(engine, slice_seconds=1e-9, long_prompt_tokens=16) as loop:
-        step_aside = loop._pause
-        monkeypatch.setattr(loop, "_pause", lambda: pauses.append(bool(loop._batch.rows or loop._inbox))
-                            or step_aside())
-        stop, replies = threading.Event(), []
-        replying = keep_replying(loop, random_tokens, stop, replies)
-        try:
+        with pauses_while_replying(loop, random_tokens, monkeypatch) as (pauses, replies):
             time.sleep(0.05)
             answer = loop.submit(long).result(timeout=60)
-        finally:
-            stop.set()
-            replying.join(60)
     assert answer.tokens == expected and answer.prompt_tokens == 200
     assert sum(pauses) >= 4  # it stepped aside while others were decoding
     # the replies decoded during its pauses saw nothing of its adapter

@@ -183,12 +183,18 @@ def finetuning(services, monkeypatch):
     return services
 
 
-def test_the_finetune_compressor_writes_pairs_replays_earlier_turns_and_serves_them(finetuning, password):
-    services = finetuning
+def two_turns_compressed(services, password) -> int:
+    """A new user, alice, whose first two turns are compressed; her id."""
     uid = services.accounts.sign_up("alice", password).account.id
     chat(services, uid, "My cat is called Tobrik.")
     chat(services, uid, "I live in Quenmoor.")
     run_jobs(services)
+    return uid
+
+
+def test_the_finetune_compressor_writes_pairs_replays_earlier_turns_and_serves_them(finetuning, password):
+    services = finetuning
+    uid = two_turns_compressed(services, password)
     first = services.storage.latest_snapshot(uid)
     assert first.generator_id == services.memory.compressor.id and first.stats["compressor"] == "finetune"
     assert first.stats["replayed_turns"] == 0  # nothing earlier to replay
@@ -202,6 +208,12 @@ def test_the_finetune_compressor_writes_pairs_replays_earlier_turns_and_serves_t
     assert second.stats["new_tokens"] < second.tokens_absorbed  # trained on the new turns (and a replay), not all
     _, finished = chat(services, uid, "What is my cat called?")
     assert finished.stats.adapter_version == 2  # answered with the fine-tuned pairs
+    from app.ui import _memory_markdown
+
+    status = services.memory.status(uid)
+    assert (status.compressor, status.compression_tokens) == ("finetune", second.stats["new_tokens"])
+    shown = _memory_markdown(status, "UTC")
+    assert f"v2, fine-tuned on {second.stats['new_tokens']} new tokens in " in shown
     admin = services.accounts.ensure_admin("root", password).id
     summary = services.admin.adapter_summary(admin, uid)
     assert any(row.delta_norm > 0 for row in summary)  # the upper layers' pairs, on the admin page
@@ -211,10 +223,7 @@ def test_switching_compressors_rebuilds_the_adapter_from_the_history(finetuning,
     from adapter_core.compressor import GeneratorCompressor
 
     services = finetuning
-    uid = services.accounts.sign_up("alice", password).account.id
-    chat(services, uid, "My cat is called Tobrik.")
-    chat(services, uid, "I live in Quenmoor.")
-    run_jobs(services)
+    uid = two_turns_compressed(services, password)
     services.memory.compressor = GeneratorCompressor(services.engine)
     services.memory.drop_state(uid)
     chat(services, uid, "And my dog is Biscuit.")  # the fine-tuned snapshot is not this compressor's

@@ -377,7 +377,6 @@ def test_malformed_or_unsupported_requests_are_400_in_openai_s_shape(running, pa
                                  {"role": "user", "content": empty}]}
         assert "empty" in assert_error(post(cut), 400)["message"]
         assert_error(post(ok | {"messages": [{"role": "user", "content": empty}]}), 400)
-    assert_error(call(running, "GET", "models/gpt-4o", key), 404, "model_not_found")
     assert_error(call(running, "GET", "no/such/endpoint", key), 404, "unknown_url")
     assert history(running, alice) == []  # nothing refused was stored
 
@@ -387,6 +386,41 @@ def test_any_model_name_is_answered_by_the_model_served(running, password):
     answer = client(running, key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert answer.model == MODEL_ID and answer.choices[0].message.content
     assert history(running, alice)[0] == ("user", "Hello there")
+    # attacker findings, point 10: the model a chat takes, /v1/models/{name} says exists (it said 404)
+    assert client(running, key).models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+
+
+def test_the_page_cannot_be_framed_and_the_api_allows_no_other_origin_by_default(running, password):
+    """Attacker findings, point 10: no framing headers, and CORS for /v1 neither off by choice nor configurable."""
+    _, key = sign_up(running, "alice", password)
+    for path in ("", "v1/models", "healthz"):
+        response = httpx.get(running.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["content-security-policy"] == "frame-ancestors 'none'"
+    preflight = httpx.options(running.url + "v1/chat/completions", timeout=30, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_origins_let_a_named_web_client_call_the_api(app_settings, live_text_engine, password):
+    from app.launch import start
+    from tests.app.conftest import FAST
+
+    app_settings.port, app_settings.cors_origins = free_port(), "https://chat.example.org"
+    running = start(app_settings, live_text_engine, FAST, block=False)
+    try:
+        allowed = httpx.options(running.url + "v1/chat/completions", timeout=30, headers={
+            "Origin": "https://chat.example.org", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://chat.example.org"
+        other = httpx.options(running.url + "v1/chat/completions", timeout=30, headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+        page = httpx.get(running.url, headers={"Origin": "https://chat.example.org"}, timeout=30)
+        assert "access-control-allow-origin" not in page.headers  # the API only, never the page
+    finally:
+        running.close()
 
 
 def test_store_false_answers_without_storing_anything(running, password, monkeypatch):

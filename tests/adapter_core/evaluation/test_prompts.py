@@ -8,6 +8,7 @@ from adapter_core.data.dataset import read_jsonl
 from adapter_core.evaluation import prompts
 from adapter_core.evaluation.prompts import SHORT_ANSWER
 from adapter_core.evaluation.runner import MODES, EvalOptions, _prepare, swap_partners
+from adapter_core.finetune import FinetuneCompressor, FinetuneConfig
 
 DATA = Path(__file__).parents[1] / "data"
 CAROLINE, JOANNA = read_jsonl(DATA / "two_speakers.jsonl")
@@ -66,8 +67,9 @@ def test_every_mode_asks_for_a_short_answer_the_same_way(make_text_engine):
     engine = make_text_engine()
     tok = engine.tokenizer
     conversations = [CAROLINE, JOANNA, *CHATS]
+    compressor = FinetuneCompressor(engine, FinetuneConfig(steps=1))
     asks = _prepare(engine, conversations, swap_partners(conversations), EvalOptions(modes=MODES, recent_turns=2),
-                    limit=1024)
+                    1024, compressor)
     assert len(asks) == len(MODES) * sum(len(c.questions) for c in conversations)
     for ask in asks:
         asked = prompts.question_text(ask.conversation, ask.conversation.questions[ask.index].question)

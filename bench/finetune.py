@@ -1,0 +1,89 @@
+"""The fine-tuning compressor's cost (adapter_core.finetune): seconds to absorb 1K and 2K new tokens,
+how a user's compressions cost as their history grows (1st, 5th, 20th: each trains on its new turns
+and a bounded replay, not on the whole history), and a new reply's first token while one runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from adapter_core import GenerativeAdapterModel
+from adapter_core.data.conversation import history_text, prompt_ids
+from adapter_core.decoding import ReplyRequest
+from adapter_core.finetune import FinetuneCompressor, replay_sample
+from adapter_core.sampling import SamplingConfig
+from adapter_core.scheduler import InferenceLoop
+
+from .concurrency import _with_loop_on_this_thread
+from .sections import QUESTION, BenchOptions, history_turns
+
+
+def finetune_compression(engine: GenerativeAdapterModel, options: BenchOptions) -> dict:
+    compressor = FinetuneCompressor(engine)
+    tok = engine.tokenizer
+    turns = history_turns(tok, max(options.finetune_tokens) * 2 + 4000, seed=7)
+    texts = [history_text([t]) for t in turns]
+
+    absorb = []
+    for tokens in options.finetune_tokens:
+        text = _first_tokens(tok, texts, tokens)
+        started = time.perf_counter()
+        compressor.absorb(compressor.empty_state(), text)
+        absorb.append({"tokens": len(tok(text, add_special_tokens=False)["input_ids"]),
+                       "seconds": round(time.perf_counter() - started, 2)})
+
+    # one user's compressions in turn, each of `turns_per_compression` new turns, with the replay the app gives
+    per = options.turns_per_compression
+    state, series = compressor.empty_state(), []
+    for n in range(1, options.compressions + 1):
+        new, earlier = texts[(n - 1) * per:n * per], texts[:(n - 1) * per]
+        replay = replay_sample(earlier, compressor.replay_tokens, tok, seed=n)
+        started = time.perf_counter()
+        state = compressor.absorb(state, "".join(new), replay)
+        if n in (1, 5, 20) or n == options.compressions:
+            series.append({"compression": n, "history_tokens": state.tokens, "seconds": round(time.perf_counter() - started, 2)})
+
+    return {"config": compressor.config.__dict__, "absorb": absorb, "compressions": series,
+            "during": _first_token_during(engine, compressor, _first_tokens(tok, texts, max(options.finetune_tokens)),
+                                          options)}
+
+
+def _first_tokens(tokenizer, texts: list[str], tokens: int) -> str:
+    """The first turns of texts holding about `tokens` tokens together."""
+    kept, total = [], 0
+    for text in texts:
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if total + n > tokens:
+            break
+        kept.append(text)
+        total += n
+    return "".join(kept)
+
+
+def _first_token_during(engine, compressor, text: str, options: BenchOptions) -> dict:
+    """Replies sent one after another while a fine-tuning compression runs in the loop: their first tokens."""
+    loop = InferenceLoop(engine)
+    prompt = prompt_ids(engine.tokenizer, QUESTION)
+    result: dict = {}
+
+    def measure() -> None:
+        loop.submit(ReplyRequest(prompt, None, SamplingConfig.greedy(4))).result()  # warm-up
+        done = threading.Event()
+
+        def compress() -> None:
+            started = time.perf_counter()
+            loop.absorb(compressor.empty_state(), text, compressor)
+            result["compression_s"] = round(time.perf_counter() - started, 1)
+            done.set()
+
+        worker = threading.Thread(target=compress)
+        worker.start()
+        time.sleep(0.5)
+        firsts = []
+        while not done.is_set() and len(firsts) < options.replies_during_compression:
+            firsts.append(loop.submit(ReplyRequest(prompt, None, SamplingConfig.greedy(4))).result().first_token_s)
+        worker.join()
+        result.update(first_token_s=[round(f, 3) for f in firsts], first_token_max_s=max(firsts) if firsts else None)
+
+    _with_loop_on_this_thread(loop, measure)
+    return result
