@@ -35,6 +35,13 @@ def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
         assert r["tokens"] > 0 and r["reply_p95_s"] >= r["first_token_p95_s"] > 0
     assert [d["mode"] for d in concurrent["during_compression"]] == ["serialized", "scheduler"]
     assert all(d["first_token_s"] and d["compression_s"] > 0 for d in concurrent["during_compression"])
+    long = results["long_prefill"]
+    assert 300 < long["long_prompt_tokens"] <= 600 and long["long_first_token_s"] > 0
+    assert all(f > 0 for f in long["first_token_s"])
+    finetune = results["finetune"]
+    assert [a["tokens"] > 0 and a["seconds"] > 0 for a in finetune["absorb"]] == [True]
+    assert [c["compression"] for c in finetune["compressions"]] == [1, 2]
+    assert finetune["during"]["compression_s"] > 0
     sizes = results["memory_size"]
     assert sizes[0]["adapter_state_bytes"] == sizes[1]["adapter_state_bytes"] < 1_000_000
     assert sizes[1]["kv_cache_bytes"] > sizes[0]["kv_cache_bytes"]

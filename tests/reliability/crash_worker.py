@@ -24,7 +24,8 @@ def main() -> None:
     storage = Storage(url, data_dir, CRASH_SETTINGS)
     engine = tiny_text_engine(byte_tokenizer(), live=True)
     loop = InferenceLoop(engine).start()
-    services = Services.create(storage, engine, loop, AppSettings(data_dir=data_dir, compress_idle_seconds=0))
+    services = Services.create(storage, engine, loop, AppSettings(
+        data_dir=data_dir, compressor="generator", compress_idle_seconds=0))  # commits alike, the cheap pass
     CompressionWorker(services.memory, poll_seconds=0.01).start()  # requeues what a kill interrupted
     print("ready", flush=True)
     threading.Event().wait()

@@ -85,7 +85,8 @@ def test_sigkill_during_compression_loses_nothing(crash_storage):
     # restart: the same code as the app's start (the worker requeues what the kills interrupted)
     engine = tiny_text_engine(byte_tokenizer(), live=True)
     with InferenceLoop(engine) as loop:
-        services = Services.create(storage, engine, loop, AppSettings(data_dir=data_dir, compress_idle_seconds=0))
+        services = Services.create(storage, engine, loop, AppSettings(
+            data_dir=data_dir, compressor="generator", compress_idle_seconds=0))  # commits alike, the cheap pass
         services.memory.requeue_interrupted_jobs()
         worker = CompressionWorker(services.memory)
         while worker.run_once():
