@@ -53,8 +53,9 @@ class Accounts:
         try:
             with refusing():
                 # the rules first, so that a mistake is told as such, then the limits
-                validation.username(username, self.storage.settings)
+                checked = validation.username(username, self.storage.settings)
                 validation.password(password, self.storage.settings)
+                self._refuse_admin_look_alike(checked)
                 self.limits.check(per_address, "signup", str(address), what="Too many new accounts from this address")
                 self.limits.check(per_server, "signup", what="Too many new accounts just now")
                 user = self.storage.create_user(username, password)
@@ -68,6 +69,11 @@ class Accounts:
         self.limits.record(per_server, "signup")
         self.storage.record_audit(user.id, "signup", user.id, {"address": address})
         return self._login(user)
+
+    def _refuse_admin_look_alike(self, name: str) -> None:
+        folded = validation.admin_fold(name)
+        if any(validation.admin_fold(u.username) == folded for u in self.storage.list_users() if u.is_admin):
+            raise InvalidInput("username", "is too much like an admin's name; choose another")
 
     def log_in(self, username: str, password: str, address: str | None = None) -> Login:
         """Failures are counted per normalised name and address, and per address; once either is

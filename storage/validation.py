@@ -76,6 +76,19 @@ _FAINT_MARKS = frozenset("\u0307\u0323")
 """Combining dot above and dot below: at a username's size they are easy to miss."""
 
 
+_FOLDS = str.maketrans({"0": "o", "1": "i", "l": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g"})
+
+
+def admin_fold(text: str) -> str:
+    """A name with everything a reader may take for something else folded away: its skeleton
+    (username_skeleton), accents dropped, digits read as the letters they pass for, 'l' as 'i'.
+    'adm1n', 'admín', '4dmin' and 'admln' all fold to admin's fold. Sign-up refuses a name that
+    folds to an admin's (app/accounts.py): stricter than the look-alike rule every name follows,
+    since passing for an admin is what a look-alike is for."""
+    skeleton = unicodedata.normalize("NFD", username_skeleton(text))
+    return "".join(ch for ch in skeleton if unicodedata.category(ch) != "Mn").casefold().translate(_FOLDS)
+
+
 def username_skeleton(text: str) -> str:
     """What the name looks like: two names that look alike have the same skeleton (Unicode TS #39).
 

@@ -121,3 +121,15 @@ def test_sign_ups_are_limited_and_audited(services, password):
         services.accounts.sign_up("dave", "short", "10.0.0.3")
     with pytest.raises(RateLimited, match="failed tries from this address"):
         services.accounts.sign_up("dave", password, "10.0.0.3")
+
+
+def test_names_that_fold_to_an_admins_are_refused(services, password):
+    """Attacker findings, point 8: adm1n, admín, b0b and vlctim were accepted beside admin, bob and victim."""
+    for admin in ("admin", "bob", "victim"):
+        services.accounts.ensure_admin(admin, password)
+    for name in ("adm1n", "admín", "4dmin", "admln", "b0b", "vlctim", "v1ctim"):
+        with pytest.raises(InvalidInput, match="too much like an admin's name"):
+            services.accounts.sign_up(name, password)
+    for name in ("admiral", "bobby", "victor"):  # near an admin's name is fine
+        assert services.accounts.sign_up(name, password).account.username == name
+    assert services.storage.find_user("adm1n") is None
