@@ -34,11 +34,18 @@ def lora_factors(engine: GenerativeAdapterModel, state: AdapterState) -> dict[st
     return {name: tuple(t.cpu() for t in layer.lora_pair(adapter.memory[name])) for name, layer in engine.adapted.items()}
 
 
+def _largest_rank(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return max(lora_a.shape[0] for lora_a, _ in factors.values())
+
+
 def lora_weights(engine: GenerativeAdapterModel, state: AdapterState,
                  rank: int | None = None) -> dict[str, torch.Tensor]:
-    """PEFT-named fp32 tensors of the adapter for `state`, rank padded to `rank`."""
-    factors = lora_factors(engine, state)
-    largest = max(a.shape[0] for a, _ in factors.values())
+    """PEFT-named fp32 tensors of the adapter for `state`, rank padded to `rank` (default: its own)."""
+    return _peft_tensors(lora_factors(engine, state), rank)
+
+
+def _peft_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int | None) -> dict[str, torch.Tensor]:
+    largest = _largest_rank(factors)
     rank = rank or largest
     if rank < largest:
         raise ValueError(f"cannot export rank {largest} into rank {rank}")
@@ -54,9 +61,9 @@ def export_peft(engine: GenerativeAdapterModel, state: AdapterState, folder: str
                 pad_to_servable_rank: bool = True, dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter_config.json + adapter_model.safetensors into `folder` and return it."""
     cfg = engine.config
-    largest = max(a.shape[0] for a, _ in lora_factors(engine, state).values())
-    rank = servable_rank(largest) if pad_to_servable_rank else largest
-    tensors = {k: v.to(dtype) for k, v in lora_weights(engine, state, rank).items()}
+    factors = lora_factors(engine, state)
+    rank = servable_rank(_largest_rank(factors)) if pad_to_servable_rank else _largest_rank(factors)
+    tensors = {k: v.to(dtype) for k, v in _peft_tensors(factors, rank).items()}
     num_layers = len(decoder_layers(engine.base_model))
     layers = cfg.layer_indices(num_layers)
     adapter_config = {

@@ -104,6 +104,9 @@ class FinetuneCompressor:
         """What made a state: a state of another compressor (or other settings) is rebuilt."""
         self.replay_tokens = self.config.replay_tokens
         self._anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._untrained = {name: tuple(t.to(engine.device) for t in zero_pair(layer))
+                           for name, layer in engine.adapted.items() if name not in self.modules}
+        """Pairs of zeros for the adapted modules it trains none on (every module needs one in a call)."""
 
     def empty_state(self) -> AdapterState:
         """No pairs yet: the base model."""
@@ -121,6 +124,7 @@ class FinetuneCompressor:
         if not new_windows:
             return state
         anchor = self.anchor() if self.config.anchor_weight else None
+        window_tokens = sum(len(w) for w in windows)
         params = self._start_params(state)
         trainable = [t for pair in params.values() for t in pair]
         optimizer = torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=0.0)
@@ -130,7 +134,7 @@ class FinetuneCompressor:
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for ids in windows:
-                    loss = self._loss(ids, params, pause) * (len(ids) / sum(len(w) for w in windows))
+                    loss = self._loss(ids, params, pause) * (len(ids) / window_tokens)
                     total += self._backward(loss, pause)
                 if anchor is not None:
                     total += self._backward(self.config.anchor_weight * self._anchor_loss(anchor, params, pause), pause)
@@ -181,11 +185,9 @@ class FinetuneCompressor:
     def _logits(self, ids: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 pause: Callable[[], None] | None) -> torch.Tensor:
         """Logits (T, V) of one window ids (1, T) under the pairs being trained."""
-        engine = self.engine
         folded = {name: (a, b * self.config.scaling) for name, (a, b) in params.items()}
-        zero = {name: zero_pair(engine.adapted[name]) for name in engine.adapted if name not in folded}
-        with engine.applying(RowAdapters(folded=folded | zero), pause):
-            return engine.base_model(input_ids=ids).logits[0].float()  # (T, V)
+        with self.engine.applying(RowAdapters(folded=folded | self._untrained), pause):
+            return self.engine.base_model(input_ids=ids).logits[0].float()  # (T, V)
 
     def _loss(self, ids: list[int], params: dict[str, tuple[torch.Tensor, torch.Tensor]],
               pause: Callable[[], None] | None) -> torch.Tensor:

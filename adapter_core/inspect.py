@@ -19,10 +19,11 @@ def adapter_summary(engine: GenerativeAdapterModel, state: AdapterState) -> list
     """
     rows = []
     for name, (lora_a, lora_b) in lora_factors(engine, state).items():
+        btb, aat = lora_b.T @ lora_b, lora_a @ lora_a.T  # (r, r) each
         # a fine-tuned state has no sums: its pair's own product B A stands for S (its rank, its spectrum)
-        s = state.sums[name].float() if name in state.sums else lora_b.T @ lora_b @ (lora_a @ lora_a.T)
+        s = state.sums[name].float() if name in state.sums else btb @ aat
         # ||B A||_F without forming the d_out x d_in matrix: trace((B^T B)(A A^T))
-        delta = torch.sqrt(torch.clamp(((lora_b.T @ lora_b) * (lora_a @ lora_a.T)).sum(), min=0))
+        delta = torch.sqrt(torch.clamp((btb * aat).sum(), min=0))
         sigma = torch.linalg.svdvals(s)
         top = sigma[0].item()
         rows.append({

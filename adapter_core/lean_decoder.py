@@ -28,6 +28,7 @@ docs/decode-speed.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -279,7 +280,8 @@ class _Prepared:
             by_layer.append(here)
         if native is None or (adapters.pairs is not None and not NativeLayers.takes_pairs(adapters.pairs)):
             return cls(by_layer, None)
-        return cls(by_layer, [t for here in by_layer for product in ("o", "down") for t in native.adapter(here[product][0])])
+        return cls(by_layer, [t for here in by_layer for product in ("o", "down")
+                              for t in native.adapter(here[product][0])])
 
 
 def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) -> torch.Tensor:
@@ -344,11 +346,8 @@ class NativeLayers:
         if adapter.pairs is not None:
             lora_a, lora_b = adapter.pairs  # (B, R, d_in), (B, d_out, R)
             rows, rank = lora_a.shape[:2]
-            selectors = torch.zeros(rows, rows * rank, rows * rank)
-            for i in range(rows):
-                selectors[i, i * rank:(i + 1) * rank, i * rank:(i + 1) * rank] = torch.eye(rank)
             return (lora_a.reshape(rows * rank, -1).float().contiguous(),
-                    lora_b.transpose(1, 2).reshape(rows * rank, -1).float().contiguous(), selectors)
+                    lora_b.transpose(1, 2).reshape(rows * rank, -1).float().contiguous(), _block_selectors(rows, rank))
         module = adapter.module
         lora_b_t = (module.scaling * module.lora_B.weight.detach()).T.contiguous()
         return module.lora_A.weight.detach().float().contiguous(), lora_b_t.float(), adapter.memory.float().contiguous()
@@ -358,6 +357,16 @@ class NativeLayers:
         """adapters: o's and down's, as `adapter` lays them out, layer by layer (empty: no adapter)."""
         return self.module.decoder_layers(h, cos, sin, attend, self.norms, self.eps, self.products, self.group_size,
                                           cache.keys, cache.values, cache.width, heads, kv_heads, head_dim, adapters)
+
+
+@functools.lru_cache(maxsize=16)
+def _block_selectors(rows: int, rank: int) -> torch.Tensor:
+    """(rows, rows*rank, rows*rank): row i's memory is the identity on block i, zero elsewhere (see
+    NativeLayers.adapter). The same for every module of that rank, so made once per shape (read only)."""
+    selectors = torch.zeros(rows, rows * rank, rows * rank)
+    for i in range(rows):
+        selectors[i, i * rank:(i + 1) * rank, i * rank:(i + 1) * rank] = torch.eye(rank)
+    return selectors
 
 
 _SILU = (nn.SiLU, SiLUActivation)

@@ -33,14 +33,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from greenlet import GreenletExit, greenlet
 
+from .compressor import Compressor, GeneratorCompressor
 from .decoding import PREFILL_CHUNK_TOKENS, DecodeBatch, Prefilled, Reply, ReplyRequest, Row, finished_reply
-from .compressor import Compressor
 from .model import GenerativeAdapterModel, Texts
 from .state import AdapterState
 
@@ -121,7 +121,7 @@ class _Compression:
     state: AdapterState
     texts: Texts
     future: Future
-    compressor: Compressor | None = None  # None: the engine's own absorb
+    compressor: Compressor
     replay: Sequence[str] = ()
     runner: greenlet | None = None
 
@@ -152,6 +152,8 @@ class InferenceLoop:
         self.max_rows, self.windows_per_pass = max_rows, windows_per_pass
         self.slice_seconds, self.steps_per_slice = slice_seconds, steps_per_slice
         self.long_prompt_tokens = long_prompt_tokens
+        self.generator = GeneratorCompressor(engine, windows_per_pass)
+        """What absorb uses when it is given no compressor: the generator's pass."""
         self._inbox: deque[ReplyStream] = deque()
         self._compressions: deque[_Compression] = deque()
         self._long_prefills: deque[_LongPrefill] = deque()  # owned by the loop's thread
@@ -222,9 +224,9 @@ class InferenceLoop:
     def absorb(self, state: AdapterState, texts: Texts, compressor: Compressor | None = None,
                replay: Sequence[str] = ()) -> AdapterState:
         """A new state that also holds `texts`: `compressor.absorb(state, texts, replay)` (no
-        compressor: `engine.absorb(state, texts, windows_per_pass)`), bit for bit, run in slices
-        between decode steps; waits for it."""
-        job = _Compression(state, texts, Future(), compressor, replay)
+        compressor: the generator's, `engine.absorb(state, texts, windows_per_pass)`), bit for bit,
+        run in slices between decode steps; waits for it."""
+        job = _Compression(state, texts, Future(), compressor or self.generator, replay)
         with self._wake:
             if not self._running:
                 raise LoopStopped("the inference loop is not running")
@@ -246,8 +248,12 @@ class InferenceLoop:
                         break
                     newcomers = self._take_newcomers()
                 try:
-                    short = [s for s in newcomers if len(s.request.prompt) <= self.long_prompt_tokens]
-                    self._long_prefills.extend(_LongPrefill(s) for s in newcomers if s not in short)
+                    short = []
+                    for stream in newcomers:
+                        if len(stream.request.prompt) <= self.long_prompt_tokens:
+                            short.append(stream)
+                        else:
+                            self._long_prefills.append(_LongPrefill(stream))
                     if short:
                         self._join(short)
                         self._hand_out()
@@ -323,17 +329,14 @@ class InferenceLoop:
                 job.runner.throw(GreenletExit)
             self._end_unstarted(job.stream, "cancelled")
             return
-        if job.runner is None:
-            job.runner = greenlet(lambda: self._batch.prefill([job.stream.request], pause=self._pause))
-        self._slice_ends = time.perf_counter() + self.slice_seconds
         try:
-            prefilled = job.runner.switch()
+            ended, prefilled = self._advance(job, lambda: self._batch.prefill([job.stream.request], pause=self._pause))
         except Exception:
             self._long_prefills.popleft()
             log.exception("a reply failed to start")
             self._end_unstarted(job.stream, "failed")
             return
-        if not job.runner.dead:
+        if not ended:
             return
         self._long_prefills.popleft()
         self._add(prefilled, [job.stream])
@@ -346,23 +349,25 @@ class InferenceLoop:
     def _slice(self) -> None:
         """Carry on with the oldest compression until its slice is used up and a reply waits, or it ends."""
         job = self._compressions[0]
-        if job.runner is None:
-            if job.compressor is None:
-                job.runner = greenlet(lambda: self.engine.absorb(job.state, job.texts, self.windows_per_pass,
-                                                                 pause=self._pause))
-            else:
-                job.runner = greenlet(lambda: job.compressor.absorb(job.state, job.texts, job.replay,
-                                                                    pause=self._pause))
-        self._slice_ends = time.perf_counter() + self.slice_seconds
         try:
-            result = job.runner.switch()
+            ended, result = self._advance(job, lambda: job.compressor.absorb(job.state, job.texts, job.replay,
+                                                                             pause=self._pause))
         except Exception as e:  # the caller gets the error; replies are not touched
             self._compressions.popleft()
             job.future.set_exception(e)
             return
-        if job.runner.dead:
+        if ended:
             self._compressions.popleft()
             job.future.set_result(result)
+
+    def _advance(self, job: _Compression | _LongPrefill, work: Callable[[], object]) -> tuple[bool, object]:
+        """Run the job's greenlet (made to run `work` the first time) for one slice: whether it
+        ended, and what work returned then; raises what work raised."""
+        if job.runner is None:
+            job.runner = greenlet(work)
+        self._slice_ends = time.perf_counter() + self.slice_seconds
+        result = job.runner.switch()
+        return job.runner.dead, result
 
     def _pause(self) -> None:
         """Called inside a compression or long prefill before each decoder layer: step aside at

@@ -72,7 +72,7 @@ class Accounts:
 
     def _refuse_admin_look_alike(self, name: str) -> None:
         folded = validation.admin_fold(name)
-        if any(validation.admin_fold(u.username) == folded for u in self.storage.list_users() if u.is_admin):
+        if any(validation.admin_fold(u.username) == folded for u in self.storage.list_users(admins_only=True)):
             raise InvalidInput("username", "is too much like an admin's name; choose another")
 
     def log_in(self, username: str, password: str, address: str | None = None) -> Login:
@@ -146,4 +146,4 @@ class Accounts:
         return Account.of(user)
 
     def any_admin(self) -> bool:
-        return any(user.is_admin for user in self.storage.list_users())
+        return bool(self.storage.list_users(admins_only=True))

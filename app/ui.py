@@ -2,9 +2,9 @@
 
 Who is logged in lives in a gr.State, which Gradio keeps on the server for each browser session
 (a client cannot set it): the secret of the page's login (app/access.py), never a user id, so a
-logout elsewhere or a deleted account ends what this page can do. Every handler passes it to the services (app/services.py), which check
-it again; hiding the admin tab is a convenience, not the protection. The services hand back
-typed results (frozen dataclasses), read here by attribute.
+logout elsewhere or a deleted account ends what this page can do. Every handler passes it to the
+services (app/services.py), which check it again; hiding the admin tab is a convenience, not the
+protection. The services hand back typed results (frozen dataclasses), read here by attribute.
 
 Refusals (AppError) and faults never raise into Gradio (which would cover the form in "Error"
 badges and, for a fault, show the exception's text): they become a message beside the form that

@@ -145,9 +145,10 @@ class Storage:
         with self._reading() as session:
             return session.scalars(select(User).where(User.username == name)).one_or_none()
 
-    def list_users(self) -> list[User]:
+    def list_users(self, *, admins_only: bool = False) -> list[User]:
+        query = select(User).order_by(User.id)
         with self._reading() as session:
-            return list(session.scalars(select(User).order_by(User.id)))
+            return list(session.scalars(query.where(User.is_admin) if admins_only else query))
 
     def user_summaries(self) -> list[UserSummary]:
         """Every user with their number of messages and latest adapter version, in one query."""
@@ -264,15 +265,15 @@ class Storage:
         login_lifetime_s; deleted then). Its use is recorded, at most once a minute, as an API key's."""
         if not isinstance(secret, str) or not _LOGIN_SECRET.fullmatch(secret):
             return None
-        query = (select(LoginSession, User).join(User, User.id == LoginSession.user_id)
+        now = utcnow()
+        query = (select(LoginSession, User, self._expired(now)).join(User, User.id == LoginSession.user_id)
                  .where(LoginSession.secret_hash == _key_hash(secret)))
         with self._reading() as session:
             row = session.execute(query).one_or_none()
         if row is None:
             return None
-        login, user = row
-        now = utcnow()
-        if self._login_expired(login, now):
+        login, user, expired = row
+        if expired:
             self.end_login(secret)
             return None
         if now - login.last_seen_at >= KEY_USE_RESOLUTION:
@@ -290,10 +291,6 @@ class Storage:
         """End every login of the user (logout everywhere); how many there were."""
         with self._writing() as session:
             return session.execute(delete(LoginSession).where(LoginSession.user_id == user_id)).rowcount
-
-    def _login_expired(self, login: LoginSession, now: datetime) -> bool:
-        return (now - login.last_seen_at > timedelta(seconds=self.settings.login_idle_s)
-                or now - login.created_at > timedelta(seconds=self.settings.login_lifetime_s))
 
     def _expired(self, now: datetime):
         """The logins past their idle time or lifetime, as a WHERE clause."""

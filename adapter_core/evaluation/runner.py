@@ -41,8 +41,8 @@ from .metrics import contains_answer, token_f1
 
 MODES = ("closed_book", "full_history", "adapter", "adapter_recent", "adapter_swapped", "finetuned",
          "finetuned_swapped")
-SWAPPED = {"adapter_swapped": "adapter", "finetuned_swapped": "finetuned"}
-"""Each swapped mode and the mode whose adapters it borrows."""
+SWAPPED = ("adapter_swapped", "finetuned_swapped")
+"""The modes that answer under another conversation's adapter (they need two conversations at least)."""
 
 
 @dataclass(frozen=True)
