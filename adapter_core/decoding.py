@@ -38,8 +38,9 @@ from .state import AdapterState
 
 log = logging.getLogger(__name__)
 
-FINISHES = ("end", "length", "cancelled", "failed")
-"""Why a reply ended: its end of turn, the length cap, its reader went away, or an error."""
+FINISHES = ("end", "length", "cancelled", "failed", "stopped")
+"""Why a reply ended: its end of turn, the length cap, its reader went away, an error, or the
+inference loop stopped (the server shuts down)."""
 
 
 def count_tokens(tokenizer, text: str) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from .engine import load_engine
 from .data.dataset import read_jsonl, write_jsonl
-from .data.personas import make_eval_set
+from .data.personas import VALUES, make_eval_set
 from .evaluation.leakage import neutral_perplexity
 from .evaluation.report import markdown_report, summarize
 from .evaluation.runner import MODES, SWAPPED, EvalOptions, context_limit, evaluate, results_as_dicts
@@ -43,12 +43,17 @@ def parser() -> argparse.ArgumentParser:
                    help="synthetic: history lengths in tokens (about)")
     p.add_argument("--per-cell", type=int, default=256, help="synthetic: at least this many questions per cell")
     p.add_argument("--seed", type=int, default=0, help="synthetic: seed of the held-out set")
+    p.add_argument("--values", choices=VALUES, default="invented",
+                   help="synthetic: facts with invented values (made-up words) or everyday ones (a city, a pet's "
+                        "name, a job, a colour: words a small model can say)")
     p.add_argument("--write-data", type=Path, help="write the conversations as JSONL (and stop if no --out)")
     p.add_argument("--limit", type=int, help="only the first N conversations")
     p.add_argument("--modes", nargs="+", choices=MODES,
                    help="default: all (the swapped modes only where there are at least two conversations)")
     p.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps,
-                   help="finetuned modes: AdamW steps over the whole history")
+                   help="finetuned modes: AdamW steps at least (FinetuneConfig.steps)")
+    p.add_argument("--finetune-batch-tokens", type=int, default=FinetuneConfig.batch_tokens,
+                   help="finetuned modes: most tokens per step (FinetuneConfig.batch_tokens)")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -68,8 +73,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.synthetic:
-        conversations = make_eval_set(args.seed, args.facts, args.lengths, args.per_cell)
-        source = f"synthetic held-out set (seed {args.seed}, facts {args.facts}, lengths {args.lengths})"
+        conversations = make_eval_set(args.seed, args.facts, args.lengths, args.per_cell, values=args.values)
+        source = (f"synthetic held-out set ({args.values} values, seed {args.seed}, facts {args.facts}, "
+                  f"lengths {args.lengths})")
     else:
         conversations = list(read_jsonl(args.data))
         source = str(args.data)
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     options = EvalOptions(modes=tuple(args.modes), max_new_tokens=args.max_new_tokens,
                           recent_turns=args.recent_turns, batch_size=args.batch_size,
                           context_limit=args.context_limit)
-    compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps))
+    compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps,
+                                                           batch_tokens=args.finetune_batch_tokens))
     started, timings, finetuned = time.perf_counter(), {}, {}
     with torch.inference_mode():
         results = evaluate(engine, conversations, options, compressor=compressor, timings=timings, finetuned=finetuned)

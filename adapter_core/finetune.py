@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .data.conversation import prompt_ids
 from .decoding import ReplyRequest, reply
-from .model import GenerativeAdapterModel, RowAdapters, zero_pair
+from .model import GenerativeAdapterModel, RowAdapters, decoder_layers, zero_pair
 from .sampling import SamplingConfig
 from .state import AdapterState
 
@@ -44,6 +44,18 @@ ANCHOR_REQUESTS = (
     "What should I pack for a two-day train trip?",
 )
 """Everyday requests whose replies, written by the base model itself, anchor the fine-tuning."""
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Text the base model wrote itself, and what the base model predicts there."""
+
+    ids: torch.Tensor
+    """(1, T) its tokens."""
+    hidden: torch.Tensor
+    """(1, T, D) its hidden states entering the first trained layer."""
+    logprobs: torch.Tensor
+    """(T, V) the base model's log-probabilities of each next token."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +73,17 @@ class FinetuneConfig:
 
     # --- training
     steps: int = 8
-    """AdamW steps per compression, each over every window of the new turns and the replay."""
+    """AdamW steps per compression at least; more when its windows need them (see min_passes)."""
     lr: float = 1e-2
     window_tokens: int = 256
     """Tokens per training row: short enough that one row's backward lets replies in soon."""
+    batch_tokens: int = 1024
+    """Most tokens of windows per step: a compression of few new tokens trains on all of them at
+    every step, one of many on a seeded shuffle of them, step after step (the cost per step is
+    bounded, so a long compression costs passes over its windows, not steps times its windows)."""
+    min_passes: float = 2.0
+    """Every window is trained at least this many times (a compression with many windows takes
+    more than `steps` steps)."""
     replay_tokens: int = 512
     """Most tokens of earlier turns trained again with the new ones (0: none)."""
     anchor_weight: float = 3.0
@@ -78,6 +97,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.window_tokens < 8 or self.replay_tokens < 0:
             raise ValueError("rank and steps must be >= 1, window_tokens >= 8, replay_tokens >= 0")
+        if self.batch_tokens < self.window_tokens or self.min_passes <= 0:
+            raise ValueError("batch_tokens must be >= window_tokens and min_passes > 0")
         if not 0 < self.upper_layers <= 1 or not self.lr > 0 or self.anchor_weight < 0:
             raise ValueError("upper_layers must be in (0, 1], lr > 0 and anchor_weight >= 0")
 
@@ -96,14 +117,16 @@ class FinetuneCompressor:
         self.engine = engine
         self.config = config or FinetuneConfig()
         layers = sorted({engine.layer_index[name] for name in engine.adapted})
-        first = layers[len(layers) - max(1, math.ceil(len(layers) * self.config.upper_layers))]
-        self.modules = [name for name in engine.adapted if engine.layer_index[name] >= first]
+        self.first_layer = layers[len(layers) - max(1, math.ceil(len(layers) * self.config.upper_layers))]
+        """The lowest decoder layer with a trained pair: the layers below it are frozen and see no
+        adapter, so they run once per window and compression instead of once per step."""
+        self.modules = [name for name in engine.adapted if engine.layer_index[name] >= self.first_layer]
         """The adapted modules that get a pair (the others add nothing)."""
         payload = json.dumps(asdict(self.config), sort_keys=True) + "|" + ",".join(self.modules)
         self.id = "finetune-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
         """What made a state: a state of another compressor (or other settings) is rebuilt."""
         self.replay_tokens = self.config.replay_tokens
-        self._anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._anchor: Anchor | None = None
         self._untrained = {name: tuple(t.to(engine.device) for t in zero_pair(layer))
                            for name, layer in engine.adapted.items() if name not in self.modules}
         """Pairs of zeros for the adapted modules it trains none on (every module needs one in a call)."""
@@ -124,17 +147,17 @@ class FinetuneCompressor:
         if not new_windows:
             return state
         anchor = self.anchor() if self.config.anchor_weight else None
-        window_tokens = sum(len(w) for w in windows)
+        lower = [self._lower(torch.tensor([ids], device=self.engine.device), pause) for ids in windows]
         params = self._start_params(state)
         trainable = [t for pair in params.values() for t in pair]
         optimizer = torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=0.0)
         losses = []
         with torch.enable_grad():
-            for _ in range(self.config.steps):
+            for batch in self._batches(len(windows)):
                 optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for ids in windows:
-                    loss = self._loss(ids, params, pause) * (len(ids) / window_tokens)
+                total, batch_tokens = 0.0, sum(len(windows[i]) for i in batch)
+                for i in batch:
+                    loss = self._loss(windows[i], lower[i], params, pause) * (len(windows[i]) / batch_tokens)
                     total += self._backward(loss, pause)
                 if anchor is not None:
                     total += self._backward(self.config.anchor_weight * self._anchor_loss(anchor, params, pause), pause)
@@ -157,6 +180,23 @@ class FinetuneCompressor:
             ids = tok(text, add_special_tokens=False)["input_ids"]
             windows += [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) > 1]
         return windows
+
+    def _batches(self, count: int) -> list[list[int]]:
+        """The windows (indices of `count`) trained at each step: all of them while they fit in
+        batch_tokens, else consecutive slices of a seeded shuffle, reshuffled at each pass."""
+        per_step = max(1, self.config.batch_tokens // self.config.window_tokens)
+        if count <= per_step:
+            return [list(range(count))] * self.config.steps
+        steps = max(self.config.steps, math.ceil(self.config.min_passes * count / per_step))
+        gen, order, batches = random.Random(self.config.seed), [], []
+        while len(batches) < steps:
+            if len(order) < per_step:
+                shuffled = list(range(count))
+                gen.shuffle(shuffled)
+                order += [i for i in shuffled if i not in order]  # no window twice in one step
+            batches.append(sorted(order[:per_step]))
+            order = order[per_step:]
+        return batches
 
     def _start_params(self, state: AdapterState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The previous pairs, or new ones: lora_A random (as PEFT's Kaiming-uniform), lora_B zero,
@@ -182,27 +222,48 @@ class FinetuneCompressor:
         loss.backward()
         return float(loss.detach())
 
-    def _logits(self, ids: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    # The model in two parts: layers below first_layer once per window, the rest once per step.
+
+    def _lower(self, ids: torch.Tensor, pause: Callable[[], None] | None) -> torch.Tensor:
+        """Hidden states (1, T, D) of window ids (1, T) entering first_layer, without gradients."""
+        decoder = self.engine.base_model.get_decoder()
+        with torch.no_grad(), self.engine.applying(None, pause):
+            return self._through(decoder.embed_tokens(ids), decoder_layers(self.engine.base_model)[:self.first_layer])
+
+    def _logits(self, hidden: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 pause: Callable[[], None] | None) -> torch.Tensor:
-        """Logits (T, V) of one window ids (1, T) under the pairs being trained."""
+        """Logits (T, V) of a window whose hidden states (1, T, D) entering first_layer are given,
+        under the pairs being trained."""
+        model = self.engine.base_model
         folded = {name: (a, b * self.config.scaling) for name, (a, b) in params.items()}
         with self.engine.applying(RowAdapters(folded=folded | self._untrained), pause):
-            return self.engine.base_model(input_ids=ids).logits[0].float()  # (T, V)
+            h = self._through(hidden, decoder_layers(model)[self.first_layer:])  # (1, T, D)
+            return model.lm_head(model.get_decoder().norm(h))[0].float()  # (T, V)
 
-    def _loss(self, ids: list[int], params: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    def _through(self, h: torch.Tensor, layers) -> torch.Tensor:
+        """h (1, T, D) through decoder layers, causally from position 0, as the model's own forward."""
+        positions = torch.arange(h.shape[1], device=h.device)[None]  # (1, T)
+        rotary = self.engine.base_model.get_decoder().rotary_emb(h, positions)  # (cos, sin)
+        mask = None  # sdpa and flash attention are causal without one
+        if self.engine.base_model.config._attn_implementation == "eager":
+            mask = torch.full((h.shape[1], h.shape[1]), torch.finfo(h.dtype).min, device=h.device).triu(1)[None, None]
+        for layer in layers:
+            h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+        return h
+
+    def _loss(self, ids: list[int], hidden: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
               pause: Callable[[], None] | None) -> torch.Tensor:
-        """Next-token loss of one window under the pairs being trained."""
-        x = torch.tensor([ids], device=self.engine.device)  # (1, T)
-        return F.cross_entropy(self._logits(x, params, pause)[:-1], x[0, 1:])
+        """Next-token loss of one window (hidden: its states entering first_layer) under the pairs."""
+        targets = torch.tensor(ids[1:], device=self.engine.device)  # (T-1,)
+        return F.cross_entropy(self._logits(hidden, params, pause)[:-1], targets)
 
-    def _anchor_loss(self, anchor: tuple[torch.Tensor, torch.Tensor],
-                     params: dict[str, tuple[torch.Tensor, torch.Tensor]], pause: Callable[[], None] | None) -> torch.Tensor:
+    def _anchor_loss(self, anchor: Anchor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     pause: Callable[[], None] | None) -> torch.Tensor:
         """KL(base || adapted) per token on the anchor text: zero while the adapter leaves it alone."""
-        ids, base_logprobs = anchor  # (1, T), (T, V)
-        adapted = F.log_softmax(self._logits(ids, params, pause), dim=-1)  # (T, V)
-        return F.kl_div(adapted, base_logprobs, log_target=True, reduction="batchmean")
+        adapted = F.log_softmax(self._logits(anchor.hidden, params, pause), dim=-1)  # (T, V)
+        return F.kl_div(adapted, anchor.logprobs, log_target=True, reduction="batchmean")
 
-    def anchor(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def anchor(self) -> Anchor:
         """Text the base model writes itself (its replies to a few everyday requests, seeded) and
         its own log-probabilities there, made once per compressor: what an adapter should not change.
         Not the evaluation's neutral text (adapter_core/evaluation/neutral.txt), which measures it."""
@@ -217,7 +278,7 @@ class FinetuneCompressor:
             x = torch.tensor([ids[:self.config.anchor_tokens]], device=engine.device)  # (1, T)
             with torch.inference_mode():
                 base = F.log_softmax(engine.base_model(input_ids=x).logits[0].float(), dim=-1)  # (T, V)
-            self._anchor = (x, base.clone())
+            self._anchor = Anchor(ids=x, hidden=self._lower(x, None), logprobs=base.clone())
         return self._anchor
 
 

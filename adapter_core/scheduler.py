@@ -189,7 +189,7 @@ class InferenceLoop:
         self._run()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop after the current step; replies still running end as cancelled, waiting work fails.
+        """Stop after the current step; replies running or waiting end as stopped, compressions fail.
         (When run() runs in another thread than the loop's own, the caller waits for it to return.)"""
         with self._wake:
             self._running = False
@@ -403,26 +403,26 @@ class InferenceLoop:
         stream._end(Reply((), "", finish, len(stream.request.prompt), None, time.perf_counter() - stream.submitted))
 
     def _shut(self) -> None:
-        """At stop: running replies end as cancelled, waiting ones too, compressions fail."""
+        """At stop: running and waiting replies end as stopped (their readers tell their clients
+        the server is stopping, rather than store half a reply), compressions fail."""
         for row in self._batch.rows:
-            row.finish = row.finish or "cancelled"
+            row.finish = row.finish or "stopped"
         try:
             self._hand_out()
         except Exception:
             log.exception("could not end the running replies cleanly")
             for stream in self._streams.values():
-                self._end_unstarted(stream, "cancelled")
+                self._end_unstarted(stream, "stopped")
         for job in self._long_prefills:  # before the compressions: a prefill runs inside a paused one
             if job.runner is not None and not job.runner.dead:
                 job.runner.throw(GreenletExit)
-            self._end_unstarted(job.stream, "cancelled")
+            self._end_unstarted(job.stream, "stopped")
         self._long_prefills.clear()
         with self._wake:
             waiting, self._inbox = list(self._inbox), deque()
             compressions, self._compressions = list(self._compressions), deque()
         for stream in waiting:
-            stream.cancel()
-            self._ended_early(stream)
+            self._end_unstarted(stream, "stopped")
         for job in compressions:
             if job.runner is not None and not job.runner.dead:
                 job.runner.throw(GreenletExit)  # unwinds the paused pass (its locks and hooks) here

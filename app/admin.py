@@ -85,10 +85,10 @@ class LayerSummary:
 class AuditRow:
     time: datetime
     actor: str | None
-    """The acting user's name; None for the server itself or a deleted account."""
+    """The acting user's name when it acted (kept after their account is deleted); None: the server."""
     action: str
     user: str | None
-    """The name of the user acted on, if any (None as well when since deleted)."""
+    """The name of the user acted on when it was done, if any (kept after a deletion)."""
     details: str
     """The details as JSON."""
 
@@ -179,9 +179,8 @@ class Admin:
 
     def audit(self, actor_id: object, limit: int = 100) -> tuple[AuditRow, ...]:
         self.access.admin(actor_id)
-        names = {u.id: u.username for u in self.storage.list_users()}
-        return tuple(AuditRow(e.created_at, names.get(e.actor_id), e.action, names.get(e.target_user_id),
-                              json.dumps(e.details)) for e in self.storage.list_audit(limit=limit))
+        return tuple(AuditRow(e.created_at, e.actor_name, e.action, e.target_name, json.dumps(e.details))
+                     for e in self.storage.list_audit(limit=limit))
 
     def api_keys(self, actor_id: object, user_id: object) -> tuple[ApiKeyRow, ...]:
         """The user's API keys (never the keys themselves: only their hashes are kept)."""

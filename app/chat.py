@@ -10,9 +10,11 @@ say more about how to answer one (ReplyOptions).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import unicodedata
+from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +28,7 @@ from storage import NotFound, ValidationError, validation
 from storage.models import Message
 
 from .access import Access
-from .errors import AccessDenied, Busy, InvalidInput, TooLong
+from .errors import AccessDenied, Busy, InvalidInput, ServerStopping, TooLong
 from .memory import Memory
 
 
@@ -117,6 +119,11 @@ class ReplyOptions:
     the reply is stored, so memory never absorbs them (a client's background requests: titles,
     tags, follow-up suggestions). Nothing is written (but the one-time report of a damaged
     adapter file, as for any turn)."""
+    queue: bool = False
+    """True: sent while the user's previous turn is being answered, this one waits behind it (at
+    most AppSettings.turn_queue_seconds, behind at most turn_queue_depth others) instead of being
+    refused at once: an API client may send a conversation's requests together, as the `openai`
+    package's retries do. The page's turns are refused, and the page says why."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,50 @@ class ReplyFailed(RuntimeError):
     """Decoding ended without a reply (an error in the inference loop, or the loop stopped): a fault."""
 
 
+class OneTurnAtATime:
+    """Each user's turns run one at a time: a turn's reply must see the previous turn. A turn sent
+    while another runs is refused (Busy), or waits in that user's line, first come first served,
+    when the caller allows it a wait and the line is not full."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._running: set[int] = set()
+        self._waiting: dict[int, deque[object]] = {}  # user id -> tickets of their waiting turns, in order
+
+    @contextlib.contextmanager
+    def turn_of(self, user_id: int, wait_s: float, depth: int) -> Iterator[None]:
+        """The block is the user's running turn (Busy: it could not start within wait_s)."""
+        with self._changed:
+            if user_id in self._running or user_id in self._waiting:
+                self._wait(user_id, wait_s, depth)
+            self._running.add(user_id)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running.discard(user_id)
+                self._changed.notify_all()
+
+    def _wait(self, user_id: int, wait_s: float, depth: int) -> None:
+        line = self._waiting.setdefault(user_id, deque())
+        if wait_s <= 0 or len(line) >= depth:
+            if not line:
+                del self._waiting[user_id]
+            raise Busy("Your previous message is still being answered; please send this one when it is done")
+        ticket = object()
+        line.append(ticket)
+        try:
+            started = self._changed.wait_for(lambda: user_id not in self._running and line[0] is ticket, wait_s)
+        finally:
+            line.remove(ticket)
+            if not line:
+                del self._waiting[user_id]
+            self._changed.notify_all()  # the next in line may be first now
+        if not started:
+            raise Busy(f"Your previous message is still being answered after {wait_s:g} s; "
+                       "please send this one when it is done")
+
+
 class Chat:
     def __init__(self, access: Access, engine: GenerativeAdapterModel, loop: InferenceLoop, memory: Memory) -> None:
         self.access, self.engine, self.loop, self.memory = access, engine, loop, memory
@@ -144,8 +195,7 @@ class Chat:
         """Tokens of a prompt besides its turns and message: the system text and the chat template."""
         self.sampling = SamplingConfig(max_new_tokens=self.settings.max_new_tokens)
         """How replies are decoded (the benchmark sets replies of one length here)."""
-        self._answering: set[int] = set()  # users whose turn is running
-        self._answering_lock = threading.Lock()
+        self._turns = OneTurnAtATime()
 
     def history(self, user_id: object) -> tuple[HistoryMessage, ...]:
         user = self.access.user(user_id)
@@ -179,8 +229,8 @@ class Chat:
         before the reply's text.
 
         One turn of a user runs at a time, whether it comes from the page or the API: a message
-        sent while the previous one is still being answered is refused at once (Busy: its reply
-        could not see the previous turn yet). Three database transactions at most: the turn's
+        sent while the previous one is still being answered (its reply could not see that turn
+        yet) is refused at once (Busy), or with options.queue waits behind it (OneTurnAtATime). Three database transactions at most: the turn's
         start, its end, and (once, when the adapter's file turns out to be damaged) the report of
         that. Closing the iterator (a reader that went away) cancels the decoding. With
         options.store False nothing is written (ReplyOptions.store)."""
@@ -190,11 +240,8 @@ class Chat:
         user_id = self.access.user_id(user_id)
         text, tokens = self.check_message(text)
         system, framing = self._system(options.instructions, tokens)
-        with self._answering_lock:
-            if user_id in self._answering:
-                raise Busy("Your previous message is still being answered; please send this one when it is done")
-            self._answering.add(user_id)
-        try:
+        wait_s = self.settings.turn_queue_seconds if options.queue else 0.0
+        with self._turns.turn_of(user_id, wait_s, self.settings.turn_queue_depth):
             self.limits.hit(self.settings.messages_per_user, "message", str(user_id),
                             what="You are sending messages faster than the model can answer")
             if options.store:
@@ -228,9 +275,6 @@ class Chat:
             if options.store:
                 self.storage.finish_turn(user_id, turn.message.conversation_id, answer, answer_tokens,
                                          compress_every=self.settings.compress_every)
-        finally:
-            with self._answering_lock:
-                self._answering.discard(user_id)
         first_token_s = reply.first_token_s if reply.first_token_s is not None else reply.total_s
         yield FinishedReply(answer, ReplyStats(
             reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, answer_tokens,
@@ -304,7 +348,10 @@ def _stop_start(text: str, stop: tuple[str, ...], start: int) -> int:
 
 def _stored_answer(streamed: str, reply: Reply) -> str:
     """The reply as it is stored: its text, cut at its last whole sentence when it ran to
-    the length cap, never empty; ReplyFailed when decoding ended without a reply."""
+    the length cap, never empty; ServerStopping when the server stopped it (nothing is stored: the
+    client may send it again), ReplyFailed when decoding ended without a reply."""
+    if reply.finish == "stopped":
+        raise ServerStopping()
     if reply.finish not in ("end", "length"):
         raise ReplyFailed(f"decoding ended as {reply.finish!r}: no reply to store")
     answer = streamed.strip()

@@ -56,6 +56,14 @@ class Busy(AppError):
     """The person's previous request of this kind is still running (their turn being answered)."""
 
 
+class ServerStopping(AppError):
+    """The server shuts down (the inference loop stopped): nothing is wrong with the request, which
+    may be sent again once the server is back."""
+
+    def __init__(self, message: str = "The server is stopping; try again shortly.") -> None:
+        super().__init__(message)
+
+
 class Gone(AppError):
     """What the person chose does not exist, or is not theirs (the two are not told apart)."""
 

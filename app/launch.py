@@ -8,6 +8,7 @@ model is loaded, then hands the port to the real server and reloads itself into 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from adapter_core.lean_decoder import lean_decoder
 from adapter_core.scheduler import InferenceLoop
 from storage import Storage, StorageSettings
 
-from .loading import LoadingServer, StartupProgress
+from .loading import APP_STEPS, LoadingServer, StartupProgress
 from .server import create_app
 from .services import Services
 from .settings import AppSettings, redact_url
@@ -30,7 +31,6 @@ from .worker import CompressionWorker
 
 log = logging.getLogger(__name__)
 
-STEPS = ["database", "language model and memory generator", "web page"]
 FAILURE_SHOWN_S = 5.0
 """How long the loading page shows that start-up failed before the process exits."""
 
@@ -49,6 +49,7 @@ class RunningApp:
 
     def close(self) -> None:
         try:
+            self.server.app.state.streams.end()  # the page's open streams end rather than being cut
             self.server.stop()
         finally:
             self.worker.stop()
@@ -58,12 +59,22 @@ class RunningApp:
 
 
 def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
-          storage_settings: StorageSettings | None = None, block: bool = True) -> RunningApp:
-    """Everything up and serving; with block=False it returns once the server listens."""
-    progress = StartupProgress(STEPS, settings.data_dir / "startup.json")
-    loading = LoadingServer(progress, settings.host, settings.port)
-    loading.start()
-    log.info("starting; %s shows the progress", loading.url)
+          storage_settings: StorageSettings | None = None, block: bool = True,
+          loading: LoadingServer | None = None) -> RunningApp:
+    """Everything up and serving; with block=False it returns once the server listens.
+
+    loading: the loading page, already serving (app.py starts it before the heavy imports);
+    None: one is started here."""
+    if block and threading.current_thread() is threading.main_thread():
+        # SIGTERM (containers, systemd, kill) stops the app as Ctrl+C does: replies in flight end
+        # with the API's "server is stopping" error, work is saved, the port is freed
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if loading is None:
+        loading = LoadingServer(StartupProgress(APP_STEPS, settings.data_dir / "startup.json"), settings.host,
+                                settings.port)
+        loading.start()
+        log.info("starting; %s shows the progress", loading.url)
+    progress = loading.progress
     try:
         services, loop, worker, ui, app = _prepare(settings, engine, storage_settings, progress, block)
     except BaseException:

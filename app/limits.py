@@ -39,12 +39,6 @@ def address_key(host: str | None) -> str | None:
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
-def check_limit(text: str) -> str:
-    """A limit as the settings take it ('5/hour', '20/15 minutes'); ValueError if it is not one."""
-    parse(text)
-    return text
-
-
 class RateLimits:
     """Counts uses against limits written as '5/hour' (the limits given by the app's settings)."""
 

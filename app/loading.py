@@ -13,7 +13,7 @@ after `StartupProgress.ready()`, because until it has stopped the real app is no
 
 How long a start takes is kept in a small JSON file (e.g. <data-dir>/startup.json) written by
 `ready()`; the next start shows its bar against that. On a first start there is no such file: the
-bar is indeterminate and the page says the first start converts the model, which takes longer.
+bar fills against a guess (FIRST_START_GUESS_S) and the page says the first start converts the model.
 """
 
 from __future__ import annotations
@@ -41,7 +41,13 @@ from .webserver import WebServer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = ("database", "language model", "memory generator", "web server")
+APP_STEPS = ("Python libraries", "database", "language model and memory generator", "web page")
+"""The app's start-up steps (app/launch.py): the first runs before anything heavy is imported."""
+DEFAULT_STEPS = APP_STEPS
+
+FIRST_START_GUESS_S = 120.0
+"""What the bar fills against on a first start (no startup.json yet): about a first start on 2 cores
+(imports, converting the model, building the C++ layers), so that the bar moves there too."""
 
 # The bar never reaches the end on time alone: a start may well take longer than the last one,
 # and a bar stuck at 100% reads as "hung"; ready (the reload) is the only real end.
@@ -70,13 +76,11 @@ class StartupSnapshot:
         return self.steps[self.step]
 
     @property
-    def share(self) -> float | None:
-        """Fraction of the bar to fill, or None for an indeterminate bar (nothing to compare with)."""
+    def share(self) -> float:
+        """Fraction of the bar to fill: the time against the last start's (a first start's: a guess)."""
         if self.ready:
             return 1.0
-        if not self.expected:
-            return None
-        return min(self.elapsed / self.expected, MAX_TIMED_SHARE)
+        return min(self.elapsed / (self.expected or FIRST_START_GUESS_S), MAX_TIMED_SHARE)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready; the real app's /healthz can reuse it (with ready: true)."""
@@ -89,7 +93,7 @@ class StartupSnapshot:
             "detail": self.detail,
             "elapsed": round(self.elapsed, 1),
             "expected": None if self.expected is None else round(self.expected, 1),
-            "share": None if share is None else round(share, 3),
+            "share": round(share, 3),
             "failed": self.failed,
         }
 
@@ -102,13 +106,15 @@ class StartupProgress:
     """
 
     def __init__(self, steps: Sequence[str] = DEFAULT_STEPS, timing_file: Path | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, started: float | None = None) -> None:
+        """started: the clock's reading when start-up began (default: now; app.py gives the
+        process's start, process_started(), so the page counts the imports before it too)."""
         if not steps:
             raise ValueError("at least one step is needed")
         self._steps = tuple(steps)
         self._timing_file = timing_file
         self._clock = clock
-        self._started = clock()
+        self._started = clock() if started is None else started
         self._expected = read_expected_seconds(timing_file) if timing_file is not None else None
         self._lock = threading.Lock()
         self._step = 0
@@ -155,6 +161,17 @@ class StartupProgress:
             return StartupSnapshot(step=self._step, steps=self._steps, detail=self._detail,
                                    elapsed=max(0.0, end - self._started), expected=self._expected,
                                    ready=self._ready, failed=self._failed)
+
+
+def process_started() -> float:
+    """time.monotonic()'s reading when this process started (Linux: from /proc; elsewhere: now)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+    return time.monotonic() - min(max(age, 0.0), _MAX_PLAUSIBLE_SECONDS)
 
 
 def read_expected_seconds(path: Path) -> float | None:
@@ -251,9 +268,8 @@ def render_page(snapshot: StartupSnapshot) -> str:
     share = snapshot.share
     return _PAGE.substitute(
         steps="\n".join(_step_item(i, name, snapshot) for i, name in enumerate(snapshot.steps)),
-        bar_class="bar" if share is not None else "bar indeterminate",
-        bar_width=f"{100 * share:.1f}%" if share is not None else "100%",
-        bar_value=f' aria-valuenow="{round(100 * share)}"' if share is not None else "",
+        bar_width=f"{100 * share:.1f}%",
+        bar_value=f' aria-valuenow="{round(100 * share)}"',
         bar_text=html.escape(_bar_text(snapshot), quote=True),
         status=html.escape(_status_text(snapshot)),
         detail=html.escape(snapshot.detail),
@@ -325,7 +341,6 @@ li.current::before { border-color: var(--accent); border-top-color: transparent;
   animation: spin 1s linear infinite; }
 .track { height: 10px; border-radius: 5px; background: var(--track); overflow: hidden; }
 .bar { height: 100%; background: var(--accent); border-radius: 5px; transition: width .8s ease; }
-.bar.indeterminate { width: 35% !important; animation: slide 1.4s ease-in-out infinite; }
 .failed .bar { background: var(--bad); animation: none; }
 .failed li.current::before { border-color: var(--bad); animation: none; }
 #status { margin: 10px 0 0; color: var(--muted); font-variant-numeric: tabular-nums; }
@@ -335,10 +350,8 @@ li.current::before { border-color: var(--accent); border-top-color: transparent;
   color: var(--bad); white-space: pre-wrap; overflow-wrap: anywhere; }
 [hidden] { display: none !important; }
 @keyframes spin { to { transform: rotate(360deg); } }
-@keyframes slide { from { transform: translateX(-100%); } to { transform: translateX(290%); } }
 @media (prefers-reduced-motion: reduce) {
-  .bar.indeterminate, li.current::before { animation: none; }
-  .bar.indeterminate { width: 100% !important; opacity: .5; }
+  li.current::before { animation: none; }
 }
 </style>
 </head>
@@ -348,7 +361,7 @@ li.current::before { border-color: var(--accent); border-top-color: transparent;
 <ol id="steps">
 $steps
 </ol>
-<div class="track"><div id="bar" class="$bar_class" style="width: $bar_width" role="progressbar"
+<div class="track"><div id="bar" class="bar" style="width: $bar_width" role="progressbar"
   aria-label="Start-up progress" aria-valuemin="0" aria-valuemax="100"$bar_value
   aria-valuetext="$bar_text"></div></div>
 <p id="status" aria-live="polite">$status</p>
@@ -373,14 +386,8 @@ $steps
       if (state === "current") items[i].setAttribute("aria-current", "step");
       else items[i].removeAttribute("aria-current");
     }
-    if (s.share === null || s.share === undefined) {
-      bar.className = "bar indeterminate";
-      bar.removeAttribute("aria-valuenow");
-    } else {
-      bar.className = "bar";
-      bar.style.width = (100 * s.share).toFixed(1) + "%";
-      bar.setAttribute("aria-valuenow", String(Math.round(100 * s.share)));
-    }
+    bar.style.width = (100 * s.share).toFixed(1) + "%";
+    bar.setAttribute("aria-valuenow", String(Math.round(100 * s.share)));
     var elapsed = Math.round(s.elapsed) + " s elapsed";
     bar.setAttribute("aria-valuetext", "step " + (s.step + 1) + " of " + s.steps.length + ": " +
       s.current + ", " + elapsed);

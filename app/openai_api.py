@@ -55,7 +55,8 @@ from adapter_core.scheduler import LoopStopped
 
 from .chat import FinishedReply, HistoryMessage, ReplyOptions, ReplyStarted
 from .downloads import zip_response
-from .errors import AccessDenied, AppError, Busy, Gone, InvalidInput, RateLimited, TooLong, describe
+from .errors import (AccessDenied, AppError, Busy, Gone, InvalidInput, RateLimited, ServerStopping, TooLong,
+                     describe)
 from .limits import client_address
 from .memory import MemoryStatus
 from .services import Services
@@ -117,7 +118,7 @@ def read_chat_request(body: object, base: SamplingConfig, max_new_tokens: int) -
     store = _optional(body, "store", bool, True)
     return ChatRequest(message, ReplyOptions(context=context, instructions=instructions,
                                              sampling=_sampling(body, base, max_new_tokens),
-                                             seed=_seed(body), stop=_stop(body), store=store),
+                                             seed=_seed(body), stop=_stop(body), store=store, queue=True),
                        stream, include_usage)
 
 
@@ -283,11 +284,11 @@ def _shown(value: object) -> str:
 def error_response(error: BaseException, action: str) -> JSONResponse:
     """Any error of a request, in OpenAI's shape and status; refusals logged in one line, faults
     with their traceback (the answer then names only a reference to it)."""
-    if isinstance(error, LoopStopped):
-        describe(error, f"API {action}")
-        return _error(503, "The server is stopping; try again shortly.", "server_error", None, "unavailable",
-                      {"Retry-After": "5"})
+    if isinstance(error, LoopStopped):  # work sent to a stopped inference loop: the server shuts down
+        error = ServerStopping()
     message = describe(error, f"API {action}")
+    if isinstance(error, ServerStopping):
+        return _error(503, message, "server_error", None, "unavailable", {"Retry-After": "5"})
     if isinstance(error, ApiError):
         return _error(error.status, message, error.kind, error.param, error.code)
     if isinstance(error, RateLimited):
@@ -385,7 +386,9 @@ def api_router(services: Services) -> APIRouter:
     reply_threads: list[anyio.CapacityLimiter] = []
 
     def user_of(request: Request) -> int:
-        return services.api_keys.whose(bearer_key(request), client_address(request))
+        user_id = services.api_keys.whose(bearer_key(request), client_address(request))
+        request.state.user_id = user_id  # for the access log (app/server.py's AccessLog)
+        return user_id
 
     async def step(turn: Iterator) -> object:
         """The turn's next item, read in a thread (it blocks on the database and on decoding)."""

@@ -8,7 +8,11 @@ OpenAI-compatible API under /v1 (app/openai_api.py) on the same port and service
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import threading
+import time
 
 import gradio as gr
 from fastapi import FastAPI, Request
@@ -26,6 +30,8 @@ UPLOAD_ROUTES = ("/upload", "/process_recording", "/component_server")
 """Gradio's routes that take files; the app has no component that needs them."""
 MAX_BODY_BYTES = 256 * 1024
 """Largest request body: a chat message is at most a few thousand characters; nothing is uploaded."""
+
+access_log = logging.getLogger("memchat.access")
 
 
 class RequestGuard:
@@ -91,6 +97,93 @@ class SecurityHeaders:
         return await self.app(scope, receive, with_headers)
 
 
+class AccessLog:
+    """ASGI middleware: one line per HTTP request at INFO, when it ends: method, path, status,
+    milliseconds and the user id when the request named one (an API key's; the page's calls say
+    "-"). Never a key, a password, a query string or a download link's token."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), None
+        state = scope.setdefault("state", {})  # Starlette's request.state (openai_api's user_of writes it)
+
+        async def watched(event):
+            nonlocal status
+            if event["type"] == "http.response.start":
+                status = event["status"]
+            await send(event)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            path = scope["path"]
+            if path.startswith(DOWNLOADS_ROUTE + "/"):
+                path = DOWNLOADS_ROUTE + "/…"  # the link's token is its owner's secret
+            access_log.info("%s %s %s %.0f ms user %s", scope["method"], _printable(path), status or "-",
+                            (time.perf_counter() - started) * 1000, state.get("user_id", "-"))
+
+
+def _printable(path: str) -> str:
+    """A path as one log line may show it: at most 200 characters, no control characters."""
+    return "".join(ch if ch.isprintable() else "?" for ch in path[:200])
+
+
+class StreamsEnd:
+    """What ends the page's long-lived streams when the server stops (see EndingStreams)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._ended = threading.Event()
+
+    def bind(self) -> asyncio.Event:
+        """The event that says so, made in the server's event loop (at its first request)."""
+        if self._event is None:
+            self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+            if self._ended.is_set():
+                self._event.set()
+        return self._event
+
+    def end(self) -> None:
+        """From any thread: every stream of the page ends as if its client had gone."""
+        self._ended.set()
+        if self._loop is not None and self._event is not None:
+            self._loop.call_soon_threadsafe(self._event.set)
+
+
+class EndingStreams:
+    """ASGI middleware: once `streams.end()` is called, the page's open streams (Gradio's heartbeats
+    and queue data, which a browser tab keeps open) read a disconnect and end, instead of being
+    cancelled by uvicorn after its graceful second, which logs a traceback per open tab. The API's
+    streams under /v1 end by themselves when the inference loop stops (the 503-shaped event)."""
+
+    def __init__(self, app, streams: StreamsEnd) -> None:
+        self.app, self.streams = app, streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        ended = self.streams.bind()
+
+        async def receive_until_end():
+            if ended.is_set():
+                return {"type": "http.disconnect"}
+            received = asyncio.ensure_future(receive())
+            ending = asyncio.ensure_future(ended.wait())
+            done, _ = await asyncio.wait({received, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if received in done:
+                ending.cancel()
+                return received.result()
+            received.cancel()
+            return {"type": "http.disconnect"}
+
+        return await self.app(scope, receive_until_end, send)
+
+
 class ApiCors:
     """ASGI middleware: CORS for the API under /v1 only, for the origins named by --cors-origins
     (Starlette's CORSMiddleware); without any, no cross-origin page may call the API (the default)."""
@@ -145,5 +238,8 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
     origins = [o.strip() for o in (services.settings.cors_origins or "").split(",") if o.strip()]
     if origins:
         app.add_middleware(ApiCors, origins=origins)
-    app.add_middleware(SecurityHeaders)  # the outermost: refusals of the guard get the headers too
+    app.add_middleware(SecurityHeaders)  # refusals of the guard get the headers too
+    app.state.streams = StreamsEnd()
+    app.add_middleware(EndingStreams, streams=app.state.streams)
+    app.add_middleware(AccessLog)  # the outermost: every request is logged, refused ones too
     return app

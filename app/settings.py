@@ -1,4 +1,8 @@
-"""Settings of the app: every flag of `python app.py` also has an environment variable."""
+"""Settings of the app: every flag of `python app.py` also has an environment variable.
+
+Read before anything heavy is imported (app.py answers the port with the loading page first), so
+this module imports neither torch nor the model code: the defaults it shares with them are
+checked equal by tests/app/test_settings.py."""
 
 from __future__ import annotations
 
@@ -7,12 +11,10 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from sqlalchemy import make_url
-
-from adapter_core.compressor import COMPRESSORS
-from adapter_core.sampling import SamplingConfig
-
-from .limits import check_limit
+COMPRESSORS = ("finetune", "generator")
+"""adapter_core.compressor.COMPRESSORS."""
+MAX_NEW_TOKENS = 160
+"""adapter_core.sampling.SamplingConfig.max_new_tokens."""
 
 ENV_PREFIX = "MEMCHAT_"
 
@@ -57,7 +59,7 @@ class AppSettings:
     compress_every: int = _setting(4, "compress a user's new turns once this many of their messages are pending")
     compress_idle_seconds: float = _setting(120.0, "...or once their newest message is this old (0: never)")
     worker_poll_seconds: float = _setting(1.0, "how often the background worker looks for due work")
-    max_new_tokens: int = _setting(SamplingConfig.max_new_tokens, "longest reply, in tokens (most end sooner, "
+    max_new_tokens: int = _setting(MAX_NEW_TOKENS, "longest reply, in tokens (most end sooner, "
                                                                    "at the end of their turn)")
     max_message_chars: int = _setting(4000, "longest chat message, in characters (each costs model time)")
     # --- rate limits
@@ -71,6 +73,9 @@ class AppSettings:
     max_prompt_tokens: int = _setting(4096, "most tokens of a reply's prompt in all: system text, earlier turns "
                                             "and message (longer instructions or messages are refused; earlier "
                                             "turns are dropped, earliest first)")
+    turn_queue_seconds: float = _setting(120.0, "longest an API request waits for the same user's running reply "
+                                                "before it is refused with 429 (the page refuses at once)")
+    turn_queue_depth: int = _setting(4, "most API requests of one user waiting behind their running reply")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> "AppSettings":
@@ -108,6 +113,8 @@ def redact_url(url: str | None) -> str | None:
     """A database URL fit to print: its password replaced by ***."""
     if not url:
         return url
+    from sqlalchemy import make_url  # here: settings are read before the heavy imports (see the docstring)
+
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: print nothing of it
@@ -129,7 +136,10 @@ class _Parser(argparse.ArgumentParser):
 def _convert(f, value: str):
     kind = str(f.type)
     if f.metadata.get("limit"):
-        return check_limit(value)
+        from limits import parse  # the rate limits' own parser (app/limits.py), here: see the docstring
+
+        parse(value)  # ValueError if it is not a limit
+        return value
     if kind == "bool":
         return value.strip().lower() in ("1", "true", "yes", "on")
     if kind == "int":

@@ -25,7 +25,7 @@ def server_url(host: str, port: int) -> str:
 class WebServer:
     def __init__(self, app, host: str, port: int, name: str = "web-server", **config) -> None:
         """`config`: further uvicorn.Config settings. Requests in flight get 1 s at a stop."""
-        self.host, self.port = host, port
+        self.app, self.host, self.port = app, host, port
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=1,
                                                      **config))
         # uvicorn installs signal handlers only from the main thread, so Ctrl+C stays the app's

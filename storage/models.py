@@ -203,7 +203,8 @@ class ApiKey(Base):
 
 
 class AuditEntry(Base):
-    """An admin action. Kept when the users involved are deleted, with their ids set to NULL."""
+    """An admin action. Kept when the users involved are deleted, with their ids set to NULL and
+    their names as they were when it was written."""
 
     __tablename__ = "audit_log"
     __table_args__ = (NEVER_REUSED,)
@@ -212,6 +213,8 @@ class AuditEntry(Base):
     actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
     action: Mapped[str] = mapped_column(String(64))
     target_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    actor_name: Mapped[str | None] = mapped_column(String(USERNAME_COLUMN_CHARS))
+    target_name: Mapped[str | None] = mapped_column(String(USERNAME_COLUMN_CHARS))
     details: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

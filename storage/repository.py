@@ -179,7 +179,7 @@ class Storage:
         with self._writing() as session:
             self._lock_user(session, user_id)
             if actor_id is not None:  # before the deletion, which may take the actor too
-                self._audit(session, actor_id, "delete_user", None, {"user_id": user_id})
+                self._audit(session, actor_id, "delete_user", user_id, {"user_id": user_id})
             session.execute(delete(User).where(User.id == user_id))
         self.files.remove_user(user_id)
 
@@ -832,9 +832,9 @@ class Storage:
                details: dict[str, Any] | None) -> AuditEntry:
         checked_action = validation.identifier("action", action, ACTION_MAX_CHARS)
         checked_details = validation.json_document("details", details, self.settings)
-        for user_id in {actor_id, target_user_id} - {None}:
-            self._user(session, user_id)
+        names = {user_id: self._user(session, user_id).username for user_id in {actor_id, target_user_id} - {None}}
         entry = AuditEntry(actor_id=actor_id, action=checked_action, target_user_id=target_user_id,
+                           actor_name=names.get(actor_id), target_name=names.get(target_user_id),
                            details=checked_details)
         session.add(entry)
         session.flush()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .conversation import Turn
 from .dataset import Conversation, Question, Session
@@ -273,6 +273,54 @@ KINDS: tuple[FactKind, ...] = (
 )
 KIND_BY_NAME = {k.name: k for k in KINDS}
 
+
+# --- everyday values: facts a 135M model can say -----------------------------------------------------
+# The invented values above make a model that is told them say a word it never saw, which it rarely
+# does even with the whole history in its prompt. These values are common words it can say, drawn
+# from lists long enough that guessing one without memory rarely hits (closed book stays near 0).
+# Eval-only: no held-out split, and the generator's training data never uses them.
+
+VALUES = ("invented", "everyday")
+_EVERYDAY_NAMES = ["Anna", "John", "Maria", "David", "Sarah", "Peter", "Emma", "James", "Laura", "Tom", "Kate",
+                   "Paul", "Lisa", "Mark", "Julia", "Mike", "Sophie", "Daniel", "Helen", "Chris", "Nina", "Sam"]
+_EVERYDAY_PETS = ["Max", "Bella", "Charlie", "Luna", "Lucy", "Daisy", "Rocky", "Milo", "Buddy", "Coco", "Oscar",
+                  "Molly", "Teddy", "Rosie", "Toby", "Lola", "Jack", "Ruby", "Bailey", "Sadie", "Ginger", "Pepper"]
+_EVERYDAY_CITIES = ["Paris", "London", "Berlin", "Madrid", "Rome", "Lisbon", "Dublin", "Vienna", "Prague", "Boston",
+                    "Chicago", "Toronto", "Sydney", "Tokyo", "Seattle", "Denver", "Oslo", "Athens", "Amsterdam",
+                    "Warsaw", "Cairo", "Mumbai"]
+_EVERYDAY_JOBS = ["teacher", "nurse", "doctor", "baker", "farmer", "pilot", "lawyer", "chef", "dentist", "plumber",
+                  "firefighter", "writer", "painter", "carpenter", "mechanic", "pharmacist", "librarian",
+                  "photographer", "journalist", "banker", "gardener", "tailor"]  # no vowel first: "a {v}"
+_EVERYDAY_FOODS = ["pizza", "pasta", "sushi", "tacos", "curry", "soup", "salad", "burgers", "pancakes", "noodles",
+                   "steak", "lasagna", "chili", "dumplings", "ramen", "paella", "risotto", "falafel", "cheesecake",
+                   "waffles", "kebab", "porridge"]
+_EVERYDAY_HOBBIES = ["painting", "fishing", "hiking", "gardening", "cooking", "knitting", "swimming", "running",
+                     "cycling", "dancing", "singing", "baking", "reading", "camping", "sailing", "skiing", "drawing",
+                     "surfing", "climbing", "chess", "pottery", "yoga"]
+_EVERYDAY_CARS = ["Toyota", "Ford", "Honda", "Volvo", "Tesla", "BMW", "Mazda", "Nissan", "Kia", "Jeep", "Fiat",
+                  "Subaru", "Porsche", "Volkswagen", "Renault", "Peugeot", "Skoda", "Mini", "Lexus", "Jaguar"]
+_EVERYDAY_COLOURS = [*_COLOURS, "pink", "gold", "teal", "navy", "beige", "violet", "turquoise", "maroon", "crimson"]
+
+
+def _one_of(values: list[str]):
+    return lambda rng: rng.choice(values)
+
+
+_EVERYDAY_BY_KIND = {"user_name": _EVERYDAY_NAMES, "pet_name": _EVERYDAY_PETS, "partner_name": _EVERYDAY_NAMES,
+                     "sibling_name": _EVERYDAY_NAMES, "best_friend": _EVERYDAY_NAMES, "home_city": _EVERYDAY_CITIES,
+                     "trip_destination": _EVERYDAY_CITIES, "job": _EVERYDAY_JOBS, "favourite_food": _EVERYDAY_FOODS,
+                     "hobby": _EVERYDAY_HOBBIES, "car": _EVERYDAY_CARS}
+EVERYDAY_KINDS: tuple[FactKind, ...] = (
+    *(replace(KIND_BY_NAME[name], make_value=_one_of(values)) for name, values in _EVERYDAY_BY_KIND.items()),
+    FactKind("favourite_colour", _one_of(_EVERYDAY_COLOURS),
+             Phrasings(("My favourite colour is {v}.", "I love the colour {v}."),
+                       ("What is my favourite colour?", "Which colour do I like best?"),
+                       ("These days my favourite colour is {v}.",)),
+             Phrasings(("Everything I own is {v}; it is my favourite colour.", "The colour I like most is {v}."),
+                       ("What colour do I like most?", "Which is my favourite colour?"),
+                       ("I have changed my mind: my favourite colour is now {v}.",))),
+)
+
 # --- filler ---------------------------------------------------------------------------------------
 
 _GREETINGS = ["Hi again!", "Hello!", "Good morning.", "Hey, it's me.", "Evening!", "Hi there."]
@@ -310,11 +358,12 @@ def _estimate_tokens(turns: list[Turn]) -> int:
     return sum(len(t.text) + 12 for t in turns) // 4  # about 4 characters per token, plus role lines
 
 
-def _draw_value(kind: FactKind, rng: random.Random, split: str, avoid: set[str]) -> str:
+def _draw_value(kind: FactKind, rng: random.Random, split: str, avoid: set[str], held_out: bool = True) -> str:
+    """A value of the split's (held_out False: any value of the kind) not in `avoid`."""
     want_heldout = split == EVAL
     for _ in range(1000):
         value = kind.make_value(rng)
-        if is_heldout_value(value) == want_heldout and value.lower() not in avoid:
+        if (not held_out or is_heldout_value(value) == want_heldout) and value.lower() not in avoid:
             return value
     raise RuntimeError(f"could not draw a {split} value for {kind.name}")
 
@@ -325,24 +374,31 @@ def _chit_chat(rng: random.Random) -> list[Turn]:
 
 
 def make_conversation(rng: random.Random, split: str, n_facts: int, target_tokens: int,
-                      update_probability: float = 0.3, cid: str = "") -> Conversation:
+                      update_probability: float = 0.3, cid: str = "", values: str = "invented") -> Conversation:
     """A conversation of several sessions in which the user states `n_facts` facts (some updated
-    later) among chit-chat, padded with chit-chat to about `target_tokens`, with one question per fact."""
+    later) among chit-chat, padded with chit-chat to about `target_tokens`, with one question per fact.
+    values: "invented" (made-up words, split into train and held-out) or "everyday" (eval only)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    if not 1 <= n_facts <= len(KINDS):
-        raise ValueError(f"n_facts must be between 1 and {len(KINDS)}")
-    kinds = rng.sample(KINDS, n_facts)
+    if values not in VALUES:
+        raise ValueError(f"values must be one of {VALUES}")
+    everyday = values == "everyday"
+    if everyday and split != EVAL:
+        raise ValueError("everyday values are for evaluation only")
+    pool = EVERYDAY_KINDS if everyday else KINDS
+    if not 1 <= n_facts <= len(pool):
+        raise ValueError(f"n_facts must be between 1 and {len(pool)}")
+    kinds = rng.sample(pool, n_facts)
     used: set[str] = set()
     events = []  # (kind, value, is_update)
     for kind in kinds:
-        value = _draw_value(kind, rng, split, used)
+        value = _draw_value(kind, rng, split, used, held_out=not everyday)
         used.add(value.lower())
         events.append((kind, value, False))
     history: dict[str, list[str]] = {k.name: [v] for k, v, _ in events}
     for kind in kinds:
         if kind.updatable and rng.random() < update_probability:
-            value = _draw_value(kind, rng, split, used)
+            value = _draw_value(kind, rng, split, used, held_out=not everyday)
             used.add(value.lower())
             events.append((kind, value, True))
             history[kind.name].append(value)
@@ -375,21 +431,21 @@ def make_conversation(rng: random.Random, split: str, n_facts: int, target_token
         questions.append(Question(question=rng.choice(kind.phrasings(split).questions), answer=values[-1],
                                   superseded=values[:-1], category=kind.name, evidence=[said[kind.name]]))
     meta = {"split": split, "n_facts": n_facts, "target_tokens": target_tokens,
-            "updates": sum(1 for e in events if e[2])}
+            "updates": sum(1 for e in events if e[2]), "values": values}
     return Conversation(cid, [Session(turns) for turns in sessions], questions, meta)
 
 
 def make_eval_set(seed: int, facts: list[int], lengths: list[int], per_cell: int,
-                  update_probability: float = 0.3) -> list[Conversation]:
+                  update_probability: float = 0.3, values: str = "invented") -> list[Conversation]:
     """Held-out conversations for every (facts, length) cell, at least `per_cell` questions each."""
-    rng = random.Random(f"eval-{seed}")
+    rng = random.Random(f"eval-{seed}" if values == "invented" else f"eval-{values}-{seed}")
     conversations = []
     for n_facts in facts:
         for length in lengths:
             questions = 0
             while questions < per_cell:
                 cid = f"eval-f{n_facts}-t{length}-{len(conversations):06d}"
-                c = make_conversation(rng, EVAL, n_facts, length, update_probability, cid)
+                c = make_conversation(rng, EVAL, n_facts, length, update_probability, cid, values)
                 conversations.append(c)
                 questions += len(c.questions)
     return conversations

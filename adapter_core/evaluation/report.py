@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .runner import Result
 
 DIMENSIONS = (("all", "All questions"), ("category", "By question category"), ("facts", "By number of facts"),
-              ("length", "By history length (tokens)"))
+              ("length", "By history length (tokens)"), ("cell", "By number of facts and history length"))
 
 
 def length_bucket(tokens: int, limit: int) -> str:
@@ -63,7 +63,8 @@ def summarize(results: list[Result], limit: int) -> dict:
     """Cells by dimension and mode, what each mode kept of the history, fact-update outcomes."""
     keys = {"all": lambda r: "all", "category": lambda r: r.category or "(none)",
             "facts": lambda r: "(none)" if r.n_facts is None else str(r.n_facts),
-            "length": lambda r: length_bucket(r.history_tokens, limit)}
+            "length": lambda r: length_bucket(r.history_tokens, limit),
+            "cell": lambda r: "(none)" if r.n_facts is None else _facts_and_length(r, limit)}
     summary: dict = {}
     for dimension, key in keys.items():
         groups = defaultdict(list)
@@ -86,8 +87,19 @@ def summarize(results: list[Result], limit: int) -> dict:
     ]
     summary["swap_test"] = swap_test(results)
     summary["swap_test_finetuned"] = swap_test(results, "finetuned", "finetuned_swapped")
+    by_cell = defaultdict(list)
+    for r in results:
+        if r.n_facts is not None:
+            by_cell[_facts_and_length(r, limit)].append(r)
+    summary["swap_test_finetuned_by_cell"] = [
+        {"cell": cell, **swap} for cell in sorted(by_cell, key=_cell_order)
+        if (swap := swap_test(by_cell[cell], "finetuned", "finetuned_swapped"))]
     summary["context_limit"] = limit
     return summary
+
+
+def _facts_and_length(r: Result, limit: int) -> str:
+    return f"{r.n_facts} facts, {length_bucket(r.history_tokens, limit)}"
 
 
 def swap_test(results: list[Result], own_mode: str = "adapter", swapped_mode: str = "adapter_swapped") -> dict | None:
@@ -147,9 +159,8 @@ def markdown_report(summary: dict, modes: Sequence[str], title: str = "Evaluatio
         lines += ["## Swap test: own adapter against another user's", "",
                   "| adapter | n | answer NLL, own | another's | gap | own lower | contains, own | another's |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {kind} | {swap['n']} | {swap['own_nll']:.3f} | {swap['swapped_nll']:.3f} | {swap['gap']:+.3f} "
-                  f"| {swap['own_better']} of {swap['n']} | {swap['own_contains']:.3f} | {swap['swapped_contains']:.3f} |"
-                  for kind, swap in swaps]
+        lines += [_swap_row(kind, swap) for kind, swap in swaps]
+        lines += [_swap_row(f"fine-tuned, {c['cell']}", c) for c in summary.get("swap_test_finetuned_by_cell", ())]
         lines += ["", "Format learning lowers both NLLs alike; a positive gap (another's adapter worse) is memory.", ""]
     neutral = summary.get("neutral_perplexity")
     if neutral:
@@ -173,6 +184,11 @@ def markdown_report(summary: dict, modes: Sequence[str], title: str = "Evaluatio
         "whose evidence turns (where the data names them) were not among them.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _swap_row(label: str, swap: dict) -> str:
+    return (f"| {label} | {swap['n']} | {swap['own_nll']:.3f} | {swap['swapped_nll']:.3f} | {swap['gap']:+.3f} "
+            f"| {swap['own_better']} of {swap['n']} | {swap['own_contains']:.3f} | {swap['swapped_contains']:.3f} |")
 
 
 def _percent(share: float | None) -> str:

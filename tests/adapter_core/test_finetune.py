@@ -102,6 +102,24 @@ def test_a_compression_continues_from_the_last_pairs_with_earlier_turns_replayed
         compressor.absorb(engine.empty_state(), first)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_the_lower_layers_run_once_and_the_upper_ones_give_the_models_own_logits(make_engine, random_tokens, family):
+    """Training runs the frozen layers below first_layer once per window: the upper part, started
+    from their output, must give what the whole model gives, with the pairs applied."""
+    engine = make_engine(family, shape=dict(num_hidden_layers=4))
+    compressor = FinetuneCompressor(engine, FinetuneConfig(upper_layers=0.5))
+    assert 0 < compressor.first_layer < 4
+    state = random_pairs(engine, 3, every=True)
+    params = {name: (a, b / compressor.config.scaling) for name, (a, b) in state.pairs.items() if name in compressor.modules}
+    trained = AdapterState(sums={}, generator_id="t", base_model_id=engine.base_model_id,
+                           pairs={name: (a, b * compressor.config.scaling) for name, (a, b) in params.items()})
+    ids = torch.tensor([random_tokens(12)])
+    with torch.no_grad():
+        split = compressor._logits(compressor._lower(ids, None), params, None)
+        whole = engine(ids, states=[trained]).logits[0].float()
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
+
+
 def test_the_replay_sample_is_bounded_seeded_and_in_order(tiny_tokenizer):
     texts = [f"turn {i} " * 3 for i in range(20)]
     chosen = replay_sample(texts, 60, tiny_tokenizer, seed=1)
@@ -122,8 +140,7 @@ def test_the_anchor_keeps_the_base_models_own_text_as_it_was(make_text_engine):
         compressor = FinetuneCompressor(engine, FinetuneConfig(steps=6, lr=5e-2, window_tokens=64, anchor_weight=weight,
                                                                anchor_tokens=64))
         state = compressor.absorb(compressor.empty_state(), text)
-        ids, _ = compressor.anchor()
-        anchor_text = engine.tokenizer.decode(ids[0])
+        anchor_text = engine.tokenizer.decode(compressor.anchor().ids[0])
         drift[weight] = abs(perplexity(engine, state, anchor_text) / perplexity(engine, None, anchor_text) - 1)
     assert drift[20.0] < drift[0.0]
     with pytest.raises(ValueError, match="anchor_weight"):

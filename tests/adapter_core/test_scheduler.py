@@ -200,14 +200,16 @@ def test_the_loop_survives_a_failure_of_its_own(engine, random_tokens, monkeypat
 
 
 def test_a_stopped_loop_refuses_work_and_ends_what_was_waiting(engine, random_tokens):
-    loop = InferenceLoop(engine)
+    loop = InferenceLoop(engine, max_rows=1)
     with pytest.raises(LoopStopped):
         loop.submit(ReplyRequest(random_tokens(3)))
     loop.start()
     stream = loop.submit(ReplyRequest(random_tokens(3), None, SamplingConfig.greedy(100_000)))
+    waiting = loop.submit(ReplyRequest(random_tokens(3), None, SamplingConfig.greedy(100_000)))
     next(stream.token_ids())
     loop.stop()
-    assert stream.result(timeout=5).finish == "cancelled"
+    # "stopped", not "cancelled": the reader tells its client the server is stopping (its reader did not leave)
+    assert stream.result(timeout=5).finish == waiting.result(timeout=5).finish == "stopped"
     with pytest.raises(LoopStopped):
         loop.absorb(engine.empty_state(), [random_tokens(8)])
 
@@ -283,7 +285,7 @@ def test_stopping_during_a_long_prefill_cancels_it_and_leaves_the_engine_clean(e
     stop.set()
     loop.stop()
     replying.join(60)
-    assert long.result(timeout=10).finish == "cancelled"
+    assert long.result(timeout=10).finish == "stopped"
     assert engine._pausing is None and all(layer.memory is None and layer.folded is None
                                            for layer in engine.adapted.values())
 

@@ -49,7 +49,8 @@ def test_admin_pages_and_actions(services, password):
     assert services.admin.delete_user(admin, uid) == "alice"
     audit = services.admin.audit(admin)
     assert [e.action for e in audit[:3]] == ["delete_user", "reset_memory", "rebuild_adapter"]
-    assert audit[2].actor == "root" and audit[2].user is None  # alice's account is gone since
+    # alice's account is gone since; the rows still say whom they were about (attacker findings 11)
+    assert audit[2].actor == "root" and audit[2].user == "alice" and audit[0].user == "alice"
     with pytest.raises(AccessDenied):
         services.chat.history(uid)
 

@@ -1,14 +1,18 @@
 """Starting the app: the port answers with a loading page at once, then becomes the app."""
 
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import openai
+import pytest
 from gradio_client import Client
 
 from app.loading import HEADING
+from app.openai_api import MODEL_ID
 from tests.app.helpers import SlowStart, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,19 +49,27 @@ def _get(url: str) -> dict | None:
         return None
 
 
-def test_the_app_answers_from_the_main_thread_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_the_app_answers_from_the_main_thread_and_stops_cleanly_on_ctrl_c_or_sigterm(tmp_path, stop):
     """`app.py` runs the inference loop on the process's main thread (blocking start): a chat is
-    answered there, and Ctrl+C (SIGINT) stops everything cleanly."""
+    answered there, and Ctrl+C (SIGINT) or SIGTERM (containers, systemd) stops everything cleanly:
+    a reply streaming at that moment ends with the API's 503-shaped error, and the process exits 0."""
     port = free_port()
     script = (
-        "import logging, pathlib, sys\n"
+        "import logging, pathlib, sys, time\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "logging.basicConfig(level=logging.INFO)\n"
+        "import adapter_core.decoding, adapter_core.scheduler\n"
         "from app.launch import start\n"
         "from app.settings import AppSettings\n"
         "from tests.conftest import byte_tokenizer, tiny_text_engine\n"
         "from tests.storage.helpers import FAST\n"
-        f"start(AppSettings(data_dir=pathlib.Path(sys.argv[2]), port={port}), tiny_text_engine(byte_tokenizer()), FAST)\n"
+        # replies that never end by themselves, a step every 50 ms: one is still streaming at the signal
+        "adapter_core.decoding.end_of_turn_ids = lambda tokenizer: []\n"
+        "step = adapter_core.scheduler.InferenceLoop._step\n"
+        "adapter_core.scheduler.InferenceLoop._step = lambda self: (time.sleep(0.05), step(self))\n"
+        f"start(AppSettings(data_dir=pathlib.Path(sys.argv[2]), port={port}, max_new_tokens=300), "
+        "tiny_text_engine(byte_tokenizer()), FAST)\n"
     )
     log_file = tmp_path / "app.log"
     with log_file.open("w") as log:
@@ -70,11 +82,48 @@ def test_the_app_answers_from_the_main_thread_and_stops_on_ctrl_c(tmp_path):
             wait_for(lambda: (_get(url + "healthz") or {}).get("ready"), 60)
             client = Client(url, verbose=False)
             client.submit("tester", "a good password 42", api_name="/signup").result(timeout=60)
-            page = client.submit("hello there", api_name="/chat").result(timeout=60)
-            assert "prompt tokens" in str(page)  # answered by the loop on the process's main thread
-            process.send_signal(signal.SIGINT)
+            key = re.search(r"sk-mc-[\w-]+", str(client.submit("laptop", "UTC", api_name="/create_api_key")
+                                                  .result(timeout=60)))[0]
+            api = openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0, timeout=60)
+            stream = api.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=300, stream=True)
+            chunks = iter(stream)
+            next(chunks), next(chunks)  # the role, then the reply's first text: it is being decoded
+            process.send_signal(stop)
+            with pytest.raises(openai.APIError) as ended:
+                for _ in chunks:
+                    pass
+            assert ended.value.body["code"] == "unavailable" and "stopping" in ended.value.message
             assert process.wait(30) == 0
         finally:
             if process.poll() is None:
                 process.kill()
-    assert "stopping" in log_file.read_text()
+    text = log_file.read_text()
+    assert "stopping" in text and "Traceback" not in text, text
+
+
+def test_app_py_answers_with_the_loading_page_before_it_imports_the_model_code(tmp_path):
+    """`python app.py` listens with the loading page first, then imports torch, transformers and
+    the model code (seconds on 2 cores): the port answers during them, its clock from the
+    process's start."""
+    port = free_port()
+    script = (
+        "import runpy, sys, httpx\n"
+        "class Probe:\n"  # looks at the port when the model code is first imported
+        "    seen = []\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'adapter_core' and not self.seen:\n"
+        f"            page = httpx.get('http://127.0.0.1:{port}/', headers={{'accept': 'text/html'}})\n"
+        f"            health = httpx.get('http://127.0.0.1:{port}/healthz').json()\n"
+        "            self.seen.append(1)\n"
+        "            print('PROBE', page.status_code, 'memchat is starting' in page.text, 'torch' in sys.modules,\n"
+        "                  health['current'], health['elapsed'] > 0, flush=True)\n"
+        "sys.meta_path.insert(0, Probe())\n"
+        "sys.argv = ['app.py'] + sys.argv[1:]\n"
+        "runpy.run_path('app.py', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "--port", str(port), "--data-dir", str(tmp_path),
+                           "--model", str(tmp_path / "no-such-model")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "PROBE 200 True False Python libraries True" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 2 and "memchat cannot start" in done.stderr  # then it went on, to the bad model

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import time
 
 import httpx
 import pytest
 
-from app.loading import FIRST_START_HINT, LoadingServer, StartupProgress, render_page
+from app.loading import (FIRST_START_GUESS_S, FIRST_START_HINT, LoadingServer, StartupProgress, process_started,
+                         render_page)
 from tests.app.helpers import free_port
 
 STEPS = ["database", "language model", "memory generator", "web server"]
@@ -108,12 +110,37 @@ def test_start_on_a_busy_port_raises(progress):
             LoadingServer(progress, "127.0.0.1", s.getsockname()[1]).start()
 
 
-def test_first_start_has_no_expectation_and_says_so(progress):
-    snap = progress.snapshot()
-    assert snap.expected is None and snap.share is None
+def test_a_first_start_says_so_and_its_bar_moves_against_a_guess(tmp_path):
+    now = [100.0]
+    first = StartupProgress(STEPS, tmp_path / "startup.json", clock=lambda: now[0])
+    snap = first.snapshot()
+    assert snap.expected is None and snap.share == 0.0
     page = render_page(snap)
-    assert 'class="bar indeterminate"' in page and "aria-valuenow" not in _bar_tag(page)
-    assert '<p id="hint">' + FIRST_START_HINT in page
+    assert 'aria-valuenow="0"' in _bar_tag(page) and '<p id="hint">' + FIRST_START_HINT in page
+    now[0] += FIRST_START_GUESS_S / 2
+    assert first.snapshot().share == pytest.approx(0.5)  # the bar moves though nothing was recorded
+
+
+def test_the_clock_counts_from_the_process_start():
+    """app.py gives the process's start: the imports before the loading page are counted too."""
+    started = process_started()
+    assert time.monotonic() - 86400 <= started <= time.monotonic()
+    own = ps_age()
+    assert own is None or abs((time.monotonic() - started) - own) < 2.0
+    progress = StartupProgress(STEPS, started=time.monotonic() - 7.0)
+    assert progress.snapshot().elapsed >= 7.0
+
+
+def ps_age() -> float | None:
+    """This process's age from `ps` (None where there is no ps)."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.run(["ps", "-o", "etimes=", "-p", str(os.getpid())], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return float(out.stdout.strip())
 
 
 def test_ready_records_the_duration_for_the_next_start(tmp_path):

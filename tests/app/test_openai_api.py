@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import zipfile
 from dataclasses import replace
 
@@ -531,7 +532,7 @@ def test_what_one_request_sends_in_all_is_bounded(running, password, monkeypatch
 
 
 def test_rate_limits_and_a_running_turn_are_429(running, password, monkeypatch):
-    _, key = sign_up(running, "alice", password)
+    alice, key = sign_up(running, "alice", password)
     running.services.settings.messages_per_user = "1/minute"
     api = client(running, key)
     api.chat.completions.create(model=MODEL_ID, messages=HELLO)
@@ -541,17 +542,56 @@ def test_rate_limits_and_a_running_turn_are_429(running, password, monkeypatch):
     assert int(limited.value.response.headers["retry-after"]) > 0
 
     running.services.settings.messages_per_user = "100/minute"
+    running.services.settings.turn_queue_depth = 1
     gate, started = threading.Event(), threading.Event()
     monkeypatch.setattr(running.loop, "submit",
                         lambda request: started.set() or FakeStream(request, ["Thinking ", "slowly."], gate=gate))
-    first = threading.Thread(target=lambda: api.chat.completions.create(model=MODEL_ID, messages=HELLO))
+    answers = []
+    ask = lambda: answers.append(api.chat.completions.create(model=MODEL_ID, messages=HELLO).choices[0].message.content)
+    first, second = threading.Thread(target=ask), threading.Thread(target=ask)
     first.start()
     assert started.wait(20)
-    with pytest.raises(openai.RateLimitError) as busy:  # her turn is still being answered
+    second.start()  # waits behind her running turn
+    deadline = time.monotonic() + 20
+    while alice not in running.services.chat._turns._waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as busy:  # her line is full
         api.chat.completions.create(model=MODEL_ID, messages=HELLO)
     assert busy.value.code == "turn_in_progress"
     gate.set()
+    first.join(20), second.join(20)
+    assert answers == ["Thinking slowly."] * 2
+
+    running.services.settings.turn_queue_seconds = 0.3
+    gate.clear(), started.clear()
+    first = threading.Thread(target=ask)
+    first.start()
+    assert started.wait(20)
+    with pytest.raises(openai.RateLimitError) as waited:  # her turn outlasted the wait
+        api.chat.completions.create(model=MODEL_ID, messages=HELLO)
+    assert waited.value.code == "turn_in_progress" and "after 0.3 s" in waited.value.message
+    gate.set()
     first.join(20)
+
+
+def test_three_calls_of_the_default_openai_client_with_one_key_all_succeed(running, password, monkeypatch):
+    """The `openai` package sends a conversation's requests together and gives up on a 429 after
+    two short retries: a key's requests wait behind its running one, answered in the order sent."""
+    alice, key = sign_up(running, "alice", password)
+    gate = threading.Event()
+    monkeypatch.setattr(running.loop, "submit", lambda request: FakeStream(request, ["Slow ", "reply."], gate=gate))
+    api = openai.OpenAI(base_url=running.url + "v1", api_key=key)  # default retries and timeout
+    outcomes = []
+    calls = [threading.Thread(target=lambda i=i: outcomes.append(api.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": f"question {i}"}]).choices[0].message.content))
+        for i in range(3)]
+    for call_ in calls:
+        call_.start()
+    threading.Timer(4.0, gate.set).start()  # the first reply takes 4 s, longer than the client's retries
+    for call_ in calls:
+        call_.join(60)
+    assert outcomes == ["Slow reply."] * 3
+    assert sorted(text for role, text in history(running, alice) if role == "user") == [f"question {i}" for i in range(3)]
 
 
 def test_the_api_says_503_while_the_model_loads(app_settings, live_text_engine, password, monkeypatch):

@@ -87,3 +87,22 @@ def test_an_ipv6_client_gets_its_export(app_settings, live_text_engine, password
         assert response.status_code == 200 and "history.json" in zipfile.ZipFile(io.BytesIO(response.content)).namelist()
     finally:
         running.close()
+
+
+def test_every_request_is_logged_in_one_line_without_its_secrets(running, password, caplog):
+    from tests.app.test_openai_api import sign_up
+
+    alice, key = sign_up(running, "alice", password)
+    with caplog.at_level("INFO", logger="memchat.access"):
+        assert httpx.get(running.url + "healthz?token=abc").status_code == 200
+        assert httpx.get(running.url + "v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert httpx.get(running.url + "v1/models", headers={"Authorization": "Bearer wrong-key"}).status_code == 401
+        assert httpx.get(running.url + "downloads/s3cr3t-t0ken").status_code == 404
+        assert httpx.post(running.url + "gradio_api/upload", files={"files": ("a.txt", b"x")}).status_code == 403
+    lines = [r.getMessage() for r in caplog.records if r.name == "memchat.access"]
+    assert any(re.fullmatch(r"GET /healthz 200 \d+ ms user -", line) for line in lines), lines
+    assert any(re.fullmatch(rf"GET /v1/models 200 \d+ ms user {alice}", line) for line in lines), lines
+    assert any(re.fullmatch(r"GET /v1/models 401 \d+ ms user -", line) for line in lines), lines
+    assert any(re.fullmatch(r"GET /downloads/… 404 \d+ ms user -", line) for line in lines), lines
+    assert any(line.startswith("POST /gradio_api/upload 403") for line in lines), lines
+    assert not [line for line in lines if key in line or "s3cr3t" in line or "abc" in line or "wrong-key" in line]

@@ -56,3 +56,22 @@ def test_a_database_password_is_not_printed(capsys):
         AppSettings.from_args(["--help"], environ=env)
     shown = capsys.readouterr().out
     assert "s3cret-pw" not in shown and "memchat:***@db.example" in shown
+
+
+def test_settings_and_the_loading_page_import_nothing_heavy_and_share_the_engines_defaults():
+    """app.py reads its settings and answers the port with the loading page before it imports the
+    model code, which takes seconds: neither may pull it in. Their copies of its defaults agree."""
+    import subprocess
+    import sys
+
+    from adapter_core.compressor import COMPRESSORS
+    from adapter_core.sampling import SamplingConfig
+    from app import settings
+
+    heavy = ("torch", "transformers", "gradio", "sqlalchemy", "adapter_core", "storage")
+    script = ("import sys; import app.settings, app.loading; app.settings.AppSettings.from_args([]); "
+              f"print([m for m in {heavy!r} if m in sys.modules])")
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    assert imported.stdout.strip() == "[]", imported.stderr
+    assert settings.COMPRESSORS == COMPRESSORS and settings.MAX_NEW_TOKENS == SamplingConfig.max_new_tokens

@@ -74,6 +74,25 @@ def test_settings_refuse_an_idle_time_beyond_the_lifetime():
         StorageSettings(login_idle_s=100, login_lifetime_s=10)
 
 
+def test_migration_0005_names_the_audit_rows_of_existing_users(db_url: str, data_dir: Path):
+    upgrade(db_url, "0004")
+    engine = make_engine(db_url)
+    meta = MetaData()
+    users, audit = Table("users", meta, autoload_with=engine), Table("audit_log", meta, autoload_with=engine)
+    with engine.begin() as connection:
+        connection.execute(insert(users), [
+            dict(username=name, username_skeleton=name, password_hash="x", is_admin=False, needs_rebuild=False,
+                 history_revision=0, created_at=utcnow()) for name in ("root", "alice")])
+        connection.execute(insert(audit), [dict(actor_id=1, action="delete_user", target_user_id=None, details={},
+                                                created_at=utcnow()),
+                                           dict(actor_id=1, action="reset_adapter", target_user_id=2, details={},
+                                                created_at=utcnow())])
+    engine.dispose()
+    upgrade(db_url)
+    with Storage(db_url, data_dir, FAST) as store:
+        assert [(e.actor_name, e.target_name) for e in store.list_audit()] == [("root", "alice"), ("root", None)]
+
+
 def test_migration_0004_keeps_rows_and_stops_reusing_ids(db_url: str, data_dir: Path):
     upgrade(db_url, "0003")
     engine = make_engine(db_url)

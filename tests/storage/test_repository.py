@@ -95,6 +95,16 @@ def test_audit_log(storage, alice, bob):
         storage.record_audit(999_999, "x")
 
 
+def test_an_audit_row_keeps_the_names_after_the_accounts_are_deleted(storage, alice, bob):
+    """Deleting an account sets its ids in the audit log to NULL; the names say who it was."""
+    storage.record_audit(alice.id, "reset_adapter", bob.id)
+    storage.delete_user(bob.id, actor_id=alice.id)
+    storage.delete_user(alice.id)
+    rows = storage.list_audit()
+    assert [(e.actor_id, e.actor_name, e.action, e.target_user_id, e.target_name) for e in rows][-2:] == [
+        (None, "alice", "delete_user", None, "bob"), (None, "alice", "reset_adapter", None, "bob")]
+
+
 # --- conversations and messages -----------------------------------------------------------------
 
 def test_messages_come_back_in_order(storage, alice):
