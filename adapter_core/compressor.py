@@ -6,7 +6,7 @@
                no trained generator, remembers on the CPU, costs backward passes
 
 Both take a state and texts and give a new state (never changing the old), step aside at `pause`
-for replies, and name what made a state (`id`): a state of another compressor is rebuilt from the
+for replies, tell `progress` how far they are (steps done, steps in all), and name what made a state (`id`): a state of another compressor is rebuilt from the
 history, never continued. The app (app/memory.py) holds one, chosen by --compressor.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .finetune import FinetuneCompressor
+from .finetune import FinetuneCompressor, Progress
 from .model import GenerativeAdapterModel, Texts
 from .state import AdapterState
 
@@ -33,7 +33,7 @@ class Compressor(Protocol):
     def empty_state(self) -> AdapterState: ...
 
     def absorb(self, state: AdapterState, texts: Texts, replay: Sequence[str] = (),
-               pause: Callable[[], None] | None = None) -> AdapterState: ...
+               pause: Callable[[], None] | None = None, progress: Progress | None = None) -> AdapterState: ...
 
 
 class GeneratorCompressor:
@@ -53,9 +53,13 @@ class GeneratorCompressor:
         return self.engine.empty_state()
 
     def absorb(self, state: AdapterState, texts: Texts, replay: Sequence[str] = (),
-               pause: Callable[[], None] | None = None) -> AdapterState:
-        """The generator writes only what it is given: earlier turns stay in its running sums."""
-        return self.engine.absorb(state, texts, self.windows_per_pass, pause)
+               pause: Callable[[], None] | None = None, progress: Progress | None = None) -> AdapterState:
+        """The generator writes only what it is given: earlier turns stay in its running sums. One
+        step (a pass is seconds: its progress is not worth telling)."""
+        new = self.engine.absorb(state, texts, self.windows_per_pass, pause)
+        if progress is not None:
+            progress(1, 1)
+        return new
 
 
 COMPRESSORS = ("finetune", "generator")

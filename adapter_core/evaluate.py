@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
                    help="finetuned modes: AdamW steps at least (FinetuneConfig.steps)")
     p.add_argument("--finetune-batch-tokens", type=int, default=FinetuneConfig.batch_tokens,
                    help="finetuned modes: most tokens per step (FinetuneConfig.batch_tokens)")
+    p.add_argument("--finetune-loss-on", choices=("user", "all"), default=FinetuneConfig.loss_on,
+                   help="finetuned modes: which tokens the loss counts (FinetuneConfig.loss_on)")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                           recent_turns=args.recent_turns, batch_size=args.batch_size,
                           context_limit=args.context_limit)
     compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps,
-                                                           batch_tokens=args.finetune_batch_tokens))
+                                                           batch_tokens=args.finetune_batch_tokens,
+                                                           loss_on=args.finetune_loss_on))
     started, timings, finetuned = time.perf_counter(), {}, {}
     with torch.inference_mode():
         results = evaluate(engine, conversations, options, compressor=compressor, timings=timings, finetuned=finetuned)

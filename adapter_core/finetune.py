@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .data.conversation import prompt_ids
+from .data.conversation import Turn, history_text, prompt_ids
 from .decoding import ReplyRequest, reply
 from .model import GenerativeAdapterModel, RowAdapters, decoder_layers, zero_pair
 from .sampling import SamplingConfig
@@ -44,6 +44,23 @@ ANCHOR_REQUESTS = (
     "What should I pack for a two-day train trip?",
 )
 """Everyday requests whose replies, written by the base model itself, anchor the fine-tuning."""
+
+
+Progress = Callable[[int, int], None]
+"""Told (steps done, steps in all) as a compression goes: at its start and after each step."""
+
+SPEAKERS = {history_text([Turn(role, "x")]).split("x")[0]: role for role in ("user", "assistant")}
+"""How history_text starts each role's line ("User: ", "Assistant: ") -> the role."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """One training row."""
+
+    ids: list[int]
+    """Its tokens (at most window_tokens)."""
+    taught: list[int]
+    """Positions i whose next token ids[i + 1] the loss counts (see FinetuneConfig.loss_on)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,10 @@ class FinetuneConfig:
     need and leaves the model's ordinary replies alone (0: no anchor)."""
     anchor_tokens: int = 256
     """Tokens of that text (the base model's replies to a few everyday requests, made once)."""
+    loss_on: str = "user"
+    """Which tokens the next-token loss counts: "user", those of the user's lines (the assistant's
+    replies stay context: they are the model's own words, and what the user said is what to
+    remember; text with no user lines, e.g. a named transcript, counts whole), or "all"."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +120,8 @@ class FinetuneConfig:
             raise ValueError("rank and steps must be >= 1, window_tokens >= 8, replay_tokens >= 0")
         if self.batch_tokens < self.window_tokens or self.min_passes <= 0:
             raise ValueError("batch_tokens must be >= window_tokens and min_passes > 0")
+        if self.loss_on not in ("user", "all"):
+            raise ValueError("loss_on must be 'user' or 'all'")
         if not 0 < self.upper_layers <= 1 or not self.lr > 0 or self.anchor_weight < 0:
             raise ValueError("upper_layers must be in (0, 1], lr > 0 and anchor_weight >= 0")
 
@@ -136,10 +159,11 @@ class FinetuneCompressor:
         return AdapterState(sums={}, generator_id=self.id, base_model_id=self.engine.base_model_id, pairs={})
 
     def absorb(self, state: AdapterState, texts: Sequence[str] | str, replay: Sequence[str] = (),
-               pause: Callable[[], None] | None = None) -> AdapterState:
+               pause: Callable[[], None] | None = None, progress: Progress | None = None) -> AdapterState:
         """A new state whose pairs were trained further on `texts` (and `replay`, earlier turns
         trained again); the old state is left as it is. pause: called before each decoder layer of
-        each forward and before each backward, where the caller may decode other replies."""
+        each forward and before each backward, where the caller may decode other replies; progress:
+        told (steps done, steps in all) at the start and after each step."""
         state.check_compatible(self.id, self.engine.base_model_id)
         texts = [texts] if isinstance(texts, str) else list(texts)
         new_windows = self._windows(texts)
@@ -147,39 +171,63 @@ class FinetuneCompressor:
         if not new_windows:
             return state
         anchor = self.anchor() if self.config.anchor_weight else None
-        lower = [self._lower(torch.tensor([ids], device=self.engine.device), pause) for ids in windows]
+        lower = [self._lower(torch.tensor([w.ids], device=self.engine.device), pause) for w in windows]
         params = self._start_params(state)
         trainable = [t for pair in params.values() for t in pair]
         optimizer = torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=0.0)
-        losses = []
+        losses, batches = [], self._batches(len(windows))
+        if progress is not None:
+            progress(0, len(batches))
         with torch.enable_grad():
-            for batch in self._batches(len(windows)):
+            for batch in batches:
                 optimizer.zero_grad(set_to_none=True)
-                total, batch_tokens = 0.0, sum(len(windows[i]) for i in batch)
+                total, taught = 0.0, sum(len(windows[i].taught) for i in batch)
                 for i in batch:
-                    loss = self._loss(windows[i], lower[i], params, pause) * (len(windows[i]) / batch_tokens)
+                    loss = self._loss(windows[i], lower[i], params, pause) * (len(windows[i].taught) / taught)
                     total += self._backward(loss, pause)
                 if anchor is not None:
                     total += self._backward(self.config.anchor_weight * self._anchor_loss(anchor, params, pause), pause)
                 optimizer.step()
                 losses.append(round(total, 4))
+                if progress is not None:
+                    progress(len(losses), len(batches))
         pairs = {name: (a.detach().cpu().clone(), (b.detach() * self.config.scaling).cpu())
                  for name, (a, b) in params.items()}
-        tokens = sum(len(w) for w in new_windows)
+        tokens = sum(len(w.ids) for w in new_windows)
         return AdapterState(sums={}, generator_id=self.id, base_model_id=state.base_model_id,
                             tokens=state.tokens + tokens, windows=state.windows + len(new_windows),
                             extra={**state.extra, "losses": json.dumps(losses)}, pairs=pairs)
 
     # --- training -------------------------------------------------------------------------------
 
-    def _windows(self, texts: list[str]) -> list[list[int]]:
-        """The texts' tokens in windows of window_tokens (a text shorter than 2 tokens teaches nothing)."""
-        tok, size = self.engine.tokenizer, self.config.window_tokens
+    def _windows(self, texts: list[str]) -> list[Window]:
+        """The texts' tokens in windows of window_tokens; a window with nothing to teach is left out."""
+        size = self.config.window_tokens
         windows = []
         for text in texts:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            windows += [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) > 1]
+            ids, counted = self._tokens(text)
+            for start in range(0, len(ids), size):
+                taught = [i for i in range(min(size, len(ids) - start) - 1) if counted[start + i + 1]]
+                if taught:
+                    windows.append(Window(ids[start:start + size], taught))
         return windows
+
+    def _tokens(self, text: str) -> tuple[list[int], list[bool]]:
+        """The text's tokens, and whether the loss counts each (loss_on "user": the tokens of the
+        user's lines, a line being its speaker's until another speaker's line begins)."""
+        tok = self.engine.tokenizer
+        lines = text.splitlines(keepends=True)
+        speakers = [next((role for start, role in SPEAKERS.items() if line.startswith(start)), None) for line in lines]
+        if self.config.loss_on == "all" or "user" not in speakers:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            return ids, [True] * len(ids)
+        ids, counted, role = [], [], None
+        for line, speaker in zip(lines, speakers):
+            role = speaker or role
+            line_ids = tok(line, add_special_tokens=False)["input_ids"]
+            ids += line_ids
+            counted += [role == "user"] * len(line_ids)
+        return ids, counted
 
     def _batches(self, count: int) -> list[list[int]]:
         """The windows (indices of `count`) trained at each step: all of them while they fit in
@@ -231,14 +279,15 @@ class FinetuneCompressor:
             return self._through(decoder.embed_tokens(ids), decoder_layers(self.engine.base_model)[:self.first_layer])
 
     def _logits(self, hidden: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                pause: Callable[[], None] | None) -> torch.Tensor:
-        """Logits (T, V) of a window whose hidden states (1, T, D) entering first_layer are given,
-        under the pairs being trained."""
+                pause: Callable[[], None] | None, positions: list[int] | None = None) -> torch.Tensor:
+        """Logits (P, V) at `positions` (None: all T) of a window whose hidden states (1, T, D)
+        entering first_layer are given, under the pairs being trained. The output layer, a third
+        of a step's work, runs on those positions only."""
         model = self.engine.base_model
         folded = {name: (a, b * self.config.scaling) for name, (a, b) in params.items()}
         with self.engine.applying(RowAdapters(folded=folded | self._untrained), pause):
-            h = self._through(hidden, decoder_layers(model)[self.first_layer:])  # (1, T, D)
-            return model.lm_head(model.get_decoder().norm(h))[0].float()  # (T, V)
+            h = model.get_decoder().norm(self._through(hidden, decoder_layers(model)[self.first_layer:]))[0]  # (T, D)
+            return model.lm_head(h if positions is None else h[positions]).float()  # (P, V)
 
     def _through(self, h: torch.Tensor, layers) -> torch.Tensor:
         """h (1, T, D) through decoder layers, causally from position 0, as the model's own forward."""
@@ -251,11 +300,11 @@ class FinetuneCompressor:
             h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
         return h
 
-    def _loss(self, ids: list[int], hidden: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    def _loss(self, window: Window, hidden: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
               pause: Callable[[], None] | None) -> torch.Tensor:
-        """Next-token loss of one window (hidden: its states entering first_layer) under the pairs."""
-        targets = torch.tensor(ids[1:], device=self.engine.device)  # (T-1,)
-        return F.cross_entropy(self._logits(hidden, params, pause)[:-1], targets)
+        """Next-token loss of one window's taught tokens (hidden: its states entering first_layer)."""
+        targets = torch.tensor([window.ids[i + 1] for i in window.taught], device=self.engine.device)  # (P,)
+        return F.cross_entropy(self._logits(hidden, params, pause, window.taught), targets)
 
     def _anchor_loss(self, anchor: Anchor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
                      pause: Callable[[], None] | None) -> torch.Tensor:

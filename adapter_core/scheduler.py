@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from greenlet import GreenletExit, greenlet
 
-from .compressor import Compressor, GeneratorCompressor
+from .compressor import Compressor, GeneratorCompressor, Progress
 from .decoding import PREFILL_CHUNK_TOKENS, DecodeBatch, Prefilled, Reply, ReplyRequest, Row, finished_reply
 from .model import GenerativeAdapterModel, Texts
 from .state import AdapterState
@@ -123,6 +123,7 @@ class _Compression:
     future: Future
     compressor: Compressor
     replay: Sequence[str] = ()
+    progress: Progress | None = None
     runner: greenlet | None = None
 
 
@@ -222,11 +223,12 @@ class InferenceLoop:
         return [s.result() for s in streams]
 
     def absorb(self, state: AdapterState, texts: Texts, compressor: Compressor | None = None,
-               replay: Sequence[str] = ()) -> AdapterState:
+               replay: Sequence[str] = (), progress: Progress | None = None) -> AdapterState:
         """A new state that also holds `texts`: `compressor.absorb(state, texts, replay)` (no
         compressor: the generator's, `engine.absorb(state, texts, windows_per_pass)`), bit for bit,
-        run in slices between decode steps; waits for it."""
-        job = _Compression(state, texts, Future(), compressor or self.generator, replay)
+        run in slices between decode steps; waits for it. progress: told (steps done, steps in
+        all) as it goes, in the loop's thread (so it must be quick)."""
+        job = _Compression(state, texts, Future(), compressor or self.generator, replay, progress)
         with self._wake:
             if not self._running:
                 raise LoopStopped("the inference loop is not running")
@@ -351,7 +353,7 @@ class InferenceLoop:
         job = self._compressions[0]
         try:
             ended, result = self._advance(job, lambda: job.compressor.absorb(job.state, job.texts, job.replay,
-                                                                             pause=self._pause))
+                                                                             self._pause, job.progress))
         except Exception as e:  # the caller gets the error; replies are not touched
             self._compressions.popleft()
             job.future.set_exception(e)

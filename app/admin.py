@@ -29,7 +29,7 @@ from .chat import Chat, ReplyFailed
 from .downloads import Download, DownloadStore
 from .errors import AppError
 from .export import Exports
-from .memory import Memory, MemoryStatus
+from .memory import Memory, MemoryStatus, built_by, new_tokens
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,14 @@ class SnapshotRow:
     bytes: int
     sha256: str
     """Its first 12 hex digits."""
+    compressor: str
+    """What built it: 'finetune' or 'generator'."""
     generator: str
+    """The id of what built it (the generator's, or the fine-tuning settings')."""
     messages: int | None
     """Messages absorbed by this snapshot (stats of older snapshots may lack it)."""
+    new_tokens: int | None
+    """Tokens it trained on or absorbed (a rebuild: the whole history)."""
     seconds: float | None
     rebuild: bool | None
     """True for a rebuild from the whole history."""
@@ -133,9 +138,10 @@ class Admin:
         user = self.access.target(user_id)
         snapshots = tuple(
             SnapshotRow(s.version, s.created_at, s.cursor, s.tokens_absorbed, s.size_bytes, s.sha256[:12],
-                        s.generator_id, s.stats.get("messages"), s.stats.get("seconds"), s.stats.get("rebuild"))
+                        built_by(s), s.generator_id, s.stats.get("messages"), new_tokens(s), s.stats.get("seconds"),
+                        s.stats.get("rebuild"))
             for s in self.storage.list_snapshots(user.id))
-        return AdminUserDetail(user.username, MemoryStatus.of(self.storage.memory_summary(user.id)), snapshots)
+        return AdminUserDetail(user.username, self.memory.status_of(self.storage.memory_summary(user.id)), snapshots)
 
     def adapter_summary(self, actor_id: object, user_id: object) -> tuple[LayerSummary, ...] | None:
         """The user's usable adapter, module by module; None when there is none."""

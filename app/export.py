@@ -11,6 +11,7 @@ import json
 import shutil
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_core import AdapterState, GenerativeAdapterModel, export_peft
@@ -23,14 +24,26 @@ from .errors import AppError
 from .memory import Memory
 
 
+@dataclass(frozen=True)
+class DataExport:
+    """A user's export of their own data."""
+
+    download: Download
+    adapter_version: int | None
+    """The adapter version in it; None: no adapter in it (none yet, being rebuilt, or damaged)."""
+    rebuilding: bool = False
+    """No adapter in it because one is being rebuilt (after a forget or a reset)."""
+
+
 class Exports:
     def __init__(self, access: Access, engine: GenerativeAdapterModel, memory: Memory,
                  downloads: DownloadStore) -> None:
         self.access, self.engine, self.memory, self.downloads = access, engine, memory, downloads
         self.storage = access.storage
 
-    def my_data(self, user_id: object, address: str | None = None) -> Download:
-        """A link to a zip of the user's history (JSON) and adapter (state file + PEFT LoRA folder)."""
+    def my_data(self, user_id: object, address: str | None = None) -> DataExport:
+        """A link to a zip of the user's history (JSON) and adapter (state file + PEFT LoRA folder;
+        left out while it is rebuilt or damaged, and said so)."""
         user = self.access.user(user_id)
         self.access.costly(user.id)
         snapshot, state = self.memory.usable_state(user)
@@ -45,7 +58,8 @@ class Exports:
         download = self._link(user.id, user.id, f"memchat-{user.username}.zip", files, state, "adapter/peft/",
                               address)
         self.storage.record_audit(user.id, "export", user.id, {"address": address})
-        return download
+        return DataExport(download, snapshot.version if state is not None else None,
+                          rebuilding=state is None and user.needs_rebuild)
 
     def peft_adapter(self, admin: User, user: User, address: str | None = None) -> Download:
         """A link for an admin (checked by the caller) to the user's adapter as a PEFT LoRA."""

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from adapter_core import AdapterState, GenerativeAdapterModel, StateError
@@ -49,6 +49,34 @@ class JobStatus:
         return cls(job.status, job.attempts, job.error, job.not_before)
 
 
+def built_by(snapshot: AdapterSnapshot) -> str:
+    """The compressor that built a snapshot (those made before the fine-tuning one were the generator's)."""
+    return snapshot.stats.get("compressor", "generator")
+
+
+def new_tokens(snapshot: AdapterSnapshot) -> int | None:
+    """Tokens its compression trained on or absorbed (a rebuild: the whole history)."""
+    return snapshot.stats.get("new_tokens", snapshot.stats.get("tokens"))
+
+
+@dataclass(frozen=True)
+class CompressionProgress:
+    """How far the user's running compression is."""
+
+    steps_done: int
+    steps: int
+    """Steps in all (the fine-tuning's optimizer steps; the generator's pass is one)."""
+    seconds: float
+    """Since it started."""
+
+    @property
+    def seconds_left(self) -> float | None:
+        """At the pace so far (None before the first step is done)."""
+        if not self.steps_done:
+            return None
+        return self.seconds / self.steps_done * (self.steps - self.steps_done)
+
+
 @dataclass(frozen=True)
 class MemoryStatus:
     messages: int
@@ -66,6 +94,8 @@ class MemoryStatus:
     compression_tokens: int | None = None
     """Tokens the latest compression trained on or absorbed (new turns; a rebuild: the whole history)."""
     compression_seconds: float | None = None
+    progress: CompressionProgress | None = None
+    """The compression running now, if one is (in this process)."""
 
     @classmethod
     def of(cls, summary: MemorySummary) -> MemoryStatus:
@@ -74,10 +104,8 @@ class MemoryStatus:
         return cls(counts.messages, counts.absorbed_messages, counts.absorbed_tokens, counts.pending_messages,
                    counts.pending_tokens, snapshot.version if snapshot else None,
                    snapshot.created_at if snapshot else None, summary.user.needs_rebuild,
-                   JobStatus.of(job) if job else None,
-                   # snapshots made before the fine-tuning compressor existed were the generator's
-                   stats.get("compressor", "generator") if snapshot else None,
-                   stats.get("new_tokens", stats.get("tokens")), stats.get("seconds"))
+                   JobStatus.of(job) if job else None, built_by(snapshot) if snapshot else None,
+                   new_tokens(snapshot) if snapshot else None, stats.get("seconds"))
 
 
 class Memory:
@@ -89,15 +117,24 @@ class Memory:
         """What writes users' turns into their adapters (--compressor); another one's snapshots are rebuilt."""
         self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, its state)
         self._states_lock = threading.Lock()
+        self._running: dict[int, tuple[float, int, int]] = {}  # user -> (started, steps done, steps) of their compression
 
     # --- the memory tab ----------------------------------------------------------------------------
 
     def status(self, user_id: object) -> MemoryStatus:
         """One read of the database, and one of the page's login: this runs on a timer for every open page."""
         try:
-            return MemoryStatus.of(self.storage.memory_summary(self.access.user_id(user_id)))
+            return self.status_of(self.storage.memory_summary(self.access.user_id(user_id)))
         except NotFound:
             raise AccessDenied("Please log in") from None
+
+    def status_of(self, summary: MemorySummary) -> MemoryStatus:
+        """The summary as the memory tab and the admin page show it, with the running compression's progress."""
+        running = self._running.get(summary.user.id)
+        if running is None:
+            return MemoryStatus.of(summary)
+        started, done, steps = running
+        return replace(MemoryStatus.of(summary), progress=CompressionProgress(done, steps, time.monotonic() - started))
 
     def compress_now(self, user_id: object) -> None:
         user = self.access.user(user_id)
@@ -256,8 +293,18 @@ class Memory:
         the compressor wants them, and commit the result as the user's new snapshot, a rebuild
         when a revision is given; the new version."""
         started = time.perf_counter()
-        new = self.loop.absorb(state or self.compressor.empty_state(),
-                               history_text([Turn(m.role, m.text) for m in messages]), self.compressor, replay)
+        begun = time.monotonic()
+        self._running[user_id] = (begun, 0, 1)
+
+        def progress(done: int, steps: int) -> None:  # in the inference loop's thread: one assignment
+            self._running[user_id] = (begun, done, steps)
+
+        try:
+            new = self.loop.absorb(state or self.compressor.empty_state(),
+                                   history_text([Turn(m.role, m.text) for m in messages]), self.compressor, replay,
+                                   progress)
+        finally:
+            self._running.pop(user_id, None)
         stats = {"compressor": self.compressor.name, "tokens": new.tokens, "windows": new.windows,
                  "messages": len(messages), "new_tokens": new.tokens - (state.tokens if state else 0),
                  "replayed_turns": len(replay), "seconds": round(time.perf_counter() - started, 3),

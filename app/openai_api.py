@@ -475,7 +475,7 @@ def api_router(services: Services) -> APIRouter:
     @_answering("export")
     def export(request: Request) -> Response:
         user_id, address = user_of(request), client_address(request)
-        download = services.exports.my_data(user_id, address)
+        download = services.exports.my_data(user_id, address).download
         found = services.downloads.find(download.token, address, services.accounts.exists)
         if found is None:  # the account was deleted meanwhile
             raise AccessDenied("Please log in")

@@ -29,15 +29,16 @@ from .accounts import Login
 from .api_keys import ApiKeyRow
 from .chat import FinishedReply, HistoryMessage, TurnOpened
 from .downloads import Download
-from .errors import AppError, InvalidInput, describe
+from .export import DataExport
+from .errors import AppError, Gone, InvalidInput, describe
 from .limits import client_address
-from .memory import MemoryStatus
+from .memory import CompressionProgress, MemoryStatus
 from .plots import adapter_figure
 from .services import Services
 
 TITLE = "memchat"
-SNAPSHOT_COLUMNS = ["version", "created", "cursor", "tokens absorbed", "bytes", "sha256", "generator", "messages",
-                    "seconds", "rebuild"]
+SNAPSHOT_COLUMNS = ["version", "created", "cursor", "tokens absorbed", "bytes", "sha256", "compressor", "made by (id)",
+                    "messages", "new tokens", "seconds", "rebuild"]
 USER_COLUMNS = ["id", "username", "admin", "messages", "adapter version", "needs rebuild", "created"]
 AUDIT_COLUMNS = ["time", "actor", "action", "user", "details"]
 KEY_COLUMNS = ["name", "key", "created", "last used"]
@@ -108,6 +109,18 @@ def _download_html(download: Download, what: str) -> str:
             f"browser for {plural(minutes, 'minute')}, then the file is deleted)")
 
 
+def _export_html(made: DataExport) -> str:
+    """The link to a user's export, and what it holds of their adapter."""
+    if made.adapter_version is not None:
+        held = f" It holds your history and adapter v{made.adapter_version}."
+    elif made.rebuilding:
+        held = (" Your adapter is being rebuilt (after a forget), so it is not in this export: export again once "
+                "the memory status says the rebuild is done.")
+    else:
+        held = " It holds your history; you have no adapter yet."
+    return _download_html(made.download, "your data") + html.escape(held)
+
+
 def _key_label(key: ApiKeyRow, zone: str | None) -> str:
     used = f"last used {local_time(key.last_used_at, zone)}" if key.last_used_at else "never used"
     return f"{key.name or '(no name)'} · {key.hint} · {used}"
@@ -144,12 +157,21 @@ def _memory_markdown(status: MemoryStatus, zone: str | None, *, admin: bool = Fa
     if job:
         line = "**Compression**: " + {"queued": "waiting its turn", "running": "running now"}.get(
             job.status, job.status)
+        if job.status == "running" and status.progress is not None:
+            line += _progress_text(status.progress)
         if job.error:
             line += f"; the last attempt failed, next try {local_time(job.not_before, zone)}"
             if admin:  # the error text is for the people who run the server
                 line += f" (error: {text_markdown(job.error[:200])})"
         lines.append(line)
     return "  \n".join(lines)
+
+
+def _progress_text(progress: CompressionProgress) -> str:
+    text = f", step {progress.steps_done} of {progress.steps}, {progress.seconds:,.0f} s so far"
+    if progress.seconds_left is not None:
+        text += f", about {progress.seconds_left:,.0f} s left"
+    return text
 
 
 # --- handlers' guard ----------------------------------------------------------------------------
@@ -180,6 +202,20 @@ def guarded(action: str, outputs: int):
     return wrap
 
 
+def guarded_dict(action: str, notice: gr.Markdown):
+    """As guarded, for a handler that returns {component: update}: a refusal or a fault changes only
+    `notice` (which must be among its outputs)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def plain(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
+                return {notice: _notice(describe(e, action))}
+        return plain
+    return wrap
+
+
 def _sendable(text: object) -> bool:
     """Text the page can be sent back (a lone surrogate cannot travel as UTF-8)."""
     if not isinstance(text, str):
@@ -201,6 +237,7 @@ def build_ui(services: Services) -> gr.Blocks:
         session = gr.State(None)        # the secret of this page's login (app/access.py)
         pending_forget = gr.State(None)  # a message id waiting for "Yes, forget"
         pending_admin = gr.State(None)   # (action, user id) waiting for "Yes"
+        pending_mine = gr.State(None)    # (action, key id or None) of the user's own, waiting for "Yes"
         zone = gr.Textbox(value="UTC", visible=False, elem_id="timezone")
 
         if services.engine.checkpoint_meta is None and services.memory.compressor.name == "generator":
@@ -269,6 +306,13 @@ def build_ui(services: Services) -> gr.Blocks:
                         key_choice = gr.Dropdown(label="Revoke one of your keys (clients using it stop working)",
                                                  choices=[], scale=4, allow_custom_value=True, elem_id="key-choice")
                         revoke_key_button = gr.Button("Revoke it", variant="stop", scale=1, elem_id="revoke-key")
+                    with gr.Row():
+                        forget_all_button = gr.Button("Forget everything", variant="stop", elem_id="forget-all")
+                        delete_me_button = gr.Button("Delete my account", variant="stop", elem_id="delete-me")
+                    with gr.Row(visible=False) as mine_confirm:
+                        mine_question = gr.Markdown(elem_id="mine-question")
+                        mine_yes = gr.Button("Yes", variant="stop", scale=0, elem_id="mine-yes")
+                        mine_no = gr.Button("Cancel", scale=0, elem_id="mine-no")
                     memory_notice = gr.Markdown(elem_id="memory-notice", elem_classes="notice")
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                     users_table = gr.Dataframe(_empty(USER_COLUMNS), label="Users", interactive=False,
@@ -319,7 +363,8 @@ def build_ui(services: Services) -> gr.Blocks:
         # would reset a component's value only the first time (and a shown API key would stay).
         def blank() -> dict:
             return {
-                session: None, pending_forget: None, pending_admin: None,
+                session: None, pending_forget: None, pending_admin: None, pending_mine: None,
+                mine_confirm: gr.update(visible=False), mine_question: "",
                 login_box: gr.update(visible=True), main_box: gr.update(visible=False),
                 admin_tab: gr.update(visible=False), whoami: "", username: "", password: "", login_notice: "",
                 chatbot: [], message: "", chat_notice: "", reply_stats: "",
@@ -405,10 +450,13 @@ def build_ui(services: Services) -> gr.Blocks:
         running = []  # events that can outlive a logout: logging out cancels them (see the end)
         # as many replies at once as the inference loop decodes together (Gradio's default would cap them at 4)
         replies_at_once = chat_service.loop.max_rows
+        # trigger_mode "multiple": a Send while the reply streams reaches the server, which says why
+        # it waits (one turn at a time), instead of the browser dropping the click without a word
         running.append(send_button.click(guarded("chat", 4)(chat), [session, message], chat_outputs, api_name="chat",
-                                         concurrency_limit=replies_at_once, concurrency_id="chat"))
+                                         concurrency_limit=replies_at_once, concurrency_id="chat",
+                                         trigger_mode="multiple"))
         running.append(message.submit(guarded("chat", 4)(chat), [session, message], chat_outputs,
-                                      api_visibility="private", concurrency_limit=replies_at_once,
+                                      api_visibility="private", concurrency_limit=replies_at_once, trigger_mode="multiple",
                                       concurrency_id="chat"))
         # should a client still send the chat's "clear" event, the view shows the stored history again
         chatbot.clear(guarded("show history", 2)(lambda user_id: (_chat_messages(chat_service.history(user_id)), "")),
@@ -450,14 +498,15 @@ def build_ui(services: Services) -> gr.Blocks:
                 raise AppError("Choose one of your messages from the list first")
             deleted = memory_service.forget(user_id, message_id)
             gr.Info(f"Forgotten ({plural(deleted, 'message')}). Your adapter is being rebuilt without them.")
+            # the export link shown before is dead (it held what was forgotten): it goes too
             return (None, gr.update(visible=False), *memory_view(user_id, tz),
-                    _chat_messages(chat_service.history(user_id)), "")
+                    _chat_messages(chat_service.history(user_id)), "", "")
 
         def cancel_forget():
             return None, gr.update(visible=False), ""
 
         def export(user_id, request: gr.Request):
-            return _download_html(exports.my_data(user_id, client_address(request)), "your data"), ""
+            return _export_html(exports.my_data(user_id, client_address(request))), ""
 
         def keys_view(user_id, tz) -> tuple:
             keys = api_keys.mine(user_id)
@@ -471,13 +520,51 @@ def build_ui(services: Services) -> gr.Blocks:
             gr.Info("API key created. Copy it now: it is not shown again.")
             return gr.update(value=made.secret, visible=True), "", *keys_view(user_id, tz), ""
 
-        def revoke_key(user_id, key_id, tz):
-            accounts.whoami(user_id)  # a login first, then what was chosen
-            if key_id is None:
-                raise AppError("Choose one of your keys from the list first")
+        # --- the user's own irreversible actions: asked first, then done at "Yes"
+
+        def ask_mine(action):
+            def ask(user_id, key_id=None):
+                accounts.whoami(user_id)  # a login first, then what was chosen
+                if action == "revoke":
+                    if key_id is None:
+                        raise AppError("Choose one of your keys from the list first")
+                    chosen = [k for k in api_keys.mine(user_id) if str(k.id) == str(key_id)]
+                    if not chosen:
+                        raise Gone()
+                    question = (f"Revoke the key {chosen[0].hint}? Clients that use it are refused from then on; "
+                                "this cannot be undone.")
+                    return {pending_mine: (action, chosen[0].id), mine_confirm: gr.update(visible=True),
+                            mine_question: question, memory_notice: ""}
+                question = {"forget all": "Forget everything? Every message and adapter of yours is deleted; your "
+                                          "account and API keys stay. This cannot be undone.",
+                            "delete": "Delete your account? Everything in it is deleted and its API keys stop "
+                                      "working; you are logged out. This cannot be undone."}[action]
+                return {pending_mine: (action, None), mine_confirm: gr.update(visible=True), mine_question: question,
+                        memory_notice: ""}
+            return ask
+
+        def mine_confirmed(user_id, pending, tz):
+            accounts.whoami(user_id)  # a login first, then what is waiting
+            if pending is None:
+                raise AppError("Nothing is waiting for confirmation")
+            action, key_id = pending
+            asked = {pending_mine: None, mine_confirm: gr.update(visible=False), mine_question: ""}
+            if action == "delete":
+                name = accounts.delete_own(user_id)
+                gr.Info(f"The account {name} and everything in it was deleted.")
+                return blank()  # the login view: this page's login ended with the account
+            if action == "forget all":
+                memory_service.forget_everything(user_id)
+                gr.Info("Everything was forgotten: your history and your adapter are gone.")
+                status, choices = memory_view(user_id, tz)
+                return asked | {chatbot: [], memory_status: status, forget_choice: choices, export_link: "",
+                                reply_stats: "", memory_notice: ""}
             revoked = api_keys.revoke(user_id, key_id)
             gr.Info(f"Key {revoked.hint} revoked: clients that use it are refused from now on.")
-            return (*keys_view(user_id, tz), "")
+            table, choices = keys_view(user_id, tz)
+            # the "copy it now" box may hold the very key: it goes
+            return asked | {keys_table: table, key_choice: choices, new_key: gr.update(value="", visible=False),
+                            memory_notice: ""}
 
         memory_outputs = [memory_status, forget_choice, memory_notice]
         refresh_button.click(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_name="memory")
@@ -485,9 +572,9 @@ def build_ui(services: Services) -> gr.Blocks:
                               api_name="compress_now")
         forget_button.click(guarded("forget", 4)(ask_forget), [session, forget_choice],
                             [pending_forget, forget_confirm, forget_question, memory_notice], api_name="ask_forget")
-        running.append(forget_yes.click(guarded("forget", 6)(forget), [session, pending_forget, zone],
-                         [pending_forget, forget_confirm, memory_status, forget_choice, chatbot, memory_notice],
-                         api_name="forget"))
+        running.append(forget_yes.click(guarded("forget", 7)(forget), [session, pending_forget, zone],
+                         [pending_forget, forget_confirm, memory_status, forget_choice, chatbot, export_link,
+                          memory_notice], api_name="forget"))
         forget_no.click(cancel_forget, None, [pending_forget, forget_confirm, memory_notice],
                         api_visibility="private")
         running.append(export_button.click(guarded("export", 2)(export), [session], [export_link, memory_notice],
@@ -500,8 +587,17 @@ def build_ui(services: Services) -> gr.Blocks:
         refresh_button.click(guarded("API keys", 3)(show_keys), [session, zone], keys_outputs, api_name="api_keys")
         running.append(create_key_button.click(guarded("create API key", 5)(create_key), [session, key_name, zone],
                                                [new_key, key_name, *keys_outputs], api_name="create_api_key"))
-        revoke_key_button.click(guarded("revoke API key", 3)(revoke_key), [session, key_choice, zone], keys_outputs,
-                                api_name="revoke_api_key")
+        ask_outputs = [pending_mine, mine_confirm, mine_question, memory_notice]
+        revoke_key_button.click(guarded_dict("revoke API key", memory_notice)(ask_mine("revoke")),
+                                [session, key_choice], ask_outputs, api_name="ask_revoke_api_key")
+        forget_all_button.click(guarded_dict("forget everything", memory_notice)(ask_mine("forget all")), [session],
+                                ask_outputs, api_name="ask_forget_everything")
+        delete_me_button.click(guarded_dict("delete account", memory_notice)(ask_mine("delete")), [session],
+                               ask_outputs, api_name="ask_delete_account")
+        running.append(mine_yes.click(guarded_dict("confirm", memory_notice)(mine_confirmed),
+                                      [session, pending_mine, zone], page_outputs, api_name="confirm_mine"))
+        mine_no.click(lambda: (None, gr.update(visible=False), ""), None, [pending_mine, mine_confirm, memory_notice],
+                      api_visibility="private")
 
         # --- admin --------------------------------------------------------------------------------
 
@@ -532,7 +628,7 @@ def build_ui(services: Services) -> gr.Blocks:
             summary = admin.adapter_summary(actor, user_id)
             figure = adapter_figure(summary, f"{detail.username}'s adapter") if summary else None
             rows = [[s.version, local_time(s.created_at, tz), s.cursor, s.tokens_absorbed, s.bytes, s.sha256,
-                     s.generator, s.messages, s.seconds, s.rebuild] for s in detail.snapshots]
+                     s.compressor, s.generator, s.messages, s.new_tokens, s.seconds, s.rebuild] for s in detail.snapshots]
             heading = f"### {name_markdown(detail.username)}\n"
             return (heading + _memory_markdown(detail.status, tz, admin=True),
                     pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS), figure, keys, "")
@@ -564,6 +660,9 @@ def build_ui(services: Services) -> gr.Blocks:
             def ask(actor, user_id):
                 if user_id is None:
                     raise AppError("Choose a user first")
+                if action == "delete" and str(user_id) == str(accounts.whoami(actor).id):
+                    raise AppError("Admins cannot delete their own account here: use Delete my account on "
+                                   "the Memory tab")
                 question = confirmations[action].format(name=name_markdown(admin.username(actor, user_id)))
                 return (action, user_id), gr.update(visible=True), question, ""
             return ask

@@ -120,6 +120,24 @@ def test_the_lower_layers_run_once_and_the_upper_ones_give_the_models_own_logits
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
 
 
+def test_the_loss_counts_the_users_lines_and_the_replies_stay_context(make_text_engine):
+    engine = make_text_engine()
+    compressor = FinetuneCompressor(engine, FinetuneConfig(window_tokens=16))
+    text = "User: my dog\nis Biscuit.\nAssistant: Nice!\nUser: bye\n"  # a user's turn of two lines
+    ids, counted = compressor._tokens(text)
+    tok = engine.tokenizer
+    assert tok.decode([i for i, c in zip(ids, counted) if c]) == "User: my dog\nis Biscuit.\nUser: bye\n"
+    windows = compressor._windows([text])
+    assert all(counted[16 * n + i + 1] for n, w in enumerate(windows) for i in w.taught)
+    assert sum(len(w.taught) for w in windows) == sum(c for i, c in enumerate(counted) if i % 16)  # a window's first token has no context
+    named = "Alice: my dog is Biscuit.\nBob: Nice!\n"  # no user lines: every token counts
+    assert all(compressor._tokens(named)[1])
+    everything = FinetuneCompressor(engine, FinetuneConfig(loss_on="all"))._tokens(text)
+    assert all(everything[1]) and everything[0] == tok(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="loss_on"):
+        FinetuneConfig(loss_on="assistant")
+
+
 def test_the_replay_sample_is_bounded_seeded_and_in_order(tiny_tokenizer):
     texts = [f"turn {i} " * 3 for i in range(20)]
     chosen = replay_sample(texts, 60, tiny_tokenizer, seed=1)

@@ -55,7 +55,8 @@ def test_sign_up_chat_compress_and_export_over_http(running, password):
 def test_login_is_required_for_everything(running):
     anonymous = Visitor(running)
     for endpoint, args in {"chat": ("hi",), "memory": (), "compress_now": (), "ask_forget": (1,), "forget": (),
-                           "api_keys": (), "create_api_key": ("laptop",), "revoke_api_key": (1,),
+                           "api_keys": (), "create_api_key": ("laptop",), "ask_revoke_api_key": (1,),
+                           "ask_forget_everything": (), "ask_delete_account": (), "confirm_mine": (),
                            "export": (), **ADMIN_ENDPOINTS}.items():
         outputs = anonymous.call(endpoint, *args)
         if endpoint != "admin_confirm":
@@ -144,3 +145,31 @@ def test_a_reply_cut_short_by_a_logout_does_not_hold_up_the_next_turn(running, p
     stored = running.services.chat.history(running.services.storage.find_user("alice").id)
     assert stored[0].text == "stuck" and [(m.role, m.text) for m in stored[-2:]] == [
         ("user", "hello again"), ("assistant", stored[-1].text)]
+
+
+def test_a_user_forgets_everything_or_deletes_the_account_from_the_page_after_a_question(running, password):
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    alice.call("chat", "My cat is called Tobrik.")
+    assert alice.call("export")["export-link"]
+    uid = running.services.storage.find_user("alice").id
+    page = alice.call("ask_forget_everything")
+    assert "Forget everything?" in page["mine-question"] and running.services.chat.history(uid)  # asked first
+    page = alice.call("confirm_mine", "UTC")
+    assert page["chatbot"] == [] and page["export-link"] == "" and page["mine-question"] == ""
+    assert running.services.storage.history(uid) == [] and running.services.storage.find_user("alice")
+    assert notice(alice.call("confirm_mine", "UTC")) == "Nothing is waiting for confirmation."  # asked once only
+
+    page = alice.call("ask_delete_account")
+    assert "Delete your account?" in page["mine-question"] and running.services.storage.find_user("alice")
+    page = alice.call("confirm_mine", "UTC")
+    assert page["whoami"] == "" and page["chatbot"] == [] and running.services.storage.find_user("alice") is None
+    assert notice(alice.call("memory")) == "Please log in."  # the tab is back at the login view
+
+
+def test_an_admin_is_told_before_the_question_that_their_own_account_is_not_deleted_here(running, password):
+    admin = Visitor(running)
+    admin.call("login", "root", password)
+    root_id = running.services.storage.find_user("root").id
+    page = admin.call("admin_ask_delete", root_id)
+    assert "cannot delete their own account here" in page["admin-notice"] and not page.get("admin-question")

@@ -168,3 +168,30 @@ def test_a_deleted_accounts_open_tab_never_becomes_the_next_account(browser, run
     assert "Bob's own secret" not in old_tab.locator("body").inner_text()
     bob = running.services.storage.find_user("bob")
     assert [m.text for m in running.services.storage.history(bob.id) if m.role == "user"] == ["Bob's own secret"]
+
+
+def test_send_during_a_reply_says_why_the_message_waits(browser, running, password, monkeypatch):
+    """Attacker findings, point 6: a second Send while the reply streamed did nothing, silently."""
+    import threading
+
+    from tests.app.helpers import FakeStream
+
+    gate = threading.Event()
+    monkeypatch.setattr(running.loop, "submit", lambda request: FakeStream(request, ["Thinking ", "slowly."], gate=gate))
+    page = browser.new_page()
+    page.goto(running.url)
+    field(page, "username").fill("dora")
+    field(page, "password").fill(password)
+    page.locator("#signup").click()
+    page.locator("#whoami").get_by_text("Logged in as dora").wait_for(timeout=20_000)
+    field(page, "message").fill("first question")
+    page.locator("#send").click()
+    page.locator("#chatbot").get_by_text("Thinking").wait_for(timeout=20_000)  # the reply is streaming
+    field(page, "message").fill("second question")
+    page.locator("#send").click()
+    try:
+        page.locator("#chat-notice").get_by_text("still being answered").wait_for(timeout=20_000)
+        assert field(page, "message").input_value() == "second question"  # kept, to be sent when it is done
+    finally:
+        gate.set()
+    page.locator("#reply-stats").get_by_text("prompt tokens").wait_for(timeout=30_000)

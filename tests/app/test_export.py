@@ -15,7 +15,7 @@ def test_export_holds_history_and_a_peft_adapter(services, password):
     chat(services, uid, "hello")
     chat(services, uid, "again")
     run_jobs(services)
-    with exported(services, services.exports.my_data(uid)) as z:
+    with exported(services, services.exports.my_data(uid).download) as z:
         names = set(z.namelist())
         history = json.loads(z.read("history.json"))
         snapshot = json.loads(z.read("adapter/snapshot.json"))
@@ -32,11 +32,30 @@ def test_an_export_holds_only_its_owner_s_data(services, password):
     chat(services, alice, "Alice's secret")
     chat(services, alice, "more")
     run_jobs(services)
-    with exported(services, services.exports.my_data(bob)) as z:
+    with exported(services, services.exports.my_data(bob).download) as z:
         assert "Alice" not in z.read("history.json").decode()
         assert z.namelist() == ["history.json"]  # no adapter yet
     with pytest.raises(AccessDenied):
         services.exports.my_data(None)
+
+
+def test_an_export_made_while_the_adapter_is_rebuilt_says_it_is_not_in_it(services, password):
+    uid = services.accounts.sign_up("alice", password).account.id
+    chat(services, uid, "My cat is called Tobrik.")
+    chat(services, uid, "again")
+    run_jobs(services)
+    assert services.exports.my_data(uid).adapter_version == 1
+    first = next(m for m in services.chat.history(uid) if m.role == "user")
+    services.memory.forget(uid, first.id)  # a rebuild is pending: the adapter may hold the forgotten turn
+    made = services.exports.my_data(uid)
+    assert (made.adapter_version, made.rebuilding) == (None, True)
+    with exported(services, made.download) as z:
+        assert z.namelist() == ["history.json"]
+    from app.ui import _export_html
+
+    assert "being rebuilt" in _export_html(made)
+    run_jobs(services)
+    assert "being rebuilt" not in _export_html(services.exports.my_data(uid))
 
 
 def test_an_admin_exports_a_user_s_adapter_as_a_peft_lora(services, password):

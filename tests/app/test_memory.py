@@ -231,3 +231,42 @@ def test_switching_compressors_rebuilds_the_adapter_from_the_history(finetuning,
     latest = services.storage.latest_snapshot(uid)
     assert latest.generator_id == services.engine.generator_id and latest.stats.get("rebuild")
     assert latest.stats["messages"] == 6  # the whole history, absorbed anew
+
+
+def test_a_running_compression_shows_its_progress_on_the_memory_tab_and_the_admin_page(finetuning, password,
+                                                                                        monkeypatch):
+    import threading
+
+    from app.ui import _memory_markdown
+
+    services = finetuning
+    compressor = services.memory.compressor
+    at_step, go_on = threading.Event(), threading.Event()
+    absorb = compressor.absorb
+
+    def slow_absorb(state, texts, replay=(), pause=None, progress=None):
+        def told(done, steps):
+            progress(done, steps)
+            if done == 1:  # after the first step: look at the page now
+                at_step.set()
+                go_on.wait(30)
+        return absorb(state, texts, replay, pause, told)
+
+    monkeypatch.setattr(compressor, "absorb", slow_absorb)
+    uid = services.accounts.sign_up("alice", password).account.id
+    chat(services, uid, "My cat is called Tobrik.")
+    chat(services, uid, "I live in Quenmoor.")
+    worker = threading.Thread(target=run_jobs, args=(services,))
+    worker.start()
+    try:
+        assert at_step.wait(60)
+        status = services.memory.status(uid)
+        assert (status.progress.steps_done, status.progress.steps) == (1, 3)
+        shown = _memory_markdown(status, "UTC")
+        assert "**Compression**: running now, step 1 of 3, " in shown and "s left" in shown
+        admin = services.accounts.ensure_admin("root", password).id
+        assert services.admin.user(admin, uid).status.progress.steps_done == 1
+    finally:
+        go_on.set()
+        worker.join(60)
+    assert services.memory.status(uid).progress is None and services.memory.status(uid).adapter_version == 1

@@ -220,8 +220,12 @@ def test_keys_are_made_listed_and_revoked_on_the_memory_tab(running, password):
     assert secret not in json.dumps(page["keys"]) and secret not in json.dumps(page["key-choice"])  # shown once
     [(label, key_id)] = page["key-choice"]["choices"]
     assert "laptop" in label and "last used" in label
-    page = alice.call("revoke_api_key", key_id, "UTC")
-    assert page["keys"]["data"] == [] and page["memory-notice"] == ""
+    page = alice.call("ask_revoke_api_key", key_id)  # asked first: the key still works meanwhile
+    assert "Revoke the key " + secret[:8] in page["mine-question"] and page["new-key"]["visible"]
+    client(running, secret).models.list()
+    page = alice.call("confirm_mine", "UTC")
+    assert page["keys"]["data"] == [] and page["memory-notice"] == "" and page["mine-question"] == ""
+    assert not page["new-key"]["visible"] and page["new-key"]["value"] == ""  # the copy box is cleared
     with pytest.raises(openai.AuthenticationError):
         client(running, secret).models.list()
     assert alice.call("logout")["new-key"] | {"__type__": "update"} == {"__type__": "update", "value": "",
@@ -235,7 +239,7 @@ def test_nobody_reaches_another_user_s_keys(running, password):
     bob = Visitor(running)
     bob.call("signup", "bob", password)
     assert bob.call("api_keys", "UTC")["keys"]["data"] == []
-    assert "no longer exists, or is not yours" in bob.call("revoke_api_key", alice_key_id, "UTC")["memory-notice"]
+    assert "no longer exists, or is not yours" in bob.call("ask_revoke_api_key", alice_key_id)["memory-notice"]
     mallory = Visitor(running)
     mallory.call("signup", "mallory", password)
     assert mallory.call("admin_revoke_key", alice_id, alice_key_id, "UTC")["admin-notice"] == "Admins only."
