@@ -273,8 +273,11 @@ class Chat:
                 answer, finish = _stored_answer(_printable(reply.text), reply), reply.finish
             answer_tokens = count_tokens(self.engine.tokenizer, answer)
             if options.store:
-                self.storage.finish_turn(user_id, turn.message.conversation_id, answer, answer_tokens,
-                                         compress_every=self.settings.compress_every)
+                try:
+                    self.storage.finish_turn(user_id, turn.message.conversation_id, answer, answer_tokens,
+                                             compress_every=self.settings.compress_every)
+                except NotFound:  # the account was deleted while its reply was written
+                    raise AccessDenied("Please log in") from None
         first_token_s = reply.first_token_s if reply.first_token_s is not None else reply.total_s
         yield FinishedReply(answer, ReplyStats(
             reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, answer_tokens,

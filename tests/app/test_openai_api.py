@@ -688,3 +688,25 @@ def test_a_request_is_read_into_a_turn_and_its_options():
         read_chat_request({"model": MODEL_ID, "messages": HELLO, "seed": 2**64}, base, 50)
     with pytest.raises(ApiError, match="'max_tokens' must be an integer"):
         read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": True}, base, 50)
+
+
+def test_deleting_the_account_while_its_reply_streams_ends_the_stream_cleanly(running, password, monkeypatch,
+                                                                               caplog):
+    """Attacker findings, point 7: the end of the turn found no account and logged a traceback."""
+    alice, key = sign_up(running, "alice", password)
+    gate, started = threading.Event(), threading.Event()
+    monkeypatch.setattr(running.loop, "submit",
+                        lambda request: started.set() or FakeStream(request, ["Thinking ", "slowly."], gate=gate))
+    other = openai.OpenAI(base_url=running.url + "v1", api_key=sign_up(running, "bob", password)[1], max_retries=0)
+    chunks = iter(client(running, key).chat.completions.create(model=MODEL_ID, messages=HELLO, stream=True))
+    next(chunks)
+    assert started.wait(20)
+    with caplog.at_level("INFO"):
+        assert call(running, "DELETE", "account", key).status_code == 200
+        gate.set()
+        with pytest.raises(openai.APIError) as ended:
+            for _ in chunks:
+                pass
+    assert "deleted" in ended.value.message
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert other.models.list().data  # the server carries on
