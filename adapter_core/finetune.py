@@ -98,7 +98,7 @@ class FinetuneConfig:
     """Most tokens of windows per step: a compression of few new tokens trains on all of them at
     every step, one of many on a seeded shuffle of them, step after step (the cost per step is
     bounded, so a long compression costs passes over its windows, not steps times its windows)."""
-    min_passes: float = 2.0
+    min_passes: int = 2
     """Every window is trained at least this many times (a compression with many windows takes
     more than `steps` steps)."""
     replay_tokens: int = 512
@@ -118,8 +118,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.window_tokens < 8 or self.replay_tokens < 0:
             raise ValueError("rank and steps must be >= 1, window_tokens >= 8, replay_tokens >= 0")
-        if self.batch_tokens < self.window_tokens or self.min_passes <= 0:
-            raise ValueError("batch_tokens must be >= window_tokens and min_passes > 0")
+        if self.batch_tokens < self.window_tokens or self.min_passes < 1:
+            raise ValueError("batch_tokens must be >= window_tokens and min_passes >= 1")
         if self.loss_on not in ("user", "all"):
             raise ValueError("loss_on must be 'user' or 'all'")
         if not 0 < self.upper_layers <= 1 or not self.lr > 0 or self.anchor_weight < 0:
@@ -231,19 +231,17 @@ class FinetuneCompressor:
 
     def _batches(self, count: int) -> list[list[int]]:
         """The windows (indices of `count`) trained at each step: all of them while they fit in
-        batch_tokens, else consecutive slices of a seeded shuffle, reshuffled at each pass."""
+        batch_tokens, else passes over the windows, each a seeded shuffle cut into steps, until
+        every window was trained min_passes times and at least `steps` steps were taken."""
         per_step = max(1, self.config.batch_tokens // self.config.window_tokens)
         if count <= per_step:
             return [list(range(count))] * self.config.steps
-        steps = max(self.config.steps, math.ceil(self.config.min_passes * count / per_step))
-        gen, order, batches = random.Random(self.config.seed), [], []
-        while len(batches) < steps:
-            if len(order) < per_step:
-                shuffled = list(range(count))
-                gen.shuffle(shuffled)
-                order += [i for i in shuffled if i not in order]  # no window twice in one step
-            batches.append(sorted(order[:per_step]))
-            order = order[per_step:]
+        gen, batches, passes = random.Random(self.config.seed), [], 0
+        while passes < self.config.min_passes or len(batches) < self.config.steps:
+            order = list(range(count))
+            gen.shuffle(order)
+            batches += [sorted(order[i:i + per_step]) for i in range(0, count, per_step)]
+            passes += 1
         return batches
 
     def _start_params(self, state: AdapterState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

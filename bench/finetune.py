@@ -1,6 +1,7 @@
 """The fine-tuning compressor's cost (adapter_core.finetune): seconds to absorb 1K and 2K new tokens,
 how a user's compressions cost as their history grows (1st, 5th, 20th: each trains on its new turns
-and a bounded replay, not on the whole history), and a new reply's first token while one runs."""
+and a bounded replay, not on the whole history), whether a fact of the first compression is still
+recalled after 10 later ones, and a new reply's first token while one runs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import threading
 import time
 
 from adapter_core import GenerativeAdapterModel
-from adapter_core.data.conversation import history_text, prompt_ids
+from adapter_core.data.conversation import Turn, history_text, prompt_ids
+from adapter_core.evaluation.answering import answer
 from adapter_core.decoding import ReplyRequest
 from adapter_core.finetune import FinetuneCompressor, replay_sample
 from adapter_core.sampling import SamplingConfig
@@ -32,9 +34,11 @@ def finetune_compression(engine: GenerativeAdapterModel, options: BenchOptions) 
         absorb.append({"tokens": len(tok(text, add_special_tokens=False)["input_ids"]),
                        "seconds": round(time.perf_counter() - started, 2)})
 
-    # one user's compressions in turn, each of `turns_per_compression` new turns, with the replay the app gives
+    # one user's compressions in turn, each of `turns_per_compression` new turns, with the replay the app
+    # gives; the first holds a fact too, asked after the first compression and after 10 more
     per = options.turns_per_compression
-    state, series = compressor.empty_state(), []
+    texts = [history_text(list(RECALL_FACT)), *texts]
+    state, series, recall = compressor.empty_state(), [], {"base": _recall(engine, None)}
     for n in range(1, options.compressions + 1):
         new, earlier = texts[(n - 1) * per:n * per], texts[:(n - 1) * per]
         replay = replay_sample(earlier, compressor.replay_tokens, tok, seed=n)
@@ -42,10 +46,24 @@ def finetune_compression(engine: GenerativeAdapterModel, options: BenchOptions) 
         state = compressor.absorb(state, "".join(new), replay)
         if n in (1, 5, 20) or n == options.compressions:
             series.append({"compression": n, "history_tokens": state.tokens, "seconds": round(time.perf_counter() - started, 2)})
+        if n in (1, 11):
+            recall[f"after {n}"] = _recall(engine, state)
 
-    return {"config": compressor.config.__dict__, "absorb": absorb, "compressions": series,
+    return {"config": compressor.config.__dict__, "absorb": absorb, "compressions": series, "recall": recall,
             "during": _first_token_during(engine, compressor, _first_tokens(tok, texts, max(options.finetune_tokens)),
                                           options)}
+
+
+RECALL_FACT = (Turn("user", "By the way, my cat is called Tobrik."), Turn("assistant", "Got it, I'll remember that."))
+RECALL_QUESTION, RECALL_ANSWER = "What is my cat called?", "Your cat is called Tobrik."
+
+
+def _recall(engine: GenerativeAdapterModel, state) -> dict:
+    """The first compression's fact, asked alone: the gold answer's NLL and the greedy answer."""
+    tok = engine.tokenizer
+    got = answer(engine, [prompt_ids(tok, RECALL_QUESTION)], [tok(RECALL_ANSWER, add_special_tokens=False)["input_ids"]],
+                 [state], 24)[0]
+    return {"nll": round(got.nll, 3), "answer": got.text, "says_it": "Tobrik" in got.text}
 
 
 def _first_tokens(tokenizer, texts: list[str], tokens: int) -> str:

@@ -192,6 +192,12 @@ def _finetune(results: dict) -> list[str]:
     lines += ["", "One user's compressions in turn (new turns plus a replay of earlier ones):", "",
               "| compression | history tokens | seconds |", "|---|---|---|"]
     lines += [f"| {c['compression']} | {c['history_tokens']:,} | {c['seconds']:.1f} |" for c in f["compressions"]]
+    recall = f.get("recall") or {}
+    if recall:
+        lines += ["", "A fact told in the first compression (\"my cat is called Tobrik\"), asked alone with no history "
+                      "in the prompt: the gold answer's NLL, and the greedy answer:", "",
+                  "| adapter | answer NLL | greedy answer |", "|---|---|---|"]
+        lines += [f"| {when} | {r['nll']:.2f} | {r['answer'][:80].replace('|', '/')} |" for when, r in recall.items()]
     two_k = next((a["seconds"] for a in f["absorb"] if a["tokens"] >= 1900), None)
     d = f["during"]
     if two_k is not None:

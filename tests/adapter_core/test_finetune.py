@@ -138,6 +138,20 @@ def test_the_loss_counts_the_users_lines_and_the_replies_stay_context(make_text_
         FinetuneConfig(loss_on="assistant")
 
 
+def test_steps_take_every_window_while_they_fit_else_passes_over_a_seeded_shuffle(make_text_engine):
+    engine = make_text_engine()
+    compressor = FinetuneCompressor(engine, FinetuneConfig(steps=8, window_tokens=32, batch_tokens=128, min_passes=2))
+    assert compressor._batches(3) == [[0, 1, 2]] * 8  # a short compression: all of it at every step
+    batches = compressor._batches(42)  # 4 windows a step, each window twice: two passes of 11 steps
+    assert len(batches) == 22 and all(len(b) == len(set(b)) for b in batches) and max(map(len, batches)) == 4
+    seen = [i for b in batches for i in b]
+    assert all(seen.count(i) == 2 for i in range(42))
+    assert len(compressor._batches(10)) == 9  # 3 steps a pass: passes until `steps` steps are taken
+    assert batches == compressor._batches(42)  # seeded: the same history trains the same way
+    with pytest.raises(ValueError, match="batch_tokens"):
+        FinetuneConfig(window_tokens=256, batch_tokens=128)
+
+
 def test_the_replay_sample_is_bounded_seeded_and_in_order(tiny_tokenizer):
     texts = [f"turn {i} " * 3 for i in range(20)]
     chosen = replay_sample(texts, 60, tiny_tokenizer, seed=1)

@@ -179,11 +179,7 @@ def test_send_during_a_reply_says_why_the_message_waits(browser, running, passwo
     gate = threading.Event()
     monkeypatch.setattr(running.loop, "submit", lambda request: FakeStream(request, ["Thinking ", "slowly."], gate=gate))
     page = browser.new_page()
-    page.goto(running.url)
-    field(page, "username").fill("dora")
-    field(page, "password").fill(password)
-    page.locator("#signup").click()
-    page.locator("#whoami").get_by_text("Logged in as dora").wait_for(timeout=20_000)
+    sign_up(page, running.url, "dora", password)
     field(page, "message").fill("first question")
     page.locator("#send").click()
     page.locator("#chatbot").get_by_text("Thinking").wait_for(timeout=20_000)  # the reply is streaming

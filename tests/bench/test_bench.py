@@ -41,6 +41,7 @@ def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
     finetune = results["finetune"]
     assert [a["tokens"] > 0 and a["seconds"] > 0 for a in finetune["absorb"]] == [True]
     assert [c["compression"] for c in finetune["compressions"]] == [1, 2]
+    assert set(finetune["recall"]) == {"base", "after 1"} and finetune["recall"]["base"]["nll"] > 0
     assert finetune["during"]["compression_s"] > 0
     sizes = results["memory_size"]
     assert sizes[0]["adapter_state_bytes"] == sizes[1]["adapter_state_bytes"] < 1_000_000
