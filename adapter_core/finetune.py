@@ -46,6 +46,10 @@ ANCHOR_REQUESTS = (
 """Everyday requests whose replies, written by the base model itself, anchor the fine-tuning."""
 
 
+LOWER_KEPT_WINDOWS = 64
+"""Most windows whose frozen layers' output a compression keeps (64 x 256 tokens x 576 fp32 for
+SmolLM2-135M: 38 MB); a longer one, a rebuild of a long history, recomputes it at each use."""
+
 Progress = Callable[[int, int], None]
 """Told (steps done, steps in all) as a compression goes: at its start and after each step."""
 
@@ -171,7 +175,10 @@ class FinetuneCompressor:
         if not new_windows:
             return state
         anchor = self.anchor() if self.config.anchor_weight else None
-        lower = [self._lower(torch.tensor([w.ids], device=self.engine.device), pause) for w in windows]
+        # the frozen layers' output, (1, T, D) per window, kept for the compression's steps; a
+        # rebuild of a long history would keep too much: beyond LOWER_KEPT_WINDOWS it is recomputed
+        lower = ([self._lower(torch.tensor([w.ids], device=self.engine.device), pause) for w in windows]
+                 if len(windows) <= LOWER_KEPT_WINDOWS else None)
         params = self._start_params(state)
         trainable = [t for pair in params.values() for t in pair]
         optimizer = torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=0.0)
@@ -183,7 +190,9 @@ class FinetuneCompressor:
                 optimizer.zero_grad(set_to_none=True)
                 total, taught = 0.0, sum(len(windows[i].taught) for i in batch)
                 for i in batch:
-                    loss = self._loss(windows[i], lower[i], params, pause) * (len(windows[i].taught) / taught)
+                    hidden = lower[i] if lower is not None else self._lower(
+                        torch.tensor([windows[i].ids], device=self.engine.device), pause)
+                    loss = self._loss(windows[i], hidden, params, pause) * (len(windows[i].taught) / taught)
                     total += self._backward(loss, pause)
                 if anchor is not None:
                     total += self._backward(self.config.anchor_weight * self._anchor_loss(anchor, params, pause), pause)
@@ -235,7 +244,7 @@ class FinetuneCompressor:
         every window was trained min_passes times and at least `steps` steps were taken."""
         per_step = max(1, self.config.batch_tokens // self.config.window_tokens)
         if count <= per_step:
-            return [list(range(count))] * self.config.steps
+            return [list(range(count))] * max(self.config.steps, self.config.min_passes)
         gen, batches, passes = random.Random(self.config.seed), [], 0
         while passes < self.config.min_passes or len(batches) < self.config.steps:
             order = list(range(count))

@@ -189,6 +189,11 @@ class InferenceLoop:
         """
         self._run()
 
+    @property
+    def running(self) -> bool:
+        """Whether it takes work (started and not stopped)."""
+        return self._running
+
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop after the current step; replies running or waiting end as stopped, compressions fail.
         (When run() runs in another thread than the loop's own, the caller waits for it to return.)"""

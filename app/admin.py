@@ -21,6 +21,7 @@ from adapter_core.inspect import adapter_summary
 from adapter_core.sampling import SamplingConfig
 from adapter_core.scheduler import InferenceLoop
 from storage import NotFound
+from storage.models import User
 
 from .access import Access, chosen_id
 from .accounts import Accounts
@@ -230,11 +231,17 @@ class Admin:
         self.access.costly(actor.id)
         return self.exports.peft_adapter(actor, user, address)
 
+    def deletable(self, actor_id: object, user_id: object) -> str:
+        """The name of a user this admin may delete (asked before the page's question); AppError
+        for the admin's own account."""
+        actor, user = self.access.admin(actor_id), self.access.target(user_id)
+        _refuse_own(actor, user)
+        return user.username
+
     def delete_user(self, actor_id: object, user_id: object) -> str:
         """Delete the account and all its data; the user's name."""
         actor, user = self.access.admin(actor_id), self.access.target(user_id)
-        if user.id == actor.id:
-            raise AppError("Admins cannot delete their own account here")
+        _refuse_own(actor, user)
         with _still_there():
             self.storage.delete_user(user.id, actor_id=actor.id)
         self.memory.drop_state(user.id)
@@ -254,3 +261,8 @@ def _still_there() -> Iterator[None]:
         yield
     except NotFound:
         raise AppError("That user no longer exists") from None
+
+
+def _refuse_own(actor: User, user: User) -> None:
+    if user.id == actor.id:  # the Memory tab's "Delete my account" asks its own question
+        raise AppError("Admins cannot delete their own account here: use Delete my account on the Memory tab")

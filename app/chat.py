@@ -3,7 +3,8 @@
 A turn is two database transactions (storage's begin_turn and finish_turn) around the decoding,
 which runs on the inference loop (adapter_core.scheduler) together with everyone else's replies.
 One user's turns run one at a time (a message sent while the previous one is being answered is
-refused), so that a reply always sees the user's previous turn in its prompt or their adapter.
+refused, or with ReplyOptions.queue waits for it), so that a reply always sees the user's previous
+turn in its prompt or their adapter.
 The web page and the OpenAI-compatible API (app/openai_api.py) both take turns here; the API may
 say more about how to answer one (ReplyOptions).
 """
@@ -137,7 +138,7 @@ class FinishedReply:
 
 
 class ReplyFailed(RuntimeError):
-    """Decoding ended without a reply (an error in the inference loop, or the loop stopped): a fault."""
+    """Decoding ended without a reply (an error in the inference loop): a fault."""
 
 
 class OneTurnAtATime:
@@ -242,6 +243,8 @@ class Chat:
         system, framing = self._system(options.instructions, tokens)
         wait_s = self.settings.turn_queue_seconds if options.queue else 0.0
         with self._turns.turn_of(user_id, wait_s, self.settings.turn_queue_depth):
+            if not self.loop.running:  # e.g. a turn that waited behind one the shutdown stopped: store nothing
+                raise ServerStopping()
             self.limits.hit(self.settings.messages_per_user, "message", str(user_id),
                             what="You are sending messages faster than the model can answer")
             if options.store:
@@ -351,8 +354,9 @@ def _stop_start(text: str, stop: tuple[str, ...], start: int) -> int:
 
 def _stored_answer(streamed: str, reply: Reply) -> str:
     """The reply as it is stored: its text, cut at its last whole sentence when it ran to
-    the length cap, never empty; ServerStopping when the server stopped it (nothing is stored: the
-    client may send it again), ReplyFailed when decoding ended without a reply."""
+    the length cap, never empty; ServerStopping when the server stopped it (the reply is not
+    stored; the message stays, without a reply, as when a client goes away mid-reply),
+    ReplyFailed when decoding ended without a reply."""
     if reply.finish == "stopped":
         raise ServerStopping()
     if reply.finish not in ("end", "length"):

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 APP_STEPS = ("Python libraries", "database", "language model and memory generator", "web page")
 """The app's start-up steps (app/launch.py): the first runs before anything heavy is imported."""
-DEFAULT_STEPS = APP_STEPS
 
 FIRST_START_GUESS_S = 120.0
 """What the bar fills against on a first start (no startup.json yet): about a first start on 2 cores
@@ -105,7 +104,7 @@ class StartupProgress:
     `begin()` moves to another step, `ready()` and `fail()` end it.
     """
 
-    def __init__(self, steps: Sequence[str] = DEFAULT_STEPS, timing_file: Path | None = None,
+    def __init__(self, steps: Sequence[str] = APP_STEPS, timing_file: Path | None = None,
                  clock: Callable[[], float] = time.monotonic, started: float | None = None) -> None:
         """started: the clock's reading when start-up began (default: now; app.py gives the
         process's start, process_started(), so the page counts the imports before it too)."""

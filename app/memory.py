@@ -65,7 +65,8 @@ class CompressionProgress:
 
     steps_done: int
     steps: int
-    """Steps in all (the fine-tuning's optimizer steps; the generator's pass is one)."""
+    """Steps in all (the fine-tuning's optimizer steps; the generator's pass is one); 0 while it
+    prepares (waits for the inference loop, reads the turns)."""
     seconds: float
     """Since it started."""
 
@@ -75,6 +76,16 @@ class CompressionProgress:
         if not self.steps_done:
             return None
         return self.seconds / self.steps_done * (self.steps - self.steps_done)
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A compression of this process, as its progress callback last left it."""
+
+    started: float
+    """time.monotonic() at its start."""
+    steps_done: int = 0
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,7 +128,7 @@ class Memory:
         """What writes users' turns into their adapters (--compressor); another one's snapshots are rebuilt."""
         self._states: dict[int, tuple[int, AdapterState]] = {}  # user -> (snapshot id, its state)
         self._states_lock = threading.Lock()
-        self._running: dict[int, tuple[float, int, int]] = {}  # user -> (started, steps done, steps) of their compression
+        self._running: dict[int, _Running] = {}  # user -> their compression's progress (one assignment a step)
 
     # --- the memory tab ----------------------------------------------------------------------------
 
@@ -133,8 +144,8 @@ class Memory:
         running = self._running.get(summary.user.id)
         if running is None:
             return MemoryStatus.of(summary)
-        started, done, steps = running
-        return replace(MemoryStatus.of(summary), progress=CompressionProgress(done, steps, time.monotonic() - started))
+        progress = CompressionProgress(running.steps_done, running.steps, time.monotonic() - running.started)
+        return replace(MemoryStatus.of(summary), progress=progress)
 
     def compress_now(self, user_id: object) -> None:
         user = self.access.user(user_id)
@@ -177,7 +188,7 @@ class Memory:
         try:
             return self._state(turn.message.user_id, snapshot), turn.pending
         except (SnapshotFileError, StateError) as e:
-            history = self._report_damage(turn.message.user_id, snapshot, e)
+            history = self._report_unusable(turn.message.user_id, snapshot, e)
             return None, tuple(m for m in history if m.id < turn.message.id)
 
     def usable_state(self, user: User) -> tuple[AdapterSnapshot | None, AdapterState | None]:
@@ -189,7 +200,7 @@ class Memory:
         try:
             return snapshot, self._state(user.id, snapshot)
         except (SnapshotFileError, StateError) as e:
-            self._report_damage(user.id, snapshot, e)
+            self._report_unusable(user.id, snapshot, e)
             return snapshot, None
 
     def drop_state(self, user_id: int) -> None:
@@ -212,10 +223,17 @@ class Memory:
         with self._states_lock:
             self._states[user_id] = (snapshot_id, state)
 
-    def _report_damage(self, user_id: int, snapshot: AdapterSnapshot, error: Exception) -> list[Message]:
+    def _report_unusable(self, user_id: int, snapshot: AdapterSnapshot, error: Exception) -> list[Message]:
         """A snapshot that cannot be used: storage records it once (audit log, shown on the admin
         page) and queues a rebuild from the history; answers use no adapter meanwhile. The user's
-        whole history, which answers must then show instead."""
+        whole history, which answers must then show instead. A snapshot made by another compressor
+        or other settings (--compressor changed, or an upgrade changed how adapters are trained) is
+        outdated, not damaged: said so, in the log's ordinary level."""
+        if (snapshot.generator_id, snapshot.base_model_id) != (self.compressor.id, self.engine.base_model_id):
+            log.info("user %s: adapter v%s was made by %s; rebuilding it with %s", user_id, snapshot.version,
+                     snapshot.generator_id, self.compressor.id)
+            return self.storage.report_unusable_snapshot(
+                user_id, snapshot.id, {"made_by": snapshot.generator_id, "now": self.compressor.id}, "adapter_outdated")
         log.warning("user %s: adapter snapshot v%s unusable (%s); answering without it until rebuilt", user_id,
                     snapshot.version, error)
         return self.storage.report_unusable_snapshot(user_id, snapshot.id, {"error": str(error)[:300]})
@@ -294,10 +312,10 @@ class Memory:
         when a revision is given; the new version."""
         started = time.perf_counter()
         begun = time.monotonic()
-        self._running[user_id] = (begun, 0, 1)
+        self._running[user_id] = _Running(begun)
 
         def progress(done: int, steps: int) -> None:  # in the inference loop's thread: one assignment
-            self._running[user_id] = (begun, done, steps)
+            self._running[user_id] = _Running(begun, done, steps)
 
         try:
             new = self.loop.absorb(state or self.compressor.empty_state(),

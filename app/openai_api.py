@@ -66,6 +66,9 @@ MODEL_ID = "memchat"
 ADAPTER_HEADER = "X-Memchat-Adapter-Version"
 READING_THREADS_PER_ROW = 4
 """Threads reading replies per row of the inference loop's batch (see api_router)."""
+STARTING_THREADS_PER_ROW = 2
+"""Threads starting turns per row of the batch: a turn's first item waits, in its thread, behind
+the same user's running turn (up to --turn-queue-seconds), so starts have threads of their own."""
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 64
 _FINISH_REASONS = {"end": "stop", "stop": "stop", "length": "length"}
 _NO_STORE = {"Cache-Control": "no-store"}  # every answer is one user's own
@@ -382,21 +385,27 @@ def api_router(services: Services) -> APIRouter:
     # (whose work must not wait behind replies); made at the first request, inside the event loop.
     # A reply waiting for a place in the loop's batch holds its thread until its first token, so
     # there are several times as many threads as the batch has rows: with only as many, requests
-    # queued in the loop could hold them all and freeze the chunks of the replies being decoded
-    reply_threads: list[anyio.CapacityLimiter] = []
+    # queued in the loop could hold them all and freeze the chunks of the replies being decoded.
+    # A turn's first item (its wait behind the user's running turn, its message stored, its reply
+    # submitted) is read by threads of another limiter: turns waiting their user's turn never take
+    # the threads that running replies read their chunks with.
+    reply_threads: list[anyio.CapacityLimiter] = []  # [reading, starting]
 
     def user_of(request: Request) -> int:
         user_id = services.api_keys.whose(bearer_key(request), client_address(request))
         request.state.user_id = user_id  # for the access log (app/server.py's AccessLog)
         return user_id
 
-    async def step(turn: Iterator) -> object:
+    async def step(turn: Iterator, first: bool = False) -> object:
         """The turn's next item, read in a thread (it blocks on the database and on decoding)."""
         if not reply_threads:
-            reply_threads.append(anyio.CapacityLimiter(READING_THREADS_PER_ROW * services.chat.loop.max_rows))
+            rows = services.chat.loop.max_rows
+            reply_threads.extend([anyio.CapacityLimiter(READING_THREADS_PER_ROW * rows),
+                                  anyio.CapacityLimiter(STARTING_THREADS_PER_ROW * rows)])
         # not abandoned on cancellation: a cancelled request waits for this one item (one decode
-        # step at most), then closes the turn, which cancels the decoding
-        return await anyio.to_thread.run_sync(next, turn, _END, limiter=reply_threads[0])
+        # step at most; the first item: the user's running turn, at most --turn-queue-seconds),
+        # then closes the turn, which cancels the decoding
+        return await anyio.to_thread.run_sync(next, turn, _END, limiter=reply_threads[1 if first else 0])
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -406,7 +415,7 @@ def api_router(services: Services) -> APIRouter:
             asked = read_chat_request(await _json_body(request), services.chat.sampling,
                                       services.settings.max_new_tokens)
             turn = services.chat.reply(user_id, asked.message, announce=True, options=asked.options)
-            started = await step(turn)  # the message stored, the reply submitted; refusals come before
+            started = await step(turn, first=True)  # the message stored, the reply submitted; refusals come before
             if not isinstance(started, ReplyStarted):
                 raise RuntimeError(f"a turn began with {type(started).__name__}, not ReplyStarted")
         except Exception as e:  # noqa: BLE001 - error_response logs faults with their traceback

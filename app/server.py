@@ -123,11 +123,11 @@ class AccessLog:
             path = scope["path"]
             if path.startswith(DOWNLOADS_ROUTE + "/"):
                 path = DOWNLOADS_ROUTE + "/…"  # the link's token is its owner's secret
-            access_log.info("%s %s %s %.0f ms user %s", scope["method"], _printable(path), status or "-",
+            access_log.info("%s %s %s %.0f ms user %s", scope["method"], _loggable(path), status or "-",
                             (time.perf_counter() - started) * 1000, state.get("user_id", "-"))
 
 
-def _printable(path: str) -> str:
+def _loggable(path: str) -> str:
     """A path as one log line may show it: at most 200 characters, no control characters."""
     return "".join(ch if ch.isprintable() else "?" for ch in path[:200])
 
@@ -159,7 +159,8 @@ class EndingStreams:
     """ASGI middleware: once `streams.end()` is called, the page's open streams (Gradio's heartbeats
     and queue data, which a browser tab keeps open) read a disconnect and end, instead of being
     cancelled by uvicorn after its graceful second, which logs a traceback per open tab. The API's
-    streams under /v1 end by themselves when the inference loop stops (the 503-shaped event)."""
+    streams under /v1 are left alone: `python app.py` stops the inference loop before the server
+    (Ctrl+C and SIGTERM land in the loop), and they end with its 503-shaped event."""
 
     def __init__(self, app, streams: StreamsEnd) -> None:
         self.app, self.streams = app, streams

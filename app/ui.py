@@ -29,8 +29,8 @@ from .accounts import Login
 from .api_keys import ApiKeyRow
 from .chat import FinishedReply, HistoryMessage, TurnOpened
 from .downloads import Download
+from .errors import AppError, Busy, Gone, InvalidInput, describe
 from .export import DataExport
-from .errors import AppError, Gone, InvalidInput, describe
 from .limits import client_address
 from .memory import CompressionProgress, MemoryStatus
 from .plots import adapter_figure
@@ -168,6 +168,8 @@ def _memory_markdown(status: MemoryStatus, zone: str | None, *, admin: bool = Fa
 
 
 def _progress_text(progress: CompressionProgress) -> str:
+    if not progress.steps:
+        return f", preparing, {progress.seconds:,.0f} s so far"
     text = f", step {progress.steps_done} of {progress.steps}, {progress.seconds:,.0f} s so far"
     if progress.seconds_left is not None:
         text += f", about {progress.seconds_left:,.0f} s left"
@@ -176,11 +178,13 @@ def _progress_text(progress: CompressionProgress) -> str:
 
 # --- handlers' guard ----------------------------------------------------------------------------
 
-def guarded(action: str, outputs: int):
+def guarded(action: str, outputs: int | gr.Markdown):
     """Refusals and faults of a handler become a message in its last output (its notice); the
-    other outputs are left as they are, so the form stays usable."""
-    def failed(error: Exception) -> tuple:
-        return (*[gr.skip()] * (outputs - 1), _notice(describe(error, action)))
+    other outputs are left as they are, so the form stays usable. For a handler that returns
+    {component: update}, `outputs` is its notice component (one of its outputs)."""
+    def failed(error: Exception) -> tuple | dict:
+        message = _notice(describe(error, action))
+        return {outputs: message} if isinstance(outputs, gr.Markdown) else (*[gr.skip()] * (outputs - 1), message)
 
     def wrap(fn):
         if inspect.isgeneratorfunction(fn):
@@ -198,20 +202,6 @@ def guarded(action: str, outputs: int):
                 return fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001
                 return failed(e)
-        return plain
-    return wrap
-
-
-def guarded_dict(action: str, notice: gr.Markdown):
-    """As guarded, for a handler that returns {component: update}: a refusal or a fault changes only
-    `notice` (which must be among its outputs)."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def plain(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
-                return {notice: _notice(describe(e, action))}
         return plain
     return wrap
 
@@ -442,7 +432,10 @@ def build_ui(services: Services) -> gr.Blocks:
             except Exception as e:  # noqa: BLE001 - a refused message is back in the box to be sent
                 # again; once the message was stored, the view shows the history as stored
                 notice = _notice(describe(e, "chat"))  # first: a fault is logged even if reading the history fails
-                box = typed if isinstance(e, AppError) and _sendable(typed) and not opened else gr.skip()
+                # a refused message goes back in the box, but not one refused while the previous turn
+                # runs (Busy): the box still holds it, and putting it back would undo a double click's clearing
+                back = isinstance(e, AppError) and not isinstance(e, Busy) and _sendable(typed) and not opened
+                box = typed if back else gr.skip()
                 view = _chat_messages(chat_service.history(user_id)) if opened else gr.skip()
                 yield view, box, gr.skip() if not opened else "", notice
 
@@ -537,8 +530,9 @@ def build_ui(services: Services) -> gr.Blocks:
                             mine_question: question, memory_notice: ""}
                 question = {"forget all": "Forget everything? Every message and adapter of yours is deleted; your "
                                           "account and API keys stay. This cannot be undone.",
-                            "delete": "Delete your account? Everything in it is deleted and its API keys stop "
-                                      "working; you are logged out. This cannot be undone."}[action]
+                            "delete": "Delete your account? Your history, adapters and API keys are deleted and "
+                                      "you are logged out; the admins' audit log keeps your name beside what was "
+                                      "done. This cannot be undone."}[action]
                 return {pending_mine: (action, None), mine_confirm: gr.update(visible=True), mine_question: question,
                         memory_notice: ""}
             return ask
@@ -588,13 +582,13 @@ def build_ui(services: Services) -> gr.Blocks:
         running.append(create_key_button.click(guarded("create API key", 5)(create_key), [session, key_name, zone],
                                                [new_key, key_name, *keys_outputs], api_name="create_api_key"))
         ask_outputs = [pending_mine, mine_confirm, mine_question, memory_notice]
-        revoke_key_button.click(guarded_dict("revoke API key", memory_notice)(ask_mine("revoke")),
+        revoke_key_button.click(guarded("revoke API key", memory_notice)(ask_mine("revoke")),
                                 [session, key_choice], ask_outputs, api_name="ask_revoke_api_key")
-        forget_all_button.click(guarded_dict("forget everything", memory_notice)(ask_mine("forget all")), [session],
+        forget_all_button.click(guarded("forget everything", memory_notice)(ask_mine("forget all")), [session],
                                 ask_outputs, api_name="ask_forget_everything")
-        delete_me_button.click(guarded_dict("delete account", memory_notice)(ask_mine("delete")), [session],
+        delete_me_button.click(guarded("delete account", memory_notice)(ask_mine("delete")), [session],
                                ask_outputs, api_name="ask_delete_account")
-        running.append(mine_yes.click(guarded_dict("confirm", memory_notice)(mine_confirmed),
+        running.append(mine_yes.click(guarded("confirm", memory_notice)(mine_confirmed),
                                       [session, pending_mine, zone], page_outputs, api_name="confirm_mine"))
         mine_no.click(lambda: (None, gr.update(visible=False), ""), None, [pending_mine, mine_confirm, memory_notice],
                       api_visibility="private")
@@ -660,10 +654,8 @@ def build_ui(services: Services) -> gr.Blocks:
             def ask(actor, user_id):
                 if user_id is None:
                     raise AppError("Choose a user first")
-                if action == "delete" and str(user_id) == str(accounts.whoami(actor).id):
-                    raise AppError("Admins cannot delete their own account here: use Delete my account on "
-                                   "the Memory tab")
-                question = confirmations[action].format(name=name_markdown(admin.username(actor, user_id)))
+                name = admin.deletable(actor, user_id) if action == "delete" else admin.username(actor, user_id)
+                question = confirmations[action].format(name=name_markdown(name))
                 return (action, user_id), gr.update(visible=True), question, ""
             return ask
 

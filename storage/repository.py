@@ -485,9 +485,11 @@ class Storage:
         """The bytes of a snapshot row already read (from the disk only), checked against their sha256."""
         return self.files.read(snapshot.path, snapshot.sha256, snapshot.size_bytes)
 
-    def report_unusable_snapshot(self, user_id: int, snapshot_id: int, details: dict[str, Any]) -> list[Message]:
-        """A snapshot whose file cannot be used: mark the adapter for a rebuild from the history,
-        queue it and record why in the audit log (`adapter_unreadable`), in one transaction.
+    def report_unusable_snapshot(self, user_id: int, snapshot_id: int, details: dict[str, Any],
+                                 action: str = "adapter_unreadable") -> list[Message]:
+        """A snapshot that cannot be used: mark the adapter for a rebuild from the history, queue it
+        and record why in the audit log (`action`: `adapter_unreadable` for a damaged file,
+        `adapter_outdated` for one made by another compressor or settings), in one transaction.
 
         Reported once: nothing is marked again while a rebuild is awaited, nor when a newer snapshot
         has replaced this one meanwhile. Returns all the user's messages, oldest first: until the
@@ -499,7 +501,7 @@ class Storage:
             latest = self._latest_snapshot(session, user_id)
             if latest is not None and latest.id == snapshot_id and not user.needs_rebuild:
                 user.needs_rebuild = True
-                self._audit(session, None, "adapter_unreadable", user_id, {"version": latest.version} | checked_details)
+                self._audit(session, None, action, user_id, {"version": latest.version} | checked_details)
                 self._queue_job(session, user_id)
             return list(session.scalars(select(Message).where(Message.user_id == user_id).order_by(Message.id)))
 

@@ -196,6 +196,10 @@ def _percent(share: float | None) -> str:
 
 
 def _cell_order(cell: str) -> tuple:
-    """Numbers in numeric order ("3" before "10", "<1K" before "1K-4K"), beyond-window last, then by name."""
+    """Numbers in numeric order ("3" before "10", "<1K" before "1K-4K"), beyond-window last, then by
+    name; a "N facts, length" cell by its facts, then its length."""
+    facts, sep, length = cell.partition(" facts, ")
+    if sep and facts.isdigit():
+        return (int(facts), *_cell_order(length))
     digits = "".join(ch for ch in cell.split("-")[0] if ch.isdigit())
     return (cell.startswith(">"), not cell.startswith("<"), int(digits) if digits else math.inf, cell)

@@ -152,6 +152,16 @@ def test_steps_take_every_window_while_they_fit_else_passes_over_a_seeded_shuffl
         FinetuneConfig(window_tokens=256, batch_tokens=128)
 
 
+def test_a_long_compression_recomputes_the_frozen_layers_and_trains_the_same(make_text_engine, monkeypatch):
+    engine = make_text_engine()
+    compressor = FinetuneCompressor(engine, FinetuneConfig(steps=2, lr=5e-2, window_tokens=16, batch_tokens=32))
+    text = "User: my dog is called Biscuit and he sleeps all day.\n" * 3
+    kept = compressor.absorb(compressor.empty_state(), text)
+    monkeypatch.setattr("adapter_core.finetune.LOWER_KEPT_WINDOWS", 0)  # nothing kept: recomputed at each use
+    again = compressor.absorb(compressor.empty_state(), text)
+    assert all(torch.equal(kept.pairs[n][1], again.pairs[n][1]) for n in kept.pairs)
+
+
 def test_the_replay_sample_is_bounded_seeded_and_in_order(tiny_tokenizer):
     texts = [f"turn {i} " * 3 for i in range(20)]
     chosen = replay_sample(texts, 60, tiny_tokenizer, seed=1)

@@ -211,3 +211,41 @@ def test_instructions_too_long_for_the_model_are_refused_before_anything_is_stor
     with pytest.raises(TooLong, match="The system message and the message are too long together"):
         list(services.chat.reply(uid, "hi", options=ReplyOptions(instructions="x" * 1100)))
     assert services.chat.history(uid) == ()
+
+
+def test_one_turn_at_a_time_lines_up_waiting_turns_in_order_and_cleans_up():
+    """app.chat.OneTurnAtATime: a turn that may wait is let in first come first served, a full
+    line or a wait that runs out is Busy, and nothing of a turn that gave up is left behind."""
+    import threading
+    import time
+
+    from app.chat import OneTurnAtATime
+    from app.errors import Busy
+
+    turns, order, entered = OneTurnAtATime(), [], threading.Event()
+
+    def take(name: str, wait_s: float = 10.0, depth: int = 2) -> None:
+        with turns.turn_of(1, wait_s, depth):
+            order.append(name)
+
+    with turns.turn_of(1, 0, 2):
+        with pytest.raises(Busy):  # the page's turn: refused at once
+            take("page", wait_s=0)
+        second = threading.Thread(target=take, args=("second",))
+        second.start()
+        while 1 not in turns._waiting:
+            time.sleep(0.01)
+        third = threading.Thread(target=take, args=("third",))
+        third.start()
+        while len(turns._waiting.get(1, ())) < 2:
+            time.sleep(0.01)
+        with pytest.raises(Busy):  # the line holds two already
+            take("fourth")
+        with turns.turn_of(2, 0, 2):  # another user's turn runs beside: lines are per user
+            entered.set()
+        with pytest.raises(Busy, match="after 0.05 s"):  # a wait that runs out (a deeper line lets it in)
+            take("late", wait_s=0.05, depth=3)
+        order.append("first")
+    second.join(10), third.join(10)
+    assert order == ["first", "second", "third"] and entered.is_set()
+    assert turns._waiting == {} and turns._running == set()

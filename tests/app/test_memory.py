@@ -231,6 +231,8 @@ def test_switching_compressors_rebuilds_the_adapter_from_the_history(finetuning,
     latest = services.storage.latest_snapshot(uid)
     assert latest.generator_id == services.engine.generator_id and latest.stats.get("rebuild")
     assert latest.stats["messages"] == 6  # the whole history, absorbed anew
+    actions = [e.action for e in services.storage.list_audit(target_user_id=uid)]
+    assert "adapter_outdated" in actions and "adapter_unreadable" not in actions  # not called damaged
 
 
 def test_a_running_compression_shows_its_progress_on_the_memory_tab_and_the_admin_page(finetuning, password,
