@@ -11,7 +11,7 @@ import openai
 import pytest
 from gradio_client import Client
 
-from app.loading import HEADING
+from app.loading import APP_STEPS, HEADING
 from app.openai_api import MODEL_ID
 from tests.app.helpers import SlowStart, free_port, wait_for
 
@@ -28,7 +28,7 @@ def test_the_page_says_it_is_loading_until_the_model_is_ready(app_settings, live
         loading = httpx.get(url, headers={"accept": "text/html"})
         assert loading.status_code == 200 and HEADING in loading.text
         health = httpx.get(url + "healthz").json()
-        assert health["ready"] is False and health["steps"][0] == "database"
+        assert health["ready"] is False and health["steps"] == list(APP_STEPS) and health["step"] == 2
         assert httpx.post(url + "gradio_api/queue/join", json={}).status_code == 503
     finally:
         running = slow.release()
