@@ -177,8 +177,7 @@ class FinetuneCompressor:
         anchor = self.anchor() if self.config.anchor_weight else None
         # the frozen layers' output, (1, T, D) per window, kept for the compression's steps; a
         # rebuild of a long history would keep too much: beyond LOWER_KEPT_WINDOWS it is recomputed
-        lower = ([self._lower(torch.tensor([w.ids], device=self.engine.device), pause) for w in windows]
-                 if len(windows) <= LOWER_KEPT_WINDOWS else None)
+        lower = [self._lower(w.ids, pause) for w in windows] if len(windows) <= LOWER_KEPT_WINDOWS else None
         params = self._start_params(state)
         trainable = [t for pair in params.values() for t in pair]
         optimizer = torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=0.0)
@@ -190,8 +189,7 @@ class FinetuneCompressor:
                 optimizer.zero_grad(set_to_none=True)
                 total, taught = 0.0, sum(len(windows[i].taught) for i in batch)
                 for i in batch:
-                    hidden = lower[i] if lower is not None else self._lower(
-                        torch.tensor([windows[i].ids], device=self.engine.device), pause)
+                    hidden = lower[i] if lower is not None else self._lower(windows[i].ids, pause)
                     loss = self._loss(windows[i], hidden, params, pause) * (len(windows[i].taught) / taught)
                     total += self._backward(loss, pause)
                 if anchor is not None:
@@ -279,11 +277,12 @@ class FinetuneCompressor:
 
     # The model in two parts: layers below first_layer once per window, the rest once per step.
 
-    def _lower(self, ids: torch.Tensor, pause: Callable[[], None] | None) -> torch.Tensor:
-        """Hidden states (1, T, D) of window ids (1, T) entering first_layer, without gradients."""
+    def _lower(self, ids: list[int], pause: Callable[[], None] | None) -> torch.Tensor:
+        """Hidden states (1, T, D) of a window's T ids entering first_layer, without gradients."""
         decoder = self.engine.base_model.get_decoder()
+        x = torch.tensor([ids], device=self.engine.device)  # (1, T)
         with torch.no_grad(), self.engine.applying(None, pause):
-            return self._through(decoder.embed_tokens(ids), decoder_layers(self.engine.base_model)[:self.first_layer])
+            return self._through(decoder.embed_tokens(x), decoder_layers(self.engine.base_model)[:self.first_layer])
 
     def _logits(self, hidden: torch.Tensor, params: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 pause: Callable[[], None] | None, positions: list[int] | None = None) -> torch.Tensor:
@@ -334,7 +333,7 @@ class FinetuneCompressor:
             x = torch.tensor([ids[:self.config.anchor_tokens]], device=engine.device)  # (1, T)
             with torch.inference_mode():
                 base = F.log_softmax(engine.base_model(input_ids=x).logits[0].float(), dim=-1)  # (T, V)
-            self._anchor = Anchor(ids=x, hidden=self._lower(x, None), logprobs=base.clone())
+            self._anchor = Anchor(ids=x, hidden=self._lower(x[0].tolist(), None), logprobs=base.clone())
         return self._anchor
 
 

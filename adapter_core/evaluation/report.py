@@ -87,13 +87,12 @@ def summarize(results: list[Result], limit: int) -> dict:
     ]
     summary["swap_test"] = swap_test(results)
     summary["swap_test_finetuned"] = swap_test(results, "finetuned", "finetuned_swapped")
-    by_cell = defaultdict(list)
+    by_cell = defaultdict(list)  # the "cell" dimension's cells, every mode together
     for r in results:
-        if r.n_facts is not None:
-            by_cell[_facts_and_length(r, limit)].append(r)
+        by_cell[keys["cell"](r)].append(r)
     summary["swap_test_finetuned_by_cell"] = [
         {"cell": cell, **swap} for cell in sorted(by_cell, key=_cell_order)
-        if (swap := swap_test(by_cell[cell], "finetuned", "finetuned_swapped"))]
+        if cell != "(none)" and (swap := swap_test(by_cell[cell], "finetuned", "finetuned_swapped"))]
     summary["context_limit"] = limit
     return summary
 

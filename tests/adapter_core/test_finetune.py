@@ -115,7 +115,7 @@ def test_the_lower_layers_run_once_and_the_upper_ones_give_the_models_own_logits
                            pairs={name: (a, b * compressor.config.scaling) for name, (a, b) in params.items()})
     ids = torch.tensor([random_tokens(12)])
     with torch.no_grad():
-        split = compressor._logits(compressor._lower(ids, None), params, None)
+        split = compressor._logits(compressor._lower(ids[0].tolist(), None), params, None)
         whole = engine(ids, states=[trained]).logits[0].float()
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
 
