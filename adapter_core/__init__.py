@@ -5,10 +5,10 @@ with a frozen causal LM adapted by one state per batch row.
 """
 
 from .base_model import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_base_model
-from .config import ConfigError, GeneratorConfig
-from .export import export_peft
-from .model import GenerativeAdapterModel
-from .state import AdapterState, StateError
+from .memory.config import ConfigError, GeneratorConfig
+from .memory.export import export_peft
+from .memory.model import GenerativeAdapterModel
+from .memory.state import AdapterState, StateError
 
 __all__ = [
     "DEFAULT_MODEL", "AdapterState", "ConfigError", "GenerativeAdapterModel", "GeneratorConfig",

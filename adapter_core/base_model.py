@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from . import int4
+from .serving import int4
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class LoadedModel:
     dtype: torch.dtype
     attn_implementation: str
     int4_decode: bool
-    """Whether small inputs (decoding) run on 4-bit copies of the weights (see adapter_core.int4)."""
+    """Whether small inputs (decoding) run on 4-bit copies of the weights (see adapter_core.serving.int4)."""
 
 
 def default_gguf_path() -> Path:
@@ -102,7 +102,7 @@ def load_base_model(name_or_path: str | None = None, *, device: str | torch.devi
 
     name_or_path: None or DEFAULT_MODEL for the embedded default, else a Hugging Face model id
     (already in the local cache) or a local folder.
-    int4_decode: decode on 4-bit copies of the linear weights (adapter_core.int4); None: where it
+    int4_decode: decode on 4-bit copies of the linear weights (adapter_core.serving.int4); None: where it
     pays, on the CPU in fp32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

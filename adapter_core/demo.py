@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from .data.conversation import prompt_ids
-from .decoding import ReplyRequest, reply
+from .serving.decoding import ReplyRequest, reply
 from .engine import load_engine
-from .export import export_peft
-from .sampling import SamplingConfig
+from .memory.export import export_peft
+from .serving.sampling import SamplingConfig
 
 HISTORY = [
     "User: Hi! My name is Ilvara and I live in a town called Quenmoor.",

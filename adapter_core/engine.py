@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from .base_model import DEFAULT_MODEL, load_base_model
-from .config import GeneratorConfig
-from .model import CONFIG_NAME, GenerativeAdapterModel
+from .memory.config import GeneratorConfig
+from .memory.model import CONFIG_NAME, GenerativeAdapterModel
 
 log = logging.getLogger(__name__)
 

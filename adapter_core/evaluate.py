@@ -28,10 +28,13 @@ from .data.personas import VALUES, make_eval_set
 from .evaluation.leakage import neutral_perplexity
 from .evaluation.report import markdown_report, summarize
 from .evaluation.runner import MODES, SWAPPED, EvalOptions, context_limit, evaluate, results_as_dicts
-from .finetune import FinetuneCompressor, FinetuneConfig
+from .memory.finetune import FinetuneCompressor, FinetuneConfig
 
 log = logging.getLogger(__name__)
 
+
+RECALL_DEFAULT = ("questions" if FinetuneConfig.written_questions else "restate") if FinetuneConfig.recall else "none"
+"""--finetune-recall's default: FinetuneConfig's recall and written_questions in one word."""
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    help="finetuned modes: most tokens per step (FinetuneConfig.batch_tokens)")
     p.add_argument("--finetune-loss-on", choices=("user", "all"), default=FinetuneConfig.loss_on,
                    help="finetuned modes: which tokens the loss counts (FinetuneConfig.loss_on)")
+    p.add_argument("--finetune-recall", choices=("none", "restate", "questions"), default=RECALL_DEFAULT,
+                   help="finetuned modes: recall chats made from the user's statements: none, restatements, "
+                        "restatements and questions the base model writes (FinetuneConfig.recall, written_questions)")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -104,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                           context_limit=args.context_limit)
     compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps,
                                                            batch_tokens=args.finetune_batch_tokens,
-                                                           loss_on=args.finetune_loss_on))
+                                                           loss_on=args.finetune_loss_on,
+                                                           recall=args.finetune_recall != "none",
+                                                           written_questions=args.finetune_recall == "questions"))
     started, timings, finetuned = time.perf_counter(), {}, {}
     with torch.inference_mode():
         results = evaluate(engine, conversations, options, compressor=compressor, timings=timings, finetuned=finetuned)

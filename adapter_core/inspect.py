@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .export import lora_factors
-from .model import GenerativeAdapterModel
-from .state import AdapterState
+from .memory.export import lora_factors
+from .memory.model import GenerativeAdapterModel
+from .memory.state import AdapterState
 
 
 @torch.no_grad()

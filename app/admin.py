@@ -16,10 +16,10 @@ from datetime import datetime
 
 from adapter_core import GenerativeAdapterModel
 from adapter_core.data.conversation import Turn, prompt_ids
-from adapter_core.decoding import ReplyRequest, fit_prompt
+from adapter_core.serving.decoding import ReplyRequest, fit_prompt
 from adapter_core.inspect import adapter_summary
-from adapter_core.sampling import SamplingConfig
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.serving.sampling import SamplingConfig
+from adapter_core.serving.scheduler import InferenceLoop
 from storage import NotFound
 from storage.models import User
 

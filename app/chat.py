@@ -1,7 +1,7 @@
 """Chat: a user's history, and one turn: their message stored, the reply streamed and stored.
 
 A turn is two database transactions (storage's begin_turn and finish_turn) around the decoding,
-which runs on the inference loop (adapter_core.scheduler) together with everyone else's replies.
+which runs on the inference loop (adapter_core.serving.scheduler) together with everyone else's replies.
 One user's turns run one at a time (a message sent while the previous one is being answered is
 refused, or with ReplyOptions.queue waits for it), so that a reply always sees the user's previous
 turn in its prompt or their adapter.
@@ -22,9 +22,9 @@ from datetime import datetime
 
 from adapter_core import AdapterState, GenerativeAdapterModel
 from adapter_core.data.conversation import SYSTEM_PROMPT, Turn, prompt_ids
-from adapter_core.decoding import Reply, ReplyRequest, count_tokens, fit_prompt
-from adapter_core.sampling import SamplingConfig
-from adapter_core.scheduler import InferenceLoop, ReplyStream
+from adapter_core.serving.decoding import Reply, ReplyRequest, count_tokens, fit_prompt
+from adapter_core.serving.sampling import SamplingConfig
+from adapter_core.serving.scheduler import InferenceLoop, ReplyStream
 from storage import NotFound, ValidationError, validation
 from storage.models import Message
 

@@ -17,8 +17,8 @@ import gradio as gr
 
 from adapter_core import GenerativeAdapterModel
 from adapter_core.engine import load_engine
-from adapter_core.lean_decoder import lean_decoder
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.serving.lean_decoder import lean_decoder
+from adapter_core.serving.scheduler import InferenceLoop
 from storage import Storage, StorageSettings
 
 from .loading import APP_STEPS, LoadingServer, StartupProgress

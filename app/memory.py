@@ -4,7 +4,7 @@ The memory tab's actions (status, compress now, forget), the compression the bac
 runs (app/worker.py talks to nothing else), the per-user cache of adapter states, and what
 happens when a snapshot file cannot be used. Compressing new turns and rebuilding from the whole
 history are one code path (`_absorb`): a rebuild is absorbing every message into an empty state.
-Absorbing runs on the inference loop (adapter_core.scheduler), in slices between decode steps,
+Absorbing runs on the inference loop (adapter_core.serving.scheduler), in slices between decode steps,
 so that compression never holds up a reply for long.
 """
 
@@ -19,9 +19,9 @@ from datetime import datetime
 
 from adapter_core import AdapterState, GenerativeAdapterModel, StateError
 from adapter_core.data.conversation import Turn, history_text
-from adapter_core.compressor import Compressor, make_compressor
-from adapter_core.finetune import replay_sample
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.memory.compressor import Compressor, make_compressor
+from adapter_core.memory.finetune import replay_sample
+from adapter_core.serving.scheduler import InferenceLoop
 from storage import CursorError, MemorySummary, NotFound, RebuildRequired, SnapshotFileError, TurnStart
 from storage.models import AdapterSnapshot, CompressionJob, Message, User
 

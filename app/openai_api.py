@@ -50,8 +50,8 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from adapter_core.data.conversation import Turn
-from adapter_core.sampling import SamplingConfig
-from adapter_core.scheduler import LoopStopped
+from adapter_core.serving.sampling import SamplingConfig
+from adapter_core.serving.scheduler import LoopStopped
 
 from .chat import FinishedReply, HistoryMessage, ReplyOptions, ReplyStarted
 from .downloads import zip_response

@@ -23,6 +23,7 @@ from .downloads import ROUTE as DOWNLOADS_ROUTE
 from .downloads import zip_response
 from .limits import client_address
 from .openai_api import api_router
+from .page_login import auth_router
 from .services import Services
 from .ui import CSS
 
@@ -230,6 +231,7 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
             return gone
         return zip_response(handle, filename)
 
+    app.include_router(auth_router(services.accounts))  # the page's login cookie
     app.include_router(api_router(services))  # before the page, which is mounted at / and takes every other path
     # run_history=False: Gradio would otherwise keep every call's inputs (passwords included) in the
     # browser's localStorage; it also deletes what an older version of the page saved there.

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapter_core import GenerativeAdapterModel
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.serving.scheduler import InferenceLoop
 from storage import Storage
 
 from .access import Access

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 COMPRESSORS = ("finetune", "generator")
-"""adapter_core.compressor.COMPRESSORS."""
+"""adapter_core.memory.compressor.COMPRESSORS."""
 MAX_NEW_TOKENS = 160
-"""adapter_core.sampling.SamplingConfig.max_new_tokens."""
+"""adapter_core.serving.sampling.SamplingConfig.max_new_tokens."""
 
 ENV_PREFIX = "MEMCHAT_"
 

@@ -1,10 +1,11 @@
 """The Gradio interface: login and sign-up, the chat, the memory panel and the admin page.
 
-Who is logged in lives in a gr.State, which Gradio keeps on the server for each browser session
-(a client cannot set it): the secret of the page's login (app/access.py), never a user id, so a
-logout elsewhere or a deleted account ends what this page can do. Every handler passes it to the
-services (app/services.py), which check it again; hiding the admin tab is a convenience, not the
-protection. The services hand back typed results (frozen dataclasses), read here by attribute.
+Who is logged in is the browser's login cookie (app/page_login.py), set by /auth/login or
+/auth/signup, which the page's script calls before the Log in and Sign up events: HttpOnly, so no
+script reads it, and sent with every event, whose handler acts as that login (`with_login`), never
+as a user id and never as what Gradio's session hash last held. A logout elsewhere or a deleted
+account ends what this page can do. The services (app/services.py) check the login at every call;
+hiding the admin tab is a convenience, not the protection. The services hand back typed results (frozen dataclasses), read here by attribute.
 
 Refusals (AppError) and faults never raise into Gradio (which would cover the form in "Error"
 badges and, for a fault, show the exception's text): they become a message beside the form that
@@ -25,7 +26,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import gradio as gr
 import pandas as pd
 
-from .accounts import Login
 from .api_keys import ApiKeyRow
 from .chat import FinishedReply, HistoryMessage, TurnOpened
 from .downloads import Download
@@ -33,6 +33,7 @@ from .errors import AppError, Busy, Gone, InvalidInput, describe
 from .export import DataExport
 from .limits import client_address
 from .memory import CompressionProgress, MemoryStatus
+from .page_login import AUTH_ROUTE, with_login
 from .plots import adapter_figure
 from .services import Services
 
@@ -55,6 +56,18 @@ CSS = """
 ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]{1,32}(/[A-Za-z0-9_+\-]{1,32}){0,2}")
 """An IANA zone name ('UTC', 'Europe/Paris', 'America/Argentina/Buenos_Aires'): no '..', at most 98 characters."""
 TIMEZONE_JS = "() => Intl.DateTimeFormat().resolvedOptions().timeZone"
+# Log in and Sign up first ask /auth (app/page_login.py), which sets the login cookie; the event
+# that follows shows the page for that login, or what /auth said in `auth_said`.
+AUTH_JS = """async (username, password, said) => {
+  try {
+    const answer = await fetch("%s/%%s", {method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({username, password})});
+    const body = await answer.json().catch(() => ({}));
+    return [username, password, answer.ok ? "" : (body.error || "The server refused: " + answer.status)];
+  } catch (e) { return [username, password, "The server cannot be reached; try again in a moment."]; }
+}""" % AUTH_ROUTE
+# After a logout (the login ended on the server) the browser's cookie is cleared too.
+CLEAR_LOGIN_JS = f"""() => {{ fetch("{AUTH_ROUTE}/logout", {{method: "POST", credentials: "same-origin"}}); }}"""
 
 
 # --- text and times -----------------------------------------------------------------------------
@@ -224,7 +237,6 @@ def build_ui(services: Services) -> gr.Blocks:
         services.accounts, services.chat, services.memory, services.exports, services.admin, services.api_keys)
     rules = services.storage.settings
     with gr.Blocks(title=TITLE) as ui:
-        session = gr.State(None)        # the secret of this page's login (app/access.py)
         pending_forget = gr.State(None)  # a message id waiting for "Yes, forget"
         pending_admin = gr.State(None)   # (action, user id) waiting for "Yes"
         pending_mine = gr.State(None)    # (action, key id or None) of the user's own, waiting for "Yes"
@@ -247,7 +259,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 login_button = gr.Button("Log in", variant="primary", elem_id="login")
                 signup_button = gr.Button("Sign up", elem_id="signup")
             login_notice = gr.Markdown(elem_id="login-notice", elem_classes="notice")
-
+            auth_said = gr.Textbox(visible=False)  # what /auth refused with ("" when it let in): AUTH_JS
         with gr.Column(visible=False) as main_box:
             with gr.Row():
                 whoami = gr.Markdown(elem_id="whoami")
@@ -353,7 +365,7 @@ def build_ui(services: Services) -> gr.Blocks:
         # would reset a component's value only the first time (and a shown API key would stay).
         def blank() -> dict:
             return {
-                session: None, pending_forget: None, pending_admin: None, pending_mine: None,
+                pending_forget: None, pending_admin: None, pending_mine: None,
                 mine_confirm: gr.update(visible=False), mine_question: "",
                 login_box: gr.update(visible=True), main_box: gr.update(visible=False),
                 admin_tab: gr.update(visible=False), whoami: "", username: "", password: "", login_notice: "",
@@ -369,30 +381,37 @@ def build_ui(services: Services) -> gr.Blocks:
             }
         page_outputs = list(blank())
 
-        def entered(login: Login) -> dict:
-            me = login.account
+        def entered(login: str) -> dict:
+            me = accounts.whoami(login)
             return blank() | {
-                session: login.secret, login_box: gr.update(visible=False), main_box: gr.update(visible=True),
+                login_box: gr.update(visible=False), main_box: gr.update(visible=True),
                 admin_tab: gr.update(visible=me.is_admin),
                 whoami: f"Logged in as **{name_markdown(me.username)}**" + (" (admin)" if me.is_admin else ""),
-                chatbot: _chat_messages(chat_service.history(login.secret)),
+                chatbot: _chat_messages(chat_service.history(login)),
             }
 
         def refused(notice_text: str) -> dict:
             """Only the notice changes: what was typed stays, so it can be corrected."""
             return {login_notice: _notice(notice_text)}
 
-        def log_in(name, secret, request: gr.Request):
+        def enter(login, _name, _password, said):
+            """After /auth: the page of the login it set, or what it refused with."""
+            if said:
+                return refused(str(said)[:500])
             try:
-                return entered(accounts.log_in(name, secret, client_address(request)))
+                return entered(login)
             except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
                 return refused(describe(e, "log in"))
 
-        def sign_up(name, secret, request: gr.Request):
+        def reopened(login):
+            """A page opened (or reloaded) in a browser still logged in shows that login's page."""
+            nothing = {login_notice: gr.skip()}  # (Gradio reads an empty dict as one value)
+            if login is None:
+                return nothing
             try:
-                return entered(accounts.sign_up(name, secret, client_address(request)))
-            except Exception as e:  # noqa: BLE001
-                return refused(describe(e, "sign up"))
+                return entered(login)
+            except AppError:  # ended or expired: the login view, as for anyone
+                return nothing
 
         def log_out(login):
             accounts.log_out(login)
@@ -404,9 +423,11 @@ def build_ui(services: Services) -> gr.Blocks:
                 gr.Info(f"Logged out on {plural(ended, 'browser')}.")
             return blank()
 
-        login_button.click(log_in, [username, password], page_outputs, api_name="login")
-        password.submit(log_in, [username, password], page_outputs, api_visibility="private")
-        signup_button.click(sign_up, [username, password], page_outputs, api_name="signup")
+        auth_inputs = [username, password, auth_said]
+        login_button.click(with_login(enter), auth_inputs, page_outputs, js=AUTH_JS % "login", api_name="login")
+        password.submit(with_login(enter), auth_inputs, page_outputs, js=AUTH_JS % "login", api_visibility="private")
+        signup_button.click(with_login(enter), auth_inputs, page_outputs, js=AUTH_JS % "signup", api_name="signup")
+        ui.load(with_login(reopened), None, page_outputs, api_visibility="private")
 
         # --- chat ---------------------------------------------------------------------------------
 
@@ -445,15 +466,15 @@ def build_ui(services: Services) -> gr.Blocks:
         replies_at_once = chat_service.loop.max_rows
         # trigger_mode "multiple": a Send while the reply streams reaches the server, which says why
         # it waits (one turn at a time), instead of the browser dropping the click without a word
-        running.append(send_button.click(guarded("chat", 4)(chat), [session, message], chat_outputs, api_name="chat",
+        running.append(send_button.click(guarded("chat", 4)(with_login(chat)), [message], chat_outputs, api_name="chat",
                                          concurrency_limit=replies_at_once, concurrency_id="chat",
                                          trigger_mode="multiple"))
-        running.append(message.submit(guarded("chat", 4)(chat), [session, message], chat_outputs,
+        running.append(message.submit(guarded("chat", 4)(with_login(chat)), [message], chat_outputs,
                                       api_visibility="private", concurrency_limit=replies_at_once, trigger_mode="multiple",
                                       concurrency_id="chat"))
         # should a client still send the chat's "clear" event, the view shows the stored history again
-        chatbot.clear(guarded("show history", 2)(lambda user_id: (_chat_messages(chat_service.history(user_id)), "")),
-                      [session], [chatbot, chat_notice], api_visibility="private")
+        chatbot.clear(guarded("show history", 2)(with_login(lambda login: (_chat_messages(chat_service.history(login)), ""))),
+                      None, [chatbot, chat_notice], api_visibility="private")
 
         # --- memory -------------------------------------------------------------------------------
 
@@ -561,35 +582,35 @@ def build_ui(services: Services) -> gr.Blocks:
                             memory_notice: ""}
 
         memory_outputs = [memory_status, forget_choice, memory_notice]
-        refresh_button.click(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_name="memory")
-        compress_button.click(guarded("compress now", 3)(compress_now), [session, zone], memory_outputs,
+        refresh_button.click(guarded("memory", 3)(with_login(memory)), [zone], memory_outputs, api_name="memory")
+        compress_button.click(guarded("compress now", 3)(with_login(compress_now)), [zone], memory_outputs,
                               api_name="compress_now")
-        forget_button.click(guarded("forget", 4)(ask_forget), [session, forget_choice],
+        forget_button.click(guarded("forget", 4)(with_login(ask_forget)), [forget_choice],
                             [pending_forget, forget_confirm, forget_question, memory_notice], api_name="ask_forget")
-        running.append(forget_yes.click(guarded("forget", 7)(forget), [session, pending_forget, zone],
+        running.append(forget_yes.click(guarded("forget", 7)(with_login(forget)), [pending_forget, zone],
                          [pending_forget, forget_confirm, memory_status, forget_choice, chatbot, export_link,
                           memory_notice], api_name="forget"))
         forget_no.click(cancel_forget, None, [pending_forget, forget_confirm, memory_notice],
                         api_visibility="private")
-        running.append(export_button.click(guarded("export", 2)(export), [session], [export_link, memory_notice],
+        running.append(export_button.click(guarded("export", 2)(with_login(export)), None, [export_link, memory_notice],
                                            api_name="export"))
-        timer.tick(memory_tick, [session, zone], memory_outputs, api_visibility="private", show_progress="hidden")
+        timer.tick(with_login(memory_tick), [zone], memory_outputs, api_visibility="private", show_progress="hidden")
         # the tab shows what it holds when opened (the timer refreshes only the status)
-        memory_tab.select(guarded("memory", 3)(memory), [session, zone], memory_outputs, api_visibility="private")
+        memory_tab.select(guarded("memory", 3)(with_login(memory)), [zone], memory_outputs, api_visibility="private")
         keys_outputs = [keys_table, key_choice, memory_notice]
-        memory_tab.select(guarded("API keys", 3)(show_keys), [session, zone], keys_outputs, api_visibility="private")
-        refresh_button.click(guarded("API keys", 3)(show_keys), [session, zone], keys_outputs, api_name="api_keys")
-        running.append(create_key_button.click(guarded("create API key", 5)(create_key), [session, key_name, zone],
+        memory_tab.select(guarded("API keys", 3)(with_login(show_keys)), [zone], keys_outputs, api_visibility="private")
+        refresh_button.click(guarded("API keys", 3)(with_login(show_keys)), [zone], keys_outputs, api_name="api_keys")
+        running.append(create_key_button.click(guarded("create API key", 5)(with_login(create_key)), [key_name, zone],
                                                [new_key, key_name, *keys_outputs], api_name="create_api_key"))
         ask_outputs = [pending_mine, mine_confirm, mine_question, memory_notice]
-        revoke_key_button.click(guarded("revoke API key", memory_notice)(ask_mine("revoke")),
-                                [session, key_choice], ask_outputs, api_name="ask_revoke_api_key")
-        forget_all_button.click(guarded("forget everything", memory_notice)(ask_mine("forget all")), [session],
+        revoke_key_button.click(guarded("revoke API key", memory_notice)(with_login(ask_mine("revoke"))),
+                                [key_choice], ask_outputs, api_name="ask_revoke_api_key")
+        forget_all_button.click(guarded("forget everything", memory_notice)(with_login(ask_mine("forget all"))), None,
                                 ask_outputs, api_name="ask_forget_everything")
-        delete_me_button.click(guarded("delete account", memory_notice)(ask_mine("delete")), [session],
+        delete_me_button.click(guarded("delete account", memory_notice)(with_login(ask_mine("delete"))), None,
                                ask_outputs, api_name="ask_delete_account")
-        running.append(mine_yes.click(guarded("confirm", memory_notice)(mine_confirmed),
-                                      [session, pending_mine, zone], page_outputs, api_name="confirm_mine"))
+        running.append(mine_yes.click(guarded("confirm", memory_notice)(with_login(mine_confirmed)),
+                                      [pending_mine, zone], page_outputs, api_name="confirm_mine"))
         mine_no.click(lambda: (None, gr.update(visible=False), ""), None, [pending_mine, mine_confirm, memory_notice],
                       api_visibility="private")
 
@@ -687,36 +708,37 @@ def build_ui(services: Services) -> gr.Blocks:
 
         overview_outputs = [users_table, admin_user, audit_table, signup_open, admin_notice]
         confirm_outputs = [pending_admin, admin_confirm, admin_question, admin_notice]
-        admin_tab.select(guarded("admin overview", 5)(admin_overview), [session, zone], overview_outputs,
+        admin_tab.select(guarded("admin overview", 5)(with_login(admin_overview)), [zone], overview_outputs,
                          api_visibility="private")
-        admin_refresh.click(guarded("admin overview", 5)(admin_overview), [session, zone], overview_outputs,
+        admin_refresh.click(guarded("admin overview", 5)(with_login(admin_overview)), [zone], overview_outputs,
                             api_name="admin_users")
-        running.append(admin_user.change(guarded("admin detail", 5)(admin_detail), [session, admin_user, zone],
+        running.append(admin_user.change(guarded("admin detail", 5)(with_login(admin_detail)), [admin_user, zone],
                           [user_detail, snapshots_table, adapter_plot, admin_key, admin_notice], api_name="admin_user"))
-        admin_revoke_key.click(guarded("revoke API key", 2)(admin_revoke), [session, admin_user, admin_key, zone],
+        admin_revoke_key.click(guarded("revoke API key", 2)(with_login(admin_revoke)), [admin_user, admin_key, zone],
                                [admin_key, admin_notice], api_name="admin_revoke_key")
-        running.append(probe_button.click(guarded("probe", 5)(admin_probe), [session, admin_user, probe_question],
+        running.append(probe_button.click(guarded("probe", 5)(with_login(admin_probe)), [admin_user, probe_question],
                            [probe_status, probe_base, probe_adapter, probe_full, admin_notice],
                            api_name="admin_probe", show_progress_on=[probe_status]))
-        rebuild_button.click(guarded("rebuild", 5)(rebuild), [session, admin_user, zone], overview_outputs,
+        rebuild_button.click(guarded("rebuild", 5)(with_login(rebuild)), [admin_user, zone], overview_outputs,
                              api_name="admin_rebuild")
-        reset_button.click(guarded("reset", 4)(ask_admin("reset")), [session, admin_user], confirm_outputs,
+        reset_button.click(guarded("reset", 4)(with_login(ask_admin("reset"))), [admin_user], confirm_outputs,
                            api_name="admin_ask_reset")
-        delete_button.click(guarded("delete", 4)(ask_admin("delete")), [session, admin_user], confirm_outputs,
+        delete_button.click(guarded("delete", 4)(with_login(ask_admin("delete"))), [admin_user], confirm_outputs,
                             api_name="admin_ask_delete")
-        running.append(admin_yes.click(guarded("admin action", 7)(admin_confirmed), [session, pending_admin, zone],
+        running.append(admin_yes.click(guarded("admin action", 7)(with_login(admin_confirmed)), [pending_admin, zone],
                         [pending_admin, admin_confirm, *overview_outputs], api_name="admin_confirm"))
         admin_no.click(lambda: (None, gr.update(visible=False), ""), None,
                        [pending_admin, admin_confirm, admin_notice], api_visibility="private")
-        running.append(peft_button.click(guarded("export PEFT", 2)(export_peft), [session, admin_user],
+        running.append(peft_button.click(guarded("export PEFT", 2)(with_login(export_peft)), [admin_user],
                                          [admin_link, admin_notice], api_name="admin_export_peft"))
-        signup_open.input(guarded("sign-up switch", 5)(set_signup), [session, signup_open, zone], overview_outputs,
+        signup_open.input(guarded("sign-up switch", 5)(with_login(set_signup)), [signup_open, zone], overview_outputs,
                           api_name="admin_signup")
 
         # A reply, export or probe still running would write the last person's data into the
         # page after the logout: logging out cancels them first.
-        logout_button.click(log_out, [session], page_outputs, api_name="logout", cancels=running)
-        logout_all_button.click(log_out_everywhere, [session], page_outputs, api_name="logout_everywhere",
-                                cancels=running)
+        logout_button.click(with_login(log_out), None, page_outputs, api_name="logout", cancels=running
+                            ).then(None, js=CLEAR_LOGIN_JS)
+        logout_all_button.click(with_login(log_out_everywhere), None, page_outputs, api_name="logout_everywhere",
+                                cancels=running).then(None, js=CLEAR_LOGIN_JS)
     return ui
 

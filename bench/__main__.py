@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from adapter_core.engine import load_engine
-from adapter_core.int4 import four_bit_layers
+from adapter_core.serving.int4 import four_bit_layers
 
 from .concurrency import concurrent_users, during_long_prefill
 from .decode import decode

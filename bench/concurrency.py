@@ -31,9 +31,9 @@ import numpy as np
 
 from adapter_core import GenerativeAdapterModel
 from adapter_core.data.conversation import Turn, history_text, prompt_ids
-from adapter_core.decoding import ReplyRequest, count_tokens, fit_prompt
-from adapter_core.sampling import SamplingConfig
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.serving.decoding import ReplyRequest, count_tokens, fit_prompt
+from adapter_core.serving.sampling import SamplingConfig
+from adapter_core.serving.scheduler import InferenceLoop
 from app.services import Services
 from app.settings import AppSettings
 from storage import Storage, upgrade

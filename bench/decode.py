@@ -21,7 +21,7 @@ import torch
 from adapter_core import GenerativeAdapterModel
 from adapter_core.base_model import default_gguf_path
 from adapter_core.data.conversation import history_text, prompt_ids
-from adapter_core.decoding import DecodeBatch, ReplyRequest
+from adapter_core.serving.decoding import DecodeBatch, ReplyRequest
 
 from .sections import BenchOptions, fixed_length, history_turns
 

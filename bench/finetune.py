@@ -1,4 +1,4 @@
-"""The fine-tuning compressor's cost (adapter_core.finetune): seconds to absorb 1K and 2K new tokens,
+"""The fine-tuning compressor's cost (adapter_core.memory.finetune): seconds to absorb 1K and 2K new tokens,
 how a user's compressions cost as their history grows (1st, 5th, 20th: each trains on its new turns
 and a bounded replay, not on the whole history), whether a fact of the first compression is still
 recalled after 10 later ones, and a new reply's first token while one runs."""
@@ -11,10 +11,10 @@ import time
 from adapter_core import GenerativeAdapterModel
 from adapter_core.data.conversation import Turn, history_text, prompt_ids
 from adapter_core.evaluation.answering import answer
-from adapter_core.decoding import ReplyRequest
-from adapter_core.finetune import FinetuneCompressor, replay_sample
-from adapter_core.sampling import SamplingConfig
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.serving.decoding import ReplyRequest
+from adapter_core.memory.finetune import FinetuneCompressor, replay_sample
+from adapter_core.serving.sampling import SamplingConfig
+from adapter_core.serving.scheduler import InferenceLoop
 
 from .concurrency import _with_loop_on_this_thread
 from .sections import QUESTION, BenchOptions, history_turns

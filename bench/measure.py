@@ -98,7 +98,7 @@ def _int4_matmul_flops(x_shape, _packed_shape, _group_size, _scales_shape, *_, o
     return 2 * x_shape[0] * x_shape[1] * out_shape[-1]
 
 
-# PyTorch's counter knows the dense matmuls only; decoding on 4-bit weights (adapter_core.int4) runs this one.
+# PyTorch's counter knows the dense matmuls only; decoding on 4-bit weights (adapter_core.serving.int4) runs this one.
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._weight_int4pack_mm_for_cpu: _int4_matmul_flops}
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from adapter_core.int4 import MAX_ROWS  # noqa: E402
+from adapter_core.serving.int4 import MAX_ROWS  # noqa: E402
 
 
 def _by_mode(rows: list[dict], mode: str) -> dict[int, dict]:
@@ -103,7 +103,7 @@ def _decode(results: dict) -> list[str]:
     lines = ["", "## Decode speed beside llama.cpp", "",
              f"Greedy decoding of {results['options']['decode_bench_tokens']} tokens per user after a short prompt "
              f"(prefill not counted), {d['threads']} threads, each user with their own adapter (one user: the folded "
-             "LoRA pair). The lean step (adapter_core/lean_decoder.py) against the transformers path it replaced, and "
+             "LoRA pair). The lean step (adapter_core/serving/lean_decoder.py) against the transformers path it replaced, and "
              "llama.cpp on the same GGUF: `llama-bench` (tg) for one sequence, `llama-batched-bench` (text generation) "
              "for parallel ones" + (f", built from {llama['version']}." if llama.get("version") else "."), ""]
     if "skipped" in llama:
@@ -134,7 +134,7 @@ def _concurrency(results: dict) -> list[str]:
              f"about {c['history_tokens']} tokens of history in the adapter; replies of {c['reply_tokens']} tokens, "
              "sampled as in the app (the end of turn held back, so both modes decode as much). *serialized*: one "
              "reply at a time, and a compression runs to its end before anything else (as when every engine call "
-             "held one lock); *scheduler*: the inference loop (adapter_core.scheduler), replies in one running "
+             "held one lock); *scheduler*: the inference loop (adapter_core.serving.scheduler), replies in one running "
              "batch, a compression stepping aside between layers when a reply waits.", "",
              "| mode | users | tokens/s | first token p50 (s) | p95 (s) | whole reply p50 (s) | p95 (s) |",
              "|---|---|---|---|---|---|---|"]

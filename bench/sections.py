@@ -13,9 +13,9 @@ import torch
 from adapter_core import GenerativeAdapterModel
 from adapter_core.data.conversation import Turn, history_text, prompt_ids
 from adapter_core.data.personas import TRAIN, make_conversation
-from adapter_core.decoding import ReplyRequest, count_tokens, reply
-from adapter_core.sampling import SamplingConfig
-from adapter_core.windows import Window, pack_windows
+from adapter_core.serving.decoding import ReplyRequest, count_tokens, reply
+from adapter_core.serving.sampling import SamplingConfig
+from adapter_core.memory.windows import Window, pack_windows
 
 from .measure import PeakMemory, count_flops, interleaved_medians
 

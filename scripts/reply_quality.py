@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapter_core.data.conversation import Turn, prompt_ids  # noqa: E402
-from adapter_core.decoding import Reply, ReplyRequest, reply  # noqa: E402
-from adapter_core.sampling import SamplingConfig, end_of_turn_ids, repetition_stats  # noqa: E402
+from adapter_core.serving.decoding import Reply, ReplyRequest, reply  # noqa: E402
+from adapter_core.serving.sampling import SamplingConfig, end_of_turn_ids, repetition_stats  # noqa: E402
 
 PROMPTS: tuple[tuple[str, tuple[Turn, ...]], ...] = (
     ("Hi!", ()),

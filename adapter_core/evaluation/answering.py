@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..data.conversation import left_pad
-from ..decoding import DecodeBatch, ReplyRequest
-from ..model import GenerativeAdapterModel
-from ..sampling import SamplingConfig
-from ..state import AdapterState
+from ..serving.decoding import DecodeBatch, ReplyRequest
+from ..memory.model import GenerativeAdapterModel
+from ..serving.sampling import SamplingConfig
+from ..memory.state import AdapterState
 
 
 @dataclass(frozen=True)

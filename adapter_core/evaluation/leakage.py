@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model import GenerativeAdapterModel
-from ..state import AdapterState
+from ..memory.model import GenerativeAdapterModel
+from ..memory.state import AdapterState
 
 NEUTRAL_TEXT = Path(__file__).with_name("neutral.txt")
 

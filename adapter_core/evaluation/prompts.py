@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from ..data.conversation import history_text, prompt_ids
 from ..data.dataset import Conversation
-from ..decoding import fewest_dropped, fit_prompt
+from ..serving.decoding import fewest_dropped, fit_prompt
 
 SHORT_ANSWER = "Answer in a few words."
 
@@ -67,7 +67,7 @@ def prompt(tokenizer, conversation: Conversation, question: str, shown: int) -> 
 
 def fit(tokenizer, conversation: Conversation, question: str, shown: int, max_tokens: int) -> tuple[list[int], int]:
     """The prompt with at most max_tokens ids and the turns it shows: the earliest of the `shown`
-    latest turns are dropped until it fits (adapter_core.decoding.fit_prompt's rule, which chats
+    latest turns are dropped until it fits (adapter_core.serving.decoding.fit_prompt's rule, which chats
     use as it is). A question that does not fit even alone is an error."""
     alone = prompt(tokenizer, conversation, question, 0)
     if len(alone) > max_tokens:

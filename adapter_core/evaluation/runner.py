@@ -8,7 +8,7 @@ Modes:
   adapter_swapped the question alone under another conversation's adapter (the next one in the
                   set): learning the answers' format helps it as much as `adapter`; only memory
                   of the user opens a gap between the two (the swap test, report.swap_test)
-  finetuned       the whole history fine-tuned into a LoRA pair (adapter_core.finetune), the
+  finetuned       the whole history fine-tuned into a LoRA pair (adapter_core.memory.finetune), the
                   question alone in the prompt
   finetuned_swapped  the question alone under the next conversation's fine-tuned pair (the pair
                   `finetuned` made for it: each conversation is fine-tuned once)
@@ -31,9 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.dataset import Conversation
-from ..finetune import FinetuneCompressor
-from ..model import GenerativeAdapterModel
-from ..state import AdapterState
+from ..memory.finetune import FinetuneCompressor
+from ..memory.model import GenerativeAdapterModel
+from ..memory.state import AdapterState
 from . import prompts
 from .answering import Answer, answer
 from .dates import date_match

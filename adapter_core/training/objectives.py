@@ -21,7 +21,7 @@ from functools import cached_property
 from ..data import corpus
 from ..data.conversation import Turn, history_text, prompt_ids
 from ..data.personas import TRAIN, make_conversation
-from ..windows import IGNORE, TrainingBatch, Window, pack_training_batch
+from ..memory.windows import IGNORE, TrainingBatch, Window, pack_training_batch
 
 OBJECTIVES = ("completion", "reconstruction", "qa")
 

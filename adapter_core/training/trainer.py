@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_sharded, save_sharded
-from ..config import GeneratorConfig
+from ..memory.checkpoint import load_sharded, save_sharded
+from ..memory.config import GeneratorConfig
 from ..data.conversation import history_text
 from ..data.personas import make_eval_set
 from ..engine import load_engine
 from ..evaluation.runner import EvalOptions, evaluate, swap_partners
-from ..model import GenerativeAdapterModel
-from ..windows import pack_training_batch
+from ..memory.model import GenerativeAdapterModel
+from ..memory.windows import pack_training_batch
 from .objectives import DataRecipe, DataSource, qa_windows
 from .plot import plot_training
 

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from adapter_core import GenerativeAdapterModel, GeneratorConfig  # noqa: E402
 from adapter_core.base_model import pick_dtype  # noqa: E402
-from adapter_core.decoding import ReplyRequest, reply  # noqa: E402
-from adapter_core.sampling import SamplingConfig  # noqa: E402
+from adapter_core.serving.decoding import ReplyRequest, reply  # noqa: E402
+from adapter_core.serving.sampling import SamplingConfig  # noqa: E402
 from adapter_core.training.objectives import DataRecipe  # noqa: E402
 from adapter_core.training.trainer import Trainer, TrainConfig  # noqa: E402
 from tests.conftest import byte_tokenizer, tiny_text_lm  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 
 from adapter_core import ModelLoadError, load_base_model
 from adapter_core import base_model as bm
-from adapter_core.int4 import MAX_ROWS, Int4Linear
+from adapter_core.serving.int4 import MAX_ROWS, Int4Linear
 
 
 def test_cpu_gets_sdpa_and_fp32():

@@ -3,9 +3,9 @@ import torch
 
 from adapter_core import GenerativeAdapterModel, export_peft
 from adapter_core.data.conversation import prompt_ids
-from adapter_core.decoding import ReplyRequest, reply
+from adapter_core.serving.decoding import ReplyRequest, reply
 from adapter_core.engine import load_engine
-from adapter_core.sampling import SamplingConfig, end_of_turn_ids
+from adapter_core.serving.sampling import SamplingConfig, end_of_turn_ids
 
 
 def test_a_given_checkpoint_is_loaded_for_a_local_model(make_engine, make_tiny_lm, monkeypatch, tmp_path):
@@ -32,7 +32,7 @@ def test_default_engine_absorbs_answers_and_exports(model_cache, tmp_path):
     answers = [r.text for r in reply(engine, [ReplyRequest(prompt, None, greedy), ReplyRequest(prompt, state, greedy)])]
     assert all("Paris" in a for a in answers), answers
     # the same greedy reply as transformers' own generate with the adapter folded (the path before
-    # adapter_core.decoding existed)
+    # adapter_core.serving.decoding existed)
     with torch.inference_mode(), engine.adapters([state]):
         out = engine.base_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                          eos_token_id=end_of_turn_ids(engine.tokenizer))

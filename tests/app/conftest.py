@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.serving.scheduler import InferenceLoop
 from app.launch import start
 from app.services import Services
 from app.settings import AppSettings

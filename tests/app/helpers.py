@@ -7,7 +7,9 @@ import threading
 import time
 import zipfile
 
-from adapter_core.decoding import Reply, ReplyRequest
+import httpx
+
+from adapter_core.serving.decoding import Reply, ReplyRequest
 from app.chat import FinishedReply
 from app.launch import RunningApp, start
 from app.worker import CompressionWorker
@@ -94,19 +96,60 @@ class FakeStream:
                      prompt_tokens=len(self.request.prompt), first_token_s=0.01, total_s=0.02)
 
 
+def browser(login: str | None):
+    """The request of an event from a browser whose login cookie holds `login` (None: no cookie),
+    for calling a page handler directly."""
+    from types import SimpleNamespace
+
+    from app.page_login import LOGIN_COOKIE
+    return SimpleNamespace(cookies={LOGIN_COOKIE: login} if login else {}, client=None, headers={})
+
+
 class Visitor:
     """One browser session over HTTP (gradio_client): calls the page's named events and reads their
     outputs by the components' elem_id, as a person reads the page."""
 
     def __init__(self, running) -> None:
-        from gradio_client import Client
         self.running = running
-        self.client = Client(running.url, verbose=False)
+        self.cookies: dict[str, str] = {}  # the browser's cookies: its login, once /auth set it
+        self.client = self._client()
         self.page: dict = {}  # what the page shows, by elem_id, as the events left it
+
+    def _client(self):
+        from gradio_client import Client
+        cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        return Client(self.running.url, verbose=False, headers={"Cookie": cookie} if cookie else None)
+
+    def auth(self, action: str, body: object = None) -> httpx.Response:
+        """POST /auth/<action> as the page's script does, keeping the cookies it sets or clears."""
+        answer = httpx.post(f"{self.running.url.rstrip('/')}/auth/{action}", json=body, cookies=self.cookies)
+        cookies = dict(self.cookies)
+        for name in answer.headers.get_list("set-cookie"):
+            key, _, rest = name.partition("=")
+            value = rest.split(";")[0].strip('"')
+            if value and "max-age=0" not in name.lower():
+                cookies[key] = value
+            else:
+                cookies.pop(key, None)
+        if cookies != self.cookies:
+            self.cookies = cookies
+            self.client = self._client()  # its headers are fixed when made
+        return answer
 
     def call(self, api_name: str, *args) -> dict:
         """The page after the event: its updates applied in turn to what the page showed (a
-        streamed event's too), an update that skips a component leaving it as it was."""
+        streamed event's too), an update that skips a component leaving it as it was. Log in and
+        sign up first ask /auth, and a logout clears the cookie after, as the page's script does."""
+        if api_name in ("login", "signup"):
+            name, password = args
+            answer = self.auth(api_name, {"username": name, "password": password})
+            args = (name, password, "" if answer.is_success else answer.json()["error"])
+        page = self._event(api_name, *args)
+        if api_name in ("logout", "logout_everywhere"):
+            self.auth("logout")
+        return page
+
+    def _event(self, api_name: str, *args) -> dict:
         job = self.client.submit(*args, api_name=f"/{api_name}")
         last = job.result()  # first: outputs() holds every update only once the job is done
         updates = [u if isinstance(u, tuple) else (u,) for u in [*job.outputs(), last]]

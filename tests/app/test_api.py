@@ -173,3 +173,53 @@ def test_an_admin_is_told_before_the_question_that_their_own_account_is_not_dele
     root_id = running.services.storage.find_user("root").id
     page = admin.call("admin_ask_delete", root_id)
     assert "cannot delete their own account here" in page["admin-notice"] and not page.get("admin-question")
+
+
+def test_another_browser_with_the_pages_session_hash_but_not_its_cookie_acts_as_nobody(running, password):
+    """Attacker findings, point 3: Gradio's session hash travels in URLs; whoever learnt it could
+    act as the page that logged in with it. The login is the cookie now, which the hash is not."""
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    alice.call("chat", "My secret is 4417.")
+    mallory = Visitor(running)
+    mallory.client.session_hash = alice.client.session_hash  # what a URL or a log gave away
+    page = mallory.call("memory")
+    assert notice(page) == "Please log in." and "memory-status" not in page
+    assert "4417" not in json.dumps(mallory.call("create_api_key", "mine"))
+
+
+def test_the_login_cookie_ends_at_logout_and_with_the_account(running, password):
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    stolen = dict(alice.cookies)  # a copy of the cookie, as malware or a shared machine would keep it
+    alice.call("logout")
+    assert not alice.cookies  # the server cleared it
+    thief = Visitor(running)
+    thief.cookies = stolen
+    thief.client = thief._client()
+    assert notice(thief.call("memory")) == "Please log in."  # ended on the server, not only in the browser
+
+    alice.call("login", "alice", password)
+    kept = dict(alice.cookies)
+    assert kept != stolen  # a new secret for a new login
+    alice.call("ask_delete_account")
+    assert alice.call("confirm_mine")["login-notice"] == ""  # the login view
+    thief.cookies = kept
+    thief.client = thief._client()
+    assert notice(thief.call("memory")) == "Please log in."
+
+
+def test_auth_takes_json_from_this_site_only_and_says_why_it_refuses(running, password):
+    url = running.url.rstrip("/")
+    body = {"username": "alice", "password": password}
+    assert httpx.post(f"{url}/auth/signup", data=body).status_code == 400  # a plain HTML form: no
+    refused = httpx.post(f"{url}/auth/signup", json=body, headers={"Origin": "https://evil.example"})
+    assert refused.status_code == 403 and "memchat_login" not in refused.headers.get("set-cookie", "")
+    made = httpx.post(f"{url}/auth/signup", json=body, headers={"Origin": url})
+    assert made.status_code == 200 and made.json() == {"username": "alice", "admin": False}
+    cookie = made.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "max-age" not in cookie and "expires" not in cookie
+    wrong = httpx.post(f"{url}/auth/login", json={"username": "alice", "password": "not it at all"})
+    assert wrong.status_code == 401 and wrong.json() == {"error": "Wrong username or password."}
+    page = Visitor(running).call("login", "alice", "not it at all")
+    assert page["login-notice"] == "Wrong username or password." and "whoami" not in page

@@ -191,3 +191,30 @@ def test_send_during_a_reply_says_why_the_message_waits(browser, running, passwo
     finally:
         gate.set()
     page.locator("#reply-stats").get_by_text("prompt tokens").wait_for(timeout=30_000)
+
+
+def test_the_login_is_an_httponly_strict_cookie_never_in_a_url_and_a_reload_keeps_it(browser, running, password):
+    """Attacker findings, point 3: the page's login was Gradio's session hash (Math.random(), sent
+    in URLs); now it is a server-made secret in an HttpOnly, SameSite=Strict session cookie."""
+    context = browser.new_context()
+    page = context.new_page()
+    urls = []
+    page.on("request", lambda request: urls.append(request.url))
+    sign_up(page, running.url, "carol", password)
+    (cookie,) = [c for c in context.cookies() if c["name"] == "memchat_login"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["expires"] == -1  # gone with the browser
+    assert len(cookie["value"]) >= 32 and page.evaluate("document.cookie").find(cookie["value"]) == -1
+    send(page, "a note")
+    assert urls and not any(cookie["value"] in url for url in urls)
+    assert cookie["value"] not in page.content()
+
+    page.reload()  # the same browser: still logged in
+    page.locator("#whoami").get_by_text("Logged in as carol").wait_for(timeout=20_000)
+    page.locator("#logout").click()
+    page.locator("#login").wait_for()
+    page.wait_for_timeout(500)
+    assert not [c for c in context.cookies() if c["name"] == "memchat_login"]  # cleared by the server
+    page.reload()
+    page.locator("#login").wait_for(timeout=20_000)
+    assert not page.locator("#whoami").is_visible()
+    context.close()

@@ -176,7 +176,7 @@ def test_forgetting_everything_rebuilds_an_empty_adapter(services, password):
 @pytest.fixture
 def finetuning(services, monkeypatch):
     """The services with the fine-tuning compressor, cut to a few cheap steps for the tiny model."""
-    from adapter_core.finetune import FinetuneCompressor, FinetuneConfig
+    from adapter_core.memory.finetune import FinetuneCompressor, FinetuneConfig
 
     services.memory.compressor = FinetuneCompressor(
         services.engine, FinetuneConfig(steps=3, lr=5e-2, window_tokens=64, replay_tokens=64))
@@ -220,7 +220,7 @@ def test_the_finetune_compressor_writes_pairs_replays_earlier_turns_and_serves_t
 
 
 def test_switching_compressors_rebuilds_the_adapter_from_the_history(finetuning, password):
-    from adapter_core.compressor import GeneratorCompressor
+    from adapter_core.memory.compressor import GeneratorCompressor
 
     services = finetuning
     uid = two_turns_compressed(services, password)

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from adapter_core.data.conversation import prompt_ids
-from adapter_core.decoding import ReplyRequest, reply
+from adapter_core.serving.decoding import ReplyRequest, reply
 from app.chat import _printable
 from app.openai_api import ADAPTER_HEADER, MODEL_ID, ApiError, read_chat_request
 from tests.app.helpers import FakeStream, SlowStart, Visitor, free_port, wait_for
@@ -658,7 +658,7 @@ def test_a_client_that_goes_away_cancels_its_reply(running, password, monkeypatc
 # --- reading a request (no server) -------------------------------------------------------------
 
 def test_a_request_is_read_into_a_turn_and_its_options():
-    from adapter_core.sampling import SamplingConfig
+    from adapter_core.serving.sampling import SamplingConfig
     base = SamplingConfig(max_new_tokens=50)
     asked = read_chat_request({"model": MODEL_ID, "messages": [
         {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "one"},

@@ -64,8 +64,8 @@ def test_settings_and_the_loading_page_import_nothing_heavy_and_share_the_engine
     import subprocess
     import sys
 
-    from adapter_core.compressor import COMPRESSORS
-    from adapter_core.sampling import SamplingConfig
+    from adapter_core.memory.compressor import COMPRESSORS
+    from adapter_core.serving.sampling import SamplingConfig
     from app import settings
 
     heavy = ("torch", "transformers", "gradio", "sqlalchemy", "adapter_core", "storage")

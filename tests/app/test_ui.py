@@ -7,6 +7,7 @@ import gradio as gr
 from app.errors import AppError
 from app.ui import build_ui, guarded, local_time, name_markdown, plural, text_markdown
 from storage import ValidationError
+from tests.app.helpers import browser
 
 
 def test_text_is_shown_as_text_never_as_html():
@@ -89,19 +90,19 @@ def test_a_streamed_reply_leaves_the_message_box_and_notice_alone(services, pass
     second message sent meanwhile is refused with the box and the view left as they are."""
     from tests.app.helpers import FakeStream
 
-    uid = services.accounts.sign_up("alice", password).account.id
+    alice = browser(services.accounts.sign_up("alice", password).secret)
     monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, ["One.", " Two.", " Three."]))
     ui = build_ui(services)
     chat = next(f.fn for f in ui.fns.values() if f.api_name == "chat")
-    updates = list(chat(uid, "hello"))
+    updates = list(chat(alice, "hello"))
     first, *later = updates
     assert first[1] == "" and first[3] == ""  # the box and the notice emptied once
     assert len(later) >= 3 and all(u[1] == gr.skip() and u[3] == gr.skip() for u in later)
     assert "One. Two. Three." in later[-1][0][-1]["content"]
 
-    streaming = chat(uid, "first")
+    streaming = chat(alice, "first")
     next(streaming)  # the first turn is under way
-    refused = list(chat(uid, "second, too soon"))
+    refused = list(chat(alice, "second, too soon"))
     assert len(refused) == 1
     view, box, stats, notice = refused[0]
     # the box is left alone: it still holds the text (putting it back would refill a box a double click emptied)
@@ -119,8 +120,8 @@ def test_the_hidden_time_zone_is_checked_like_any_input(services, password, capl
     memory = next(f.fn for f in ui.fns.values() if f.api_name == "memory")
     for zone in ("x" * 10_000, "../../etc/passwd", "Europe/../../x", 42):
         caplog.clear()
-        notice = memory(login.secret, zone)[-1]
+        notice = memory(browser(login.secret), zone)[-1]
         assert notice == "The time zone is not the name of a time zone."
         assert not any(r.exc_info for r in caplog.records)
-    assert memory(login.secret, "Mars/Olympus_Mons")[-1] == ""  # well formed but unknown: UTC, as before
-    assert memory(login.secret, "Europe/Paris")[-1] == ""
+    assert memory(browser(login.secret), "Mars/Olympus_Mons")[-1] == ""  # well formed but unknown: UTC, as before
+    assert memory(browser(login.secret), "Europe/Paris")[-1] == ""

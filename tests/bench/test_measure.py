@@ -33,7 +33,7 @@ def test_peak_memory_sees_a_buffer_that_lived_only_inside_the_block(reset_allowe
 
 
 def test_flops_of_a_4_bit_layer_are_those_of_the_fp32_one():
-    from adapter_core.int4 import Int4Linear, kernel_available, quantize_int4
+    from adapter_core.serving.int4 import Int4Linear, kernel_available, quantize_int4
 
     if not kernel_available():
         pytest.skip("this torch build has no CPU int4 kernel")

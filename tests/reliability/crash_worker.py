@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from adapter_core.scheduler import InferenceLoop  # noqa: E402
+from adapter_core.serving.scheduler import InferenceLoop  # noqa: E402
 from app.services import Services  # noqa: E402
 from app.settings import AppSettings  # noqa: E402
 from app.worker import CompressionWorker  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from adapter_core.scheduler import InferenceLoop
+from adapter_core.serving.scheduler import InferenceLoop
 from app.services import Services
 from app.settings import AppSettings
 from app.worker import CompressionWorker

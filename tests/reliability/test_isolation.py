@@ -11,9 +11,9 @@ from sqlalchemy import select
 from adapter_core import AdapterState
 from adapter_core.data.conversation import Turn, history_text, prompt_ids
 from adapter_core.data.personas import EVAL, make_conversation
-from adapter_core.decoding import ReplyRequest, reply
+from adapter_core.serving.decoding import ReplyRequest, reply
 from adapter_core.evaluation.metrics import contains_answer
-from adapter_core.sampling import SamplingConfig
+from adapter_core.serving.sampling import SamplingConfig
 from storage.models import User
 from tests.app.helpers import chat, run_jobs
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from adapter_core.data.conversation import left_pad
-from adapter_core.decoding import ReplyRequest, reply
+from adapter_core.serving.decoding import ReplyRequest, reply
 from adapter_core.evaluation.answering import answer
-from adapter_core.sampling import SamplingConfig
+from adapter_core.serving.sampling import SamplingConfig
 
 from tests.conftest import tiny_text_engine
 

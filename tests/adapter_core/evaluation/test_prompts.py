@@ -8,7 +8,7 @@ from adapter_core.data.dataset import read_jsonl
 from adapter_core.evaluation import prompts
 from adapter_core.evaluation.prompts import SHORT_ANSWER
 from adapter_core.evaluation.runner import MODES, EvalOptions, _prepare, swap_partners
-from adapter_core.finetune import FinetuneCompressor, FinetuneConfig
+from adapter_core.memory.finetune import FinetuneCompressor, FinetuneConfig
 
 DATA = Path(__file__).parents[1] / "data"
 CAROLINE, JOANNA = read_jsonl(DATA / "two_speakers.jsonl")

@@ -3,7 +3,7 @@ import random
 import torch
 
 from adapter_core.training.objectives import DataRecipe, DataSource, qa_windows
-from adapter_core.windows import IGNORE
+from adapter_core.memory.windows import IGNORE
 
 
 def source(tokenizer, **recipe):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapter_core import GenerativeAdapterModel
-from adapter_core.checkpoint import MAX_SHARD_BYTES
+from adapter_core.memory.checkpoint import MAX_SHARD_BYTES
 from adapter_core.training.objectives import DataRecipe
 from adapter_core.training.trainer import STATE_NAME, Trainer, TrainConfig, TrainingProgress
 

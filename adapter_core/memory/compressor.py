@@ -2,7 +2,7 @@
 
     generator  GenerativeAdapterModel.absorb: the generator writes each window in one forward
                pass; remembers only once the generator is trained (that needs a GPU)
-    finetune   adapter_core.finetune: a LoRA pair per user, fine-tuned on the user's turns; needs
+    finetune   adapter_core.memory.finetune: a LoRA pair per user, fine-tuned on the user's turns; needs
                no trained generator, remembers on the CPU, costs backward passes
 
 Both take a state and texts and give a new state (never changing the old), step aside at `pause`

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adapter_core.data.conversation import Turn, prompt_ids
-from adapter_core.decoding import DecodeBatch, ReplyRequest, count_tokens, fit_prompt, reply
-from adapter_core.sampling import SamplingConfig
+from adapter_core.serving.decoding import DecodeBatch, ReplyRequest, count_tokens, fit_prompt, reply
+from adapter_core.serving.sampling import SamplingConfig
 
 GREEDY = SamplingConfig.greedy(7)
 

@@ -1,6 +1,6 @@
 """The second compressor: a LoRA pair per user, fine-tuned on that user's own chat.
 
-The generator (adapter_core.model) writes memory in one forward pass, but only once it is trained,
+The generator (adapter_core.memory.model) writes memory in one forward pass, but only once it is trained,
 which needs a GPU. This compressor needs none: it trains a plain LoRA pair on each adapted module
 (the same modules as the generator's, o_proj and down_proj of the upper layers) with next-token
 loss on the user's turns, as the paper's own fine-tuning baseline (its SFT row). Measured on the
@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .data.conversation import Turn, history_text, prompt_ids
-from .decoding import ReplyRequest, reply
+from . import restatement
+from ..data.conversation import Turn, history_text, prompt_ids
+from ..serving.decoding import ReplyRequest, reply
 from .model import GenerativeAdapterModel, RowAdapters, decoder_layers, zero_pair
-from .sampling import SamplingConfig
+from ..serving.sampling import SamplingConfig
 from .state import AdapterState
 
 
@@ -113,6 +114,13 @@ class FinetuneConfig:
     need and leaves the model's ordinary replies alone (0: no anchor)."""
     anchor_tokens: int = 256
     """Tokens of that text (the base model's replies to a few everyday requests, made once)."""
+    # --- what it learns from
+    recall: bool = True
+    """Also train on recall chats made from the user's statements (adapter_core.memory.restatement): the
+    chat format a question comes in, the assistant saying the statement back."""
+    written_questions: bool = False
+    """In those chats, also a question the base model writes about each statement (a generation
+    per statement in every compression)."""
     loss_on: str = "user"
     """Which tokens the next-token loss counts: "user", those of the user's lines (the assistant's
     replies stay context: they are the model's own words, and what the user said is what to
@@ -136,7 +144,7 @@ class FinetuneConfig:
 
 class FinetuneCompressor:
     """Writes a user's turns into their LoRA pairs by fine-tuning, on one engine's frozen model
-    (an adapter_core.compressor.Compressor)."""
+    (an adapter_core.memory.compressor.Compressor)."""
 
     name = "finetune"
 
@@ -171,9 +179,11 @@ class FinetuneCompressor:
         state.check_compatible(self.id, self.engine.base_model_id)
         texts = [texts] if isinstance(texts, str) else list(texts)
         new_windows = self._windows(texts)
-        windows = new_windows + self._windows(["".join(replay)])  # the sampled turns, packed into full windows
         if not new_windows:
             return state
+        windows = new_windows + self._windows(["".join(replay)])  # the sampled turns, packed into full windows
+        if self.config.recall:
+            windows += self._recall_windows([*texts, *replay])
         anchor = self.anchor() if self.config.anchor_weight else None
         # the frozen layers' output, (1, T, D) per window, kept for the compression's steps; a
         # rebuild of a long history would keep too much: beyond LOWER_KEPT_WINDOWS it is recomputed
@@ -218,6 +228,31 @@ class FinetuneCompressor:
                 if taught:
                     windows.append(Window(ids[start:start + size], taught))
         return windows
+
+    def _recall_windows(self, texts: list[str]) -> list[Window]:
+        """Recall chats of the texts' statements, a window each (adapter_core.memory.restatement); the
+        loss counts the assistant's words."""
+        said = [s for text in texts for s in restatement.statements(text)]
+        write = self._write if self.config.written_questions else None
+        exchanges = restatement.recall_exchanges(said, restatement.written_questions(said, write), self.config.seed)
+        size, windows = self.config.window_tokens, []
+        def fits(chat: list[dict]) -> bool:
+            return len(self.engine.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]) <= size
+
+        for chat in restatement.recall_chats(exchanges, fits):
+            ids, counted = restatement.chat_tokens(self.engine.tokenizer, chat)
+            ids, counted = ids[:size], counted[:size]
+            taught = [i for i in range(len(ids) - 1) if counted[i + 1]]
+            if taught:
+                windows.append(Window(ids, taught))
+        return windows
+
+    def _write(self, prompts: list[str]) -> list[str]:
+        """The base model's greedy continuation of each prompt (plain text, no chat template)."""
+        tok = self.engine.tokenizer
+        greedy = SamplingConfig.greedy(max_new_tokens=24)  # a question and its answer fit in it
+        requests = [ReplyRequest(tok(p, add_special_tokens=False)["input_ids"], None, greedy) for p in prompts]
+        return [r.text for r in reply(self.engine, requests)]
 
     def _tokens(self, text: str) -> tuple[list[int], list[bool]]:
         """The text's tokens, and whether the loss counts each (loss_on "user": the tokens of the

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from adapter_core.data.conversation import prompt_ids
-from adapter_core.decoding import ReplyRequest, reply
-from adapter_core.sampling import (SamplingConfig, TokenPicker, chat_end_of_turn_id, end_of_turn_ids,
+from adapter_core.serving.decoding import ReplyRequest, reply
+from adapter_core.serving.sampling import (SamplingConfig, TokenPicker, chat_end_of_turn_id, end_of_turn_ids,
                                    repetition_stats, words)
 from tests.conftest import byte_tokenizer, tiny_text_engine
 

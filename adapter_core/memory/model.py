@@ -5,7 +5,7 @@ Two kinds of call:
 * answering (`forward`, the `adapters` and `applying` contexts): row i of the batch is adapted
   by `states[i]` (or by nothing when it is None); M = normalize(S) is fixed for the whole call.
   A single row folds M into a plain LoRA pair once, instead of a batched product per layer and
-  token. Replies are decoded by adapter_core.decoding (and served by adapter_core.scheduler).
+  token. Replies are decoded by adapter_core.serving.decoding (and served by adapter_core.serving.scheduler).
 * writing memory (`absorb`, `absorb_many`, and the training `loss`, both through one private
   memory pass): the text is cut into windows, each window is one row of the batch, encoded with
   positions starting at 0, so windows never attend to each other. At every adapted decoder layer
@@ -72,7 +72,7 @@ class UserAdapter:
     """module name -> M (r, r): a generator's state, normalized."""
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     """module name -> (lora_A (r, d_in), lora_B (d_out, r)), scaling folded in: a fine-tuned state
-    (adapter_core.finetune), every adapted module (a pair of zeros where it trained none)."""
+    (adapter_core.memory.finetune), every adapted module (a pair of zeros where it trained none)."""
 
 
 @dataclass(frozen=True)
@@ -361,7 +361,7 @@ class GenerativeAdapterModel(nn.Module):
         """A new state that also holds `texts`; the old state is left as it is.
 
         pause: called before each adapted decoder layer of every pass, where the caller may run
-        other work on this engine (adapter_core.scheduler decodes replies there) and return to
+        other work on this engine (adapter_core.serving.scheduler decodes replies there) and return to
         carry on; the pass is unchanged by it, so the state is the same bit for bit.
         """
         return self.absorb_many([state], [texts], windows_per_pass, pause)[0]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from adapter_core import int4
-from adapter_core.decoding import DecodeBatch, ReplyRequest, reply
-from adapter_core.int4 import quantize_for_decoding
-from adapter_core.lean_decoder import _compiled, lean_decoder
-from adapter_core.sampling import SamplingConfig
+from adapter_core.serving import int4
+from adapter_core.serving.decoding import DecodeBatch, ReplyRequest, reply
+from adapter_core.serving.int4 import quantize_for_decoding
+from adapter_core.serving.lean_decoder import _compiled, lean_decoder
+from adapter_core.serving.sampling import SamplingConfig
 
 from .test_decoding import three_requests  # noqa: F401  (a fixture)
 from .test_int4 import snap_to_q4_1_grid

@@ -1,6 +1,6 @@
 import pytest
 
-from adapter_core.windows import IGNORE, Window, pack_training_batch, pack_windows
+from adapter_core.memory.windows import IGNORE, Window, pack_training_batch, pack_windows
 
 
 def test_the_last_window_always_lands_in_the_last_row():

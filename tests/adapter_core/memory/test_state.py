@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save
 
 from adapter_core import AdapterState, StateError
-from adapter_core.state import _digest
+from adapter_core.memory.state import _digest
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 
 from adapter_core import export_peft
-from adapter_core.export import servable_rank
+from adapter_core.memory.export import servable_rank
 
 
 def plain_copy(engine, make_tiny_lm, family):
@@ -53,7 +53,7 @@ def test_servable_rank(rank, servable):
 
 
 def test_a_fine_tuned_states_own_pairs_export_as_the_same_logits(make_engine, make_tiny_lm, random_tokens, tmp_path):
-    from tests.adapter_core.test_finetune import random_pairs
+    from tests.adapter_core.memory.test_finetune import random_pairs
 
     engine = make_engine("llama")
     state = random_pairs(engine, 5, rank=4)  # on the upper layer's modules; the others add nothing

@@ -5,7 +5,7 @@
         │       their KV cache merged into the running batch's (left padded to one width)
         ▼
     DecodeBatch ── step: every row feeds its last token, picks its next ──┐  (the lean step of
-        │                                                              ◄──┘   adapter_core.lean_decoder
+        │                                                              ◄──┘   adapter_core.serving.lean_decoder
         │                                                                     on the CPU, else the
         │                                                                     transformers model)
         │ leave: rows that ended (end of turn, length cap, cancelled) are cut out of the cache
@@ -13,7 +13,7 @@
     Reply (tokens, text, why it ended, timings)
 
 Rows join and leave between steps, so a batch serves replies that started at different times
-(continuous batching); adapter_core.scheduler runs one such batch on one thread for the app.
+(continuous batching); adapter_core.serving.scheduler runs one such batch on one thread for the app.
 `reply()` decodes a fixed list of requests (evaluation, scripts). `fit_prompt` is the one rule
 for prompts that would not fit: drop the earliest recent turns. Nothing else calls the model's
 `generate`.
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .data.conversation import SYSTEM_PROMPT, Turn, left_pad, prompt_ids
+from ..data.conversation import SYSTEM_PROMPT, Turn, left_pad, prompt_ids
 from .kv_cache import KVCache, pad_left
 from .lean_decoder import lean_decoder
-from .model import GenerativeAdapterModel, RowAdapters, UserAdapter
+from ..memory.model import GenerativeAdapterModel, RowAdapters, UserAdapter
 from .sampling import SamplingConfig, TokenPicker, choose_tokens, end_of_turn_ids
-from .state import AdapterState
+from ..memory.state import AdapterState
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class DecodeBatch:
     """
 
     def __init__(self, engine: GenerativeAdapterModel, lean: bool = True):
-        """lean: decode with adapter_core.lean_decoder where it applies (False: always through the
+        """lean: decode with adapter_core.serving.lean_decoder where it applies (False: always through the
         transformers model, the reference the lean step is tested and benchmarked against)."""
         self.engine = engine
         self.lean = lean_decoder(engine) if lean else None
@@ -366,7 +366,7 @@ def finished_reply(row: Row, tokenizer, started: float) -> Reply:
 
 def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest], max_rows: int = 32) -> list[Reply]:
     """Decode the requests together, up to max_rows at a time (rows leave as they end and waiting
-    requests join). Replies streamed token by token: adapter_core.scheduler."""
+    requests join). Replies streamed token by token: adapter_core.serving.scheduler."""
     started = time.perf_counter()
     batch = DecodeBatch(engine)
     waiting = list(enumerate(requests))

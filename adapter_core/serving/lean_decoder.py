@@ -7,7 +7,7 @@ the transformers model with fewer, larger operations:
 
     token ─► embedding ─► 30 x ┌ norm ─► [q|k|v] (one product) ─► rotary ─► write K, V in place ─► attention ─► o ┐
                                └ norm ─► [gate|up] (one product) ─► act(gate) * up ─► down ◄──────────────────────┘
-           ─► norm ─► lm_head (the tied Q8_0 embedding as two 4-bit halves, adapter_core.int4)
+           ─► norm ─► lm_head (the tied Q8_0 embedding as two 4-bit halves, adapter_core.serving.int4)
 
 * products of layers sharing an input are fused into one (4-bit where the layers are, else fp32);
 * keys and values are written into the batch's KVCache in place (no concatenation per step);
@@ -46,8 +46,8 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from . import int4
 from .kv_cache import KVCache
-from .layer import AdapterLinear
-from .model import GenerativeAdapterModel, RowAdapters, decoder_layers
+from ..memory.layer import AdapterLinear
+from ..memory.model import GenerativeAdapterModel, RowAdapters, decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Fused:
     """Linear layers that share an input, computed as one product: (B, d_in) -> (B, sum of d_out)."""
 
     weight: torch.Tensor | None  # (d_out, d_in) fp32, or None when 4-bit
-    packed: torch.Tensor | None  # the 4-bit kernel's layout (adapter_core.int4)
+    packed: torch.Tensor | None  # the 4-bit kernel's layout (adapter_core.serving.int4)
     scales_and_zeros: torch.Tensor | None
     bias: torch.Tensor | None  # (d_out,)
     group_size: int

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapter_core import ConfigError, GenerativeAdapterModel
-from adapter_core.checkpoint import INDEX_NAME, load_sharded, save_sharded
+from adapter_core.memory.checkpoint import INDEX_NAME, load_sharded, save_sharded
 
 
 def test_generator_round_trip_gives_the_same_id_and_outputs(make_engine, make_tiny_lm, random_tokens, tmp_path):

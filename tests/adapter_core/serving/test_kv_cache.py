@@ -3,7 +3,7 @@
 import torch
 from transformers import DynamicCache
 
-from adapter_core.kv_cache import MAX_ROOM, MIN_ROOM, KVCache
+from adapter_core.serving.kv_cache import MAX_ROOM, MIN_ROOM, KVCache
 
 
 def filled(rows: int, width: int, layers: int = 2, start: float = 0.0) -> KVCache:

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 from greenlet import GreenletExit, greenlet
 
-from .compressor import Compressor, GeneratorCompressor, Progress
+from ..memory.compressor import Compressor, GeneratorCompressor, Progress
 from .decoding import PREFILL_CHUNK_TOKENS, DecodeBatch, Prefilled, Reply, ReplyRequest, Row, finished_reply
-from .model import GenerativeAdapterModel, Texts
-from .state import AdapterState
+from ..memory.model import GenerativeAdapterModel, Texts
+from ..memory.state import AdapterState
 
 log = logging.getLogger(__name__)
 

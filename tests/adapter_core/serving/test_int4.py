@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_core import int4
-from adapter_core.int4 import MAX_ROWS, Int4Linear, quantize_for_decoding, quantize_int4
+from adapter_core.serving import int4
+from adapter_core.serving.int4 import MAX_ROWS, Int4Linear, quantize_for_decoding, quantize_int4
 
 pytestmark = pytest.mark.skipif(not int4.kernel_available(), reason="this torch build has no CPU int4 kernel")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adapter_core.normalize import normalize
+from adapter_core.memory.normalize import normalize
 
 
 @pytest.mark.parametrize("method", ["svd", "polar", "frobenius"])

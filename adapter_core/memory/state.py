@@ -1,5 +1,5 @@
 """AdapterState: one user's memory: the generator's un-normalised running sums S per adapted
-module, or (adapter_core.finetune) a LoRA pair of its own per module.
+module, or (adapter_core.memory.finetune) a LoRA pair of its own per module.
 
 A state is tied to the generator checkpoint and base model that produced it: sums made by one
 generator mean nothing to another. Serialised as safetensors with metadata and a sha256 over
@@ -44,7 +44,7 @@ class AdapterState:
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form string metadata kept with the state (for example the app's cursor)."""
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """A fine-tuned state's adapter (adapter_core.finetune; its sums are empty): module name ->
+    """A fine-tuned state's adapter (adapter_core.memory.finetune; its sums are empty): module name ->
     (lora_A (r, d_in), lora_B (d_out, r)) fp32 on the CPU, scaling folded into lora_B. Modules
     without a pair add nothing."""
 

@@ -1,4 +1,4 @@
-// The decoder layers of adapter_core/lean_decoder.py's step, for its commonest case (every fused
+// The decoder layers of adapter_core/serving/lean_decoder.py's step, for its commonest case (every fused
 // product 4-bit, no biases, SiLU, adapters on o_proj and down_proj: one user's folded LoRA pairs,
 // each row's memory, or none). The 4-bit products are torch's kernel; everything between them
 // (norms, rotary embedding, writing the cache, attention, SiLU, the adapters) is plain loops over
@@ -402,7 +402,7 @@ bool avx512() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is let go for the step (~5 ms): other Python threads (the web server's) go on meanwhile
-  m.def("decoder_layers", &decoder_layers, "the lean decode step's decoder layers (adapter_core/lean_decoder.py)",
+  m.def("decoder_layers", &decoder_layers, "the lean decode step's decoder layers (adapter_core/serving/lean_decoder.py)",
         py::call_guard<py::gil_scoped_release>());
   m.def("exp_nonpositive", &exp_nonpositive_of, "the kernels' exp, element by element (for tests)");
   m.def("to_bf16", &to_bf16_of, "the kernels' rounding to bf16, element by element (for tests)");

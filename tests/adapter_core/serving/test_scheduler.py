@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adapter_core.data.conversation import prompt_ids
-from adapter_core.decoding import ReplyRequest, reply
-from adapter_core.sampling import SamplingConfig
-from adapter_core.scheduler import InferenceLoop, LoopStopped
+from adapter_core.serving.decoding import ReplyRequest, reply
+from adapter_core.serving.sampling import SamplingConfig
+from adapter_core.serving.scheduler import InferenceLoop, LoopStopped
 
 GREEDY = SamplingConfig.greedy(6)
 
@@ -166,7 +166,7 @@ def test_stopping_during_a_compression_fails_it_and_leaves_the_engine_clean(engi
 
 def test_one_reply_whose_token_choice_fails_ends_alone(engine, random_tokens, monkeypatch):
     """In the step where one row's choice fails, and with NaN scores in one row's draw."""
-    from adapter_core import sampling
+    from adapter_core.serving import sampling
     original = sampling.TokenPicker.adjust
 
     def picky(self, logits, reply):
@@ -215,7 +215,7 @@ def test_a_stopped_loop_refuses_work_and_ends_what_was_waiting(engine, random_to
 
 
 def test_a_row_whose_draw_fails_fails_alone():
-    from adapter_core.sampling import TokenPicker, choose_tokens
+    from adapter_core.serving.sampling import TokenPicker, choose_tokens
 
     sampled = SamplingConfig(max_new_tokens=5)
     pickers = [TokenPicker(sampled, [1], seed=0), TokenPicker(sampled, [1], seed=0), TokenPicker(GREEDY, [1])]
@@ -230,15 +230,15 @@ def test_a_row_whose_draw_fails_fails_alone():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Prefill chunks of 8 columns, so that the tiny model's prompts of ~100 tokens take many."""
-    monkeypatch.setattr("adapter_core.decoding.PREFILL_CHUNK_TOKENS", 8)
+    monkeypatch.setattr("adapter_core.serving.decoding.PREFILL_CHUNK_TOKENS", 8)
 
 
 def test_a_prompt_prefilled_in_chunks_gives_the_reply_of_one_forward(engine, random_tokens, monkeypatch):
     alice = engine.absorb(engine.empty_state(), [random_tokens(20)])
     requests = [ReplyRequest(random_tokens(n), state, GREEDY) for n, state in ((100, alice), (37, None), (9, alice))]
-    monkeypatch.setattr("adapter_core.decoding.PREFILL_CHUNK_TOKENS", 10_000)
+    monkeypatch.setattr("adapter_core.serving.decoding.PREFILL_CHUNK_TOKENS", 10_000)
     whole = [r.tokens for r in reply(engine, requests)]
-    monkeypatch.setattr("adapter_core.decoding.PREFILL_CHUNK_TOKENS", 8)
+    monkeypatch.setattr("adapter_core.serving.decoding.PREFILL_CHUNK_TOKENS", 8)
     assert [r.tokens for r in reply(engine, requests)] == whole
 
 

@@ -55,7 +55,7 @@ class AdapterLinear(nn.Module):
         # None; used instead of `memory` when every row of a call belongs to the same user.
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
         # Each row's own LoRA pair, (lora_A (N, R, d_in), lora_B (N, d_out, R)), or None; used when
-        # some row's adapter is fine-tuned (adapter_core.finetune) and rows belong to several users.
+        # some row's adapter is fine-tuned (adapter_core.memory.finetune) and rows belong to several users.
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lora_pair(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +89,7 @@ class AdapterLinear(nn.Module):
               ) -> torch.Tensor | None:
         """What the adapter adds to the base layer's output for x (N, T, d_in) or (N, d_in): the folded pair's
         product, else row i's own pair (pairs[0][i], pairs[1][i]), else row i's memory[i] (N, r, r) read
-        through lora_A and lora_B, else None. (adapter_core.lean_decoder calls it too, on its own fused
+        through lora_A and lora_B, else None. (adapter_core.serving.lean_decoder calls it too, on its own fused
         layers' inputs.)"""
         if folded is not None:
             lora_a, lora_b = folded

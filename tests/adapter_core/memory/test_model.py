@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from adapter_core import GenerativeAdapterModel, GeneratorConfig, StateError
-from adapter_core.decoding import ReplyRequest, reply
-from adapter_core.layer import AdapterLinear
-from adapter_core.sampling import SamplingConfig
+from adapter_core.serving.decoding import ReplyRequest, reply
+from adapter_core.memory.layer import AdapterLinear
+from adapter_core.serving.sampling import SamplingConfig
 
 
 def base_fingerprint(engine) -> str:

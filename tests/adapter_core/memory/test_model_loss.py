@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapter_core.training.objectives import DataRecipe, DataSource
-from adapter_core.windows import TrainingBatch, pack_training_batch, pack_windows
+from adapter_core.memory.windows import TrainingBatch, pack_training_batch, pack_windows
 
 
 def source(tokenizer, **recipe):

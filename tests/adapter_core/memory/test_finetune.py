@@ -1,17 +1,19 @@
-"""The second compressor: a LoRA pair per user, fine-tuned (adapter_core.finetune), and rows' own
+"""The second compressor: a LoRA pair per user, fine-tuned (adapter_core.memory.finetune), and rows' own
 pairs served beside the generator's memories, on every decode path."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
-from adapter_core.decoding import ReplyRequest, reply
-from adapter_core.finetune import FinetuneCompressor, FinetuneConfig, replay_sample
-from adapter_core.lean_decoder import lean_decoder
-from adapter_core.state import AdapterState, StateError
-from adapter_core.sampling import SamplingConfig
+from adapter_core.serving.decoding import ReplyRequest, reply
+from adapter_core.memory.finetune import FinetuneCompressor, FinetuneConfig, replay_sample
+from adapter_core.serving.lean_decoder import lean_decoder
+from adapter_core.memory.state import AdapterState, StateError
+from adapter_core.serving.sampling import SamplingConfig
 
-from .test_decoding import greedy_without_cache
-from .test_lean_decoder import make_four_bit_engine, step_logits  # noqa: F401  (a fixture)
+from ..serving.test_decoding import greedy_without_cache
+from ..serving.test_lean_decoder import make_four_bit_engine, step_logits  # noqa: F401  (a fixture)
 
 GREEDY = SamplingConfig.greedy(6)
 FAST = FinetuneConfig(steps=4, lr=5e-2, window_tokens=32, replay_tokens=64)
@@ -49,7 +51,7 @@ def test_the_compiled_layers_take_rows_own_pairs_stacked(make_four_bit_engine, r
                 ReplyRequest(random_tokens(6), bob, GREEDY), ReplyRequest(random_tokens(5), carol, GREEDY)]
     reference = step_logits(engine, requests, False)
     for stacked_up_to in (128, 1):  # stacked into the C++ layers, or too many: the Python step
-        monkeypatch.setattr("adapter_core.lean_decoder.MAX_STACKED_RANK", stacked_up_to)
+        monkeypatch.setattr("adapter_core.serving.lean_decoder.MAX_STACKED_RANK", stacked_up_to)
         for a, b in zip(step_logits(engine, requests, True), reference):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-3)
 
@@ -157,7 +159,7 @@ def test_a_long_compression_recomputes_the_frozen_layers_and_trains_the_same(mak
     compressor = FinetuneCompressor(engine, FinetuneConfig(steps=2, lr=5e-2, window_tokens=16, batch_tokens=32))
     text = "User: my dog is called Biscuit and he sleeps all day.\n" * 3
     kept = compressor.absorb(compressor.empty_state(), text)
-    monkeypatch.setattr("adapter_core.finetune.LOWER_KEPT_WINDOWS", 0)  # nothing kept: recomputed at each use
+    monkeypatch.setattr("adapter_core.memory.finetune.LOWER_KEPT_WINDOWS", 0)  # nothing kept: recomputed at each use
     again = compressor.absorb(compressor.empty_state(), text)
     assert all(torch.equal(kept.pairs[n][1], again.pairs[n][1]) for n in kept.pairs)
 
@@ -187,3 +189,24 @@ def test_the_anchor_keeps_the_base_models_own_text_as_it_was(make_text_engine):
     assert drift[20.0] < drift[0.0]
     with pytest.raises(ValueError, match="anchor_weight"):
         FinetuneConfig(anchor_weight=-1)
+
+
+def test_recall_chats_of_the_users_statements_are_trained_beside_the_chat(make_text_engine, monkeypatch):
+    engine = make_text_engine()
+    text = "User: my dog is called Biscuit.\nAssistant: Nice!\nUser: what is up?\n"
+    config = FinetuneConfig(steps=2, lr=5e-2, window_tokens=512, batch_tokens=512, written_questions=True)
+    compressor = FinetuneCompressor(engine, config)
+    monkeypatch.setattr(compressor, "_write", lambda prompts: [" What is my dog called?\nAnswer: Biscuit"] * len(prompts))
+    (window,) = compressor._recall_windows([text])
+    taught = engine.tokenizer.decode([window.ids[i + 1] for i in window.taught], skip_special_tokens=True)
+    assert "You told me that your dog is called Biscuit." in taught and "Biscuit. You told me" in taught
+    assert "what is up" not in engine.tokenizer.decode(window.ids)  # a question is no statement
+    trained = []
+    monkeypatch.setattr(compressor, "_loss", lambda w, *a: trained.append(w) or torch.zeros((), requires_grad=True))
+    state = compressor.absorb(compressor.empty_state(), text)
+    assert window in trained and state.tokens == len(engine.tokenizer(text)["input_ids"])  # counts the chat only
+    plain = FinetuneCompressor(engine, replace(config, recall=False))
+    monkeypatch.setattr(plain, "_loss", lambda w, *a: trained.append(w) or torch.zeros((), requires_grad=True))
+    trained.clear()
+    plain.absorb(plain.empty_state(), text)
+    assert trained and window not in trained and plain.id != compressor.id  # the setting is part of the id

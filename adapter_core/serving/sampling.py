@@ -5,7 +5,7 @@ cap), and so does sampling at the model card's temperature without a repetition 
 defaults below sample as the card recommends (temperature 0.2, top-p 0.9), penalize tokens the
 reply has already used (1.2, the reply only: a penalty on the prompt also hits every earlier end
 of turn and makes replies run long) and stop at the chat template's end of turn. `TokenPicker`
-applies them, one reply at a time, inside adapter_core.decoding's batched loop.
+applies them, one reply at a time, inside adapter_core.serving.decoding's batched loop.
 `repetition_stats` is the measure they were chosen by; scripts/reply_quality.py measures,
 docs/reply-quality.md has the figures.
 """
