@@ -80,8 +80,8 @@ def test_the_app_answers_from_the_main_thread_and_stops_cleanly_on_ctrl_c_or_sig
         try:
             url = f"http://127.0.0.1:{port}/"
             wait_for(lambda: (_get(url + "healthz") or {}).get("ready"), 60)
-            client = Client(url, verbose=False)
-            client.submit("tester", "a good password 42", api_name="/signup").result(timeout=60)
+            made = httpx.post(url + "auth/signup", json={"username": "tester", "password": "a good password 42"})
+            client = Client(url, verbose=False, headers={"Cookie": made.headers["set-cookie"].split(";")[0]})
             key = re.search(r"sk-mc-[\w-]+", str(client.submit("laptop", "UTC", api_name="/create_api_key")
                                                   .result(timeout=60)))[0]
             api = openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0, timeout=60)
