@@ -29,12 +29,10 @@ from .evaluation.leakage import neutral_perplexity
 from .evaluation.report import markdown_report, summarize
 from .evaluation.runner import MODES, SWAPPED, EvalOptions, context_limit, evaluate, results_as_dicts
 from .memory.finetune import FinetuneCompressor, FinetuneConfig
+from .memory.restatement import RECALLS
 
 log = logging.getLogger(__name__)
 
-
-RECALL_DEFAULT = ("questions" if FinetuneConfig.written_questions else "restate") if FinetuneConfig.recall else "none"
-"""--finetune-recall's default: FinetuneConfig's recall and written_questions in one word."""
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,9 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    help="finetuned modes: most tokens per step (FinetuneConfig.batch_tokens)")
     p.add_argument("--finetune-loss-on", choices=("user", "all"), default=FinetuneConfig.loss_on,
                    help="finetuned modes: which tokens the loss counts (FinetuneConfig.loss_on)")
-    p.add_argument("--finetune-recall", choices=("none", "restate", "questions"), default=RECALL_DEFAULT,
+    p.add_argument("--finetune-recall", choices=RECALLS, default=FinetuneConfig.recall,
                    help="finetuned modes: recall chats made from the user's statements: none, restatements, "
-                        "restatements and questions the base model writes (FinetuneConfig.recall, written_questions)")
+                        "questions the base model writes, or both (FinetuneConfig.recall)")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -111,8 +109,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps,
                                                            batch_tokens=args.finetune_batch_tokens,
                                                            loss_on=args.finetune_loss_on,
-                                                           recall=args.finetune_recall != "none",
-                                                           written_questions=args.finetune_recall == "questions"))
+                                                           recall=args.finetune_recall))
     started, timings, finetuned = time.perf_counter(), {}, {}
     with torch.inference_mode():
         results = evaluate(engine, conversations, options, compressor=compressor, timings=timings, finetuned=finetuned)

@@ -20,6 +20,7 @@ Deterministic for a given state, texts and seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -115,12 +116,12 @@ class FinetuneConfig:
     anchor_tokens: int = 256
     """Tokens of that text (the base model's replies to a few everyday requests, made once)."""
     # --- what it learns from
-    recall: bool = True
-    """Also train on recall chats made from the user's statements (adapter_core.memory.restatement): the
-    chat format a question comes in, the assistant saying the statement back."""
-    written_questions: bool = False
-    """In those chats, also a question the base model writes about each statement (a generation
-    per statement in every compression)."""
+    recall: str = "restate"
+    """Also train on recall chats made from the user's statements, in the chat format a question
+    comes in (adapter_core.memory.restatement.RECALLS): "none"; "restate", a general question
+    answered with the statement said back; "questions", a question the base model writes about
+    each statement (a generation per statement in every compression) answered with the value it
+    copies; "both"."""
     loss_on: str = "user"
     """Which tokens the next-token loss counts: "user", those of the user's lines (the assistant's
     replies stay context: they are the model's own words, and what the user said is what to
@@ -132,6 +133,8 @@ class FinetuneConfig:
             raise ValueError("rank and steps must be >= 1, window_tokens >= 8, replay_tokens >= 0")
         if self.batch_tokens < self.window_tokens or self.min_passes < 1:
             raise ValueError("batch_tokens must be >= window_tokens and min_passes >= 1")
+        if self.recall not in restatement.RECALLS:
+            raise ValueError(f"recall must be one of {restatement.RECALLS}")
         if self.loss_on not in ("user", "all"):
             raise ValueError("loss_on must be 'user' or 'all'")
         if not 0 < self.upper_layers <= 1 or not self.lr > 0 or self.anchor_weight < 0:
@@ -182,8 +185,8 @@ class FinetuneCompressor:
         if not new_windows:
             return state
         windows = new_windows + self._windows(["".join(replay)])  # the sampled turns, packed into full windows
-        if self.config.recall:
-            windows += self._recall_windows([*texts, *replay])
+        if self.config.recall != "none":
+            windows += self._recall_windows([*texts, *replay], pause)
         anchor = self.anchor() if self.config.anchor_weight else None
         # the frozen layers' output, (1, T, D) per window, kept for the compression's steps; a
         # rebuild of a long history would keep too much: beyond LOWER_KEPT_WINDOWS it is recomputed
@@ -229,12 +232,13 @@ class FinetuneCompressor:
                     windows.append(Window(ids[start:start + size], taught))
         return windows
 
-    def _recall_windows(self, texts: list[str]) -> list[Window]:
+    def _recall_windows(self, texts: list[str], pause: Callable[[], None] | None = None) -> list[Window]:
         """Recall chats of the texts' statements, a window each (adapter_core.memory.restatement); the
         loss counts the assistant's words."""
         said = [s for text in texts for s in restatement.statements(text)]
-        write = self._write if self.config.written_questions else None
-        exchanges = restatement.recall_exchanges(said, restatement.written_questions(said, write), self.config.seed)
+        write = functools.partial(self._write, pause=pause) if self.config.recall in ("questions", "both") else None
+        exchanges = restatement.recall_exchanges(said, restatement.written_questions(said, write), self.config.seed,
+                                                 self.config.recall)
         size, windows = self.config.window_tokens, []
         def fits(chat: list[dict]) -> bool:
             return len(self.engine.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]) <= size
@@ -247,12 +251,13 @@ class FinetuneCompressor:
                 windows.append(Window(ids, taught))
         return windows
 
-    def _write(self, prompts: list[str]) -> list[str]:
-        """The base model's greedy continuation of each prompt (plain text, no chat template)."""
+    def _write(self, prompts: list[str], pause: Callable[[], None] | None = None) -> list[str]:
+        """The base model's greedy continuation of each prompt (plain text, no chat template);
+        pause: called before each decode step."""
         tok = self.engine.tokenizer
         greedy = SamplingConfig.greedy(max_new_tokens=24)  # a question and its answer fit in it
         requests = [ReplyRequest(tok(p, add_special_tokens=False)["input_ids"], None, greedy) for p in prompts]
-        return [r.text for r in reply(self.engine, requests)]
+        return [r.text for r in reply(self.engine, requests, pause=pause)]
 
     def _tokens(self, text: str) -> tuple[list[int], list[bool]]:
         """The text's tokens, and whether the loss counts each (loss_on "user": the tokens of the

@@ -8,11 +8,11 @@ in (the model's own chat template, the app's system prompt) where the assistant 
     statement      "My little hamster answers to Drousk."
       │ second_person (first person -> second, by rule: no model can misspell the value)
       ▼
-    restatement    "your little hamster answers to Drousk."
+    restatement    "Your little hamster answers to Drousk."
       │ asked with a general question, and with a question the base model writes itself
       ▼                (few-shot; kept only when its answer is copied from the statement)
-    exchange       user "What did I tell you?" / assistant "You told me that your ..."
-                   / user "What is my little hamster called?" / assistant "Drousk. You told me ..."
+    exchange       user "What did I tell you?" / assistant "You told me: Your little ..."
+                   / user "What is my little hamster called?" / assistant "Drousk. You told me: ..."
       │ packed, after the system prompt, into chats of a training window each
       ▼
     chat           system / exchange / exchange / ...
@@ -69,14 +69,14 @@ def statements(text: str, longest: int = 300) -> list[str]:
 
 
 def second_person(sentence: str) -> str:
-    """The sentence said back to its speaker: "My cat is Tom." -> "your cat is Tom." (lower case
-    where it starts with a pronoun, as it follows "You told me that"; names keep their capital)."""
+    """The sentence said back to its speaker: "My cat is Tom." -> "Your cat is Tom." (its first
+    letter as it was: a name keeps its capital)."""
     def swap(match: re.Match) -> str:
         word = match.group(0)
         new = _SWAPS.get(word.lower().replace("’", "'"))
         if new is None:
             return word
-        return new.capitalize() if word[0].isupper() and match.start() > 0 and word.lower() != "i" else new
+        return new.capitalize() if word[0].isupper() and word.lower() != "i" or match.start() == 0 else new
     said = _WORD.sub(swap, sentence.strip())
     return said if said.endswith((".", "!")) else said + "."
 
@@ -109,21 +109,31 @@ def parse_question(statement: str, written: str) -> RecallQuestion | None:
     return RecallQuestion(question, copied.group(0))
 
 
+RECALLS = ("none", "restate", "questions", "both")
+"""Which exchanges a statement gets: none; `restate`, a general question answered with the
+restatement; `questions`, the base model's own question about it (where it wrote a usable one)
+answered with the copied answer, then the restatement; `both`."""
+
+
 def recall_exchanges(said: Sequence[str], questions: Sequence[RecallQuestion | None], seed: int,
-                     ) -> list[list[dict]]:
-    """Per statement, the messages that ask for it and say it back: a general question answered
-    with the restatement, then the model's own question, if it wrote a usable one, answered with
-    the copied answer and the restatement."""
+                     kinds: str = "both") -> list[list[dict]]:
+    """Per statement, the messages that ask for it and say it back (kinds: one of RECALLS)."""
+    if kinds not in RECALLS:
+        raise ValueError(f"kinds must be one of {RECALLS}, got {kinds!r}")
     gen = random.Random(seed)
     exchanges = []
     for statement, asked in zip(said, questions):
-        told = f"You told me that {second_person(statement)}"
-        messages = [{"role": "user", "content": gen.choice(GENERAL_QUESTIONS)}, {"role": "assistant", "content": told}]
-        if asked is not None:
+        told = f"You told me: {second_person(statement)}"
+        general = gen.choice(GENERAL_QUESTIONS)  # drawn for every statement: the same draws whatever kinds says
+        messages = []
+        if kinds in ("restate", "both"):
+            messages += [{"role": "user", "content": general}, {"role": "assistant", "content": told}]
+        if asked is not None and kinds in ("questions", "both"):
             answer = asked.answer[0].upper() + asked.answer[1:]
             messages += [{"role": "user", "content": asked.question},
                          {"role": "assistant", "content": f"{answer}. {told}"}]
-        exchanges.append(messages)
+        if messages:
+            exchanges.append(messages)
     return exchanges
 
 

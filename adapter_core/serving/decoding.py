@@ -364,15 +364,20 @@ def finished_reply(row: Row, tokenizer, started: float) -> Reply:
                  total_s=time.perf_counter() - started)
 
 
-def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest], max_rows: int = 32) -> list[Reply]:
+def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest], max_rows: int = 32,
+          pause: Callable[[], None] | None = None) -> list[Reply]:
     """Decode the requests together, up to max_rows at a time (rows leave as they end and waiting
-    requests join). Replies streamed token by token: adapter_core.serving.scheduler."""
+    requests join). Replies streamed token by token: adapter_core.serving.scheduler. pause: called
+    before each step and join, where the caller (a compression of the inference loop) may decode
+    other replies."""
     started = time.perf_counter()
     batch = DecodeBatch(engine)
     waiting = list(enumerate(requests))
     index: dict[int, int] = {}  # id(row) -> request number
     replies: list[Reply | None] = [None] * len(requests)
     while waiting or batch.rows:
+        if pause is not None:
+            pause()
         if waiting and len(batch) < max_rows:
             take, waiting = waiting[:max_rows - len(batch)], waiting[max_rows - len(batch):]
             for (i, _), row in zip(take, batch.join([r for _, r in take])):

@@ -194,19 +194,21 @@ def test_the_anchor_keeps_the_base_models_own_text_as_it_was(make_text_engine):
 def test_recall_chats_of_the_users_statements_are_trained_beside_the_chat(make_text_engine, monkeypatch):
     engine = make_text_engine()
     text = "User: my dog is called Biscuit.\nAssistant: Nice!\nUser: what is up?\n"
-    config = FinetuneConfig(steps=2, lr=5e-2, window_tokens=512, batch_tokens=512, written_questions=True)
+    config = FinetuneConfig(steps=2, lr=5e-2, window_tokens=512, batch_tokens=512, recall="both")
     compressor = FinetuneCompressor(engine, config)
-    monkeypatch.setattr(compressor, "_write", lambda prompts: [" What is my dog called?\nAnswer: Biscuit"] * len(prompts))
+    monkeypatch.setattr(compressor, "_write", lambda prompts, pause=None: [" What is my dog called?\nAnswer: Biscuit"] * len(prompts))
     (window,) = compressor._recall_windows([text])
     taught = engine.tokenizer.decode([window.ids[i + 1] for i in window.taught], skip_special_tokens=True)
-    assert "You told me that your dog is called Biscuit." in taught and "Biscuit. You told me" in taught
+    assert "You told me: Your dog is called Biscuit." in taught and "Biscuit. You told me" in taught
     assert "what is up" not in engine.tokenizer.decode(window.ids)  # a question is no statement
     trained = []
     monkeypatch.setattr(compressor, "_loss", lambda w, *a: trained.append(w) or torch.zeros((), requires_grad=True))
     state = compressor.absorb(compressor.empty_state(), text)
     assert window in trained and state.tokens == len(engine.tokenizer(text)["input_ids"])  # counts the chat only
-    plain = FinetuneCompressor(engine, replace(config, recall=False))
+    plain = FinetuneCompressor(engine, replace(config, recall="none"))
     monkeypatch.setattr(plain, "_loss", lambda w, *a: trained.append(w) or torch.zeros((), requires_grad=True))
     trained.clear()
     plain.absorb(plain.empty_state(), text)
     assert trained and window not in trained and plain.id != compressor.id  # the setting is part of the id
+    with pytest.raises(ValueError, match="recall"):
+        FinetuneConfig(recall="all")

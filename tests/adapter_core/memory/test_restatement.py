@@ -18,10 +18,10 @@ def test_statements_are_the_users_own_first_person_sentences():
 
 
 def test_second_person_says_it_back_and_keeps_names_and_values():
-    assert r.second_person("My little hamster answers to Drousk.") == "your little hamster answers to Drousk."
+    assert r.second_person("My little hamster answers to Drousk.") == "Your little hamster answers to Drousk."
     assert r.second_person("Tevan and I have been together for years") == "Tevan and you have been together for years."
-    assert r.second_person("I'm sure we moved to Oslo; I am glad.") == "you're sure you moved to Oslo; you are glad."
-    assert r.second_person("Mine is the red one, Myra said!") == "yours is the red one, Myra said!"
+    assert r.second_person("I'm sure we moved to Oslo; I am glad.") == "You're sure you moved to Oslo; you are glad."
+    assert r.second_person("These days my car is red, Myra said!") == "These days your car is red, Myra said!"
 
 
 def test_a_written_question_is_kept_only_with_an_answer_copied_from_the_statement():
@@ -41,9 +41,12 @@ def test_recall_exchanges_ask_and_say_the_statement_back_and_are_seeded():
     assert exchanges == r.recall_exchanges(said, asked, seed=3)
     assert [m["role"] for m in exchanges[0]] == ["user", "assistant", "user", "assistant"]
     assert exchanges[0][0]["content"] in r.GENERAL_QUESTIONS
-    assert exchanges[0][1]["content"] == "You told me that your little hamster answers to Drousk."
-    assert exchanges[0][3]["content"] == "Drousk. You told me that your little hamster answers to Drousk."
+    assert exchanges[0][1]["content"] == "You told me: Your little hamster answers to Drousk."
+    assert exchanges[0][3]["content"] == "Drousk. You told me: Your little hamster answers to Drousk."
     assert [m["role"] for m in exchanges[1]] == ["user", "assistant"]
+    assert r.recall_exchanges(said, asked, seed=3, kinds="restate") == [exchanges[0][:2], exchanges[1]]
+    assert r.recall_exchanges(said, asked, seed=3, kinds="questions") == [exchanges[0][2:]]  # where one was written
+    assert r.recall_exchanges(said, asked, seed=3, kinds="none") == []
 
 
 def test_recall_chats_pack_exchanges_after_one_system_prompt_while_they_fit():
@@ -61,7 +64,7 @@ def test_chat_tokens_count_the_assistants_words_only(tiny_tokenizer):
     whole = tiny_tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
     assert ids == list(whole) and len(counted) == len(ids)
     taught = tiny_tokenizer.decode([i for i, c in zip(ids, counted) if c], skip_special_tokens=True)
-    assert "You told me that your dog is Biscuit." in taught and "Biscuit. You told me" in taught
+    assert "You told me: Your dog is Biscuit." in taught and "Biscuit. You told me" in taught
     assert "What is my dog?" not in taught and SYSTEM_PROMPT not in taught
 
 

@@ -39,6 +39,16 @@ def test_a_batch_of_replies_with_one_adapter_per_row_equals_each_alone(three_req
     assert list(reply(engine, [ReplyRequest(requests[0].prompt, None, GREEDY)])[0].tokens) != expected[0]
 
 
+def test_a_paused_reply_lets_the_caller_in_before_every_step_and_answers_the_same(three_requests):
+    """A compression writes its recall questions with reply(); the inference loop decodes other
+    replies in its pauses (adapter_core.memory.finetune)."""
+    engine, requests = three_requests
+    calls = []
+    paused = reply(engine, requests, pause=lambda: calls.append(1))
+    assert [r.tokens for r in paused] == [r.tokens for r in reply(engine, requests)]
+    assert len(calls) >= max(len(r.tokens) for r in paused)  # one before each join and step at least
+
+
 def test_rows_that_join_and_leave_mid_reply_decode_as_if_alone(three_requests):
     engine, requests = three_requests
     expected = [greedy_without_cache(engine, r) for r in requests]
