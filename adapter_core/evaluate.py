@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-recall", choices=RECALLS, default=FinetuneConfig.recall,
                    help="finetuned modes: recall chats made from the user's statements: none, restatements, "
                         "questions the base model writes, or both (FinetuneConfig.recall)")
+    p.add_argument("--finetune-anchor-weight", type=float, default=FinetuneConfig.anchor_weight,
+                   help="finetuned modes: weight of the KL to the base model on its own text (FinetuneConfig.anchor_weight)")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps,
                                                            batch_tokens=args.finetune_batch_tokens,
                                                            loss_on=args.finetune_loss_on,
-                                                           recall=args.finetune_recall))
+                                                           recall=args.finetune_recall,
+                                                           anchor_weight=args.finetune_anchor_weight))
     started, timings, finetuned = time.perf_counter(), {}, {}
     with torch.inference_mode():
         results = evaluate(engine, conversations, options, compressor=compressor, timings=timings, finetuned=finetuned)

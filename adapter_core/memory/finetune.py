@@ -116,12 +116,13 @@ class FinetuneConfig:
     anchor_tokens: int = 256
     """Tokens of that text (the base model's replies to a few everyday requests, made once)."""
     # --- what it learns from
-    recall: str = "restate"
+    recall: str = "questions"
     """Also train on recall chats made from the user's statements, in the chat format a question
     comes in (adapter_core.memory.restatement.RECALLS): "none"; "restate", a general question
     answered with the statement said back; "questions", a question the base model writes about
     each statement (a generation per statement in every compression) answered with the value it
-    copies; "both"."""
+    copies, then the statement said back; "both". Measured in docs/memory/README.md: "questions"
+    brought the answer NLL below the full history's."""
     loss_on: str = "user"
     """Which tokens the next-token loss counts: "user", those of the user's lines (the assistant's
     replies stay context: they are the model's own words, and what the user said is what to
