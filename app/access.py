@@ -1,7 +1,7 @@
 """Who is acting, and what they may do: the one place every service checks it.
 
-Who acts is an Actor: on the page, the secret of its login (a gr.State, kept on the server),
-which names a row of storage's login_sessions; in the API, the id of the user whose key this very
+Who acts is an Actor: on the page, the secret of its login (the browser's HttpOnly cookie, read
+by app/page_login.py for each event), which names a row of storage's login_sessions; in the API, the id of the user whose key this very
 request carried. Every service call passes it here, which reads the user again from the database,
 so that a logout, a deleted account or a revoked admin right takes effect at the next click. A page
 never holds a user id: an id outlives its account, a login does not.

@@ -1,10 +1,11 @@
-"""The page's login: a cookie the server sets, which the page's script can neither read nor send elsewhere.
+"""The page's login: a cookie the server sets, which no script of the page can read.
 
 A browser logs in or signs up with a POST to /auth/login or /auth/signup (JSON, from the page's
 own script); the answer sets the login's secret (256 random bits, app/accounts.py and storage's
 login_sessions) as an HttpOnly, SameSite=Strict cookie without an expiry date: it never appears
-in a URL or in the page, dies with the browser, and the server ends it after its idle time or
-lifetime, at logout and with the account. The browser then sends it with every event of the page,
+in a URL or in the page, no script reads it, the browser drops it when it closes (unless it
+restores sessions), and the server ends the login after its idle time or lifetime, at logout and
+with the account. A request that another origin's page sent (Sec-Fetch-Site, Origin) acts as nobody. The browser then sends it with every event of the page,
 and each handler acts as the login it names (`with_login`), not as whatever Gradio's session
 (a hash the browser makes up and sends in URLs) last held.
 
@@ -34,10 +35,25 @@ AUTH_ROUTE = "/auth"
 
 
 def page_login(request: object) -> str | None:
-    """The secret of the login whose cookie came with a request (Starlette's or Gradio's); None without one."""
+    """The secret of the login whose cookie came with a request (Starlette's or Gradio's); None
+    without one, or when another origin's page sent it: SameSite=Strict keeps other sites' requests
+    without the cookie, but not those of another port or subdomain of this site, which Gradio's
+    CORS would let read the answers."""
+    if not same_origin(request):
+        return None
     cookies = getattr(request, "cookies", None) or {}
     secret = cookies.get(LOGIN_COOKIE)
     return secret if isinstance(secret, str) and secret else None
+
+
+def same_origin(request: object) -> bool:
+    """Whether a request comes from this site's own pages, or from no page at all (a script or
+    client of its own): browsers say which page sent it in Sec-Fetch-Site and Origin."""
+    headers = getattr(request, "headers", None) or {}
+    if headers.get("sec-fetch-site") not in (None, "same-origin", "none"):
+        return False
+    origin = headers.get("origin")
+    return not origin or urlsplit(origin).netloc == headers.get("host")
 
 
 def with_login(fn: Callable) -> Callable:
@@ -75,8 +91,7 @@ def auth_router(accounts: Accounts) -> APIRouter:
     async def credentials(request: Request) -> tuple[object, object]:
         """The form's username and password; refused unless JSON from this site's own page (a
         form on another site can send neither JSON nor, with SameSite=Strict, the cookie)."""
-        origin = request.headers.get("origin")
-        if origin and urlsplit(origin).netloc != request.headers.get("host"):
+        if not same_origin(request):
             raise AccessDenied("Log in from this site's own page")
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise InvalidInput("body", "must be JSON: {\"username\": ..., \"password\": ...}")
@@ -103,6 +118,8 @@ def auth_router(accounts: Accounts) -> APIRouter:
                 name, password = await credentials(request)
                 # the services block on the database and hash passwords: a worker thread, as FastAPI would
                 login = await anyio.to_thread.run_sync(enter, name, password, client_address(request))
+                if page_login(request):  # the browser's earlier login, replaced by this one, ends
+                    await anyio.to_thread.run_sync(accounts.log_out, page_login(request))
             except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
                 return refused(e, action)
             return entered(request, login)
@@ -113,7 +130,10 @@ def auth_router(accounts: Accounts) -> APIRouter:
 
     @router.post("/logout")
     def log_out(request: Request, everywhere: bool = False) -> JSONResponse:
-        """End this browser's login (everywhere: every login of its user) and clear its cookie."""
+        """End this browser's login (everywhere: every login of its user) and clear its cookie;
+        refused from another origin's page (which could only log the person out)."""
+        if not same_origin(request):
+            return refused(AccessDenied("Log out from this site's own page"), "log out")
         ended = accounts.log_out(page_login(request), everywhere=everywhere) if page_login(request) else 0
         answer = JSONResponse({"ended": ended}, headers={"Cache-Control": "no-store"})
         answer.delete_cookie(LOGIN_COOKIE, path="/", httponly=True, samesite="strict",

@@ -63,8 +63,9 @@ AUTH_JS = """async (username, password, said) => {
     const answer = await fetch("%s/%%s", {method: "POST", credentials: "same-origin",
       headers: {"Content-Type": "application/json"}, body: JSON.stringify({username, password})});
     const body = await answer.json().catch(() => ({}));
-    return [username, password, answer.ok ? "" : (body.error || "The server refused: " + answer.status)];
-  } catch (e) { return [username, password, "The server cannot be reached; try again in a moment."]; }
+    const refused = (body.error && body.error.message) || body.error || "The server refused: " + answer.status;
+    return [username, "", answer.ok ? "" : String(refused)];  // the password went to /auth only
+  } catch (e) { return [username, "", "The server cannot be reached; try again in a moment."]; }
 }""" % AUTH_ROUTE
 # After a logout (the login ended on the server) the browser's cookie is cleared too.
 CLEAR_LOGIN_JS = f"""() => {{ fetch("{AUTH_ROUTE}/logout", {{method: "POST", credentials: "same-origin"}}); }}"""
@@ -237,9 +238,10 @@ def build_ui(services: Services) -> gr.Blocks:
         services.accounts, services.chat, services.memory, services.exports, services.admin, services.api_keys)
     rules = services.storage.settings
     with gr.Blocks(title=TITLE) as ui:
-        pending_forget = gr.State(None)  # a message id waiting for "Yes, forget"
-        pending_admin = gr.State(None)   # (action, user id) waiting for "Yes"
-        pending_mine = gr.State(None)    # (action, key id or None) of the user's own, waiting for "Yes"
+        # what waits for "Yes", each with the id of the account that asked (see `confirmed`)
+        pending_forget = gr.State(None)  # (asker, message id)
+        pending_admin = gr.State(None)   # (asker, (action, user id))
+        pending_mine = gr.State(None)    # (asker, (action, key id or None)) of the user's own
         zone = gr.Textbox(value="UTC", visible=False, elem_id="timezone")
 
         if services.engine.checkpoint_meta is None and services.memory.compressor.name == "generator":
@@ -488,14 +490,31 @@ def build_ui(services: Services) -> gr.Blocks:
             return (*memory_view(user_id, tz), "")
 
         def memory_tick(user_id, tz):
-            if user_id is None:
+            try:
+                return _memory_markdown(memory_service.status(user_id), tz), gr.skip(), gr.skip()
+            except AppError:  # nobody logged in, or a login that ended: the page shows nothing to refresh
                 return gr.skip(), gr.skip(), gr.skip()
-            return _memory_markdown(memory_service.status(user_id), tz), gr.skip(), gr.skip()
 
         def compress_now(user_id, tz):
             memory_service.compress_now(user_id)
             gr.Info("Compression queued: your newest turns will move into your adapter shortly.")
             return memory(user_id, tz)
+
+        # A page's state is Gradio's, named by its session hash; the login is the browser's cookie.
+        # What a question left waiting is done only for the account that asked it: not for another
+        # login of this browser since, nor for whoever else sent events under this page's hash.
+        def asked(login, what) -> tuple:
+            return accounts.whoami(login).id, what
+
+        def confirmed(login, pending):
+            """What the question left waiting; refused if none, or if another account asked it."""
+            me = accounts.whoami(login)  # a login first, then what is waiting
+            if pending is None:
+                raise AppError("Nothing is waiting for confirmation")
+            asker, what = pending
+            if asker != me.id:
+                raise AppError("That question was asked by another login: ask again")
+            return what
 
         def ask_forget(user_id, message_id):
             chosen = [m for m in chat_service.history(user_id) if str(m.id) == str(message_id) and m.role == "user"]
@@ -504,12 +523,10 @@ def build_ui(services: Services) -> gr.Blocks:
             excerpt = chosen[0].text[:80] + ("…" if len(chosen[0].text) > 80 else "")
             question = (f"Forget “{text_markdown(excerpt)}” and the reply to it? Your adapter is rebuilt "
                         "without them; this cannot be undone.")
-            return chosen[0].id, gr.update(visible=True), question, ""
+            return asked(user_id, chosen[0].id), gr.update(visible=True), question, ""
 
-        def forget(user_id, message_id, tz):
-            accounts.whoami(user_id)  # a login first, then what is waiting
-            if message_id is None:
-                raise AppError("Choose one of your messages from the list first")
+        def forget(user_id, pending, tz):
+            message_id = confirmed(user_id, pending)
             deleted = memory_service.forget(user_id, message_id)
             gr.Info(f"Forgotten ({plural(deleted, 'message')}). Your adapter is being rebuilt without them.")
             # the export link shown before is dead (it held what was forgotten): it goes too
@@ -547,22 +564,19 @@ def build_ui(services: Services) -> gr.Blocks:
                         raise Gone()
                     question = (f"Revoke the key {chosen[0].hint}? Clients that use it are refused from then on; "
                                 "this cannot be undone.")
-                    return {pending_mine: (action, chosen[0].id), mine_confirm: gr.update(visible=True),
+                    return {pending_mine: asked(user_id, (action, chosen[0].id)), mine_confirm: gr.update(visible=True),
                             mine_question: question, memory_notice: ""}
                 question = {"forget all": "Forget everything? Every message and adapter of yours is deleted; your "
                                           "account and API keys stay. This cannot be undone.",
                             "delete": "Delete your account? Your history, adapters and API keys are deleted and "
                                       "you are logged out; the admins' audit log keeps your name beside what was "
                                       "done. This cannot be undone."}[action]
-                return {pending_mine: (action, None), mine_confirm: gr.update(visible=True), mine_question: question,
+                return {pending_mine: asked(user_id, (action, None)), mine_confirm: gr.update(visible=True), mine_question: question,
                         memory_notice: ""}
             return ask
 
         def mine_confirmed(user_id, pending, tz):
-            accounts.whoami(user_id)  # a login first, then what is waiting
-            if pending is None:
-                raise AppError("Nothing is waiting for confirmation")
-            action, key_id = pending
+            action, key_id = confirmed(user_id, pending)
             asked = {pending_mine: None, mine_confirm: gr.update(visible=False), mine_question: ""}
             if action == "delete":
                 name = accounts.delete_own(user_id)
@@ -677,13 +691,11 @@ def build_ui(services: Services) -> gr.Blocks:
                     raise AppError("Choose a user first")
                 name = admin.deletable(actor, user_id) if action == "delete" else admin.username(actor, user_id)
                 question = confirmations[action].format(name=name_markdown(name))
-                return (action, user_id), gr.update(visible=True), question, ""
+                return asked(actor, (action, user_id)), gr.update(visible=True), question, ""
             return ask
 
         def admin_confirmed(actor, pending, tz):
-            if pending is None:
-                raise AppError("Nothing is waiting for confirmation")
-            action, user_id = pending
+            action, user_id = confirmed(actor, pending)
             if action == "reset":
                 gr.Info(f"{admin.reset(actor, user_id)}'s memory was reset.")
             else:

@@ -48,9 +48,16 @@ _SWAPS = {"i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "you
           "we'll": "you'll", "we'd": "you'd"}
 _FIRST_PERSON = {"i", "me", "my", "mine", "myself", "i'm", "i've", "i'll", "i'd", "we", "us", "our", "ours",
                  "we're", "we've"}
-_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
-_SENTENCE_END = re.compile(r"(?<=[.!])\s+")
+_SECOND_PERSON = {"you", "your", "yours", "yourself", "yourselves", "you're", "you've", "you'll", "you'd"}
+_LETTER = r"[^\W\d_]"
+_WORD = re.compile(rf"(?<!{_LETTER}){_LETTER}+(?:['’]{_LETTER}+)?(?!{_LETTER})")
+"""A word of letters of any alphabet, with one apostrophe at most ("I'm"); never part of a longer word ("Iñaki")."""
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _USER_LINE = history_text([Turn("user", "x")]).split("x")[0]  # "User: "
+
+
+def _key(word: str) -> str:
+    return word.lower().replace("’", "'")
 
 
 def statements(text: str, longest: int = 300) -> list[str]:
@@ -61,24 +68,32 @@ def statements(text: str, longest: int = 300) -> list[str]:
         if not line.startswith(_USER_LINE):
             continue
         for sentence in _SENTENCE_END.split(line[len(_USER_LINE):].strip()):
-            words = {w.lower().replace("’", "'") for w in _WORD.findall(sentence)}
+            words = {_key(w) for w in _WORD.findall(sentence) if _is_pronoun(w)}
             if (sentence and not sentence.endswith("?") and len(sentence) <= longest
-                    and words & _FIRST_PERSON and not words & {"you", "your", "you're", "yours"}):
+                    and words & _FIRST_PERSON and not words & _SECOND_PERSON):
                 found.append(sentence)
     return found
 
 
-def second_person(sentence: str) -> str:
-    """The sentence said back to its speaker: "My cat is Tom." -> "Your cat is Tom." (its first
-    letter as it was: a name keeps its capital)."""
+def _is_pronoun(word: str) -> bool:
+    """Whether a word is used as a pronoun: lower case, or "I" and its contractions, or capitalised
+    (the start of a sentence); not "US" or "AM"."""
+    return word.islower() or _key(word) in ("i", "i'm", "i've", "i'll", "i'd") or word == word.capitalize()
+
+
+def second_person(sentence: str, end: bool = True) -> str:
+    """The sentence said back to its speaker: "My cat is Tom." -> "Your cat is Tom." (capitalised
+    at its start only; every other word, names and values, as it was). end: add a full stop if it
+    has no closing punctuation."""
     def swap(match: re.Match) -> str:
         word = match.group(0)
-        new = _SWAPS.get(word.lower().replace("’", "'"))
-        if new is None:
-            return word
-        return new.capitalize() if word[0].isupper() and word.lower() != "i" or match.start() == 0 else new
-    said = _WORD.sub(swap, sentence.strip())
-    return said if said.endswith((".", "!")) else said + "."
+        new = _SWAPS.get(_key(word))
+        if new is None or not _is_pronoun(word) or (word[0].isupper() and match.start() > 0 and _key(word) not in
+                                                      ("i", "i'm", "i've", "i'll", "i'd")):
+            return word  # "US", or a capitalised "My" inside a title: not the speaker
+        return new.capitalize() if match.start() == 0 else new
+    said = _WORD.sub(swap, re.sub(r"\b(I|we) was\b", lambda m: f"{m.group(1)} were", sentence.strip()))
+    return said if not end or said.endswith((".", "!", '"', "'", "”")) else said + "."
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,8 @@ def recall_exchanges(said: Sequence[str], questions: Sequence[RecallQuestion | N
         if kinds in ("restate", "both"):
             messages += [{"role": "user", "content": general}, {"role": "assistant", "content": told}]
         if asked is not None and kinds in ("questions", "both"):
-            answer = asked.answer[0].upper() + asked.answer[1:]
+            said_back = second_person(asked.answer, end=False)  # "my brother" -> "your brother"
+            answer = said_back[0].upper() + said_back[1:]
             messages += [{"role": "user", "content": asked.question},
                          {"role": "assistant", "content": f"{answer}. {told}"}]
         if messages:

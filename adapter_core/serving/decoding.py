@@ -368,8 +368,8 @@ def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest], max_
           pause: Callable[[], None] | None = None) -> list[Reply]:
     """Decode the requests together, up to max_rows at a time (rows leave as they end and waiting
     requests join). Replies streamed token by token: adapter_core.serving.scheduler. pause: called
-    before each step and join, where the caller (a compression of the inference loop) may decode
-    other replies."""
+    before each step and join and before each decoder layer of a prefill, where the caller (a
+    compression of the inference loop) may decode other replies."""
     started = time.perf_counter()
     batch = DecodeBatch(engine)
     waiting = list(enumerate(requests))
@@ -380,7 +380,7 @@ def reply(engine: GenerativeAdapterModel, requests: Sequence[ReplyRequest], max_
             pause()
         if waiting and len(batch) < max_rows:
             take, waiting = waiting[:max_rows - len(batch)], waiting[max_rows - len(batch):]
-            for (i, _), row in zip(take, batch.join([r for _, r in take])):
+            for (i, _), row in zip(take, batch.add(batch.prefill([r for _, r in take], pause))):
                 index[id(row)] = i
         else:
             batch.step()

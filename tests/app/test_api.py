@@ -108,7 +108,7 @@ def test_forgetting_asks_first_and_takes_the_reply_too(running, password):
     assert len(running.services.chat.history(running.services.storage.find_user("alice").id)) == 4  # nothing yet
     page = alice.call("forget")
     assert texts(page["chatbot"])[0] == "I like tea." and "4821" not in json.dumps(page["chatbot"])
-    assert notice(alice.call("forget")) == "Choose one of your messages from the list first."  # asked once only
+    assert notice(alice.call("forget")) == "Nothing is waiting for confirmation."  # asked once only
 
 
 def test_a_refused_message_stays_in_the_box(running, password):
@@ -185,7 +185,40 @@ def test_another_browser_with_the_pages_session_hash_but_not_its_cookie_acts_as_
     mallory.client.session_hash = alice.client.session_hash  # what a URL or a log gave away
     page = mallory.call("memory")
     assert notice(page) == "Please log in." and "memory-status" not in page
-    assert "4417" not in json.dumps(mallory.call("create_api_key", "mine"))
+    assert notice(mallory.call("create_api_key", "mine", "UTC")) == "Please log in."
+    assert running.services.api_keys.mine(running.services.storage.find_user("alice").id) == ()
+
+
+def test_a_question_waiting_on_a_page_is_done_only_for_the_account_that_asked_it(running, password):
+    """The page's state is named by its session hash: someone who sends events under it (their own
+    login, Alice's hash) can leave a question waiting there; Alice's "Yes" must not do it."""
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    alice.call("chat", "Keep this.")
+    mallory = Visitor(running)
+    mallory.call("signup", "mallory", password)
+    mallory.client = mallory._client()
+    mallory.client.session_hash = alice.client.session_hash
+    mallory.call("ask_delete_account")  # waits on Alice's page now, asked by Mallory
+    assert notice(alice.call("confirm_mine", "UTC")) == "That question was asked by another login: ask again."
+    assert running.services.storage.find_user("alice") is not None and running.services.storage.find_user("mallory")
+    alice.call("ask_forget_everything")
+    mallory.call("confirm_mine", "UTC")  # Mallory's "Yes" to Alice's question: refused too
+    assert len(running.services.chat.history(running.services.storage.find_user("alice").id)) == 2
+
+
+def test_an_event_sent_by_another_origins_page_acts_as_nobody(running, password):
+    """SameSite keeps other sites' requests without the cookie, not another port's or subdomain's
+    (Gradio's CORS would let such a page read the answers): their Origin says who sent them."""
+    alice = Visitor(running)
+    alice.call("signup", "alice", password)
+    cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies.items())
+    from gradio_client import Client
+    for headers in ({"Origin": "http://127.0.0.1:1"}, {"Sec-Fetch-Site": "same-site"}):
+        other = Client(running.url, verbose=False, headers={"Cookie": cookie, **headers})
+        outputs = other.predict("UTC", api_name="/memory")
+        assert outputs[-1] == "Please log in.", headers
+    assert "memory-status" in alice.call("memory")  # her own page still works
 
 
 def test_the_login_cookie_ends_at_logout_and_with_the_account(running, password):

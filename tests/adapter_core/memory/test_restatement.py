@@ -78,3 +78,19 @@ def test_written_questions_ask_the_writer_once_per_statement():
     got = r.written_questions(["My dog is Biscuit.", "I like tea."], write)
     assert got == [r.RecallQuestion("What is my dog called?", "Biscuit"), None] and len(prompts_seen) == 2
     assert r.written_questions(["My dog is Biscuit."], None) == [None]
+
+
+def test_names_and_values_of_any_alphabet_are_said_back_as_they_were():
+    """Found by a reviewer: an ASCII word pattern swapped the 'm' of 'Amélie' and the 'I' of 'Iñaki'."""
+    assert r.second_person("My daughter is Amélie.") == "Your daughter is Amélie."
+    assert r.second_person("My friend Iñaki is tall") == "Your friend Iñaki is tall."
+    assert r.second_person("I moved to the US and wake at 6 AM.") == "You moved to the US and wake at 6 AM."
+    assert r.second_person("Since 2019 I’ve lived in Leeds.") == "Since 2019 you've lived in Leeds."
+    assert r.second_person("I was born in Oslo") == "You were born in Oslo."
+    assert r.statements("User: Do you know? My cat is Tom. Iñaki is here.\n") == ["My cat is Tom."]
+
+
+def test_a_copied_answer_is_said_back_too():
+    (exchange,) = r.recall_exchanges(["My brother is my best friend."],
+                                     [r.RecallQuestion("Who is my best friend?", "my brother")], seed=0, kinds="questions")
+    assert exchange[1]["content"] == "Your brother. You told me: Your brother is your best friend."

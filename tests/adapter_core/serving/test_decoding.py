@@ -47,6 +47,11 @@ def test_a_paused_reply_lets_the_caller_in_before_every_step_and_answers_the_sam
     paused = reply(engine, requests, pause=lambda: calls.append(1))
     assert [r.tokens for r in paused] == [r.tokens for r in reply(engine, requests)]
     assert len(calls) >= max(len(r.tokens) for r in paused)  # one before each join and step at least
+    layers = len(engine.base_model.get_decoder().layers)
+    prefill_only = []
+    reply(engine, [ReplyRequest(r.prompt, r.state, SamplingConfig.greedy(1)) for r in requests],
+          pause=lambda: prefill_only.append(1))
+    assert len(prefill_only) >= layers  # and before each decoder layer of the prefill
 
 
 def test_rows_that_join_and_leave_mid_reply_decode_as_if_alone(three_requests):
