@@ -5,9 +5,10 @@ own script); the answer sets the login's secret (256 random bits, app/accounts.p
 login_sessions) as an HttpOnly, SameSite=Strict cookie without an expiry date: it never appears
 in a URL or in the page, no script reads it, the browser drops it when it closes (unless it
 restores sessions), and the server ends the login after its idle time or lifetime, at logout and
-with the account. A request that another origin's page sent (Sec-Fetch-Site, Origin) acts as nobody. The browser then sends it with every event of the page,
-and each handler acts as the login it names (`with_login`), not as whatever Gradio's session
-(a hash the browser makes up and sends in URLs) last held.
+with the account. The browser then sends it with every event of the page, and each handler acts
+as the login it names (`with_login`), not as whatever Gradio's session (a hash the browser makes
+up and sends in URLs) last held. A request that another origin's page sent (Sec-Fetch-Site,
+Origin) acts as nobody.
 
     POST /auth/login|signup {"username", "password"} -> 200 {"username", "admin"} + Set-Cookie
     POST /auth/logout [?everywhere=1]                 -> 200 {"ended": n}, the cookie cleared
@@ -118,8 +119,8 @@ def auth_router(accounts: Accounts) -> APIRouter:
                 name, password = await credentials(request)
                 # the services block on the database and hash passwords: a worker thread, as FastAPI would
                 login = await anyio.to_thread.run_sync(enter, name, password, client_address(request))
-                if page_login(request):  # the browser's earlier login, replaced by this one, ends
-                    await anyio.to_thread.run_sync(accounts.log_out, page_login(request))
+                if earlier := page_login(request):  # the browser's earlier login, replaced by this one, ends
+                    await anyio.to_thread.run_sync(accounts.log_out, earlier)
             except Exception as e:  # noqa: BLE001 - describe() logs faults with their traceback
                 return refused(e, action)
             return entered(request, login)
@@ -134,7 +135,8 @@ def auth_router(accounts: Accounts) -> APIRouter:
         refused from another origin's page (which could only log the person out)."""
         if not same_origin(request):
             return refused(AccessDenied("Log out from this site's own page"), "log out")
-        ended = accounts.log_out(page_login(request), everywhere=everywhere) if page_login(request) else 0
+        login = page_login(request)
+        ended = accounts.log_out(login, everywhere=everywhere) if login else 0
         answer = JSONResponse({"ended": ended}, headers={"Cache-Control": "no-store"})
         answer.delete_cookie(LOGIN_COOKIE, path="/", httponly=True, samesite="strict",
                              secure=request.url.scheme == "https")

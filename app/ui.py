@@ -5,7 +5,8 @@ Who is logged in is the browser's login cookie (app/page_login.py), set by /auth
 script reads it, and sent with every event, whose handler acts as that login (`with_login`), never
 as a user id and never as what Gradio's session hash last held. A logout elsewhere or a deleted
 account ends what this page can do. The services (app/services.py) check the login at every call;
-hiding the admin tab is a convenience, not the protection. The services hand back typed results (frozen dataclasses), read here by attribute.
+hiding the admin tab is a convenience, not the protection. The services hand back typed results
+(frozen dataclasses), read here by attribute.
 
 Refusals (AppError) and faults never raise into Gradio (which would cover the form in "Error"
 badges and, for a fault, show the exception's text): they become a message beside the form that
@@ -555,7 +556,7 @@ def build_ui(services: Services) -> gr.Blocks:
 
         def ask_mine(action):
             def ask(user_id, key_id=None):
-                accounts.whoami(user_id)  # a login first, then what was chosen
+                asker = accounts.whoami(user_id).id  # a login first, then what was chosen
                 if action == "revoke":
                     if key_id is None:
                         raise AppError("Choose one of your keys from the list first")
@@ -564,14 +565,14 @@ def build_ui(services: Services) -> gr.Blocks:
                         raise Gone()
                     question = (f"Revoke the key {chosen[0].hint}? Clients that use it are refused from then on; "
                                 "this cannot be undone.")
-                    return {pending_mine: asked(user_id, (action, chosen[0].id)), mine_confirm: gr.update(visible=True),
+                    return {pending_mine: (asker, (action, chosen[0].id)), mine_confirm: gr.update(visible=True),
                             mine_question: question, memory_notice: ""}
                 question = {"forget all": "Forget everything? Every message and adapter of yours is deleted; your "
                                           "account and API keys stay. This cannot be undone.",
                             "delete": "Delete your account? Your history, adapters and API keys are deleted and "
                                       "you are logged out; the admins' audit log keeps your name beside what was "
                                       "done. This cannot be undone."}[action]
-                return {pending_mine: asked(user_id, (action, None)), mine_confirm: gr.update(visible=True), mine_question: question,
+                return {pending_mine: (asker, (action, None)), mine_confirm: gr.update(visible=True), mine_question: question,
                         memory_notice: ""}
             return ask
 

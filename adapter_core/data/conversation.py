@@ -36,6 +36,10 @@ def history_text(turns: Sequence[Turn]) -> str:
     return "".join(f"{t.role.capitalize()}: {t.text.strip()}\n" for t in turns)
 
 
+LINE_STARTS = {role: history_text([Turn(role, "x")]).split("x")[0] for role in ROLES}
+"""How history_text starts each role's line: {"user": "User: ", "assistant": "Assistant: "}."""
+
+
 def chat_messages(question: str, recent: Sequence[Turn] = (), system: str | None = SYSTEM_PROMPT) -> list[dict]:
     """The prompt of one answer: system text, the turns not yet in memory, then the new message."""
     messages = [{"role": "system", "content": system}] if system else []

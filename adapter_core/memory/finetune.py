@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import restatement
-from ..data.conversation import Turn, history_text, prompt_ids
+from ..data.conversation import LINE_STARTS, prompt_ids
 from ..serving.decoding import ReplyRequest, reply
 from .model import GenerativeAdapterModel, RowAdapters, decoder_layers, zero_pair
 from ..serving.sampling import SamplingConfig
@@ -55,8 +55,6 @@ SmolLM2-135M: 38 MB); a longer one, a rebuild of a long history, recomputes it a
 Progress = Callable[[int, int], None]
 """Told (steps done, steps in all) as a compression goes: at its start and after each step."""
 
-SPEAKERS = {history_text([Turn(role, "x")]).split("x")[0]: role for role in ("user", "assistant")}
-"""How history_text starts each role's line ("User: ", "Assistant: ") -> the role."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,13 @@ class Window:
     """Its tokens (at most window_tokens)."""
     taught: list[int]
     """Positions i whose next token ids[i + 1] the loss counts (see FinetuneConfig.loss_on)."""
+
+    @classmethod
+    def of(cls, ids: list[int], counted: list[bool]) -> Window | None:
+        """The window of `ids` whose loss counts the tokens marked in `counted`; None if it counts none
+        (its first token has no context to be predicted from)."""
+        taught = [i for i in range(len(ids) - 1) if counted[i + 1]]
+        return cls(ids, taught) if taught else None
 
 
 @dataclass(frozen=True)
@@ -229,11 +234,8 @@ class FinetuneCompressor:
         windows = []
         for text in texts:
             ids, counted = self._tokens(text)
-            for start in range(0, len(ids), size):
-                taught = [i for i in range(min(size, len(ids) - start) - 1) if counted[start + i + 1]]
-                if taught:
-                    windows.append(Window(ids[start:start + size], taught))
-        return windows
+            windows += [Window.of(ids[start:start + size], counted[start:start + size]) for start in range(0, len(ids), size)]
+        return [w for w in windows if w is not None]
 
     def _recall_windows(self, texts: list[str], pause: Callable[[], None] | None = None) -> list[Window]:
         """Recall chats of the texts' statements, a window each (adapter_core.memory.restatement); the
@@ -248,11 +250,8 @@ class FinetuneCompressor:
 
         for chat in restatement.recall_chats(exchanges, fits):
             ids, counted = restatement.chat_tokens(self.engine.tokenizer, chat)
-            ids, counted = ids[:size], counted[:size]
-            taught = [i for i in range(len(ids) - 1) if counted[i + 1]]
-            if taught:
-                windows.append(Window(ids, taught))
-        return windows
+            windows.append(Window.of(ids[:size], counted[:size]))
+        return [w for w in windows if w is not None]
 
     def _write(self, prompts: list[str], pause: Callable[[], None] | None = None) -> list[str]:
         """The base model's greedy continuation of each prompt (plain text, no chat template);
@@ -267,7 +266,7 @@ class FinetuneCompressor:
         user's lines, a line being its speaker's until another speaker's line begins)."""
         tok = self.engine.tokenizer
         lines = text.splitlines(keepends=True)
-        speakers = [next((role for start, role in SPEAKERS.items() if line.startswith(start)), None) for line in lines]
+        speakers = [next((role for role, start in LINE_STARTS.items() if line.startswith(start)), None) for line in lines]
         if self.config.loss_on == "all" or "user" not in speakers:
             ids = tok(text, add_special_tokens=False)["input_ids"]
             return ids, [True] * len(ids)

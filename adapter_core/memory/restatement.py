@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..data.conversation import SYSTEM_PROMPT, Turn, history_text
+from ..data.conversation import LINE_STARTS, SYSTEM_PROMPT
 
 GENERAL_QUESTIONS = ("What did I tell you?", "What do you remember about me?", "Remind me what I said.",
                      "What do you know about me?")
@@ -53,7 +53,6 @@ _LETTER = r"[^\W\d_]"
 _WORD = re.compile(rf"(?<!{_LETTER}){_LETTER}+(?:['’]{_LETTER}+)?(?!{_LETTER})")
 """A word of letters of any alphabet, with one apostrophe at most ("I'm"); never part of a longer word ("Iñaki")."""
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_USER_LINE = history_text([Turn("user", "x")]).split("x")[0]  # "User: "
 
 
 def _key(word: str) -> str:
@@ -65,9 +64,9 @@ def statements(text: str, longest: int = 300) -> list[str]:
     first person, not a question, not addressed to the assistant ("you"), at most `longest` characters."""
     found = []
     for line in text.splitlines():
-        if not line.startswith(_USER_LINE):
+        if not line.startswith(LINE_STARTS["user"]):
             continue
-        for sentence in _SENTENCE_END.split(line[len(_USER_LINE):].strip()):
+        for sentence in _SENTENCE_END.split(line[len(LINE_STARTS["user"]):].strip()):
             words = {_key(w) for w in _WORD.findall(sentence) if _is_pronoun(w)}
             if (sentence and not sentence.endswith("?") and len(sentence) <= longest
                     and words & _FIRST_PERSON and not words & _SECOND_PERSON):
