@@ -13,16 +13,21 @@ from app.settings import AppSettings
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = AppSettings.from_args(argv)
-    progress = StartupProgress(APP_STEPS, settings.data_dir / "startup.json", started=process_started())
-    loading = LoadingServer(progress, settings.host, settings.port)
-    loading.start()
-    logging.getLogger("app").info("starting; %s shows the progress", loading.url)
+    loading = None
+    if settings.role != "worker":  # a worker has no page and no port
+        progress = StartupProgress(APP_STEPS, settings.data_dir / "startup.json", started=process_started())
+        loading = LoadingServer(progress, settings.host, settings.port)
+        loading.start()
+        logging.getLogger("app").info("starting; %s shows the progress", loading.url)
 
     from adapter_core import ModelLoadError  # the heavy imports, while the page answers
-    from app.launch import start
+    from app.launch import start, start_worker
 
     try:
-        start(settings, loading=loading)
+        if loading is None:
+            start_worker(settings)
+        else:
+            start(settings, loading=loading)
     except ModelLoadError as e:
         print(f"memchat cannot start: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 
@@ -39,7 +39,8 @@ FAILURE_SHOWN_S = 5.0
 class RunningApp:
     services: Services
     loop: InferenceLoop
-    worker: CompressionWorker
+    worker: CompressionWorker | None
+    """None in a web replica (--role web): workers elsewhere compress."""
     ui: gr.Blocks
     server: WebServer
 
@@ -52,10 +53,27 @@ class RunningApp:
             self.server.app.state.streams.end()  # the page's open streams end rather than being cut
             self.server.stop()
         finally:
-            self.worker.stop()
-            self.loop.stop()  # after the worker: a compression it runs needs the loop to the end
-            self.services.downloads.close()
-            self.services.storage.close()
+            _stop(self.services, self.loop, self.worker)
+
+
+@dataclass
+class RunningWorker:
+    """A compression worker alone (--role worker): no page, no port."""
+
+    services: Services
+    loop: InferenceLoop
+    worker: CompressionWorker
+
+    def close(self) -> None:
+        _stop(self.services, self.loop, self.worker)
+
+
+def _stop(services: Services, loop: InferenceLoop, worker: CompressionWorker | None) -> None:
+    if worker is not None:
+        worker.stop()
+    loop.stop()  # after the worker: a compression it runs needs the loop to the end
+    services.downloads.close()
+    services.storage.close()
 
 
 def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
@@ -106,10 +124,50 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
     return running
 
 
+def start_worker(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
+                 storage_settings: StorageSettings | None = None, block: bool = True) -> RunningWorker:
+    """A compression worker (--role worker): claims compression jobs from the shared database and
+    runs them until stopped (SIGTERM or Ctrl+C: the job it runs is finished first, or, if the
+    process is killed, taken over by another worker once its lease runs out). With block=False
+    it returns once it runs."""
+    if block and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    services, loop = _services(settings, engine, storage_settings, StartupProgress(APP_STEPS), block)
+    worker = CompressionWorker(services.memory, settings.worker_poll_seconds, alone=False)
+    worker.start()
+    log.info("compression worker ready (compressor %s)", settings.compressor)
+    running = RunningWorker(services, loop, worker)
+    if block:
+        try:
+            loop.run()
+        except KeyboardInterrupt:
+            log.info("stopping")
+        finally:
+            running.close()
+    return running
+
+
 def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
              storage_settings: StorageSettings | None, progress: StartupProgress, block: bool):
+    services, loop = _services(settings, engine, storage_settings, progress, block)
+    progress.begin("web page")
+    worker = None
+    if settings.role == "all":  # a web replica leaves compressions to the workers
+        worker = CompressionWorker(services.memory, settings.worker_poll_seconds)
+        worker.start()
+    services.downloads.start_sweeping()
+    ui = build_ui(services)
+    ui.queue(default_concurrency_limit=4)
+    return services, loop, worker, ui, create_app(services, ui)
+
+
+def _services(settings: AppSettings, engine: GenerativeAdapterModel | None,
+              storage_settings: StorageSettings | None, progress: StartupProgress,
+              block: bool) -> tuple[Services, InferenceLoop]:
+    """Storage (migrated), the engine, the inference loop (started) and the services on them."""
     progress.begin("database")
     log.info("database at %s", redact_url(settings.database_url) or settings.data_dir / "memchat.db")
+    storage_settings = replace(storage_settings or StorageSettings(), snapshot_store=settings.snapshot_store)
     storage = Storage(settings.database_url, settings.data_dir, storage_settings)
     storage.migrate()
     progress.begin("language model and memory generator")
@@ -123,7 +181,6 @@ def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
     # the decode step's fused weights and, at a machine's first start, its C++ layers (~35 s on 2 cores)
     lean_decoder(engine)
     log.info("model %s, generator %s, compressor %s", engine.base_model_id, engine.generator_id, settings.compressor)
-    progress.begin("web page")
     loop = InferenceLoop(engine)
     services = Services.create(storage, engine, loop, settings)
     if settings.admin_username and settings.admin_password:
@@ -135,9 +192,4 @@ def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
     log.info("background compression: every %d messages or after %.0f idle seconds",
              settings.compress_every, settings.compress_idle_seconds)
     loop.start(own_thread=not block)  # before the worker, whose compressions run on it
-    worker = CompressionWorker(services.memory, settings.worker_poll_seconds)
-    worker.start()
-    services.downloads.start_sweeping()
-    ui = build_ui(services)
-    ui.queue(default_concurrency_limit=4)
-    return services, loop, worker, ui, create_app(services, ui)
+    return services, loop

@@ -10,10 +10,11 @@ so that compression never holds up a reply for long.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -22,7 +23,7 @@ from adapter_core.data.conversation import Turn, history_text
 from adapter_core.memory.compressor import Compressor, make_compressor
 from adapter_core.memory.finetune import replay_sample
 from adapter_core.serving.scheduler import InferenceLoop
-from storage import CursorError, MemorySummary, NotFound, RebuildRequired, SnapshotFileError, TurnStart
+from storage import CursorError, JobClaim, LeaseLost, MemorySummary, NotFound, RebuildRequired, SnapshotFileError, TurnStart
 from storage.models import AdapterSnapshot, CompressionJob, Message, User
 
 from .access import Access, chosen_id
@@ -257,43 +258,57 @@ class Memory:
         return queued
 
     def run_due_job(self) -> bool:
-        """Claim the oldest due compression job and run it; False when none was due. A failure is
-        recorded on the job (retried with backoff, its error shown on the memory and admin pages)."""
+        """Claim the oldest due compression job (or one whose worker died) and run it, renewing its
+        lease while it runs; False when none was due. A failure is recorded on the job (retried with
+        backoff, its error shown on the memory and admin pages). A run whose lease was lost (this
+        process stalled past it and another worker took the job over) stores nothing."""
         job = self.storage.claim_job()
         if job is None:
             return False
         started = time.perf_counter()
         try:
-            version = self.compress(job.user_id)
+            with _renewing(self.storage, job.claim):
+                version = self.compress(job.user_id, job.claim)
+        except LeaseLost as e:
+            log.warning("compression job %s for user %s: %s", job.id, job.user_id, e)
+            return True
         except Exception as e:  # any failure of one job is that job's, never the worker's
             log.exception("compression job %s for user %s failed", job.id, job.user_id)
-            self.storage.fail_job(job.id, f"{type(e).__name__}: {e}")
+            try:
+                self.storage.fail_job(job.id, f"{type(e).__name__}: {e}", job.claim)
+            except LeaseLost:
+                pass  # another worker runs it now
             return True
-        self.storage.finish_job(job.id)
+        try:
+            self.storage.finish_job(job.id, job.claim)
+        except LeaseLost as e:  # its snapshot was stored: the worker that took over finds nothing new
+            log.warning("compression job %s for user %s: %s", job.id, job.user_id, e)
         log.info("user %s: adapter v%s in %.1f s", job.user_id, version, time.perf_counter() - started)
         return True
 
-    def compress(self, user_id: int) -> int | None:
-        """Absorb the user's new turns (or rebuild from scratch when needed); the new version or None."""
+    def compress(self, user_id: int, claim: JobClaim | None = None) -> int | None:
+        """Absorb the user's new turns (or rebuild from scratch when needed); the new version or None.
+        claim: the job's run this is (its commit is refused once that run lost the job)."""
         user = self.storage.get_user(user_id)
         snapshot, state = self.usable_state(user)
         if user.needs_rebuild or (snapshot is not None and state is None):
-            return self._rebuild(user)
+            return self._rebuild(user, claim)
         pending = self.storage.messages_after(user_id, snapshot.cursor if snapshot else 0)
         if not pending:
             return None
         try:
-            return self._absorb(user_id, state, pending, self._replay(user_id, snapshot))
+            return self._absorb(user_id, state, pending, self._replay(user_id, snapshot), claim=claim)
         except RebuildRequired:  # a message was forgotten meanwhile, or another generator made the snapshot
-            return self._rebuild(self.storage.get_user(user_id))
+            return self._rebuild(self.storage.get_user(user_id), claim)
         except CursorError:  # another compression absorbed these turns first: nothing left to do
             log.info("user %s: turns up to %s were already absorbed", user_id, pending[-1].id)
             return None
 
-    def _rebuild(self, user: User) -> int:
+    def _rebuild(self, user: User, claim: JobClaim | None = None) -> int:
         """The adapter anew from the whole history. The user row was read before the history, so a
         message deleted in between makes the commit refuse (its revision moved on)."""
-        return self._absorb(user.id, None, self.storage.history(user.id), rebuild_revision=user.history_revision)
+        return self._absorb(user.id, None, self.storage.history(user.id), rebuild_revision=user.history_revision,
+                            claim=claim)
 
     def _replay(self, user_id: int, snapshot: AdapterSnapshot | None) -> list[str]:
         """Earlier turns the compressor trains again with the new ones (see FinetuneCompressor): a
@@ -306,7 +321,7 @@ class Memory:
         return replay_sample(turns, tokens, self.engine.tokenizer, seed=snapshot.version)
 
     def _absorb(self, user_id: int, state: AdapterState | None, messages: Sequence[Message],
-                replay: Sequence[str] = (), rebuild_revision: int | None = None) -> int:
+                replay: Sequence[str] = (), rebuild_revision: int | None = None, claim: JobClaim | None = None) -> int:
         """Absorb the messages into the state (None: an empty one), replaying earlier turns where
         the compressor wants them, and commit the result as the user's new snapshot, a rebuild
         when a revision is given; the new version."""
@@ -332,6 +347,31 @@ class Memory:
         snapshot = self.storage.commit_snapshot(
             user_id, new.to_bytes(), generator_id=self.compressor.id, base_model_id=self.engine.base_model_id,
             cursor=messages[-1].id if messages else 0, tokens_absorbed=new.tokens, stats=stats,
-            rebuild_revision=rebuild_revision)
+            rebuild_revision=rebuild_revision, claim=claim)
         self._keep_state(user_id, snapshot.id, new)
         return snapshot.version
+
+
+@contextlib.contextmanager
+def _renewing(storage, claim: JobClaim) -> Iterator[None]:
+    """Renew the job's lease every third of it while the block runs (a compression of a long
+    history takes minutes): another worker takes the job over only once this process stops renewing."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(storage.settings.job_lease_s / 3):
+            try:
+                if not storage.renew_lease(claim):
+                    log.warning("compression job %s: its lease was taken over; its result will not be stored",
+                                claim.job_id)
+                    return
+            except Exception:  # the database away for a moment: try again at the next beat
+                log.exception("compression job %s: renewing its lease failed", claim.job_id)
+
+    renewer = threading.Thread(target=renew, name=f"lease-{claim.job_id}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()

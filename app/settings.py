@@ -11,8 +11,13 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+ROLES = ("all", "web", "worker")
+"""What one process does: everything (one machine), the page and the API only (a web replica), or
+compressions only (a worker); replicas and workers share one database (docs/deploy.md)."""
 COMPRESSORS = ("finetune", "generator")
 """adapter_core.memory.compressor.COMPRESSORS."""
+SNAPSHOT_STORES = ("files", "database")
+"""storage.settings.SNAPSHOT_STORES."""
 MAX_NEW_TOKENS = 160
 """adapter_core.serving.sampling.SamplingConfig.max_new_tokens."""
 
@@ -35,9 +40,17 @@ def _secret(doc: str):
 
 @dataclass
 class AppSettings:
+    role: str = field(default="all", metadata={
+        "help": "all: the page, the API and the compressions in this one process; web: the page and the API "
+                "(a replica); worker: compressions only, claimed from the shared database",
+        "choices": ROLES})
     data_dir: Path = _setting(Path("data"), "folder of the SQLite database, the adapter files and the model cache")
     database_url: str | None = _setting(None, "any SQLAlchemy URL; default: SQLite at <data-dir>/memchat.db "
                                               "(one with a password belongs in the variable, not the flag)")
+    snapshot_store: str = field(default="files", metadata={
+        "help": "where adapter snapshots are kept: files (in the data folder) or database (beside the rows: "
+                "replicas and workers on several machines then share only the database)",
+        "choices": SNAPSHOT_STORES})
     model: str | None = _setting(None, "base model: Hugging Face id or local folder; default: embedded SmolLM2-135M")
     checkpoint: str | None = _setting(None, "generator folder; default: the one shipped for the default model")
     compressor: str = field(default="finetune", metadata={

@@ -1,7 +1,9 @@
 """The background compression worker: one thread that absorbs users' new turns into their adapters.
 
 Jobs live in the database, so they survive a restart: on start, jobs left running by a stopped
-process are requeued (storage counts them as failed runs, retried with backoff). A failing job
+process are requeued (storage counts them as failed runs, retried with backoff). Several workers
+(`--role worker`) claim jobs from one database; a job whose worker died is taken over once its
+lease runs out. A failing job
 is retried with exponential backoff and its error is shown on the memory and admin pages. What
 a job does is app/memory.py's, the worker's only collaborator; the worker decides when.
 """
@@ -18,13 +20,16 @@ log = logging.getLogger(__name__)
 
 
 class CompressionWorker:
-    def __init__(self, memory: Memory, poll_seconds: float = 1.0):
-        self.memory, self.poll_seconds = memory, poll_seconds
+    def __init__(self, memory: Memory, poll_seconds: float = 1.0, *, alone: bool = True):
+        """alone: this is the only worker on its database (--role all), so jobs left running when it
+        starts were its own last run's, requeued at once; beside other workers (--role worker) a
+        job left running is taken over only once its lease runs out (Storage.claim_job)."""
+        self.memory, self.poll_seconds, self.alone = memory, poll_seconds, alone
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        requeued = self.memory.requeue_interrupted_jobs()
+        requeued = self.memory.requeue_interrupted_jobs() if self.alone else 0
         if requeued:
             log.info("requeued %d compression job(s) interrupted by the last stop", requeued)
         self._thread = threading.Thread(target=self._run, name="compression-worker", daemon=True)

@@ -7,15 +7,16 @@ adapter_core nor app. SQLite by default (data/memchat.db), any SQLAlchemy URL ot
 
 from .db import default_url, make_engine, upgrade
 from .errors import (
-    CursorError, NotFound, RebuildRequired, SnapshotFileError, StorageError, UsernameLookAlike, UsernameTaken,
+    CursorError, LeaseLost, NotFound, RebuildRequired, SnapshotFileError, StorageError, UsernameLookAlike, UsernameTaken,
     ValidationError,
 )
+from .models import JobClaim
 from .repository import Storage
 from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, NewLogin, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
 
 __all__ = [
-    "CursorError", "KeyHolder", "MemorySummary", "MessageCounts", "NewApiKey", "NewLogin", "NotFound", "RebuildRequired",
+    "CursorError", "JobClaim", "KeyHolder", "LeaseLost", "MemorySummary", "MessageCounts", "NewApiKey", "NewLogin", "NotFound", "RebuildRequired",
     "SnapshotFileError", "Storage", "StorageError", "StorageSettings", "TurnEnd", "TurnStart", "UserSummary",
     "UsernameLookAlike", "UsernameTaken", "ValidationError", "default_url", "make_engine", "upgrade",
 ]

@@ -46,3 +46,8 @@ class RebuildRequired(StorageError):
 
 class SnapshotFileError(StorageError):
     """An adapter snapshot file that is missing, or whose bytes no longer match their sha256."""
+
+
+class LeaseLost(StorageError):
+    """A compression job's run that no longer holds the job: its lease ran out and another worker
+    took the job over, or the job ended meanwhile. What the run made is not stored."""

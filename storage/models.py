@@ -8,11 +8,12 @@ agreement, so that a query by user id can never reach another user's messages.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Index, MetaData, String,
+    JSON, BigInteger, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Index, LargeBinary, MetaData, String,
     Text, UniqueConstraint, text,
 )
 from sqlalchemy.engine import Dialect
@@ -121,7 +122,8 @@ class AdapterSnapshot(Base):
     generator_id: Mapped[str] = mapped_column(String(200))
     base_model_id: Mapped[str] = mapped_column(String(200))
     path: Mapped[str] = mapped_column(String(300))
-    """File path relative to the data folder (so that the folder can move)."""
+    """File path relative to the data folder (so that the folder can move), or DATABASE_PATH_PREFIX
+    and a name for bytes kept in the database (SnapshotBlob)."""
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     cursor: Mapped[int]
@@ -129,6 +131,24 @@ class AdapterSnapshot(Base):
     tokens_absorbed: Mapped[int] = mapped_column(BigInteger)
     stats: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SnapshotBlob(Base):
+    """A snapshot's bytes kept in the database rather than in a file (StorageSettings.snapshot_store
+    "database"), so that replicas on other machines read them without a shared folder; a row's
+    AdapterSnapshot.path then starts with DATABASE_PATH_PREFIX. Content-addressed per user, as files."""
+
+    __tablename__ = "snapshot_blobs"
+    __table_args__ = (UniqueConstraint("user_id", "sha256"), NEVER_REUSED)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+DATABASE_PATH_PREFIX = "database/"
+"""AdapterSnapshot.path of a snapshot whose bytes are a SnapshotBlob: 'database/user-<id>/<sha256>'."""
 
 
 class Message(Base):
@@ -178,6 +198,23 @@ class CompressionJob(Base):
     """Not claimed before this time (retry backoff)."""
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    """While running: the claiming worker holds the job until then (renewed as it runs); after it,
+    claim_job hands the job to another worker, and the first one can no longer finish it."""
+
+    @property
+    def claim(self) -> JobClaim:
+        """This run of the job (its attempt number tells runs apart): what the worker running it
+        shows to renew its lease, commit its snapshot and finish it."""
+        return JobClaim(self.id, self.attempts)
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    """One worker's run of a compression job."""
+
+    job_id: int
+    attempt: int
 
 
 class ApiKey(Base):

@@ -31,12 +31,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from . import validation
 from .db import default_url, make_engine, upgrade, writer
 from .errors import (
-    CursorError, NotFound, RebuildRequired, StorageError, UsernameLookAlike, UsernameTaken, ValidationError,
+    CursorError, LeaseLost, NotFound, RebuildRequired, SnapshotFileError, StorageError, UsernameLookAlike,
+    UsernameTaken, ValidationError,
 )
-from .files import DIR_MODE, SnapshotFiles, make_private_dirs, restrict_mode
+from .files import DIR_MODE, SnapshotFiles, StoredFile, make_private_dirs, restrict_mode
 from .models import (
     API_KEY_NAME_CHARS, USERNAME_SKELETON_CHARS, AdapterSnapshot, ApiKey, AuditEntry, CompressionJob, Conversation,
-    LoginSession, Message, User, utcnow,
+    DATABASE_PATH_PREFIX, JobClaim, LoginSession, Message, SnapshotBlob, User, utcnow,
 )
 from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, NewLogin, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
@@ -52,6 +53,9 @@ _API_KEY = re.compile(r"sk-mc-[A-Za-z0-9_-]{43}")
 """The prefix and 32 random bytes in URL-safe base64 (secrets.token_urlsafe(32))."""
 KEY_USE_RESOLUTION = timedelta(minutes=1)
 """How finely an API key's (or a login's) last use is recorded: at most one write per key and minute."""
+TAKEN_OVER = "interrupted: the worker running it stopped renewing its lease"
+"""The error a job taken over from a worker that died (or hung) shows."""
+
 LOGIN_PREFIX = "ms-"
 _LOGIN_SECRET = re.compile(r"ms-[A-Za-z0-9_-]{43}")
 """A login's secret: the prefix and 32 random bytes in URL-safe base64."""
@@ -482,8 +486,18 @@ class Storage:
         return self.read_snapshot_file(snapshot)
 
     def read_snapshot_file(self, snapshot: AdapterSnapshot) -> bytes:
-        """The bytes of a snapshot row already read (from the disk only), checked against their sha256."""
-        return self.files.read(snapshot.path, snapshot.sha256, snapshot.size_bytes)
+        """The bytes of a snapshot row already read (from its file, or from the database where the
+        row says they are), checked against their sha256."""
+        if not snapshot.path.startswith(DATABASE_PATH_PREFIX):
+            return self.files.read(snapshot.path, snapshot.sha256, snapshot.size_bytes)
+        with self._reading() as session:
+            data = session.scalar(select(SnapshotBlob.data).where(SnapshotBlob.user_id == snapshot.user_id,
+                                                                  SnapshotBlob.sha256 == snapshot.sha256))
+        if data is None:
+            raise SnapshotFileError(f"adapter snapshot {snapshot.path} is missing from the database")
+        if len(data) != snapshot.size_bytes or hashlib.sha256(data).hexdigest() != snapshot.sha256:
+            raise SnapshotFileError(f"adapter snapshot {snapshot.path} failed its sha256 check")
+        return bytes(data)
 
     def report_unusable_snapshot(self, user_id: int, snapshot_id: int, details: dict[str, Any],
                                  action: str = "adapter_unreadable") -> list[Message]:
@@ -507,7 +521,7 @@ class Storage:
 
     def commit_snapshot(self, user_id: int, data: bytes, *, generator_id: str, base_model_id: str,
                         cursor: int, tokens_absorbed: int, stats: dict[str, Any] | None = None,
-                        rebuild_revision: int | None = None) -> AdapterSnapshot:
+                        rebuild_revision: int | None = None, claim: JobClaim | None = None) -> AdapterSnapshot:
         """Store a new adapter state that has absorbed the user's messages up to `cursor`.
 
         The file is made durable first, then the row is committed together with the marks on
@@ -519,6 +533,10 @@ class Storage:
         put the cursor anywhere (0 when no message is left), clears `needs_rebuild`, and replaces
         all older snapshots, which may hold deleted messages. It is refused if yet another
         message was deleted meanwhile.
+
+        claim: the compression job's run that made it; refused (LeaseLost) unless that run still
+        holds the job, so that a worker whose lease ran out never stores what another worker is
+        absorbing again.
         """
         payload = self._snapshot_payload(data)
         checked_generator = validation.identifier("generator_id", generator_id, ID_MAX_CHARS)
@@ -529,10 +547,12 @@ class Storage:
         rebuild = rebuild_revision is not None
         with self._writing() as session:
             user = self._lock_user(session, user_id)
+            if claim is not None and self._running_job(session, claim.job_id, claim).user_id != user_id:
+                raise StorageError(f"compression job {claim.job_id} is not user {user_id}'s")
             latest = self._latest_snapshot(session, user_id)
             previous = self._check_commit(session, user, latest, checked_cursor,
                                           (checked_generator, checked_model), rebuild_revision)
-            stored = self.files.write(user_id, payload)
+            stored = self._store_bytes(session, user_id, payload)
             snapshot = AdapterSnapshot(
                 user_id=user_id, version=latest.version + 1 if latest else 1, generator_id=checked_generator,
                 base_model_id=checked_model, path=stored.path, sha256=stored.sha256, size_bytes=stored.size,
@@ -575,31 +595,54 @@ class Storage:
             return self._queue_job(session, user_id)
 
     def claim_job(self) -> CompressionJob | None:
-        """Take the oldest due queued job and mark it running; None when there is none.
+        """Take the oldest due queued job, or a running one whose worker's lease ran out (its worker
+        died or hangs), and mark it running under a new lease; None when there is none. The
+        returned job's `claim` is what its worker shows to renew the lease, commit and finish.
 
-        On PostgreSQL, FOR UPDATE SKIP LOCKED lets several workers claim at once without
-        waiting on each other; the conditional UPDATE makes a double claim impossible on any
-        backend. A user never has two running jobs: the database allows one active job per user.
+        On PostgreSQL, FOR UPDATE SKIP LOCKED lets several workers claim at once without waiting
+        on each other; the conditional UPDATE makes a double claim impossible on any backend. A
+        user never has two running jobs: the database allows one active job per user. A job taken
+        over counts its interrupted run as failed: after the last attempt it is marked failed.
         """
         now = utcnow()
+        due = (CompressionJob.status == "queued") & (CompressionJob.not_before <= now)
+        abandoned = (CompressionJob.status == "running") & (
+            CompressionJob.lease_until.is_(None) | (CompressionJob.lease_until < now))
         with self._writing() as session:
             job = session.scalars(
-                select(CompressionJob)
-                .where(CompressionJob.status == "queued", CompressionJob.not_before <= now)
+                select(CompressionJob).where(due | abandoned)
                 .order_by(CompressionJob.not_before, CompressionJob.id)
                 .limit(1)
                 .with_for_update(skip_locked=True)).first()
             if job is None:
                 return None
+            if job.status == "running" and job.attempts >= self.settings.job_max_attempts:
+                job = self._running_job(session, job.id)  # locked after its user, as every job change
+                self._after_failure(session, job, TAKEN_OVER)
+                return None  # failed for good; the caller polls again
             claimed = session.execute(
                 update(CompressionJob)
-                .where(CompressionJob.id == job.id, CompressionJob.status == "queued")
-                .values(status="running", attempts=CompressionJob.attempts + 1, started_at=now)
+                .where(CompressionJob.id == job.id, due | abandoned)
+                .values(status="running", attempts=CompressionJob.attempts + 1, started_at=now,
+                        lease_until=now + timedelta(seconds=self.settings.job_lease_s),
+                        error=case((CompressionJob.status == "running", TAKEN_OVER), else_=CompressionJob.error))
                 .execution_options(synchronize_session=False))
             if claimed.rowcount != 1:
                 return None  # another worker took it first; the caller simply polls again
             session.refresh(job)
         return job
+
+    def renew_lease(self, claim: JobClaim) -> bool:
+        """Extend a running job's lease by job_lease_s from now; False if this run no longer holds
+        the job (taken over after its lease ran out, or ended)."""
+        with self._writing() as session:
+            renewed = session.execute(
+                update(CompressionJob)
+                .where(CompressionJob.id == claim.job_id, CompressionJob.status == "running",
+                       CompressionJob.attempts == claim.attempt)
+                .values(lease_until=utcnow() + timedelta(seconds=self.settings.job_lease_s))
+                .execution_options(synchronize_session=False))
+            return renewed.rowcount == 1
 
     def active_job(self, user_id: int) -> CompressionJob | None:
         """The user's queued or running job, if any."""
@@ -620,17 +663,19 @@ class Storage:
                 raise NotFound(f"no compression job {job_id}")
             return job
 
-    def finish_job(self, job_id: int) -> CompressionJob | None:
-        """Mark a running job done; returns the follow-up job if it was asked for again meanwhile."""
+    def finish_job(self, job_id: int, claim: JobClaim | None = None) -> CompressionJob | None:
+        """Mark a running job done; returns the follow-up job if it was asked for again meanwhile.
+        claim: the run that finishes it (LeaseLost if that run no longer holds the job)."""
         with self._writing() as session:
-            job = self._running_job(session, job_id)
-            job.status, job.finished_at, job.error = "done", utcnow(), None
+            job = self._running_job(session, job_id, claim)
+            job.status, job.finished_at, job.error, job.lease_until = "done", utcnow(), None, None
             return self._follow_up(session, job)
 
-    def fail_job(self, job_id: int, error: str) -> CompressionJob:
-        """Record a failed run: retried after an exponential backoff, 'failed' after the last attempt."""
+    def fail_job(self, job_id: int, error: str, claim: JobClaim | None = None) -> CompressionJob:
+        """Record a failed run: retried after an exponential backoff, 'failed' after the last attempt.
+        claim: as finish_job's."""
         with self._writing() as session:
-            job = self._running_job(session, job_id)
+            job = self._running_job(session, job_id, claim)
             self._after_failure(session, job, error)
         return job
 
@@ -788,24 +833,43 @@ class Storage:
             raise CursorError(f"cursor {cursor} is not one of user {user.id}'s messages")
         return previous
 
+    def _store_bytes(self, session: Session, user_id: int, payload: bytes) -> StoredFile:
+        """A new snapshot's bytes where snapshot_store says: a durable file (written before the row,
+        see commit_snapshot), or a blob row in the commit's own transaction."""
+        if self.settings.snapshot_store == "files":
+            return self.files.write(user_id, payload)
+        digest = hashlib.sha256(payload).hexdigest()
+        known = select(SnapshotBlob.id).where(SnapshotBlob.user_id == user_id, SnapshotBlob.sha256 == digest)
+        if session.scalar(known) is None:  # the same bytes again (content-addressed): stored once
+            session.add(SnapshotBlob(user_id=user_id, sha256=digest, data=payload))
+        return StoredFile(f"{DATABASE_PATH_PREFIX}user-{user_id}/{digest}", digest, len(payload))
+
     def _remove_unreferenced(self, user_id: int, paths: list[str]) -> None:
-        """Delete replaced snapshot files, under the user's lock (no commit can write one meanwhile)."""
+        """Delete replaced snapshots' bytes, under the user's lock (no commit can write any meanwhile)."""
         if not paths:
             return
         with self._writing() as session:
             self._lock_user(session, user_id)
             kept = set(session.scalars(select(AdapterSnapshot.path).where(AdapterSnapshot.path.in_(paths))))
             for path in set(paths) - kept:
-                self.files.remove(path)
+                if path.startswith(DATABASE_PATH_PREFIX):
+                    session.execute(delete(SnapshotBlob).where(SnapshotBlob.user_id == user_id,
+                                                               SnapshotBlob.sha256 == path.rsplit("/", 1)[-1]))
+                else:
+                    self.files.remove(path)
 
-    def _running_job(self, session: Session, job_id: int) -> CompressionJob:
-        """The job, locked after its user (the order every job change follows); it must be running."""
+    def _running_job(self, session: Session, job_id: int, claim: JobClaim | None = None) -> CompressionJob:
+        """The job, locked after its user (the order every job change follows); it must be running
+        (and still under the claim's run, if one is given: else LeaseLost)."""
         user_id = session.scalar(select(CompressionJob.user_id).where(CompressionJob.id == job_id))
         if user_id is None:
             raise NotFound(f"no compression job {job_id}")
         self._lock_user(session, user_id)
         job = session.scalars(select(CompressionJob).where(CompressionJob.id == job_id)
                               .with_for_update().execution_options(populate_existing=True)).one()
+        if claim is not None and (job.status != "running" or job.attempts != claim.attempt):
+            raise LeaseLost(f"compression job {job_id}'s run {claim.attempt} no longer holds it (now {job.status}, "
+                            f"run {job.attempts})")
         if job.status != "running":
             raise StorageError(f"compression job {job_id} is {job.status}, not running")
         return job
@@ -813,6 +877,7 @@ class Storage:
     def _after_failure(self, session: Session, job: CompressionJob, error: str) -> None:
         now = utcnow()
         job.error = _storable_error(error)
+        job.lease_until = None
         if job.attempts < self.settings.job_max_attempts:
             job.status, job.rerun = "queued", False  # the retry reads the newer messages too
             job.not_before = now + timedelta(seconds=self.settings.retry_delay_s(job.attempts))

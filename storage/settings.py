@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 
+SNAPSHOT_STORES = ("files", "database")
+"""Where adapter snapshots' bytes may be kept (StorageSettings.snapshot_store)."""
+
 USERNAME_COLUMN_CHARS = 64
 """Width of the username column: no setting may allow a longer username than the schema holds."""
 
@@ -42,6 +45,11 @@ class StorageSettings:
     json_max_bytes: int = 64 * 1024
     """Largest JSON document (snapshot statistics, audit details) once encoded."""
 
+    snapshot_store: str = "files"
+    """Where new adapter snapshots' bytes go: "files" (the data folder, one machine) or "database"
+    (beside the rows, for replicas and workers on several machines sharing only the database).
+    Either is read whatever this says: a snapshot's row tells where its bytes are."""
+
     snapshot_max_bytes: int = 256 * 1024 * 1024
     """Largest adapter snapshot file; a state is r*r fp32 per adapted module, far below this."""
 
@@ -56,6 +64,10 @@ class StorageSettings:
 
     job_retry_max_s: float = 3600.0
     """Upper bound of the retry delay."""
+
+    job_lease_s: float = 120.0
+    """A running job is its worker's for this long after the claim or the worker's last renewal
+    (it renews every third of it while it runs); then another worker may take the job over."""
 
     argon2_time_cost: int = PasswordHasher().time_cost
     """Argon2id passes over memory. Changing a cost rehashes each password at its next login."""
@@ -79,6 +91,10 @@ class StorageSettings:
             raise ValueError("need 0 < login_idle_s <= login_lifetime_s")
         if not 0 <= self.job_retry_base_s <= self.job_retry_max_s:
             raise ValueError("need 0 <= job_retry_base_s <= job_retry_max_s")
+        if self.snapshot_store not in SNAPSHOT_STORES:
+            raise ValueError(f"snapshot_store must be one of {SNAPSHOT_STORES}")
+        if not self.job_lease_s > 0:
+            raise ValueError("job_lease_s must be > 0")
 
     def password_hasher(self) -> PasswordHasher:
         """Argon2id with these costs (argon2-cffi's defaults follow RFC 9106's low-memory profile)."""

@@ -257,9 +257,12 @@ class FinetuneCompressor:
         """The base model's greedy continuation of each prompt (plain text, no chat template);
         pause: called before each decode step."""
         tok = self.engine.tokenizer
-        greedy = SamplingConfig.greedy(max_new_tokens=24)  # a question and its answer fit in it
+        # a question and its answer fit in 24 tokens; the blank line after them ends the example
+        newline = tuple(tok("\n", add_special_tokens=False)["input_ids"])
+        blank_line = tuple(tok("\n\n", add_special_tokens=False)["input_ids"])  # one token, or two newlines
+        greedy = SamplingConfig.greedy(max_new_tokens=24, stop_sequences=(blank_line, newline + newline))
         requests = [ReplyRequest(tok(p, add_special_tokens=False)["input_ids"], None, greedy) for p in prompts]
-        return [r.text for r in reply(self.engine, requests, pause=pause)]
+        return [r.text for r in reply(self.engine, requests, max_rows=len(requests), pause=pause)]
 
     def _tokens(self, text: str) -> tuple[list[int], list[bool]]:
         """The text's tokens, and whether the loss counts each (loss_on "user": the tokens of the

@@ -232,19 +232,22 @@ class DecodeBatch:
 
     def _prefill(self, rows: list[Row], pause: Callable[[], None] | None = None) -> PrefilledGroup:
         """The rows' prompts, chunk by chunk into one cache: their KV cache, mask and adapters,
-        first tokens chosen."""
+        first tokens chosen. A start every prompt shares under one adapter runs once (see
+        SHARED_PREFIX_TOKENS): its cache is copied to each row, and the rest follows left padded,
+        so that a row's padding sits between the shared start and its own tokens (masked out)."""
         engine = self.engine
-        ids, mask = left_pad([row.request.prompt for row in rows], self.pad_id)  # (N, T) each
-        ids, mask = ids.to(engine.device), mask.to(engine.device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (N, T)
+        shared = _shared_prefix(rows)
         cache = DynamicCache()
+        if shared:
+            prefix = torch.tensor([rows[0].request.prompt[:shared]], device=engine.device)  # (1, P)
+            with engine.applying(engine.row_adapters([rows[0].adapter]), pause):
+                _run_chunks(engine, prefix, torch.ones_like(prefix), cache)
+            cache.batch_repeat_interleave(len(rows))  # (N, H, P, D) per layer
+        ids, mask = left_pad([row.request.prompt[shared:] for row in rows], self.pad_id)  # (N, T - P) each
+        ids, mask = ids.to(engine.device), torch.cat([mask.new_ones(len(rows), shared), mask], 1).to(engine.device)  # mask (N, T)
         adapters = engine.row_adapters([row.adapter for row in rows])
         with engine.applying(adapters, pause):
-            for start in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
-                end = min(start + PREFILL_CHUNK_TOKENS, ids.shape[1])
-                logits = engine.base_model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
-                                           position_ids=positions[:, start:end], cache=cache,
-                                           use_cache=True, logits_to_keep=1).logits[:, -1]  # (N, V)
+            logits = _run_chunks(engine, ids, mask, cache)
         return self._start(rows, cache, mask, logits, adapters)
 
     def _start(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor,
@@ -321,7 +324,9 @@ class DecodeBatch:
                 row.last = token
                 if row.first_token_at is None:
                     row.first_token_at = time.perf_counter()
-                if len(row.tokens) >= row.request.sampling.max_new_tokens:
+                if any(tuple(row.tokens[-len(seq):]) == seq for seq in row.request.sampling.stop_sequences):
+                    row.finish = "end"
+                elif len(row.tokens) >= row.request.sampling.max_new_tokens:
                     row.finish = "length"
 
     def _merge(self, rows: list[Row], cache: KVCache, mask: torch.Tensor, adapters: RowAdapters | None) -> None:
@@ -334,6 +339,41 @@ class DecodeBatch:
         merged_cache = self.cache.concat(cache)  # (B+N, H, width, D) per layer
         merged_adapters = self.engine.row_adapters([row.adapter for row in self.rows + rows])
         self.rows, self.cache, self.mask, self.adapters = self.rows + rows, merged_cache, merged_mask, merged_adapters
+
+
+SHARED_PREFIX_TOKENS = 32
+"""Prompts of one prefill group that start with at least this many tokens in common, all under one
+adapter (or none), run that start once for all of them: the few-shot examples before each of a
+compression's recall questions (adapter_core.memory.restatement), a system prompt."""
+
+
+def _shared_prefix(rows: list[Row]) -> int:
+    """How many leading tokens the rows' prompts share, if worth running once (else 0); each row
+    keeps at least its last token to run itself, whose logits choose its first token."""
+    if len(rows) < 2 or any(row.request.state is not rows[0].request.state for row in rows):
+        return 0
+    prompts = [row.request.prompt for row in rows]
+    shared = 0
+    for column in zip(*prompts):
+        if any(t != column[0] for t in column):
+            break
+        shared += 1
+    shared = min(shared, min(len(p) for p in prompts) - 1)
+    return shared if shared >= SHARED_PREFIX_TOKENS else 0
+
+
+def _run_chunks(engine: GenerativeAdapterModel, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """ids (N, S) after the cache's columns, PREFILL_CHUNK_TOKENS at a time, extending the cache;
+    mask (N, C + S) covers the cache's C columns and the ids. Logits (N, V) at the last column.
+    The adapters and pause are the caller's (engine.applying)."""
+    before = mask.shape[1] - ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, before:]  # (N, S)
+    for start in range(0, ids.shape[1], PREFILL_CHUNK_TOKENS):
+        end = min(start + PREFILL_CHUNK_TOKENS, ids.shape[1])
+        logits = engine.base_model(input_ids=ids[:, start:end], attention_mask=mask[:, :before + end],
+                                   position_ids=positions[:, start:end], cache=cache,
+                                   use_cache=True, logits_to_keep=1).logits[:, -1]  # (N, V)
+    return logits
 
 
 PADDING_ALLOWED = 1.25

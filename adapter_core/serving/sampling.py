@@ -58,6 +58,9 @@ class SamplingConfig:
     """Longest reply in tokens; with these settings 59 of 60 measured replies ended by themselves within it."""
     min_new_tokens: int = 0
     """The end of turn is not chosen before this many tokens (benchmarks use it for replies of one length)."""
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    """Token sequences that end the reply once it ends with one of them (they stay in it): a
+    compression's recall question ends at the blank line after its answer."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, bool):
@@ -79,11 +82,16 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be an integer from 0 to max_new_tokens, got {self.min_new_tokens!r}")
+        if not isinstance(self.stop_sequences, tuple) or not all(
+                isinstance(seq, tuple) and seq and all(_is_int(t) and t >= 0 for t in seq) for seq in self.stop_sequences):
+            raise ValueError(f"stop_sequences must be a tuple of non-empty tuples of token ids, got {self.stop_sequences!r}")
 
     @classmethod
-    def greedy(cls, max_new_tokens: int = 160, repetition_penalty: float = 1.0) -> "SamplingConfig":
+    def greedy(cls, max_new_tokens: int = 160, repetition_penalty: float = 1.0,
+               stop_sequences: tuple[tuple[int, ...], ...] = ()) -> "SamplingConfig":
         """Deterministic decoding (evaluation, tests): always the most likely token."""
-        return cls(do_sample=False, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
+        return cls(do_sample=False, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                   stop_sequences=stop_sequences)
 
 
 class TokenPicker:

@@ -4,6 +4,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -11,9 +13,12 @@ import openai
 import pytest
 from gradio_client import Client
 
+from app.launch import start, start_worker
 from app.loading import APP_STEPS, HEADING
 from app.openai_api import MODEL_ID
-from tests.app.helpers import SlowStart, free_port, wait_for
+from tests.app.helpers import SlowStart, chat, free_port, wait_for
+from tests.conftest import tiny_text_engine
+from tests.storage.helpers import FAST
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,3 +132,31 @@ def test_app_py_answers_with_the_loading_page_before_it_imports_the_model_code(t
                           timeout=120)
     assert "PROBE 200 True False Python libraries True" in done.stdout, done.stdout + done.stderr
     assert done.returncode == 2 and "memchat cannot start" in done.stderr  # then it went on, to the bad model
+
+
+def test_a_web_replica_leaves_compressions_to_a_worker_on_another_machine(app_settings, tiny_tokenizer, password,
+                                                                         tmp_path):
+    """--role web serves and queues; --role worker compresses what any replica queued; with the
+    snapshots in the database, the two share nothing but the database (each its own data folder)."""
+    app_settings.port, app_settings.worker_poll_seconds = free_port(), 0.05
+    app_settings.database_url, app_settings.snapshot_store = f"sqlite:///{tmp_path / 'shared.db'}", "database"
+    web = start(replace(app_settings, role="web", data_dir=tmp_path / "web"), tiny_text_engine(tiny_tokenizer, live=True),
+                FAST, block=False)
+    try:
+        uid = web.services.accounts.sign_up("alice", password).account.id
+        chat(web.services, uid, "My cat is called Tobrik.")
+        chat(web.services, uid, "I live in Quenmoor.")
+        assert web.worker is None
+        time.sleep(0.5)
+        assert web.services.memory.status(uid).job.status == "queued"  # nobody here compresses
+        worker = start_worker(replace(app_settings, role="worker", data_dir=tmp_path / "worker"),
+                              tiny_text_engine(tiny_tokenizer, live=True), FAST, block=False)
+        try:
+            wait_for(lambda: web.services.memory.status(uid).adapter_version == 1)
+        finally:
+            worker.close()
+        _, finished = chat(web.services, uid, "What is my cat called?")
+        assert finished.stats.adapter_version == 1  # the replica answers with what the worker made
+        assert not (tmp_path / "worker" / "adapters").exists() and not (tmp_path / "web" / "adapters").exists()
+    finally:
+        web.close()

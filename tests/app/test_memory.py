@@ -2,6 +2,7 @@
 files, the worker's failures, and each user's own data only."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -118,6 +119,54 @@ def test_a_failing_compression_is_retried_and_visible(services, password, monkey
     assert CompressionWorker(services.memory).run_once()
     job = services.memory.status(uid).job
     assert job.status == "queued" and job.attempts == 1 and "disk on fire" in job.error
+
+
+def _queued_user(services, password) -> int:
+    uid = services.accounts.sign_up("alice", password).account.id
+    chat(services, uid, "My cat is called Tobrik.")
+    chat(services, uid, "I live in Quenmoor.")
+    assert services.memory.status(uid).job.status == "queued"
+    return uid
+
+
+def test_a_long_compression_renews_its_lease_so_no_other_worker_takes_its_job(services, password, monkeypatch):
+    monkeypatch.setattr(services.storage, "settings", replace(services.storage.settings, job_lease_s=0.3))
+    uid = _queued_user(services, password)
+    absorb, asked = services.memory.loop.absorb, []
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)  # three leases long: only the renewals keep the job
+        asked.append(services.storage.claim_job())  # another worker looks for work meanwhile
+        return absorb(*args, **kwargs)
+
+    monkeypatch.setattr(services.memory.loop, "absorb", slow)
+    assert services.memory.run_due_job()
+    assert asked == [None]
+    assert services.memory.status(uid).adapter_version == 1 and services.memory.status(uid).job is None
+
+
+def test_a_worker_that_stalled_past_its_lease_stores_nothing_and_the_job_finishes_elsewhere(services, password,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(services.storage, "settings", replace(services.storage.settings, job_lease_s=0.3))
+    monkeypatch.setattr(services.storage, "renew_lease", lambda claim: True)  # stalled: never renews
+    uid = _queued_user(services, password)
+    absorb, other = services.memory.loop.absorb, []
+
+    def stalled(*args, **kwargs):
+        time.sleep(0.5)
+        other.append(services.storage.claim_job())  # another worker takes the job over
+        return absorb(*args, **kwargs)
+
+    monkeypatch.setattr(services.memory.loop, "absorb", stalled)
+    assert services.memory.run_due_job()
+    assert services.storage.list_snapshots(uid) == []  # the stalled run's result was refused
+    job = services.memory.status(uid).job
+    assert (other[0].id, job.status, job.attempts) == (other[0].id, "running", 2)
+    monkeypatch.setattr(services.memory.loop, "absorb", absorb)
+    assert services.memory.compress(uid, other[0].claim) == 1  # the worker that took it over
+    services.storage.finish_job(other[0].id, other[0].claim)
+    assert [s.version for s in services.storage.list_snapshots(uid)] == [1]
+    assert services.memory.status(uid).job is None
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing"])

@@ -67,6 +67,7 @@ def test_settings_and_the_loading_page_import_nothing_heavy_and_share_the_engine
     from adapter_core.memory.compressor import COMPRESSORS
     from adapter_core.serving.sampling import SamplingConfig
     from app import settings
+    from storage.settings import SNAPSHOT_STORES
 
     heavy = ("torch", "transformers", "gradio", "sqlalchemy", "adapter_core", "storage")
     script = ("import sys; import app.settings, app.loading; app.settings.AppSettings.from_args([]); "
@@ -75,3 +76,4 @@ def test_settings_and_the_loading_page_import_nothing_heavy_and_share_the_engine
                               cwd=Path(__file__).resolve().parents[2])
     assert imported.stdout.strip() == "[]", imported.stderr
     assert settings.COMPRESSORS == COMPRESSORS and settings.MAX_NEW_TOKENS == SamplingConfig.max_new_tokens
+    assert settings.SNAPSHOT_STORES == SNAPSHOT_STORES

@@ -2,6 +2,7 @@
 
 import os
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -9,10 +10,10 @@ from argon2 import PasswordHasher
 from sqlalchemy import event, select, update
 
 from storage import (
-    CursorError, MessageCounts, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError,
+    CursorError, LeaseLost, MessageCounts, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError,
     ValidationError,
 )
-from storage.models import CompressionJob, Message
+from storage.models import CompressionJob, Message, SnapshotBlob
 from tests.storage.helpers import FAST, PASSWORD, files_under, table_counts, transactions, user_row_counts
 
 
@@ -505,10 +506,12 @@ def test_pending_users_and_active_job(storage, alice, bob):
     assert storage.active_job(alice.id).id == job.id and storage.active_job(bob.id) is None
 
 
-def test_deleting_a_user_leaves_nothing_of_theirs(storage, alice, bob, data_dir):
+def test_deleting_a_user_leaves_nothing_of_theirs(db_url, storage, alice, bob, data_dir):
     for user in (alice, bob):
         _, sent = _chat(storage, user, "a", "b", "c")
-        _commit(storage, user, sent[1].id, f"{user.username} state".encode())
+        _commit(storage, user, sent[1].id, f"{user.username} file".encode())
+        with Storage(db_url, data_dir, replace(FAST, snapshot_store="database")) as shared:  # and one in the database
+            _commit(shared, user, sent[2].id, f"{user.username} state".encode())
         storage.queue_job(user.id)
         storage.record_audit(user.id, "self_service", user.id)
         storage.create_api_key(user.id, "a client")
@@ -530,6 +533,28 @@ def test_deleting_a_user_leaves_nothing_of_theirs(storage, alice, bob, data_dir)
     assert storage.list_audit()[0].action == "delete_user"
     with pytest.raises(NotFound):
         storage.delete_user(alice.id)
+
+
+def test_snapshots_kept_in_the_database_are_read_by_another_machine_and_leave_nothing_behind(db_url, storage, alice,
+                                                                                             tmp_path, data_dir):
+    """snapshot_store "database": replicas on other machines share only the database."""
+    _, sent = _chat(storage, alice, "a", "b", "c", "d")
+    on_disk = _commit(storage, alice, sent[1].id, b"from a file")  # made before the switch: stays a file
+    shared = replace(FAST, snapshot_store="database")
+    with Storage(db_url, data_dir, shared) as here, Storage(db_url, tmp_path / "elsewhere", shared) as there:
+        kept = _commit(here, alice, sent[3].id, b"in the database")
+        assert kept.path.startswith("database/") and files_under(data_dir) == [data_dir / on_disk.path]
+        assert there.read_snapshot(alice.id) == b"in the database"  # no shared folder needed
+        assert here.read_snapshot(alice.id, on_disk.id) == b"from a file"  # a file: read on its own machine
+        same = _commit(here, alice, sent[3].id, b"in the database", rebuild_revision=alice.history_revision)
+        assert table_counts(here)["snapshot_blobs"] == 1  # the rebuild replaced both: one blob, no file
+        assert files_under(data_dir) == [] and there.read_snapshot(alice.id) == b"in the database"
+        with storage.engine.begin() as connection:
+            connection.execute(update(SnapshotBlob).values(data=b"in the dataBase"))
+        with pytest.raises(SnapshotFileError, match="sha256"):
+            there.read_snapshot(alice.id, same.id)
+        here.delete_user(alice.id)
+        assert table_counts(here)["snapshot_blobs"] == 0
 
 
 # --- compression jobs --------------------------------------------------------------------------
@@ -588,6 +613,63 @@ def test_failed_runs_are_retried_with_backoff_then_fail(storage, alice):
     assert FAST.retry_delay_s(3) == 25.0  # capped at job_retry_max_s
     assert storage.claim_job() is None
     assert storage.queue_job(alice.id).id != job.id  # a failed job no longer blocks new ones
+
+
+def _lease_runs_out(storage, job_id):
+    with storage.engine.begin() as connection:
+        connection.execute(update(CompressionJob).where(CompressionJob.id == job_id)
+                           .values(lease_until=datetime.now(timezone.utc) - timedelta(seconds=1)))
+
+
+def test_a_claim_holds_the_job_for_its_lease_and_renewing_extends_it(storage, alice):
+    storage.queue_job(alice.id)
+    before = datetime.now(timezone.utc)
+    claimed = storage.claim_job()
+    lease = claimed.lease_until - before
+    assert timedelta(seconds=FAST.job_lease_s - 5) <= lease <= timedelta(seconds=FAST.job_lease_s + 5)
+    assert storage.claim_job() is None  # held: no other worker gets it
+    _lease_runs_out(storage, claimed.id)
+    assert storage.renew_lease(claimed.claim)  # still nobody else's: renewing takes it back
+    assert storage.get_job(claimed.id).lease_until > datetime.now(timezone.utc)
+    assert storage.claim_job() is None
+
+
+def test_a_job_whose_worker_stopped_renewing_is_taken_over_and_the_first_run_stores_nothing(storage, alice):
+    """Two workers racing on one user never write two snapshots for one job: the run that lost
+    its lease can neither commit, nor renew, nor finish it."""
+    _, sent = _chat(storage, alice, "my dog is Rex", "ok")
+    storage.queue_job(alice.id)
+    first = storage.claim_job()
+    _lease_runs_out(storage, first.id)
+    second = storage.claim_job()
+    assert (second.id, second.attempts, second.status) == (first.id, 2, "running")
+    assert second.error.startswith("interrupted")
+    assert not storage.renew_lease(first.claim)
+    with pytest.raises(LeaseLost):
+        _commit(storage, alice, sent[1].id, b"late", claim=first.claim)
+    assert storage.latest_snapshot(alice.id) is None
+    with pytest.raises(LeaseLost):
+        storage.finish_job(first.id, first.claim)
+    with pytest.raises(LeaseLost):
+        storage.fail_job(first.id, "boom", first.claim)
+    snapshot = _commit(storage, alice, sent[1].id, b"state", claim=second.claim)
+    assert storage.finish_job(second.id, second.claim) is None
+    assert [s.id for s in storage.list_snapshots(alice.id)] == [snapshot.id]
+    assert storage.get_job(second.id).status == "done"
+    with pytest.raises(LeaseLost):  # the job ended: no run holds it any more
+        _commit(storage, alice, sent[1].id, b"again", claim=second.claim)
+
+
+def test_a_job_taken_over_after_its_last_attempt_fails(storage, alice):
+    job = storage.queue_job(alice.id)
+    for _ in range(FAST.job_max_attempts):
+        claimed = storage.claim_job()
+        _lease_runs_out(storage, claimed.id)
+    assert storage.claim_job() is None
+    failed = storage.get_job(job.id)
+    assert (failed.status, failed.attempts) == ("failed", FAST.job_max_attempts)
+    assert failed.error.startswith("interrupted") and failed.lease_until is None
+    assert storage.queue_job(alice.id).id != job.id
 
 
 def test_jobs_left_running_by_a_crash_are_requeued(storage, alice, bob):

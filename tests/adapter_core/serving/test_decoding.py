@@ -143,3 +143,42 @@ def test_prompts_of_very_different_lengths_are_prefilled_apart(make_engine, rand
     assert widths == [[3, 4], [29, 30, 31]]  # a 3-token prompt is not padded to 31
     assert [r.request for r in rows] == requests  # rows come back in the order asked
     assert [r.tokens[0] for r in rows] == [reply(engine, [q])[0].tokens[0] for q in requests]
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_prompts_with_a_long_common_start_run_it_once_and_answer_as_if_alone(make_engine, random_tokens, family,
+                                                                                 adapted):
+    """A compression's recall questions share their few-shot examples: that start runs once, its
+    cache copied to every row, and each row's own tokens follow it (padding between)."""
+    engine = make_engine(family)
+    state = engine.absorb(engine.empty_state(), [random_tokens(20)]) if adapted else None
+    start = random_tokens(40)
+    requests = [ReplyRequest(start + random_tokens(n), state, GREEDY) for n in (2, 9, 5)]
+    widths = []
+    forward = engine.base_model.forward
+    def counted(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    engine.base_model.forward = counted
+    try:
+        together = reply(engine, requests)
+    finally:
+        del engine.base_model.forward
+    assert widths[:2] == [torch.Size([1, 40]), torch.Size([3, 9])]  # the start once, then each row's own tokens
+    assert [list(r.tokens) for r in together] == [greedy_without_cache(engine, r) for r in requests]
+    # another adapter per row: nothing is shared (the start's keys and values differ)
+    other = engine.absorb(engine.empty_state(), [random_tokens(7)])
+    mixed = [ReplyRequest(r.prompt, other if i == 1 else r.state, GREEDY) for i, r in enumerate(requests)]
+    assert [list(r.tokens) for r in reply(engine, mixed)] == [greedy_without_cache(engine, r) for r in mixed]
+
+
+def test_a_reply_ends_once_it_ends_with_a_stop_sequence(three_requests):
+    engine, requests = three_requests
+    full = list(reply(engine, [requests[1]])[0].tokens)  # 7 tokens, greedy
+    stop = tuple(full[2:4])
+    stopped = reply(engine, [ReplyRequest(requests[1].prompt, None, SamplingConfig.greedy(7, stop_sequences=((99999,), stop)))])[0]
+    first = next(i for i in range(1, len(full)) if tuple(full[i - 1:i + 1]) == stop)  # its first showing
+    assert list(stopped.tokens) == full[:first + 1] and stopped.finish == "end"  # the sequence stays in the reply
+    with pytest.raises(ValueError, match="stop_sequences"):
+        SamplingConfig.greedy(7, stop_sequences=((),))
