@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 import threading
+import time
 import unicodedata
 from collections import deque
 from collections.abc import Generator, Iterator
@@ -25,11 +27,12 @@ from adapter_core.data.conversation import SYSTEM_PROMPT, Turn, prompt_ids
 from adapter_core.serving.decoding import Reply, ReplyRequest, count_tokens, fit_prompt
 from adapter_core.serving.sampling import SamplingConfig
 from adapter_core.serving.scheduler import InferenceLoop, ReplyStream
-from storage import NotFound, ValidationError, validation
+from storage import NotFound, Storage, ValidationError, validation
 from storage.models import Message
 
 from .access import Access
 from .errors import AccessDenied, Busy, InvalidInput, ServerStopping, TooLong
+from .leases import renewing
 from .memory import Memory
 
 
@@ -144,9 +147,11 @@ class ReplyFailed(RuntimeError):
 class OneTurnAtATime:
     """Each user's turns run one at a time: a turn's reply must see the previous turn. A turn sent
     while another runs is refused (Busy), or waits in that user's line, first come first served,
-    when the caller allows it a wait and the line is not full."""
+    when the caller allows it a wait and the line is not full. With `shared` (web replicas on one
+    database), a turn also holds the user's lease there, so that no other replica runs one meanwhile."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedTurns | None = None) -> None:
+        self.shared = shared
         self._changed = threading.Condition()
         self._running: set[int] = set()
         self._waiting: dict[int, deque[object]] = {}  # user id -> tickets of their waiting turns, in order
@@ -154,12 +159,17 @@ class OneTurnAtATime:
     @contextlib.contextmanager
     def turn_of(self, user_id: int, wait_s: float, depth: int) -> Iterator[None]:
         """The block is the user's running turn (Busy: it could not start within wait_s)."""
+        asked = time.monotonic()
         with self._changed:
             if user_id in self._running or user_id in self._waiting:
                 self._wait(user_id, wait_s, depth)
             self._running.add(user_id)
         try:
-            yield
+            if self.shared is None:
+                yield
+            else:
+                with self.shared.held(user_id, wait_s - (time.monotonic() - asked)):
+                    yield
         finally:
             with self._changed:
                 self._running.discard(user_id)
@@ -185,6 +195,42 @@ class OneTurnAtATime:
                        "please send this one when it is done")
 
 
+SHARED_TURN_POLL_S = 0.2
+"""How often a turn waiting for another replica's turn of the same user looks again."""
+
+
+class SharedTurns:
+    """A user's running turn, held in the database for web replicas sharing it (--role web): a
+    lease renewed while the reply runs (app/leases.py), so a replica that dies mid-reply locks its
+    user out for one lease (StorageSettings.turn_lease_s) at most."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.holder = secrets.token_hex(16)
+        """This process, as the lease names it."""
+
+    @contextlib.contextmanager
+    def held(self, user_id: int, wait_s: float) -> Iterator[None]:
+        """The block holds the user's turn (Busy: another replica held it for longer than wait_s)."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while not self._take(user_id):
+            if time.monotonic() >= deadline:
+                raise Busy("Your previous message is still being answered; please send this one when it is done")
+            time.sleep(SHARED_TURN_POLL_S)
+        try:
+            with renewing(lambda: self.storage.renew_turn(user_id, self.holder), self.storage.settings.turn_lease_s,
+                          f"user {user_id}'s turn"):
+                yield
+        finally:
+            self.storage.end_turn(user_id, self.holder)
+
+    def _take(self, user_id: int) -> bool:
+        try:
+            return self.storage.take_turn(user_id, self.holder)
+        except NotFound:
+            raise AccessDenied("Please log in") from None
+
+
 class Chat:
     def __init__(self, access: Access, engine: GenerativeAdapterModel, loop: InferenceLoop, memory: Memory) -> None:
         self.access, self.engine, self.loop, self.memory = access, engine, loop, memory
@@ -196,7 +242,7 @@ class Chat:
         """Tokens of a prompt besides its turns and message: the system text and the chat template."""
         self.sampling = SamplingConfig(max_new_tokens=self.settings.max_new_tokens)
         """How replies are decoded (the benchmark sets replies of one length here)."""
-        self._turns = OneTurnAtATime()
+        self._turns = OneTurnAtATime(SharedTurns(self.storage) if self.settings.role == "web" else None)
 
     def history(self, user_id: object) -> tuple[HistoryMessage, ...]:
         user = self.access.user(user_id)

@@ -1,8 +1,10 @@
 """Rate limits: what one person, one address or the whole server may ask for in a while.
 
-Counted in moving windows by the `limits` library, in memory (one process serves the app). A
-refused request is answered at once with how long to wait; nothing sleeps in a request handler,
-so a flood of wrong passwords for one name cannot occupy the workers that serve everyone else.
+Counted in moving windows by the `limits` library: in memory where one process serves the app, in
+Redis where web replicas share the counts (AppSettings.rate_limit_storage; a person must not get
+each limit once per replica). A refused request is answered at once with how long to wait;
+nothing sleeps in a request handler, so a flood of wrong passwords for one name cannot occupy the
+workers that serve everyone else.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import ipaddress
 import math
 import time
 from limits import RateLimitItem, parse
-from limits.storage import MemoryStorage
+from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from .errors import RateLimited
@@ -42,8 +44,9 @@ def address_key(host: str | None) -> str | None:
 class RateLimits:
     """Counts uses against limits written as '5/hour' (the limits given by the app's settings)."""
 
-    def __init__(self) -> None:
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+    def __init__(self, storage_uri: str = "memory://") -> None:
+        """storage_uri: where the counts live, as `limits` names storages (memory://, redis://host:port)."""
+        self._limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
         self._items: dict[str, RateLimitItem] = {}
 
     def check(self, limit: str, *keys: str, what: str) -> None:

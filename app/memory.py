@@ -10,11 +10,10 @@ so that compression never holds up a reply for long.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -29,6 +28,7 @@ from storage.models import AdapterSnapshot, CompressionJob, Message, User
 from .access import Access, chosen_id
 from .downloads import DownloadStore
 from .errors import AccessDenied, Gone, refusing
+from .leases import renewing
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,8 @@ class Memory:
             return False
         started = time.perf_counter()
         try:
-            with _renewing(self.storage, job.claim):
+            with renewing(lambda: self.storage.renew_lease(job.claim), self.storage.settings.job_lease_s,
+                          f"compression job {job.id}"):
                 version = self.compress(job.user_id, job.claim)
         except LeaseLost as e:
             log.warning("compression job %s for user %s: %s", job.id, job.user_id, e)
@@ -351,27 +352,3 @@ class Memory:
         self._keep_state(user_id, snapshot.id, new)
         return snapshot.version
 
-
-@contextlib.contextmanager
-def _renewing(storage, claim: JobClaim) -> Iterator[None]:
-    """Renew the job's lease every third of it while the block runs (a compression of a long
-    history takes minutes): another worker takes the job over only once this process stops renewing."""
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(storage.settings.job_lease_s / 3):
-            try:
-                if not storage.renew_lease(claim):
-                    log.warning("compression job %s: its lease was taken over; its result will not be stored",
-                                claim.job_id)
-                    return
-            except Exception:  # the database away for a moment: try again at the next beat
-                log.exception("compression job %s: renewing its lease failed", claim.job_id)
-
-    renewer = threading.Thread(target=renew, name=f"lease-{claim.job_id}", daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()

@@ -488,10 +488,8 @@ def api_router(services: Services) -> APIRouter:
         found = services.downloads.find(download.token, address, services.accounts.exists)
         if found is None:  # the account was deleted meanwhile
             raise AccessDenied("Please log in")
-        path, filename = found
-        handle = path.open("rb")  # open before the file is deleted: the open file stays readable
         services.downloads.discard(download.token)  # handed over here: no link to keep
-        return zip_response(handle, filename)
+        return zip_response(*found)
 
     @router.delete("/memory")
     @_answering("forget everything")

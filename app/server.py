@@ -222,14 +222,7 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
         found = services.downloads.find(token, client_address(request), services.accounts.exists)
         gone = PlainTextResponse("This download link has expired or is not yours. Export again from the app.",
                                  status_code=404, headers={"Cache-Control": "no-store"})
-        if found is None:
-            return gone
-        path, filename = found
-        try:  # opened now: a sweep may delete the name meanwhile, the open file stays readable
-            handle = path.open("rb")
-        except FileNotFoundError:
-            return gone
-        return zip_response(handle, filename)
+        return gone if found is None else zip_response(*found)
 
     app.include_router(auth_router(services.accounts))  # the page's login cookie
     app.include_router(api_router(services))  # before the page, which is mounted at / and takes every other path

@@ -47,9 +47,9 @@ class Services:
     @classmethod
     def create(cls, storage: Storage, engine: GenerativeAdapterModel, loop: InferenceLoop, settings: AppSettings,
                limits: RateLimits | None = None, downloads: DownloadStore | None = None) -> Services:
-        """Every service, sharing the rate limits (in memory) and the download links."""
-        downloads = downloads or DownloadStore(settings.data_dir / "download-links")
-        access = Access(storage, settings, limits or RateLimits())
+        """Every service, sharing the rate limits (where the settings say) and the download links."""
+        downloads = downloads or DownloadStore(storage, settings.data_dir / "download-builds")
+        access = Access(storage, settings, limits or RateLimits(settings.rate_limit_storage))
         memory = Memory(access, engine, loop, downloads)
         accounts = Accounts(access, downloads, memory)
         api_keys = ApiKeys(access)

@@ -45,8 +45,9 @@ class AppSettings:
                 "(a replica); worker: compressions only, claimed from the shared database",
         "choices": ROLES})
     data_dir: Path = _setting(Path("data"), "folder of the SQLite database, the adapter files and the model cache")
-    database_url: str | None = _setting(None, "any SQLAlchemy URL; default: SQLite at <data-dir>/memchat.db "
-                                              "(one with a password belongs in the variable, not the flag)")
+    database_url: str | None = field(default=None, metadata={
+        "help": "any SQLAlchemy URL; default: SQLite at <data-dir>/memchat.db (one with a password belongs in the "
+                "variable, not the flag)", "url": True})
     snapshot_store: str = field(default="files", metadata={
         "help": "where adapter snapshots are kept: files (in the data folder) or database (beside the rows: "
                 "replicas and workers on several machines then share only the database)",
@@ -76,6 +77,9 @@ class AppSettings:
                                                                    "at the end of their turn)")
     max_message_chars: int = _setting(4000, "longest chat message, in characters (each costs model time)")
     # --- rate limits
+    rate_limit_storage: str = field(default="memory://", metadata={
+        "help": "where the rate limits are counted: memory:// (this process) or redis://host:port (shared by "
+                "web replicas; one with a password belongs in the variable)", "url": True})
     login_failures_per_name: str = _limit("5/15 minutes", "wrong passwords for one username from one address")
     login_failures_per_address: str = _limit("20/15 minutes", "wrong passwords from one address, any username")
     signups_per_address: str = _limit("5/hour", "new accounts from one address")
@@ -105,7 +109,7 @@ class AppSettings:
                 secrets[f.name] = default
                 parser.epilog = (parser.epilog or "") + f"{env}: {f.metadata['help']} (environment only). "
                 continue
-            shown = redact_url(default) if f.name == "database_url" else default
+            shown = redact_url(default) if f.metadata.get("url") else default
             help_text = f"{f.metadata['help']} (env {env}; now {shown})"
             if f.type == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
@@ -123,8 +127,8 @@ class AppSettings:
 
 
 def redact_url(url: str | None) -> str | None:
-    """A database URL fit to print: its password replaced by ***."""
-    if not url:
+    """A database or Redis URL fit to print: its password replaced by ***."""
+    if not url or "@" not in url:  # no user or password in it
         return url
     from sqlalchemy import make_url  # here: settings are read before the heavy imports (see the docstring)
 

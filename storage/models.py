@@ -97,6 +97,9 @@ class User(Base):
     """True after a message was deleted: the adapter still holds it and must be rebuilt from scratch."""
     history_revision: Mapped[int] = mapped_column(default=0)
     """Bumped by each message deletion, so a rebuild can tell whether it read the latest history."""
+    downloads_revision: Mapped[int] = mapped_column(default=0, server_default="0")
+    """Bumped each time the user's download links are revoked (logout, deletion, a forgotten message),
+    so that an export being built meanwhile, on any replica, is refused rather than handed out."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -149,6 +152,41 @@ class SnapshotBlob(Base):
 
 DATABASE_PATH_PREFIX = "database/"
 """AdapterSnapshot.path of a snapshot whose bytes are a SnapshotBlob: 'database/user-<id>/<sha256>'."""
+
+
+class TurnLease(Base):
+    """Who answers a user's turn now, when web replicas share the database (one turn of a user at a
+    time, across replicas): held until `lease_until`, renewed while the reply runs, so that a
+    replica that died locks its user out for one lease at most."""
+
+    __tablename__ = "turn_leases"
+    __table_args__ = (NEVER_REUSED,)
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    """The replica process answering it (a random id per process)."""
+    lease_until: Mapped[datetime]
+
+
+class DownloadLink(Base):
+    """A file handed to its owner for a short time (app/downloads.py): a data or adapter export,
+    kept in the database so that a link made on one web replica is served by any other."""
+
+    __tablename__ = "download_links"
+    __table_args__ = (NEVER_REUSED,)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """SHA-256 of the link's token, in hex (the token itself is only in the link)."""
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    """Who may download it."""
+    subject_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    """Whose data it holds (the owner's own, or a user an admin exported)."""
+    address: Mapped[str | None] = mapped_column(String(64))
+    """The client address that asked for it: the only one it is served to (None: any)."""
+    filename: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime]
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Message(Base):

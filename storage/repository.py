@@ -37,7 +37,7 @@ from .errors import (
 from .files import DIR_MODE, SnapshotFiles, StoredFile, make_private_dirs, restrict_mode
 from .models import (
     API_KEY_NAME_CHARS, USERNAME_SKELETON_CHARS, AdapterSnapshot, ApiKey, AuditEntry, CompressionJob, Conversation,
-    DATABASE_PATH_PREFIX, JobClaim, LoginSession, Message, SnapshotBlob, User, utcnow,
+    DATABASE_PATH_PREFIX, DownloadLink, JobClaim, LoginSession, Message, SnapshotBlob, TurnLease, User, utcnow,
 )
 from .results import KeyHolder, MemorySummary, MessageCounts, NewApiKey, NewLogin, TurnEnd, TurnStart, UserSummary
 from .settings import StorageSettings
@@ -699,6 +699,89 @@ class Storage:
                 requeued += 1
         return requeued
 
+    # --- download links ------------------------------------------------------------------------
+
+    def downloads_revisions(self, *user_ids: int) -> tuple[int, ...]:
+        """Each user's downloads_revision (0 for one that no longer exists): read before an export
+        is built, handed to add_download after it."""
+        with self._reading() as session:
+            known = dict(session.execute(select(User.id, User.downloads_revision).where(User.id.in_(user_ids))).all())
+        return tuple(known.get(u, 0) for u in user_ids)
+
+    def add_download(self, token: str, owner_id: int, subject_id: int, address: str | None, filename: str,
+                     data: bytes, expires_at: datetime, revisions: tuple[int, int]) -> bool:
+        """Store a link to `data` for its owner, replacing the owner's older links; False (nothing
+        stored) if the owner's or the subject's links were revoked since `revisions` were read
+        (downloads_revisions(owner_id, subject_id)), or either no longer exists."""
+        with self._writing() as session:
+            users = {u: self._lock_user_or_none(session, u) for u in sorted({owner_id, subject_id})}
+            now_revisions = tuple(users[u].downloads_revision if users[u] else None for u in (owner_id, subject_id))
+            if now_revisions != tuple(revisions):
+                return False
+            session.execute(delete(DownloadLink).where(DownloadLink.owner_id == owner_id))
+            session.add(DownloadLink(token_hash=_key_hash(token), owner_id=owner_id, subject_id=subject_id,
+                                     address=address, filename=filename, expires_at=expires_at, data=bytes(data)))
+            return True
+
+    def find_download(self, token: object, address: str | None) -> DownloadLink | None:
+        """The live link with this token for this address (None: unknown, expired, or for another address)."""
+        if not isinstance(token, str) or not token or not token.isascii():
+            return None
+        with self._reading() as session:
+            link = session.scalars(select(DownloadLink).where(DownloadLink.token_hash == _key_hash(token))).one_or_none()
+        if link is None or _as_utc(link.expires_at) <= utcnow() or (link.address is not None and link.address != address):
+            return None
+        return link
+
+    def remove_download(self, token: str) -> None:
+        with self._writing() as session:
+            session.execute(delete(DownloadLink).where(DownloadLink.token_hash == _key_hash(token)))
+
+    def revoke_downloads(self, user_id: int) -> None:
+        """Delete every link the user holds or whose data is theirs, and refuse those being built now."""
+        with self._writing() as session:
+            session.execute(update(User).where(User.id == user_id)
+                            .values(downloads_revision=User.downloads_revision + 1))
+            session.execute(delete(DownloadLink).where(
+                (DownloadLink.owner_id == user_id) | (DownloadLink.subject_id == user_id)))
+
+    def remove_expired_downloads(self, now: datetime | None = None) -> int:
+        """Delete the links that expired; how many."""
+        with self._writing() as session:
+            return session.execute(delete(DownloadLink).where(DownloadLink.expires_at <= (now or utcnow()))).rowcount
+
+    # --- one turn at a time, across web replicas ----------------------------------------------
+
+    def take_turn(self, user_id: int, holder: str) -> bool:
+        """Hold the user's turn for turn_lease_s on behalf of `holder` (a replica process); False
+        while another holder's lease on it runs. NotFound for a user that no longer exists."""
+        now = utcnow()
+        with self._writing() as session:
+            self._lock_user(session, user_id)  # one taker at a time per user, on every backend
+            lease = session.get(TurnLease, user_id, with_for_update=True)
+            if lease is not None and lease.holder != holder and _as_utc(lease.lease_until) > now:
+                return False
+            until = now + timedelta(seconds=self.settings.turn_lease_s)
+            if lease is None:
+                session.add(TurnLease(user_id=user_id, holder=holder, lease_until=until))
+            else:
+                lease.holder, lease.lease_until = holder, until
+            return True
+
+    def renew_turn(self, user_id: int, holder: str) -> bool:
+        """Extend the holder's lease on the user's turn; False if it holds it no more."""
+        with self._writing() as session:
+            renewed = session.execute(
+                update(TurnLease).where(TurnLease.user_id == user_id, TurnLease.holder == holder)
+                .values(lease_until=utcnow() + timedelta(seconds=self.settings.turn_lease_s))
+                .execution_options(synchronize_session=False))
+            return renewed.rowcount == 1
+
+    def end_turn(self, user_id: int, holder: str) -> None:
+        """Give the user's turn back (nothing if the holder no longer has it)."""
+        with self._writing() as session:
+            session.execute(delete(TurnLease).where(TurnLease.user_id == user_id, TurnLease.holder == holder))
+
     # --- audit log -------------------------------------------------------------------------
 
     def record_audit(self, actor_id: int | None, action: str, target_user_id: int | None = None,
@@ -744,6 +827,13 @@ class Storage:
         if user is None:
             raise NotFound(f"no user {user_id}")
         return user
+
+    @classmethod
+    def _lock_user_or_none(cls, session: Session, user_id: int) -> User | None:
+        try:
+            return cls._lock_user(session, user_id)
+        except NotFound:
+            return None
 
     @staticmethod
     def _lock_user(session: Session, user_id: int) -> User:

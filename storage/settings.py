@@ -45,6 +45,10 @@ class StorageSettings:
     json_max_bytes: int = 64 * 1024
     """Largest JSON document (snapshot statistics, audit details) once encoded."""
 
+    turn_lease_s: float = 30.0
+    """A web replica answering a user's turn holds it for this long, renewed every third of it while
+    the reply runs: a replica that dies locks its user out for this long at most."""
+
     snapshot_store: str = "files"
     """Where new adapter snapshots' bytes go: "files" (the data folder, one machine) or "database"
     (beside the rows, for replicas and workers on several machines sharing only the database).
@@ -93,8 +97,8 @@ class StorageSettings:
             raise ValueError("need 0 <= job_retry_base_s <= job_retry_max_s")
         if self.snapshot_store not in SNAPSHOT_STORES:
             raise ValueError(f"snapshot_store must be one of {SNAPSHOT_STORES}")
-        if not self.job_lease_s > 0:
-            raise ValueError("job_lease_s must be > 0")
+        if not (self.job_lease_s > 0 and self.turn_lease_s > 0):
+            raise ValueError("job_lease_s and turn_lease_s must be > 0")
 
     def password_hasher(self) -> PasswordHasher:
         """Argon2id with these costs (argon2-cffi's defaults follow RFC 9106's low-memory profile)."""

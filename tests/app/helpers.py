@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -69,8 +70,8 @@ def run_jobs(services) -> None:
 
 def exported(services, download) -> zipfile.ZipFile:
     """The file behind a download link, opened as its owner would."""
-    path, _ = services.downloads.find(download.token, None, services.accounts.exists)
-    return zipfile.ZipFile(path)
+    data, _ = services.downloads.find(download.token, None, services.accounts.exists)
+    return zipfile.ZipFile(io.BytesIO(data))
 
 
 class FakeStream:

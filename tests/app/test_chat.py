@@ -2,12 +2,15 @@
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from adapter_core.data.conversation import SYSTEM_PROMPT, Turn
-from app.chat import FinishedReply, ReplyFailed, ReplyOptions, ReplyStarted, TurnOpened, _whole_sentences
-from app.errors import AccessDenied, AppError, InvalidInput, RateLimited, TooLong
+from app.chat import (
+    FinishedReply, OneTurnAtATime, ReplyFailed, ReplyOptions, ReplyStarted, SharedTurns, TurnOpened, _whole_sentences,
+)
+from app.errors import AccessDenied, AppError, Busy, InvalidInput, RateLimited, TooLong
 from tests.app.helpers import FakeStream, chat, run_jobs
 from tests.storage.helpers import transactions
 
@@ -249,3 +252,31 @@ def test_one_turn_at_a_time_lines_up_waiting_turns_in_order_and_cleans_up():
     second.join(10), third.join(10)
     assert order == ["first", "second", "third"] and entered.is_set()
     assert turns._waiting == {} and turns._running == set()
+
+
+def test_web_replicas_on_one_database_run_one_turn_of_a_user_at_a_time(storage, password, monkeypatch):
+    """--role web: a turn holds the user's lease in the database; another replica's turn of the same
+    user waits for it or is refused, and a replica that died locks the user out for one lease only."""
+    monkeypatch.setattr(storage, "settings", replace(storage.settings, turn_lease_s=0.3))
+    uid = storage.create_user("alice", password).id
+    a, b = OneTurnAtATime(SharedTurns(storage)), OneTurnAtATime(SharedTurns(storage))
+    holding, done = threading.Event(), threading.Event()
+
+    def answer_on_a() -> None:
+        with a.turn_of(uid, 0, 4):
+            holding.set()
+            time.sleep(1.0)  # three leases long: A's renewals keep it
+        done.set()
+
+    threading.Thread(target=answer_on_a).start()
+    holding.wait(5)
+    time.sleep(0.6)
+    with pytest.raises(Busy):
+        with b.turn_of(uid, 0, 4):
+            pass
+    with b.turn_of(uid, 5, 4):  # waits for A's turn to end
+        assert done.is_set()
+    assert storage.take_turn(uid, "a replica that dies now")
+    started = time.monotonic()
+    with b.turn_of(uid, 5, 4):
+        assert 0.1 < time.monotonic() - started < 2  # the dead replica's lease ran out

@@ -19,6 +19,7 @@ from adapter_core.serving.decoding import ReplyRequest, reply
 from app.chat import _printable
 from app.openai_api import ADAPTER_HEADER, MODEL_ID, ApiError, read_chat_request
 from tests.app.helpers import FakeStream, SlowStart, Visitor, free_port, wait_for
+from tests.storage.helpers import table_counts
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -316,7 +317,7 @@ def test_memory_status_compress_forget_and_export(running, password):
         exported = json.loads(z.read("history.json"))
         assert "adapter/peft/adapter_config.json" in z.namelist()  # the page's zip: history + adapter
     assert [m["text"] for m in exported["messages"]] == [m["content"] for m in listed]
-    assert list(services.downloads.folder.iterdir()) == []  # handed over, not kept behind a link
+    assert table_counts(services.storage)["download_links"] == 0  # handed over, not kept behind a link
 
     forgotten = call(running, "DELETE", f"memory/messages/{listed[0]['id']}", key).json()
     assert forgotten == {"object": "memory.message.deleted", "id": listed[0]["id"], "deleted": 2}

@@ -11,7 +11,7 @@ import pytest
 
 from app.launch import start
 from tests.app.helpers import Visitor, free_port, wait_for
-from tests.storage.helpers import FAST
+from tests.storage.helpers import FAST, table_counts
 
 
 def link(html: str) -> str:
@@ -45,8 +45,8 @@ def test_an_export_is_served_to_its_owner_briefly_and_dies_with_the_account(runn
     assert 'filename="memchat-alice.zip"' in response.headers["content-disposition"]
     history = zipfile.ZipFile(io.BytesIO(response.content)).read("history.json").decode()
     assert "Tobrik" in history
-    files = list(running.services.downloads.folder.iterdir())
-    assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert list(running.services.downloads.folder.iterdir()) == []  # built, then kept in the database only
+    assert stat.S_IMODE(running.services.downloads.folder.stat().st_mode) == 0o700
 
     admin = Visitor(running)
     admin.call("login", "root", password)
@@ -54,7 +54,7 @@ def test_an_export_is_served_to_its_owner_briefly_and_dies_with_the_account(runn
     admin.call("admin_ask_delete", alice_id)
     admin.call("admin_confirm")
     assert httpx.get(url).status_code == 404
-    assert list(running.services.downloads.folder.iterdir()) == []
+    assert table_counts(running.services.storage)["download_links"] == 0
 
 
 def test_logging_out_drops_the_session_s_download_links(running, password):

@@ -12,7 +12,7 @@ from storage.db import alembic_config, current_revision
 from storage.models import Base
 from tests.storage.helpers import FAST, PASSWORD
 
-HEAD = "0007"
+HEAD = "0009"
 
 
 def _schema_differences(url: str, metadata: MetaData) -> list:

@@ -13,7 +13,7 @@ from storage import (
     CursorError, LeaseLost, MessageCounts, NotFound, RebuildRequired, SnapshotFileError, Storage, StorageError,
     ValidationError,
 )
-from storage.models import CompressionJob, Message, SnapshotBlob
+from storage.models import CompressionJob, Message, SnapshotBlob, TurnLease
 from tests.storage.helpers import FAST, PASSWORD, files_under, table_counts, transactions, user_row_counts
 
 
@@ -516,6 +516,9 @@ def test_deleting_a_user_leaves_nothing_of_theirs(db_url, storage, alice, bob, d
         storage.record_audit(user.id, "self_service", user.id)
         storage.create_api_key(user.id, "a client")
         storage.start_login(user.id)
+        assert storage.take_turn(user.id, "replica-a")
+        assert storage.add_download(f"link-{user.id}", user.id, user.id, None, "a.zip", b"zip",
+                                    datetime.now(timezone.utc) + timedelta(minutes=10), (0, 0))
     storage.set_admin(bob.id, True, actor_id=alice.id)
     assert storage.claim_job() is not None
     assert all(user_row_counts(storage, alice.id).values())
@@ -555,6 +558,24 @@ def test_snapshots_kept_in_the_database_are_read_by_another_machine_and_leave_no
             there.read_snapshot(alice.id, same.id)
         here.delete_user(alice.id)
         assert table_counts(here)["snapshot_blobs"] == 0
+
+
+def test_a_users_turn_is_held_by_one_replica_at_a_time_until_its_lease_runs_out(storage, alice, bob):
+    assert storage.take_turn(alice.id, "replica-a")
+    assert not storage.take_turn(alice.id, "replica-b")  # A answers alice now
+    assert storage.take_turn(bob.id, "replica-b")  # another user's turn is another lease
+    assert storage.take_turn(alice.id, "replica-a")  # the holder may take it again (a renewal)
+    storage.end_turn(alice.id, "replica-b")  # not B's to give back: nothing happens
+    assert not storage.take_turn(alice.id, "replica-b")
+    storage.end_turn(alice.id, "replica-a")
+    assert storage.take_turn(alice.id, "replica-b")
+    assert not storage.renew_turn(alice.id, "replica-a") and storage.renew_turn(alice.id, "replica-b")
+    with storage.engine.begin() as connection:  # B died: its lease runs out
+        connection.execute(update(TurnLease).values(lease_until=datetime.now(timezone.utc) - timedelta(seconds=1)))
+    assert storage.take_turn(alice.id, "replica-a")
+    assert not storage.renew_turn(alice.id, "replica-b")
+    with pytest.raises(NotFound):
+        storage.take_turn(999_999, "replica-a")
 
 
 # --- compression jobs --------------------------------------------------------------------------
