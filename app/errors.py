@@ -3,8 +3,10 @@
 A refusal is an `AppError`: the person's to fix, its message written for them, shown as it is,
 and the log gets one line. Storage's own errors are not refusals by themselves: the services
 translate them (`refusing`) where they are the person's mistake (a name taken, a message too
-long, a message id that is not theirs). Anything else is a fault: the log gets the traceback and
-the person a generic message with a reference to find it in the log.
+long, a message id that is not theirs). An outage of what the replicas share (the database, the
+rate limits' Redis) is neither: the request is refused as Unavailable (503), the log gets one
+line, and the same request works once the store is back. Anything else is a fault: the log gets
+the traceback and the person a generic message with a reference to find it in the log.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import redis.exceptions
+from limits.errors import StorageError as LimitsStorageError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from storage import NotFound, ValidationError
 
@@ -64,6 +70,33 @@ class ServerStopping(AppError):
         super().__init__(message)
 
 
+class Unavailable(AppError):
+    """The database or the shared store cannot be reached just now (an outage, a restart): nothing
+    is wrong with the request, which may be sent again in a moment."""
+
+    def __init__(self, message: str = "The server cannot reach its database just now; please try again in a "
+                                      "moment.") -> None:
+        super().__init__(message)
+
+
+DATABASE_OUTAGES = (OperationalError, InterfaceError)
+"""SQLAlchemy's errors for a database that cannot be reached or dropped the connection."""
+STORE_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, LimitsStorageError)
+"""The rate limits' Redis out of reach."""
+OUTAGES = DATABASE_OUTAGES + STORE_OUTAGES
+
+
+def as_outage(error: BaseException) -> Unavailable | None:
+    """The refusal for an error that means the database or Redis is out of reach, else None."""
+    if isinstance(error, Unavailable):
+        return error
+    if isinstance(error, DATABASE_OUTAGES) or (isinstance(error, DBAPIError) and error.connection_invalidated):
+        return Unavailable()
+    if isinstance(error, STORE_OUTAGES):
+        return Unavailable("The server cannot reach its shared store just now; please try again in a moment.")
+    return None
+
+
 class Gone(AppError):
     """What the person chose does not exist, or is not theirs (the two are not told apart)."""
 
@@ -96,6 +129,10 @@ def user_message(error: AppError) -> str:
 
 def describe(error: BaseException, action: str) -> str:
     """Log a refusal in one line or a fault with its traceback; the words to show the person."""
+    outage = as_outage(error)
+    if outage is not None:
+        log.warning("refused %s: %s (%s)", action, user_message(outage), type(error).__name__)
+        return user_message(outage)
     if isinstance(error, AppError):
         log.info("refused %s: %s", action, user_message(error))
         return user_message(error)

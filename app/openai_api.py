@@ -56,7 +56,7 @@ from adapter_core.serving.scheduler import LoopStopped
 from .chat import FinishedReply, HistoryMessage, ReplyOptions, ReplyStarted
 from .downloads import zip_response
 from .errors import (AccessDenied, AppError, Busy, Gone, InvalidInput, RateLimited, ServerStopping, TooLong,
-                     describe)
+                     Unavailable, as_outage, describe)
 from .limits import client_address
 from .memory import MemoryStatus
 from .services import Services
@@ -289,8 +289,9 @@ def error_response(error: BaseException, action: str) -> JSONResponse:
     with their traceback (the answer then names only a reference to it)."""
     if isinstance(error, LoopStopped):  # work sent to a stopped inference loop: the server shuts down
         error = ServerStopping()
+    error = as_outage(error) or error
     message = describe(error, f"API {action}")
-    if isinstance(error, ServerStopping):
+    if isinstance(error, (ServerStopping, Unavailable)):
         return _error(503, message, "server_error", None, "unavailable", {"Retry-After": "5"})
     if isinstance(error, ApiError):
         return _error(error.status, message, error.kind, error.param, error.code)

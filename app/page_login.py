@@ -28,7 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .accounts import Accounts, Login
-from .errors import AccessDenied, AppError, InvalidInput, LoginFailed, RateLimited, describe
+from .errors import AccessDenied, AppError, InvalidInput, LoginFailed, RateLimited, Unavailable, as_outage, describe
 from .limits import client_address
 
 LOGIN_COOKIE = "memchat_login"
@@ -106,7 +106,9 @@ def auth_router(accounts: Accounts) -> APIRouter:
 
     def refused(error: Exception, action: str) -> JSONResponse:
         message = describe(error, action)
-        status = (429 if isinstance(error, RateLimited) else 401 if isinstance(error, LoginFailed)
+        error = as_outage(error) or error
+        status = (503 if isinstance(error, Unavailable) else 429 if isinstance(error, RateLimited)
+                  else 401 if isinstance(error, LoginFailed)
                   else 403 if isinstance(error, AccessDenied) else 400 if isinstance(error, AppError) else 500)
         headers = {"Cache-Control": "no-store"}
         if isinstance(error, RateLimited):

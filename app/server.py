@@ -16,11 +16,12 @@ import time
 
 import gradio as gr
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.middleware.cors import CORSMiddleware
 
 from .downloads import ROUTE as DOWNLOADS_ROUTE
 from .downloads import zip_response
+from .errors import OUTAGES, as_outage, describe
 from .limits import client_address
 from .openai_api import api_router
 from .page_login import auth_router
@@ -214,8 +215,25 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    def healthz():
+        """Ready while the database answers: a load balancer sends nobody to a replica that cannot reach it."""
+        try:
+            services.storage.ping()
+        except Exception as e:  # noqa: BLE001 - an outage is an answer here; anything else is a fault
+            if as_outage(e) is None:
+                raise
+            return JSONResponse({"ready": False, "database": "unreachable"}, status_code=503,
+                                headers={"Cache-Control": "no-store"})
         return {"ready": True}
+
+    async def outage(request: Request, error: Exception) -> JSONResponse:
+        """A route's request that met an outage of the database or Redis: a clear 503, not a fault."""
+        message = describe(error, f"{request.method} {request.url.path}")
+        body = {"error": {"message": message, "type": "server_error", "param": None, "code": "unavailable"}}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5", "Cache-Control": "no-store"})
+
+    for kind in OUTAGES:
+        app.add_exception_handler(kind, outage)
 
     @app.get(DOWNLOADS_ROUTE + "/{token}")
     def download(token: str, request: Request):

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 
+from .errors import as_outage
 from .memory import Memory
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ class CompressionWorker:
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # the worker must outlive any single failure
-                log.exception("compression worker step failed")
+            except Exception as e:  # the worker must outlive any single failure
+                if as_outage(e) is not None:  # the database restarts: wait for it, no traceback
+                    log.warning("compression worker: %s (%s)", as_outage(e), type(e).__name__)
+                else:
+                    log.exception("compression worker step failed")
                 busy = False
             if not busy:
                 self._stop.wait(self.poll_seconds)

@@ -84,6 +84,11 @@ class Storage:
         """Bring the schema up to date (storage.db.upgrade); the app calls this on start."""
         upgrade(self.url, settings=self.settings)
 
+    def ping(self) -> None:
+        """Raise if the database cannot be reached (a replica's health check)."""
+        with self._reading() as session:
+            session.execute(select(1))
+
     def close(self) -> None:
         self.engine.dispose()
 

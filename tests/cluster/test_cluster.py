@@ -240,3 +240,37 @@ def test_kill_9_of_a_worker_mid_compression_hands_the_job_to_the_other(cluster):
     cluster.up()  # both workers again: one takes the job over once its lease has run out
     status = wait_for(lambda: (s := grace.memory())["adapter_version"] == 1 and s, 60)
     assert status["compression"] is None and status["absorbed_messages"] == 4
+
+
+def _pg_ctl(cluster: Cluster, *args: str) -> None:
+    """pg_ctl on the cluster's PostgreSQL, as its own user (it refuses to run as root)."""
+    binary = sorted(Path("/usr/lib/postgresql").iterdir(), key=lambda p: [int(x) for x in p.name.split(".")])[-1]
+    command = [str(binary / "bin/pg_ctl"), "-D", str(cluster.folder / "postgres"), *args]
+    subprocess.run((["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []) + command, check=True,
+                   capture_output=True, timeout=60)
+
+
+def test_a_replica_that_cannot_reach_the_database_or_redis_says_so_with_a_503_and_recovers(cluster):
+    heidi = Person(cluster, "heidi")
+    heidi.auth("signup", "web1")
+    heidi.say("Hello there.", "web1")
+    _pg_ctl(cluster, "-m", "fast", "stop")
+    try:
+        health = httpx.get(cluster.url("web1") + "healthz", timeout=30)
+        assert health.status_code == 503 and health.json()["ready"] is False
+        with pytest.raises(openai.InternalServerError) as refused:
+            heidi.say("Are you there?", "web1")
+        assert refused.value.status_code == 503 and "database" in refused.value.message
+        login = heidi.auth("login", "web2")
+        assert login.status_code == 503 and "database" in login.json()["error"]
+    finally:
+        _pg_ctl(cluster, "-w", "start", "-l", str(cluster.folder / "logs/postgres.log"), "-o",
+                f"-p {cluster.port + 20} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''")
+    assert heidi.say("Back again?", "web1")["memchat"] is not None  # no restart of the replica needed
+    os.kill(int((cluster.folder / "run/redis.pid").read_text()), signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(openai.InternalServerError) as refused:
+        heidi.say("And the limits?", "web2")
+    assert refused.value.status_code == 503 and "shared store" in refused.value.message
+    cluster.up()  # Redis again
+    assert heidi.say("All fine?", "web2")["memchat"] is not None
