@@ -87,6 +87,10 @@ def alembic_config(connection: Connection) -> Config:
     return config
 
 
+MIGRATION_LOCK = 0x6D656D63
+"""PostgreSQL advisory lock held while one process migrates (several start at once in a cluster)."""
+
+
 def upgrade(url: str | URL, revision: str = "head", settings: StorageSettings | None = None) -> None:
     """Bring the schema to `revision`; the app calls this on start. Running it again changes nothing.
 
@@ -97,6 +101,8 @@ def upgrade(url: str | URL, revision: str = "head", settings: StorageSettings | 
     engine = make_engine(url, settings, foreign_keys=False)
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":  # replicas and workers start at once: one migrates,
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")  # the rest wait
             command.upgrade(alembic_config(connection), revision)
             if connection.dialect.name == "sqlite":
                 broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

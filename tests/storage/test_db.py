@@ -1,3 +1,4 @@
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -115,3 +116,24 @@ def test_upgrade_to_0002_backfills_username_skeletons(db_url, data_dir: Path):
         with pytest.raises(UsernameTaken, match="looks too much like"):
             store.create_user("PAYPA1", PASSWORD)
         assert store.create_user("alice", PASSWORD).username_skeleton == "alice"
+
+
+def test_processes_starting_at_once_migrate_once(db_url):
+    """Web replicas and workers of one database start together (scripts/cluster.sh, a deployment)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("one process serves a SQLite database (--role all)")
+
+    failures = []
+
+    def start() -> None:
+        try:
+            upgrade(db_url)
+        except Exception as e:  # noqa: BLE001 - collected, asserted below
+            failures.append(e)
+
+    starting = [threading.Thread(target=start) for _ in range(4)]
+    for thread in starting:
+        thread.start()
+    for thread in starting:
+        thread.join()
+    assert failures == [] and current_revision(db_url) == HEAD
