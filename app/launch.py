@@ -113,14 +113,8 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
     log.info("ready: open %s in a browser", server.url)
     running = RunningApp(services, loop, worker, ui, server)
     if block:
-        # the inference loop runs on this, the main, thread (see InferenceLoop.run); Ctrl+C lands here
         threading.Thread(target=lambda: (server.wait(), loop.stop()), name="server-watch", daemon=True).start()
-        try:
-            loop.run()
-        except KeyboardInterrupt:
-            log.info("stopping")
-        finally:
-            running.close()
+        _run_until_stopped(loop, running)
     return running
 
 
@@ -138,13 +132,19 @@ def start_worker(settings: AppSettings, engine: GenerativeAdapterModel | None = 
     log.info("compression worker ready (compressor %s)", settings.compressor)
     running = RunningWorker(services, loop, worker)
     if block:
-        try:
-            loop.run()
-        except KeyboardInterrupt:
-            log.info("stopping")
-        finally:
-            running.close()
+        _run_until_stopped(loop, running)
     return running
+
+
+def _run_until_stopped(loop: InferenceLoop, running: RunningApp | RunningWorker) -> None:
+    """The inference loop on this, the main, thread (see InferenceLoop.run), where Ctrl+C and
+    SIGTERM land; then everything stops in order."""
+    try:
+        loop.run()
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        running.close()
 
 
 def _prepare(settings: AppSettings, engine: GenerativeAdapterModel | None,
