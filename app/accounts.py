@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage import NotFound, validation
+from storage import NotFound, UsernameTaken, validation
 from storage.models import User
 
 from .access import Access
@@ -140,8 +140,13 @@ class Accounts:
         """Create the configured admin account, or promote it; used at start."""
         user = self.storage.find_user(username)
         if user is None:
-            user = self.storage.create_user(username, password, is_admin=True)
-        elif not user.is_admin:
+            try:
+                user = self.storage.create_user(username, password, is_admin=True)
+            except UsernameTaken:  # another process of the cluster, starting at the same moment, made it
+                user = self.storage.find_user(username)
+                if user is None:
+                    raise
+        if not user.is_admin:
             user = self.storage.set_admin(user.id, True)
         return Account.of(user)
 

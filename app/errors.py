@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -80,7 +81,22 @@ class Unavailable(AppError):
 
 
 DATABASE_OUTAGES = (OperationalError, InterfaceError)
-"""SQLAlchemy's errors for a database that cannot be reached or dropped the connection."""
+"""SQLAlchemy's errors a database that cannot be reached or dropped the connection raises (among
+others: see _unreachable)."""
+_CONNECTION_STATES = ("08", "57P01", "57P02", "57P03")
+"""SQLSTATEs of a lost or refused connection (class 08) and of a server shutting down or starting."""
+
+
+def _unreachable(error: DBAPIError) -> bool:
+    """Whether a database error means it cannot be reached (not a deadlock, a timeout or a bad query,
+    which are faults): a dropped connection, no SQLSTATE at all (the connection never opened), a
+    connection SQLSTATE, or SQLite's lock held too long."""
+    if error.connection_invalidated:
+        return True
+    state = getattr(error.orig, "sqlstate", None)
+    if isinstance(error.orig, sqlite3.Error):
+        return "locked" in str(error.orig)
+    return state is None or state.startswith(_CONNECTION_STATES)
 STORE_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, LimitsStorageError)
 """The rate limits' Redis out of reach."""
 OUTAGES = DATABASE_OUTAGES + STORE_OUTAGES
@@ -90,7 +106,8 @@ def as_outage(error: BaseException) -> Unavailable | None:
     """The refusal for an error that means the database or Redis is out of reach, else None."""
     if isinstance(error, Unavailable):
         return error
-    if isinstance(error, DATABASE_OUTAGES) or (isinstance(error, DBAPIError) and error.connection_invalidated):
+    if isinstance(error, DBAPIError) and (isinstance(error, DATABASE_OUTAGES) or error.connection_invalidated) \
+            and _unreachable(error):
         return Unavailable()
     if isinstance(error, STORE_OUTAGES):
         return Unavailable("The server cannot reach its shared store just now; please try again in a moment.")

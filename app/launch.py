@@ -121,9 +121,9 @@ def start(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
 def start_worker(settings: AppSettings, engine: GenerativeAdapterModel | None = None,
                  storage_settings: StorageSettings | None = None, block: bool = True) -> RunningWorker:
     """A compression worker (--role worker): claims compression jobs from the shared database and
-    runs them until stopped (SIGTERM or Ctrl+C: the job it runs is finished first, or, if the
-    process is killed, taken over by another worker once its lease runs out). With block=False
-    it returns once it runs."""
+    runs them until stopped (SIGTERM or Ctrl+C: the job it runs is given back, its run counted as a
+    failed attempt and retried; a killed process's job is taken over by another worker once its
+    lease runs out). With block=False it returns once it runs."""
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     services, loop = _services(settings, engine, storage_settings, StartupProgress(APP_STEPS), block)
@@ -168,6 +168,9 @@ def _services(settings: AppSettings, engine: GenerativeAdapterModel | None,
     progress.begin("database")
     log.info("database at %s", redact_url(settings.database_url) or settings.data_dir / "memchat.db")
     storage_settings = replace(storage_settings or StorageSettings(), snapshot_store=settings.snapshot_store)
+    if settings.role != "all" and settings.snapshot_store == "files":
+        log.warning("--role %s with --snapshot-store files: replicas and workers on other machines (or with other "
+                    "data folders) cannot read each other's adapters; use --snapshot-store database", settings.role)
     storage = Storage(settings.database_url, settings.data_dir, storage_settings)
     storage.migrate()
     progress.begin("language model and memory generator")

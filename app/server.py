@@ -228,6 +228,8 @@ def create_app(services: Services, ui: gr.Blocks) -> FastAPI:
 
     async def outage(request: Request, error: Exception) -> JSONResponse:
         """A route's request that met an outage of the database or Redis: a clear 503, not a fault."""
+        if as_outage(error) is None:  # a database error that is not an outage (a deadlock, a bad query)
+            raise error
         message = describe(error, f"{request.method} {request.url.path}")
         body = {"error": {"message": message, "type": "server_error", "param": None, "code": "unavailable"}}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5", "Cache-Control": "no-store"})

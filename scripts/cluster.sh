@@ -7,7 +7,8 @@
 #   scripts/cluster.sh down     stops them all (the data stays in cluster/ for the next `up`)
 #
 # Everything lives in one folder (MEMCHAT_CLUSTER_DIR, default ./cluster): logs/ (one log per
-# process), run/ (pid files), secrets (0600: the database's and Redis's passwords), postgres/,
+# process, 0700), run/ (pid files), secrets (0600: the database's and Redis's passwords), postgres/
+# and postgres.log (its own user's),
 # and each process's data folder. Ports: the load balancer on MEMCHAT_CLUSTER_PORT (default 8000),
 # the replicas on the next two, Redis on +10, PostgreSQL on +20. Debian's postgresql, redis-server
 # and haproxy are installed first when missing (as root). Extra flags for every memchat process:
@@ -36,7 +37,7 @@ need() {  # need <command> <Debian package>
     DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >&2
 }
 
-pg_bin() { echo "/usr/lib/postgresql/$(ls /usr/lib/postgresql | sort -V | tail -n 1)/bin"; }
+pg_bin() { echo "/usr/lib/postgresql/$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)/bin"; }
 
 as_postgres() {  # PostgreSQL refuses to run as root
     if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -60,7 +61,12 @@ wait_ready() {  # wait_ready <name> <url>: until its /healthz says ready (the lo
 }
 
 start_postgres() {
-    need postgres postgresql
+    if [[ ! -x "$(pg_bin)/postgres" ]]; then  # Debian keeps it off PATH, in /usr/lib/postgresql/<version>/bin
+        [[ "$(id -u)" == 0 ]] || { log "PostgreSQL is missing: apt-get install postgresql (as root)"; exit 1; }
+        log "installing Debian's postgresql"
+        apt-get update >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >&2
+    fi
     local data="$DIR/postgres"
     if [[ ! -f "$data/PG_VERSION" ]]; then
         mkdir -p "$data" && chmod 700 "$data"
@@ -71,8 +77,10 @@ start_postgres() {
         rm -f "$pwfile"
     fi
     if ! as_postgres "$(pg_bin)/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-        touch "$LOGS/postgres.log" && { [[ "$(id -u)" != 0 ]] || chown postgres "$LOGS/postgres.log"; }
-        as_postgres "$(pg_bin)/pg_ctl" -D "$data" -l "$LOGS/postgres.log" -w -o \
+        # beside its data folder, not in logs/ (0700, not PostgreSQL's user's to enter)
+        touch "$DIR/postgres.log" && chmod 600 "$DIR/postgres.log"
+        [[ "$(id -u)" != 0 ]] || chown postgres "$DIR/postgres.log"
+        as_postgres "$(pg_bin)/pg_ctl" -D "$data" -l "$DIR/postgres.log" -w -o \
             "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=''" start >&2
     fi
     PGPASSWORD="$(secret postgres)" "$(pg_bin)/psql" -h 127.0.0.1 -p "$PG_PORT" -U memchat -d postgres -tAc \
@@ -83,8 +91,9 @@ start_postgres() {
 start_redis() {
     need redis-server redis-server
     alive redis && return
-    # loopback only, a password, nothing written to disk: rate limits are counts of the last hour
-    redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --requirepass "$(secret redis)" --save '' \
+    # loopback only, a password (read from stdin: never on a command line), nothing written to
+    # disk: rate limits are counts of the last hour
+    printf 'requirepass %s\n' "$(secret redis)" | redis-server - --bind 127.0.0.1 --port "$REDIS_PORT" --save '' \
         --appendonly no --daemonize yes --pidfile "$RUN/redis.pid" --logfile "$LOGS/redis.log" --dir "$DIR"
     for _ in $(seq 50); do alive redis && return; sleep 0.1; done
     log "Redis did not start (see $LOGS/redis.log)"; exit 1
@@ -105,6 +114,7 @@ start_node() {  # start_node <name> <role> [port]
 
 up() {
     mkdir -p "$LOGS" "$RUN"
+    chmod 700 "$LOGS" "$RUN"  # the logs name users and paths; the load balancer's names download links
     need curl curl
     need haproxy haproxy
     start_postgres
@@ -117,7 +127,7 @@ up() {
     start_node worker2 worker
     wait_ready web2 "http://127.0.0.1:$((PORT + 2))"
     if ! alive haproxy; then
-        MEMCHAT_LB_ADDRESS="127.0.0.1:$PORT" MEMCHAT_WEB1_ADDRESS="127.0.0.1:$((PORT + 1))" \
+        MEMCHAT_DEPLOY_DIR="$ROOT/deploy" MEMCHAT_LB_ADDRESS="127.0.0.1:$PORT" MEMCHAT_WEB1_ADDRESS="127.0.0.1:$((PORT + 1))" \
         MEMCHAT_WEB2_ADDRESS="127.0.0.1:$((PORT + 2))" \
             setsid haproxy -W -f "$ROOT/deploy/haproxy.cfg" -p "$RUN/haproxy.pid" >"$LOGS/haproxy.log" 2>&1 < /dev/null &
         echo $! > "$RUN/haproxy.pid"
@@ -127,7 +137,7 @@ up() {
     echo "http://127.0.0.1:$PORT/"
 }
 
-stop_pid() {  # stop_pid <name>: SIGTERM (memchat finishes what it runs), SIGKILL after 30 s
+stop_pid() {  # stop_pid <name>: SIGTERM (memchat ends replies and stores what it can), SIGKILL after 30 s
     alive "$1" || { rm -f "$RUN/$1.pid"; return; }
     local pid; pid="$(cat "$RUN/$1.pid")"
     kill -TERM "$pid" 2>/dev/null || true

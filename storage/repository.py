@@ -609,11 +609,11 @@ class Storage:
         user never has two running jobs: the database allows one active job per user. A job taken
         over counts its interrupted run as failed: after the last attempt it is marked failed.
         """
-        now = utcnow()
-        due = (CompressionJob.status == "queued") & (CompressionJob.not_before <= now)
-        abandoned = (CompressionJob.status == "running") & (
-            CompressionJob.lease_until.is_(None) | (CompressionJob.lease_until < now))
         with self._writing() as session:
+            now = self._lease_clock(session)
+            due = (CompressionJob.status == "queued") & (CompressionJob.not_before <= now)
+            abandoned = (CompressionJob.status == "running") & (
+                CompressionJob.lease_until.is_(None) | (CompressionJob.lease_until < now))
             job = session.scalars(
                 select(CompressionJob).where(due | abandoned)
                 .order_by(CompressionJob.not_before, CompressionJob.id)
@@ -622,9 +622,11 @@ class Storage:
             if job is None:
                 return None
             if job.status == "running" and job.attempts >= self.settings.job_max_attempts:
-                job = self._running_job(session, job.id)  # locked after its user, as every job change
-                self._after_failure(session, job, TAKEN_OVER)
-                return None  # failed for good; the caller polls again
+                # failed for good. Not through _running_job: that locks the user after this job,
+                # the reverse of every other job change's order (user, then job): a deadlock
+                job.status, job.finished_at, job.lease_until, job.error = "failed", now, None, TAKEN_OVER
+                self._follow_up(session, job)
+                return None  # the caller polls again
             claimed = session.execute(
                 update(CompressionJob)
                 .where(CompressionJob.id == job.id, due | abandoned)
@@ -645,7 +647,7 @@ class Storage:
                 update(CompressionJob)
                 .where(CompressionJob.id == claim.job_id, CompressionJob.status == "running",
                        CompressionJob.attempts == claim.attempt)
-                .values(lease_until=utcnow() + timedelta(seconds=self.settings.job_lease_s))
+                .values(lease_until=self._lease_clock(session) + timedelta(seconds=self.settings.job_lease_s))
                 .execution_options(synchronize_session=False))
             return renewed.rowcount == 1
 
@@ -760,9 +762,9 @@ class Storage:
     def take_turn(self, user_id: int, holder: str) -> bool:
         """Hold the user's turn for turn_lease_s on behalf of `holder` (a replica process); False
         while another holder's lease on it runs. NotFound for a user that no longer exists."""
-        now = utcnow()
         with self._writing() as session:
             self._lock_user(session, user_id)  # one taker at a time per user, on every backend
+            now = self._lease_clock(session)
             lease = session.get(TurnLease, user_id, with_for_update=True)
             if lease is not None and lease.holder != holder and _as_utc(lease.lease_until) > now:
                 return False
@@ -778,7 +780,7 @@ class Storage:
         with self._writing() as session:
             renewed = session.execute(
                 update(TurnLease).where(TurnLease.user_id == user_id, TurnLease.holder == holder)
-                .values(lease_until=utcnow() + timedelta(seconds=self.settings.turn_lease_s))
+                .values(lease_until=self._lease_clock(session) + timedelta(seconds=self.settings.turn_lease_s))
                 .execution_options(synchronize_session=False))
             return renewed.rowcount == 1
 
@@ -832,6 +834,15 @@ class Storage:
         if user is None:
             raise NotFound(f"no user {user_id}")
         return user
+
+    @staticmethod
+    def _lease_clock(session: Session) -> datetime:
+        """Now, for leases that processes on several machines write and compare: the database's
+        clock on PostgreSQL (a machine whose clock runs ahead must not take over live leases),
+        this machine's on SQLite (one machine)."""
+        if session.get_bind().dialect.name == "postgresql":
+            return _as_utc(session.scalar(select(func.now())))
+        return utcnow()
 
     @classmethod
     def _lock_user_or_none(cls, session: Session, user_id: int) -> User | None:

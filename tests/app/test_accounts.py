@@ -133,3 +133,19 @@ def test_names_that_fold_to_an_admins_are_refused(services, password):
     for name in ("admiral", "bobby", "victor"):  # near an admin's name is fine
         assert services.accounts.sign_up(name, password).account.username == name
     assert services.storage.find_user("adm1n") is None
+
+
+def test_the_admin_account_made_at_start_survives_another_process_making_it_first(services, password, monkeypatch):
+    """Replicas and workers of one database start together, each with --admin-username."""
+    find = services.storage.find_user
+    calls = []
+
+    def not_yet_then_found(name):  # the other process creates it between this one's look and its insert
+        calls.append(name)
+        if len(calls) == 1:
+            services.storage.create_user(name, password, is_admin=True)
+            return None
+        return find(name)
+
+    monkeypatch.setattr(services.storage, "find_user", not_yet_then_found)
+    assert services.accounts.ensure_admin("root", password).is_admin

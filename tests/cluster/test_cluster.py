@@ -171,6 +171,10 @@ def test_a_compression_runs_on_a_worker_and_the_other_replica_answers_with_it(cl
     assert status["absorbed_messages"] == 4
     answered = bob.say("What is my cat called?", "web2")
     assert answered["memchat"]["adapter_version"] == 1  # web2 answers with what a worker made
+    streamed = list(bob.api().chat.completions.create(  # a streamed reply (SSE) through the load balancer
+        model=MODEL_ID, messages=[{"role": "user", "content": "And where do I live?"}], max_tokens=8, stream=True))
+    assert streamed[-1].model_dump()["memchat"]["adapter_version"] >= 1 and any(
+        c.choices and c.choices[0].finish_reason == "length" for c in streamed)
     workers = cluster.log("worker1") + cluster.log("worker2")
     assert re.search(r"user \d+: adapter v1", workers)
     assert "adapter v1" not in cluster.log("web1") + cluster.log("web2")  # the replicas compress nothing
@@ -264,7 +268,7 @@ def test_a_replica_that_cannot_reach_the_database_or_redis_says_so_with_a_503_an
         login = heidi.auth("login", "web2")
         assert login.status_code == 503 and "database" in login.json()["error"]
     finally:
-        _pg_ctl(cluster, "-w", "start", "-l", str(cluster.folder / "logs/postgres.log"), "-o",
+        _pg_ctl(cluster, "-w", "start", "-l", str(cluster.folder / "postgres.log"), "-o",
                 f"-p {cluster.port + 20} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''")
     assert heidi.say("Back again?", "web1")["memchat"] is not None  # no restart of the replica needed
     os.kill(int((cluster.folder / "run/redis.pid").read_text()), signal.SIGTERM)
