@@ -27,7 +27,7 @@ from adapter_core.data.conversation import SYSTEM_PROMPT, Turn, prompt_ids
 from adapter_core.serving.decoding import Reply, ReplyRequest, count_tokens, fit_prompt
 from adapter_core.serving.sampling import SamplingConfig
 from adapter_core.serving.scheduler import InferenceLoop, ReplyStream
-from storage import NotFound, Storage, ValidationError, validation
+from storage import LeaseLost, NotFound, Storage, ValidationError, validation
 from storage.models import Message
 
 from .access import Access
@@ -322,11 +322,15 @@ class Chat:
                 answer, finish = _stored_answer(_printable(reply.text), reply), reply.finish
             answer_tokens = count_tokens(self.engine.tokenizer, answer)
             if options.store:
+                holder = self._turns.shared.holder if self._turns.shared is not None else None
                 try:
                     self.storage.finish_turn(user_id, turn.message.conversation_id, answer, answer_tokens,
-                                             compress_every=self.settings.compress_every)
+                                             compress_every=self.settings.compress_every, turn_holder=holder)
                 except NotFound:  # the account was deleted while its reply was written
                     raise AccessDenied("Please log in") from None
+                except LeaseLost:  # this replica stalled past the turn's lease and another took the turn
+                    raise Busy("This reply could not be saved: another of your messages was answered meanwhile. "
+                               "Your message is kept; please ask again") from None
         first_token_s = reply.first_token_s if reply.first_token_s is not None else reply.total_s
         yield FinishedReply(answer, ReplyStats(
             reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, answer_tokens,

@@ -368,13 +368,18 @@ class Storage:
             return TurnStart(message, snapshot, user.needs_rebuild, tuple(pending), history)
 
     def finish_turn(self, user_id: int, conversation_id: int, text: str, token_count: int, *,
-                    compress_every: int) -> TurnEnd:
+                    compress_every: int, turn_holder: str | None = None) -> TurnEnd:
         """Store the reply of a turn and, once at least `compress_every` of the user's own messages
-        wait after the latest snapshot's cursor, queue their compression; one transaction."""
+        wait after the latest snapshot's cursor, queue their compression; one transaction.
+        turn_holder: the web replica that took the user's turn (take_turn); the reply is refused
+        (LeaseLost) if it holds it no more: its lease ran out and another replica took the turn."""
         message = self._checked_message(user_id, conversation_id, "assistant", text, token_count)
         threshold = validation.count("compress_every", compress_every)
         with self._writing() as session:
             self._lock_user(session, user_id)
+            if turn_holder is not None and session.scalar(
+                    select(TurnLease.holder).where(TurnLease.user_id == user_id)) != turn_holder:
+                raise LeaseLost(f"user {user_id}'s turn is no longer {turn_holder}'s")
             self._conversation(session, user_id, conversation_id)
             session.add(message)
             session.flush()

@@ -11,6 +11,7 @@ from app.chat import (
     FinishedReply, OneTurnAtATime, ReplyFailed, ReplyOptions, ReplyStarted, SharedTurns, TurnOpened, _whole_sentences,
 )
 from app.errors import AccessDenied, AppError, Busy, InvalidInput, RateLimited, TooLong
+from app.services import Services
 from tests.app.helpers import FakeStream, chat, run_jobs
 from tests.storage.helpers import transactions
 
@@ -280,3 +281,29 @@ def test_web_replicas_on_one_database_run_one_turn_of_a_user_at_a_time(storage, 
     started = time.monotonic()
     with b.turn_of(uid, 5, 4):
         assert 0.1 < time.monotonic() - started < 2  # the dead replica's lease ran out
+
+
+def test_a_replica_that_stalled_past_its_turn_lease_does_not_store_its_reply(storage, live_text_engine,
+                                                                              inference_loop, app_settings, password,
+                                                                              monkeypatch):
+    """--role web: if another replica took the user's turn over meanwhile, this reply is refused,
+    not stored beside the other one (the user's message stays)."""
+    monkeypatch.setattr(storage, "settings", replace(storage.settings, turn_lease_s=0.1))
+    monkeypatch.setattr(storage, "renew_turn", lambda user_id, holder: True)  # stalled: renews nothing
+    services = Services.create(storage, live_text_engine, inference_loop, replace(app_settings, role="web"))
+    uid = services.accounts.sign_up("alice", password).account.id
+    gate = threading.Event()
+    monkeypatch.setattr(services.chat.loop, "submit", lambda request: FakeStream(request, ["Hello", " there."], gate=gate))
+    taken = []
+
+    def other_replica() -> None:
+        time.sleep(0.3)  # past the lease
+        taken.append(storage.take_turn(uid, "another replica"))
+        gate.set()
+
+    threading.Thread(target=other_replica).start()
+    with pytest.raises(Busy, match="could not be saved"):
+        list(services.chat.reply(uid, "My cat is called Tobrik."))
+    assert taken == [True]
+    assert [(m.role, m.text) for m in storage.history(uid)] == [("user", "My cat is called Tobrik.")]
+    services.downloads.close()
