@@ -144,6 +144,10 @@ class ReplyFailed(RuntimeError):
     """Decoding ended without a reply (an error in the inference loop): a fault."""
 
 
+STILL_ANSWERED = "Your previous message is still being answered; please send this one when it is done"
+"""Why a turn sent while the same user's previous one runs (here or on another replica) is refused."""
+
+
 class OneTurnAtATime:
     """Each user's turns run one at a time: a turn's reply must see the previous turn. A turn sent
     while another runs is refused (Busy), or waits in that user's line, first come first served,
@@ -180,7 +184,7 @@ class OneTurnAtATime:
         if wait_s <= 0 or len(line) >= depth:
             if not line:
                 del self._waiting[user_id]
-            raise Busy("Your previous message is still being answered; please send this one when it is done")
+            raise Busy(STILL_ANSWERED)
         ticket = object()
         line.append(ticket)
         try:
@@ -215,7 +219,7 @@ class SharedTurns:
         deadline = time.monotonic() + max(0.0, wait_s)
         while not self._take(user_id):
             if time.monotonic() >= deadline:
-                raise Busy("Your previous message is still being answered; please send this one when it is done")
+                raise Busy(STILL_ANSWERED)
             time.sleep(SHARED_TURN_POLL_S)
         try:
             with renewing(lambda: self.storage.renew_turn(user_id, self.holder), self.storage.settings.turn_lease_s,

@@ -17,7 +17,6 @@ import secrets
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -80,8 +79,8 @@ class DownloadStore:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         token = secrets.token_urlsafe(32)
-        download = Download(token, _safe_filename(filename), time.time() + self.ttl_s)
-        expires = datetime.now(timezone.utc) + timedelta(seconds=self.ttl_s)
+        expires = datetime.now(timezone.utc) + timedelta(seconds=self.ttl_s)  # the one expiry, stored and shown
+        download = Download(token, _safe_filename(filename), expires.timestamp())
         if not self.storage.add_download(token, owner_id, subject_id, address, download.filename, data, expires,
                                          revisions):
             raise LinkRevoked("That export was cancelled: its data changed or you logged out meanwhile")
