@@ -106,6 +106,11 @@ def browser(login: str | None):
     return SimpleNamespace(cookies={LOGIN_COOKIE: login} if login else {}, client=None, headers={})
 
 
+# As long as a browser's fetch waits: httpx's own 5 s is shorter than a busy 2-core CI machine
+# took to sign up 20 people at once while others chatted (ReadTimeout, the page never failed).
+AUTH_TIMEOUT_S = 60.0
+
+
 class Visitor:
     """One browser session over HTTP (gradio_client): calls the page's named events and reads their
     outputs by the components' elem_id, as a person reads the page."""
@@ -123,7 +128,8 @@ class Visitor:
 
     def auth(self, action: str, body: object = None) -> httpx.Response:
         """POST /auth/<action> as the page's script does, keeping the cookies it sets or clears."""
-        answer = httpx.post(f"{self.running.url.rstrip('/')}/auth/{action}", json=body, cookies=self.cookies)
+        answer = httpx.post(f"{self.running.url.rstrip('/')}/auth/{action}", json=body, cookies=self.cookies,
+                            timeout=AUTH_TIMEOUT_S)
         cookies = dict(self.cookies)
         for name in answer.headers.get_list("set-cookie"):
             key, _, rest = name.partition("=")
