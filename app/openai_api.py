@@ -229,7 +229,14 @@ def _sampling(body: dict, base: SamplingConfig, max_new_tokens: int) -> Sampling
             if asked < 1:
                 raise ApiError(400, f"'{field}' must be at least 1", param=field, code="invalid_value")
             limit = min(max_new_tokens, asked)
-    sampling = replace(base, max_new_tokens=limit, min_new_tokens=min(base.min_new_tokens, limit))
+    # min_tokens: vLLM's extension, which benchmarks use for replies of one length (the end of turn
+    # is held back until then)
+    least = _optional(body, "min_tokens", int, None)
+    if least is not None and not 0 <= least <= limit:
+        raise ApiError(400, f"'min_tokens' must be from 0 to the reply's limit ({limit})", param="min_tokens",
+                       code="invalid_value")
+    sampling = replace(base, max_new_tokens=limit,
+                       min_new_tokens=min(base.min_new_tokens, limit) if least is None else least)
     if temperature == 0 or top_p == 0:  # the client asks for the likeliest reply (greedy, deterministic)
         return replace(sampling, do_sample=False)
     if temperature is not None:

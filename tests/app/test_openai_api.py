@@ -689,6 +689,11 @@ def test_a_request_is_read_into_a_turn_and_its_options():
         read_chat_request({"model": MODEL_ID, "messages": HELLO, "seed": 2**64}, base, 50)
     with pytest.raises(ApiError, match="'max_tokens' must be an integer"):
         read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": True}, base, 50)
+    fixed = read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": 20, "min_tokens": 20}, base, 50)
+    assert fixed.options.sampling == replace(base, max_new_tokens=20, min_new_tokens=20)
+    for least in (21, -1, 2.5):
+        with pytest.raises(ApiError, match="'min_tokens' must be"):
+            read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": 20, "min_tokens": least}, base, 50)
 
 
 def test_deleting_the_account_while_its_reply_streams_ends_the_stream_cleanly(running, password, monkeypatch,
