@@ -146,6 +146,9 @@ class ReplyFailed(RuntimeError):
 
 STILL_ANSWERED = "Your previous message is still being answered; please send this one when it is done"
 """Why a turn sent while the same user's previous one runs (here or on another replica) is refused."""
+TAKEN_OVER = ("This reply could not be saved: another of your messages was answered meanwhile. "
+              "Your message is kept; please ask again")
+"""Why a reply stops unsaved on a web replica that stalled past its turn's lease, which another took."""
 
 
 class OneTurnAtATime:
@@ -161,8 +164,9 @@ class OneTurnAtATime:
         self._waiting: dict[int, deque[object]] = {}  # user id -> tickets of their waiting turns, in order
 
     @contextlib.contextmanager
-    def turn_of(self, user_id: int, wait_s: float, depth: int) -> Iterator[None]:
-        """The block is the user's running turn (Busy: it could not start within wait_s)."""
+    def turn_of(self, user_id: int, wait_s: float, depth: int) -> Iterator[threading.Event]:
+        """The block is the user's running turn (Busy: it could not start within wait_s); the event
+        it gets is set if another replica takes the turn over meanwhile (never, without `shared`)."""
         asked = time.monotonic()
         with self._changed:
             if user_id in self._running or user_id in self._waiting:
@@ -170,10 +174,10 @@ class OneTurnAtATime:
             self._running.add(user_id)
         try:
             if self.shared is None:
-                yield
+                yield threading.Event()
             else:
-                with self.shared.held(user_id, wait_s - (time.monotonic() - asked)):
-                    yield
+                with self.shared.held(user_id, wait_s - (time.monotonic() - asked)) as lost:
+                    yield lost
         finally:
             with self._changed:
                 self._running.discard(user_id)
@@ -214,8 +218,9 @@ class SharedTurns:
         """This process, as the lease names it."""
 
     @contextlib.contextmanager
-    def held(self, user_id: int, wait_s: float) -> Iterator[None]:
-        """The block holds the user's turn (Busy: another replica held it for longer than wait_s)."""
+    def held(self, user_id: int, wait_s: float) -> Iterator[threading.Event]:
+        """The block holds the user's turn (Busy: another replica held it for longer than wait_s);
+        the event it gets is set once a renewal finds the lease lost to another replica."""
         deadline = time.monotonic() + max(0.0, wait_s)
         while not self._take(user_id):
             if time.monotonic() >= deadline:
@@ -223,8 +228,8 @@ class SharedTurns:
             time.sleep(SHARED_TURN_POLL_S)
         try:
             with renewing(lambda: self.storage.renew_turn(user_id, self.holder), self.storage.settings.turn_lease_s,
-                          f"user {user_id}'s turn"):
-                yield
+                          f"user {user_id}'s turn") as lost:
+                yield lost
         finally:
             self.storage.end_turn(user_id, self.holder)
 
@@ -292,7 +297,7 @@ class Chat:
         text, tokens = self.check_message(text)
         system, framing = self._system(options.instructions, tokens)
         wait_s = self.settings.turn_queue_seconds if options.queue else 0.0
-        with self._turns.turn_of(user_id, wait_s, self.settings.turn_queue_depth):
+        with self._turns.turn_of(user_id, wait_s, self.settings.turn_queue_depth) as taken_over:
             if not self.loop.running:  # e.g. a turn that waited behind one the shutdown stopped: store nothing
                 raise ServerStopping()
             self.limits.hit(self.settings.messages_per_user, "message", str(user_id),
@@ -316,7 +321,7 @@ class Chat:
             try:
                 if announce:
                     yield ReplyStarted(version, len(ids))
-                written, stopped = yield from _streamed(stream, options.stop)
+                written, stopped = yield from _streamed(stream, options.stop, taken_over)
             finally:  # a reader that went away (logged out, disconnected) stops the decoding too
                 stream.cancel()
             reply = stream.result()  # after a stop sequence: cancelled, at the next decode step
@@ -333,8 +338,7 @@ class Chat:
                 except NotFound:  # the account was deleted while its reply was written
                     raise AccessDenied("Please log in") from None
                 except LeaseLost:  # this replica stalled past the turn's lease and another took the turn
-                    raise Busy("This reply could not be saved: another of your messages was answered meanwhile. "
-                               "Your message is kept; please ask again") from None
+                    raise Busy(TAKEN_OVER) from None
         first_token_s = reply.first_token_s if reply.first_token_s is not None else reply.total_s
         yield FinishedReply(answer, ReplyStats(
             reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, answer_tokens,
@@ -368,12 +372,16 @@ class Chat:
         return system, framing
 
 
-def _streamed(stream: ReplyStream, stop: tuple[str, ...]) -> Generator[str, None, tuple[str, bool]]:
+def _streamed(stream: ReplyStream, stop: tuple[str, ...],
+              taken_over: threading.Event) -> Generator[str, None, tuple[str, bool]]:
     """Yield the reply's printable text as it comes; returns (all of it, whether a stop sequence
     ended it). With stop sequences, what may be the start of one is held back until the text
-    after it shows whether it is; the text ends before the first one found."""
+    after it shows whether it is; the text ends before the first one found. Busy once the turn is
+    taken over by another replica: a reply that cannot be stored stops rather than runs on."""
     text, shown = "", 0
     for piece in map(_printable, stream):
+        if taken_over.is_set():
+            raise Busy(TAKEN_OVER)
         if not piece:
             continue
         text += piece

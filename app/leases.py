@@ -14,17 +14,19 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def renewing(renew: Callable[[], bool], lease_s: float, what: str) -> Iterator[None]:
+def renewing(renew: Callable[[], bool], lease_s: float, what: str) -> Iterator[threading.Event]:
     """Call renew() every lease_s / 3 while the block runs, until it returns False (the lease was
-    lost: taken over, or ended); a renewal that raises (the database away for a moment) is tried
-    again at the next beat."""
-    stop = threading.Event()
+    lost: taken over, or ended), which sets the event the block gets, so that it can stop work
+    nobody will keep; a renewal that raises (the database away for a moment) is tried again at the
+    next beat."""
+    stop, lost = threading.Event(), threading.Event()
 
     def beat() -> None:
         while not stop.wait(lease_s / 3):
             try:
                 if not renew():
                     log.warning("%s: its lease was lost", what)
+                    lost.set()
                     return
             except Exception:  # noqa: BLE001 - logged; the next beat tries again
                 log.exception("%s: renewing its lease failed", what)
@@ -32,7 +34,7 @@ def renewing(renew: Callable[[], bool], lease_s: float, what: str) -> Iterator[N
     renewer = threading.Thread(target=beat, name=f"lease: {what}", daemon=True)
     renewer.start()
     try:
-        yield
+        yield lost
     finally:
         stop.set()
         renewer.join()

@@ -283,6 +283,31 @@ def test_web_replicas_on_one_database_run_one_turn_of_a_user_at_a_time(storage, 
         assert 0.1 < time.monotonic() - started < 2  # the dead replica's lease ran out
 
 
+def test_a_reply_whose_turn_another_replica_took_over_stops_streaming(storage, live_text_engine, inference_loop,
+                                                                       app_settings, password, monkeypatch):
+    """--role web: once a renewal finds the turn's lease taken, the reply stops at its next piece
+    (it could not be stored) instead of running to its end; the message stays."""
+    monkeypatch.setattr(storage, "settings", replace(storage.settings, turn_lease_s=0.3))
+    monkeypatch.setattr(storage, "renew_turn", lambda user_id, holder: False)  # the database: no longer ours
+    services = Services.create(storage, live_text_engine, inference_loop, replace(app_settings, role="web"))
+    uid = services.accounts.sign_up("alice", password).account.id
+    gate, streams = threading.Event(), []
+
+    def submit(request):
+        streams.append(FakeStream(request, ["Hello", " there", " and", " more."], gate=gate))
+        return streams[-1]
+
+    monkeypatch.setattr(services.chat.loop, "submit", submit)
+    threading.Timer(0.5, gate.set).start()  # past the first renewal (0.1 s)
+    shown = []
+    with pytest.raises(Busy, match="could not be saved"):
+        for part in services.chat.reply(uid, "My cat is called Tobrik."):
+            shown.append(part)
+    assert shown == ["Hello"] and streams[0].cancelled.is_set()
+    assert [(m.role, m.text) for m in storage.history(uid)] == [("user", "My cat is called Tobrik.")]
+    services.downloads.close()
+
+
 def test_a_replica_that_stalled_past_its_turn_lease_does_not_store_its_reply(storage, live_text_engine,
                                                                               inference_loop, app_settings, password,
                                                                               monkeypatch):
