@@ -31,7 +31,7 @@ from storage import LeaseLost, NotFound, Storage, ValidationError, validation
 from storage.models import Message
 
 from .access import Access
-from .errors import AccessDenied, Busy, InvalidInput, ServerStopping, TooLong
+from .errors import AccessDenied, Busy, InvalidInput, ReplyNotSaved, ServerStopping, TooLong
 from .leases import renewing
 from .memory import Memory
 
@@ -322,6 +322,9 @@ class Chat:
                 if announce:
                     yield ReplyStarted(version, len(ids))
                 written, stopped = yield from _streamed(stream, options.stop, taken_over)
+            except ReplyNotSaved:
+                self.access.user(user_id)  # an account deleted meanwhile took its lease along: "Please log in"
+                raise
             finally:  # a reader that went away (logged out, disconnected) stops the decoding too
                 stream.cancel()
             reply = stream.result()  # after a stop sequence: cancelled, at the next decode step
@@ -338,7 +341,7 @@ class Chat:
                 except NotFound:  # the account was deleted while its reply was written
                     raise AccessDenied("Please log in") from None
                 except LeaseLost:  # this replica stalled past the turn's lease and another took the turn
-                    raise Busy(TAKEN_OVER) from None
+                    raise ReplyNotSaved(TAKEN_OVER) from None
         first_token_s = reply.first_token_s if reply.first_token_s is not None else reply.total_s
         yield FinishedReply(answer, ReplyStats(
             reply.prompt_tokens, len(kept) + 1, version, first_token_s, reply.total_s, answer_tokens,
@@ -376,12 +379,12 @@ def _streamed(stream: ReplyStream, stop: tuple[str, ...],
               taken_over: threading.Event) -> Generator[str, None, tuple[str, bool]]:
     """Yield the reply's printable text as it comes; returns (all of it, whether a stop sequence
     ended it). With stop sequences, what may be the start of one is held back until the text
-    after it shows whether it is; the text ends before the first one found. Busy once the turn is
-    taken over by another replica: a reply that cannot be stored stops rather than runs on."""
+    after it shows whether it is; the text ends before the first one found. ReplyNotSaved once the
+    turn is taken over by another replica: a reply that cannot be stored stops rather than runs on."""
     text, shown = "", 0
     for piece in map(_printable, stream):
         if taken_over.is_set():
-            raise Busy(TAKEN_OVER)
+            raise ReplyNotSaved(TAKEN_OVER)
         if not piece:
             continue
         text += piece

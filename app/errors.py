@@ -63,6 +63,12 @@ class Busy(AppError):
     """The person's previous request of this kind is still running (their turn being answered)."""
 
 
+class ReplyNotSaved(AppError):
+    """A reply stopped unsaved: the web replica answering it stalled past its turn's lease and
+    another replica answered a later message of the same person meanwhile (the message is kept).
+    Sending the message again would store it twice: not a request to retry as it is."""
+
+
 class ServerStopping(AppError):
     """The server shuts down (the inference loop stopped): nothing is wrong with the request, which
     may be sent again once the server is back."""

@@ -25,8 +25,8 @@ def renewing(renew: Callable[[], bool], lease_s: float, what: str) -> Iterator[t
         while not stop.wait(lease_s / 3):
             try:
                 if not renew():
-                    log.warning("%s: its lease was lost", what)
                     lost.set()
+                    log.warning("%s: its lease was lost", what)
                     return
             except Exception:  # noqa: BLE001 - logged; the next beat tries again
                 log.exception("%s: renewing its lease failed", what)

@@ -27,8 +27,9 @@ X-Memchat-Adapter-Version (`none`: the base model) and in the body's `memchat` o
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the status
 its clients act on: 400 a malformed request, or one asking for what this server cannot do
 (tools, images, several choices...); 401 no or a wrong key; 404 nothing of the caller's there;
-413 too long; 429 rate limits (the page's per-user ones) or a turn of the same user still running,
-with Retry-After; 500 a fault (its reference in the log); 503 while the model loads (the loading
+409 a reply stopped unsaved because another replica answered the user's next message meanwhile
+(the message is stored: not to be sent again as it is); 413 too long; 429 rate limits (the page's
+per-user ones) or a turn of the same user still running, with Retry-After; 500 a fault (its reference in the log); 503 while the model loads (the loading
 server answers that, app/loading.py) or the app stops.
 """
 
@@ -55,8 +56,8 @@ from adapter_core.serving.scheduler import LoopStopped
 
 from .chat import FinishedReply, HistoryMessage, ReplyOptions, ReplyStarted
 from .downloads import zip_response
-from .errors import (AccessDenied, AppError, Busy, Gone, InvalidInput, RateLimited, ServerStopping, TooLong,
-                     Unavailable, as_outage, describe)
+from .errors import (AccessDenied, AppError, Busy, Gone, InvalidInput, RateLimited, ReplyNotSaved, ServerStopping,
+                     TooLong, Unavailable, as_outage, describe)
 from .limits import client_address
 from .memory import MemoryStatus
 from .services import Services
@@ -222,21 +223,21 @@ def _sampling(body: dict, base: SamplingConfig, max_new_tokens: int) -> Sampling
     top_p = _number(body, "top_p", 0, 1)
     for field in ("presence_penalty", "frequency_penalty"):  # accepted, not applied: see the README
         _number(body, field, -2, 2)
-    limit = base.max_new_tokens  # what the page's replies get, unless the client asks
+    limit = asked_limit = base.max_new_tokens  # what the page's replies get, unless the client asks
     for field in ("max_tokens", "max_completion_tokens"):
         asked = _optional(body, field, int, None)
         if asked is not None:
             if asked < 1:
                 raise ApiError(400, f"'{field}' must be at least 1", param=field, code="invalid_value")
-            limit = min(max_new_tokens, asked)
+            limit, asked_limit = min(max_new_tokens, asked), asked
     # min_tokens: vLLM's extension, which benchmarks use for replies of one length (the end of turn
-    # is held back until then)
+    # is held back until then); like max_tokens, capped by the server's limit rather than refused
     least = _optional(body, "min_tokens", int, None)
-    if least is not None and not 0 <= least <= limit:
-        raise ApiError(400, f"'min_tokens' must be from 0 to the reply's limit ({limit})", param="min_tokens",
+    if least is not None and not 0 <= least <= asked_limit:
+        raise ApiError(400, f"'min_tokens' must be from 0 to max_tokens ({asked_limit})", param="min_tokens",
                        code="invalid_value")
-    sampling = replace(base, max_new_tokens=limit,
-                       min_new_tokens=min(base.min_new_tokens, limit) if least is None else least)
+    sampling = replace(base, max_new_tokens=limit, min_new_tokens=min(base.min_new_tokens if least is None else least,
+                                                                      limit))
     if temperature == 0 or top_p == 0:  # the client asks for the likeliest reply (greedy, deterministic)
         return replace(sampling, do_sample=False)
     if temperature is not None:
@@ -307,6 +308,8 @@ def error_response(error: BaseException, action: str) -> JSONResponse:
                       {"Retry-After": str(error.retry_after_s)})
     if isinstance(error, Busy):
         return _error(429, message, "requests", None, "turn_in_progress", {"Retry-After": "1"})
+    if isinstance(error, ReplyNotSaved):  # the message is stored: sent again, it would be twice
+        return _error(409, message, "invalid_request_error", None, "reply_not_saved")
     if isinstance(error, AccessDenied):
         if message == "Please log in.":  # the key's account was deleted after the key was checked
             message = "Invalid API key: its account was deleted."

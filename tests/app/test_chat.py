@@ -10,9 +10,9 @@ from adapter_core.data.conversation import SYSTEM_PROMPT, Turn
 from app.chat import (
     FinishedReply, OneTurnAtATime, ReplyFailed, ReplyOptions, ReplyStarted, SharedTurns, TurnOpened, _whole_sentences,
 )
-from app.errors import AccessDenied, AppError, Busy, InvalidInput, RateLimited, TooLong
+from app.errors import AccessDenied, AppError, Busy, InvalidInput, RateLimited, ReplyNotSaved, TooLong
 from app.services import Services
-from tests.app.helpers import FakeStream, chat, run_jobs
+from tests.app.helpers import FakeStream, chat, run_jobs, wait_for
 from tests.storage.helpers import transactions
 
 
@@ -283,10 +283,13 @@ def test_web_replicas_on_one_database_run_one_turn_of_a_user_at_a_time(storage, 
         assert 0.1 < time.monotonic() - started < 2  # the dead replica's lease ran out
 
 
+@pytest.mark.parametrize("deleted", [False, True])
 def test_a_reply_whose_turn_another_replica_took_over_stops_streaming(storage, live_text_engine, inference_loop,
-                                                                       app_settings, password, monkeypatch):
+                                                                       app_settings, password, monkeypatch, caplog,
+                                                                       deleted):
     """--role web: once a renewal finds the turn's lease taken, the reply stops at its next piece
-    (it could not be stored) instead of running to its end; the message stays."""
+    (it could not be stored) instead of running to its end; the message stays. An account deleted
+    meanwhile (its lease went with it) is told to log in, not that another message was answered."""
     monkeypatch.setattr(storage, "settings", replace(storage.settings, turn_lease_s=0.3))
     monkeypatch.setattr(storage, "renew_turn", lambda user_id, holder: False)  # the database: no longer ours
     services = Services.create(storage, live_text_engine, inference_loop, replace(app_settings, role="web"))
@@ -297,14 +300,21 @@ def test_a_reply_whose_turn_another_replica_took_over_stops_streaming(storage, l
         streams.append(FakeStream(request, ["Hello", " there", " and", " more."], gate=gate))
         return streams[-1]
 
+    def once_lost() -> None:  # the rest of the reply comes only after the renewal found the lease lost
+        wait_for(lambda: "its lease was lost" in caplog.text)
+        if deleted:
+            storage.delete_user(uid)
+        gate.set()
+
     monkeypatch.setattr(services.chat.loop, "submit", submit)
-    threading.Timer(0.5, gate.set).start()  # past the first renewal (0.1 s)
+    threading.Thread(target=once_lost).start()
     shown = []
-    with pytest.raises(Busy, match="could not be saved"):
+    with pytest.raises(AccessDenied if deleted else ReplyNotSaved, match="log in" if deleted else "could not be saved"):
         for part in services.chat.reply(uid, "My cat is called Tobrik."):
             shown.append(part)
     assert shown == ["Hello"] and streams[0].cancelled.is_set()
-    assert [(m.role, m.text) for m in storage.history(uid)] == [("user", "My cat is called Tobrik.")]
+    if not deleted:
+        assert [(m.role, m.text) for m in storage.history(uid)] == [("user", "My cat is called Tobrik.")]
     services.downloads.close()
 
 
@@ -327,7 +337,7 @@ def test_a_replica_that_stalled_past_its_turn_lease_does_not_store_its_reply(sto
         gate.set()
 
     threading.Thread(target=other_replica).start()
-    with pytest.raises(Busy, match="could not be saved"):
+    with pytest.raises(ReplyNotSaved, match="could not be saved"):
         list(services.chat.reply(uid, "My cat is called Tobrik."))
     assert taken == [True]
     assert [(m.role, m.text) for m in storage.history(uid)] == [("user", "My cat is called Tobrik.")]

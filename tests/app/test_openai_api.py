@@ -17,7 +17,8 @@ import pytest
 from adapter_core.data.conversation import prompt_ids
 from adapter_core.serving.decoding import ReplyRequest, reply
 from app.chat import _printable
-from app.openai_api import ADAPTER_HEADER, MODEL_ID, ApiError, read_chat_request
+from app.errors import ReplyNotSaved
+from app.openai_api import ADAPTER_HEADER, MODEL_ID, ApiError, error_response, read_chat_request
 from tests.app.helpers import FakeStream, SlowStart, Visitor, free_port, wait_for
 from tests.storage.helpers import table_counts
 
@@ -691,6 +692,8 @@ def test_a_request_is_read_into_a_turn_and_its_options():
         read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": True}, base, 50)
     fixed = read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": 20, "min_tokens": 20}, base, 50)
     assert fixed.options.sampling == replace(base, max_new_tokens=20, min_new_tokens=20)
+    capped = read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": 80, "min_tokens": 80}, base, 50)
+    assert capped.options.sampling == replace(base, max_new_tokens=50, min_new_tokens=50)  # as max_tokens is
     for least in (21, -1, 2.5):
         with pytest.raises(ApiError, match="'min_tokens' must be"):
             read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": 20, "min_tokens": least}, base, 50)
@@ -716,3 +719,12 @@ def test_deleting_the_account_while_its_reply_streams_ends_the_stream_cleanly(ru
     assert "deleted" in ended.value.message
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     assert other.models.list().data  # the server carries on
+
+
+def test_a_reply_stopped_unsaved_is_409_and_not_to_be_retried():
+    """A reply another replica's answer made unsavable: the message is stored, so the client is not
+    told to send it again (429 and Retry-After would make OpenAI's SDK resend it: stored twice)."""
+    answer = error_response(ReplyNotSaved("This reply could not be saved"), "chat")
+    error = json.loads(answer.body)["error"]
+    assert answer.status_code == 409 and "retry-after" not in answer.headers
+    assert (error["code"], error["type"]) == ("reply_not_saved", "invalid_request_error")
