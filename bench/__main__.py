@@ -1,7 +1,10 @@
 """`python -m bench`: per-turn cost, compression, many users in one batch, decode speed beside
-llama.cpp's, concurrent users through the app's services, and memory size, on one machine in one run. Writes bench.json, bench.md and PNG plots to --out (default docs/bench/).
+llama.cpp's, concurrent users through the app's services, memory size, and many users through the
+load balancer of a cluster (processes of their own), on one machine in one run. Writes bench.json,
+bench.md and PNG plots to --out (default docs/bench/).
 
-  python -m bench                 # the full benchmark on the CPU (under 10 minutes on 2 cores)
+  python -m bench                 # the full benchmark on the CPU (about 25 minutes on 2 cores, 16 of
+                                  # them the replicas section's processes)
   python -m bench --device cuda
   python -m bench --quick --out /tmp/bench   # a small run that checks everything works
 """
@@ -23,6 +26,7 @@ from adapter_core.serving.int4 import four_bit_layers
 from .concurrency import concurrent_users, during_long_prefill
 from .decode import decode
 from .finetune import finetune_compression
+from .replicas import AppFlags, replicas
 from .report import markdown, plot_all
 from .sections import BenchOptions, compression, many_users, memory_size, per_turn
 
@@ -30,7 +34,8 @@ QUICK = BenchOptions(lengths=(256, 512), reply_tokens=4, repeats=1, absorbed_bef
                      users=(1, 2), decode_tokens=4, concurrent_users=(1, 2), concurrent_reply_tokens=4,
                      concurrent_history_tokens=256, compression_tokens=512, replies_during_compression=2,
                      decode_bench_tokens=8, agreement_tokens=8, long_prompt_tokens=600,
-                     finetune_tokens=(128,), compressions=2)
+                     finetune_tokens=(128,), compressions=2, replicas_users=3, replicas_rounds=1,
+                     replicas_reply_tokens=4)
 TARGETS = {
     "latency_ratio_2k": 4.0, "latency_ratio_8k": 20.0, "absorb_spread": 0.20, "generator_overhead": 0.50,
     "many_users_overhead_16": 0.25, "state_bytes": 1_000_000,
@@ -38,6 +43,7 @@ TARGETS = {
     "first_token_during_long_prefill_s": 1.0,
     "finetune_2k_s": 60.0, "first_token_during_finetune_s": 1.0,
     "decode_vs_llama_cpp_1": 0.8, "same_greedy_token": 0.95, "perplexity_ratio": 1.01,
+    "replicas_shared_state_cost_p50": 0.05,
 }
 
 
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it works, not the timings")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of bench.replicas
     options = QUICK if args.quick else BenchOptions()
     started = time.perf_counter()
     engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir,
@@ -74,6 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
         logging.info("benchmark section %s ...", name)
         results[name] = section(engine, options)
         logging.info("... %s took %.0f s", name, time.perf_counter() - t)
+    t = time.perf_counter()
+    logging.info("benchmark section replicas (app processes of their own) ...")
+    flags = AppFlags(args.device, args.model, args.checkpoint, args.int4_decode)
+    results["replicas"] = replicas(Path(args.cache_dir), flags, options)
+    logging.info("... replicas took %.0f s", time.perf_counter() - t)
     results["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))

@@ -93,8 +93,44 @@ def markdown(results: dict) -> str:
                      f"{r['kv_cache_bytes'] / 1e6:.1f} MB | {r['raw_text_bytes'] / 1e3:.1f} kB |")
     state = results["memory_size"][0]["adapter_state_bytes"]
     lines.append(f"\nTarget: state <= 1 MB per user: {state / 1e6:.2f} MB, {_verdict(state <= t['state_bytes'])}.")
-    lines += ["", "Plots: `per_turn.png`, `many_users.png`, `decode.png`, `concurrent_users.png`, `memory_size.png`.", ""]
+    lines += replicas_markdown(results)
+    lines += ["", "Plots: `per_turn.png`, `many_users.png`, `decode.png`, `concurrent_users.png`, `memory_size.png`"
+                  + (", `replicas.png`." if "rows" in results.get("replicas", {}) else "."), ""]
     return "\n".join(lines)
+
+
+def replicas_markdown(results: dict) -> list[str]:
+    """bench.replicas: the setups' table, 1 against 2 replicas, and the cost of the shared state."""
+    r = results.get("replicas")
+    if not r:
+        return []
+    lines = ["", "## Many users through the load balancer", ""]
+    if "rows" not in r:
+        return [*lines, f"Not measured: {r.get('skipped') or r.get('failed')}."]
+    lines += [f"{r['users']} users at once, each with their own API key and adapter (built from a first message, "
+              f"not timed), each sending {r['rounds']} messages, one after the reply to the one before, through the "
+              f"OpenAI-compatible API; streamed greedy replies of exactly {r['reply_tokens']} tokens. *one process*: "
+              "`app.py` on SQLite, limits in the process, adapter snapshots in files, no load balancer (run before "
+              "and after the cluster: their spread is this machine's noise); *cluster*: `scripts/cluster.sh` "
+              "(PostgreSQL, Redis, adapter snapshots in the database, two idle compression workers, HAProxy in "
+              "front), every process on this one machine's cores.", "",
+              "| setup | replies | tokens/s | first token p50 (s) | p95 (s) | whole reply p50 (s) | p95 (s) | replicas |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['setup']} | {row['replies']} | {row['tokens_per_s']:.1f} | {row['first_token_p50_s']:.2f} "
+                     f"| {row['first_token_p95_s']:.2f} | {row['reply_p50_s']:.2f} | {row['reply_p95_s']:.2f} "
+                     f"| {', '.join(row['replicas_seen'])} |")
+    by = {row["setup"]: row for row in r["rows"]}
+    two, one = by.get("cluster, 2 web replicas"), by.get("cluster, 1 web replica")
+    if two and one:
+        lines += ["", f"2 web replicas against 1: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x the tokens/s "
+                      f"(the same two cores serve both: no speedup is expected here)."]
+    cost, target = r["shared_state_cost_p50"], results["targets"]["replicas_shared_state_cost_p50"]
+    lines += ["", f"What the shared state and the load balancer cost per reply (whole reply p50, the cluster's one "
+                  f"replica over the one process's two runs): {100 * cost:+.1f}% (target <= {100 * target:.0f}%, "
+                  f"{_verdict(cost <= target)}). It includes PostgreSQL, Redis, HAProxy and the idle workers "
+                  "sharing the cores."]
+    return lines
 
 
 def _decode(results: dict) -> list[str]:
@@ -266,6 +302,8 @@ def plot_all(results: dict, folder: Path) -> None:
     axes[1].legend()
     _save(fig, folder / "concurrent_users.png")
 
+    plot_replicas(results, folder)
+
     rows = results["memory_size"]
     fig, ax = plt.subplots(figsize=(6, 4))
     _lines(ax, [r["history_tokens"] for r in rows],
@@ -274,3 +312,19 @@ def plot_all(results: dict, folder: Path) -> None:
                                                                  ("adapter_state_bytes", "adapter state"))},
            xlabel="history tokens", ylabel="MB per user", yscale="log", title="memory per user")
     _save(fig, folder / "memory_size.png")
+
+
+def plot_replicas(results: dict, folder: Path) -> None:
+    """replicas.png: bench.replicas's setups side by side (nothing where it was not measured)."""
+    if "rows" not in results.get("replicas", {}):
+        return
+    rows = results["replicas"]["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    names = [f"{row['setup']}\n(run {i + 1})".replace(", ", ",\n") for i, row in enumerate(rows)]
+    for ax, (key, label) in zip(axes, (("tokens_per_s", "tokens/s, all users together"),
+                                       ("first_token_p50_s", "first token, p50 (s)"),
+                                       ("reply_p50_s", "whole reply, p50 (s)"))):
+        ax.bar(names, [row[key] for row in rows])
+        ax.set(ylabel=label, title=label)
+        ax.tick_params(axis="x", labelsize=7)
+    _save(fig, folder / "replicas.png")

@@ -58,6 +58,12 @@ class BenchOptions:
     """Tokens decoded per user in the decode section (llama.cpp's tg128)."""
     agreement_tokens: int = 64
     """Tokens per prompt of the lean step's agreement with the transformers path."""
+    replicas_users: int = 32
+    """People chatting at once through the load balancer (bench.replicas)."""
+    replicas_rounds: int = 3
+    """Messages each of them sends, one after the reply to the one before."""
+    replicas_reply_tokens: int = 32
+    """Length of every reply there (greedy, the end of turn held back)."""
 
 
 def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:

@@ -5,6 +5,8 @@
 #                               in front, each on a loopback port; prints the address to open
 #   scripts/cluster.sh status   which of them run
 #   scripts/cluster.sh down     stops them all (the data stays in cluster/ for the next `up`)
+#   scripts/cluster.sh stop web2 [...]   stops those memchat processes or HAProxy or Redis
+#                               (web1|web2|worker1|worker2|haproxy|redis); `up` starts them again
 #
 # Everything lives in one folder (MEMCHAT_CLUSTER_DIR, default ./cluster): logs/ (one log per
 # process, 0700), run/ (pid files), secrets (0600: the database's and Redis's passwords), postgres/
@@ -166,5 +168,12 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    stop)
+        shift
+        (( $# )) || { echo "usage: $0 stop web1|web2|worker1|worker2|haproxy|redis ..." >&2; exit 2; }
+        for name in "$@"; do  # all checked before any is stopped
+            [[ " haproxy web1 web2 worker1 worker2 redis " == *" $name "* ]] || { log "no process named $name"; exit 2; }
+        done
+        for name in "$@"; do stop_pid "$name"; done ;;
+    *) echo "usage: $0 up|down|status|stop NAME..." >&2; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 
@@ -46,3 +47,18 @@ def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
     sizes = results["memory_size"]
     assert sizes[0]["adapter_state_bytes"] == sizes[1]["adapter_state_bytes"] < 1_000_000
     assert sizes[1]["kv_cache_bytes"] > sizes[0]["kv_cache_bytes"]
+    cluster = results["replicas"]
+    if "skipped" in cluster:  # only where the cluster's programs are missing and cannot be installed
+        assert os.geteuid() != 0 and os.environ.get("CI") != "true", cluster["skipped"]
+    else:
+        assert "rows" in cluster, cluster.get("failed")
+        rows = cluster["rows"]
+        assert [(r["setup"], r["replicas_seen"]) for r in rows] == [
+            ("one process", ["direct"]), ("cluster, 2 web replicas", ["web1", "web2"]),
+            ("cluster, 1 web replica", ["web1"]), ("one process", ["direct"])]
+        for r in rows:  # every reply as long as asked, on the user's adapter, to the same prompts everywhere
+            assert (r["replies"], r["tokens"], r["adapter_versions_seen"]) == (3, 3 * 4, ["1"])
+            assert r["prompt_tokens"] == rows[0]["prompt_tokens"] > 0
+            assert r["reply_p95_s"] >= r["reply_p50_s"] >= r["first_token_p50_s"] > 0
+        assert math.isfinite(cluster["shared_state_cost_p50"]) and (tmp_path / "replicas.png").stat().st_size > 0
+        assert "Many users through the load balancer" in (tmp_path / "bench.md").read_text()

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import pytest
 from gradio_client import Client
 
 from app.openai_api import MODEL_ID
+from bench.replicas import CLUSTER_PORT_OFFSETS, free_port_base
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "a good password 42"
@@ -55,19 +55,6 @@ class Cluster:
         return (self.folder / "logs" / f"{node}.log").read_text()
 
 
-def _free_base() -> int:
-    """A port p with p, p+1, p+2, p+10 and p+20 free."""
-    for base in range(21000, 40000, 50):
-        try:
-            for offset in (0, 1, 2, 10, 20):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Cluster:
     missing = [c for c in ("haproxy", "redis-server", "curl") if shutil.which(c) is None]
@@ -76,7 +63,7 @@ def cluster() -> Cluster:
     # not under pytest's own temporary folder (0700): PostgreSQL's user must reach its data inside
     folder = Path(tempfile.mkdtemp(prefix="memchat-cluster-"))
     os.chmod(folder, 0o755)
-    env = dict(os.environ, MEMCHAT_CLUSTER_DIR=str(folder), MEMCHAT_CLUSTER_PORT=str(_free_base()),
+    env = dict(os.environ, MEMCHAT_CLUSTER_DIR=str(folder), MEMCHAT_CLUSTER_PORT=str(free_port_base(CLUSTER_PORT_OFFSETS, start=21000)),
                MEMCHAT_CLUSTER_APP=f"{sys.executable} {ROOT / 'tests/cluster/node.py'}",
                MEMCHAT_CLUSTER_ARGS="--compressor generator --compress-every 2 --compress-idle-seconds 0 "
                                     "--max-new-tokens 120 --worker-poll-seconds 0.2",

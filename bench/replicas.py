@@ -1,0 +1,368 @@
+"""Many users through the load balancer (issue 24): one process against the cluster of docs/deploy.md.
+
+The same workload runs against these setups, in this order, each started as its users would start it:
+
+* one process: `app.py` (--role all: SQLite, rate limits in the process, adapter snapshots in files),
+  no load balancer, as `make run` serves;
+* the cluster with two web replicas: `scripts/cluster.sh up` (PostgreSQL, Redis, adapter snapshots
+  in the database, two compression workers, HAProxy in front), all on this machine's cores;
+* the same cluster with one web replica (`scripts/cluster.sh stop web2`; measured once HAProxy
+  sends everything to web1);
+* one process again, a new one: the spread between its two runs is this machine's own noise.
+
+Workload, the same in each: `users` users, each with an API key made on the page. All of them send a
+first message at once (not timed: it warms up each process's batches), then each user's turns are
+compressed into an adapter (--compressor generator: quick, and the replies then read that adapter's
+snapshot), then every user sends `rounds` messages through the OpenAI-compatible API, each after the
+reply to the one before: streamed, greedy, replies of exactly `reply_tokens` tokens (vLLM's
+min_tokens). Every setup has users of its own with the same messages, so it answers the same prompts.
+
+What the shared state and the load balancer cost per reply: the cluster's one replica's median whole
+reply over the one process's (the mean of its two runs), less one.
+
+`python -m bench` runs it last; alone (the other sections' figures left as they are):
+
+  python -m bench.replicas --out docs/bench/replicas     # replicas.json, replicas.md, replicas.png
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+from gradio_client import Client
+
+from app.openai_api import ADAPTER_HEADER, MODEL_ID
+
+from .sections import BenchOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "scripts" / "cluster.sh"
+PASSWORD = "bench password 42"
+LOOSE_LIMITS = {  # the workload is many users from one address sending fast: no limit may refuse it
+    "MEMCHAT_SIGNUPS_PER_ADDRESS": "100000/hour", "MEMCHAT_SIGNUPS_PER_SERVER": "100000/hour",
+    "MEMCHAT_MESSAGES_PER_USER": "100000/minute", "MEMCHAT_ACTIONS_PER_USER": "100000/minute",
+}
+CLUSTER_PORT_OFFSETS = (0, 1, 2, 10, 20)
+"""scripts/cluster.sh's ports from MEMCHAT_CLUSTER_PORT: HAProxy, web1, web2, Redis, PostgreSQL."""
+REPLICA_COOKIE = "memchat_replica"
+"""HAProxy's cookie naming the replica that answered (deploy/haproxy.cfg): which one served each reply."""
+ONE_PROCESS, TWO_REPLICAS, ONE_REPLICA = "one process", "cluster, 2 web replicas", "cluster, 1 web replica"
+WAIT_S = 600.0
+"""Longest wait for anything here: a process to start, a compression, a reply."""
+
+
+@dataclass(frozen=True)
+class AppFlags:
+    """What the bench itself runs on, passed to every app process so that they run the same."""
+
+    device: str
+    model: str | None = None
+    checkpoint: str | None = None
+    int4_decode: bool = True
+
+    def args(self, reply_tokens: int) -> list[str]:
+        """app.py's flags: these, no compression but the one asked for, replies of at most reply_tokens."""
+        args = ["--device", self.device, "--compressor", "generator", "--compress-every", "1000000",
+                "--compress-idle-seconds", "0", "--max-new-tokens", str(reply_tokens),
+                "--int4-decode" if self.int4_decode else "--no-int4-decode"]
+        args += ["--model", self.model] if self.model else []
+        return args + (["--checkpoint", self.checkpoint] if self.checkpoint else [])
+
+
+@dataclass(frozen=True)
+class _Reply:
+    first_token_s: float
+    total_s: float
+    prompt_tokens: int
+    tokens: int
+    replica: str
+    """Which replica answered: HAProxy's cookie; "direct" without a load balancer."""
+    adapter_version: str
+
+
+class _ApiUser:
+    """A program acting as one user through the API: the SDK's client, on an HTTP client whose cookie
+    jar (as the SDK's own would) keeps the user on the replica HAProxy's cookie names, and shows which."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.http = httpx.Client(timeout=WAIT_S)
+        self.api = openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0, http_client=self.http)
+
+
+def replicas(cache_dir: Path, flags: AppFlags, options: BenchOptions) -> dict:
+    """The setups' figures; {"skipped": why} where the cluster's programs are missing and cannot be
+    installed (not root), {"failed": why} where a setup failed (its processes' logs are kept, and
+    named). Every process loads the model converted in `cache_dir`."""
+    missing = [c for c in ("haproxy", "redis-server", "curl") if shutil.which(c) is None]
+    if not glob("/usr/lib/postgresql/*/bin/postgres"):
+        missing.append("postgresql")
+    if missing and os.geteuid() != 0:
+        return {"skipped": f"the cluster needs {', '.join(missing)} (scripts/cluster.sh installs them as root)"}
+    # not under a private temporary folder: PostgreSQL's own user must reach its data inside
+    folder = Path(tempfile.mkdtemp(prefix="memchat-bench-replicas-"))
+    os.chmod(folder, 0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCHAT_")}  # nothing of a developer's setup
+    env |= LOOSE_LIMITS
+    args = flags.args(options.replicas_reply_tokens)
+    rows = []
+    try:
+        with _one_process(folder / "one", cache_dir.resolve(), args, env) as url:
+            rows.append(_workload(url, ONE_PROCESS, "one", options))
+        with _cluster(folder / "cluster", cache_dir.resolve(), args, env) as (url, stop_web2):
+            rows.append(_workload(url, TWO_REPLICAS, "two", options))
+            stop_web2()
+            rows.append(_workload(url, ONE_REPLICA, "single", options))
+        with _one_process(folder / "again", cache_dir.resolve(), args, env) as url:
+            rows.append(_workload(url, ONE_PROCESS, "again", options))
+    except Exception as e:  # noqa: BLE001 - the other sections' figures are kept; this one says why
+        return {"failed": f"{type(e).__name__}: {e} (logs in {folder})"}
+    shutil.rmtree(folder, ignore_errors=True)
+    alone = float(np.mean([r["reply_p50_s"] for r in rows if r["setup"] == ONE_PROCESS]))
+    one_replica = next(r for r in rows if r["setup"] == ONE_REPLICA)
+    return {"users": options.replicas_users, "rounds": options.replicas_rounds,
+            "reply_tokens": options.replicas_reply_tokens, "rows": rows,
+            "shared_state_cost_p50": one_replica["reply_p50_s"] / alone - 1}
+
+
+def _workload(url: str, setup: str, prefix: str, options: BenchOptions) -> dict:
+    """Keys, the untimed first message and the compression, then the timed rounds; the figures."""
+    names = [f"{prefix}{i}" for i in range(options.replicas_users)]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # a Gradio client each: not all at once
+        keys = list(pool.map(lambda name: _new_key(url, name), names))
+    users = [_ApiUser(url, key) for key in keys]
+    try:
+        _at_once(users, lambda i, user: _reply(user, f"Hello, I am user {i}.", options.replicas_reply_tokens))
+        _compressed(url, keys)
+        replies, wall = _at_once(users, lambda i, user: [
+            _reply(user, f"User {i} here; this is my message number {r}.", options.replicas_reply_tokens)
+            for r in range(options.replicas_rounds)])
+    finally:
+        for user in users:
+            user.http.close()
+    done = [r for rounds in replies for r in rounds]
+    first, total = [r.first_token_s for r in done], [r.total_s for r in done]
+    tokens = sum(r.tokens for r in done)
+    return {"setup": setup, "replies": len(done), "tokens": tokens, "prompt_tokens": sum(r.prompt_tokens for r in done),
+            "seconds": wall, "tokens_per_s": tokens / wall,
+            "replicas_seen": sorted({r.replica for r in done}),
+            "adapter_versions_seen": sorted({r.adapter_version for r in done}),
+            "first_token_p50_s": float(np.percentile(first, 50)), "first_token_p95_s": float(np.percentile(first, 95)),
+            "reply_p50_s": float(np.percentile(total, 50)), "reply_p95_s": float(np.percentile(total, 95))}
+
+
+def _at_once(users: list[_ApiUser], work) -> tuple[list, float]:
+    """work(i, user) for every user, all released at the same moment on threads of their own; what
+    each returned, and the wall time. The first error of any raises here."""
+    results: list = [None] * len(users)
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(users) + 1, timeout=WAIT_S)
+
+    def run(i: int) -> None:
+        try:
+            gate.wait()
+            results[i] = work(i, users[i])
+        except BaseException as e:  # noqa: BLE001 - raised again on the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(users))]
+    for t in threads:
+        t.start()
+    gate.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, time.perf_counter() - started
+
+
+def _reply(user: _ApiUser, text: str, tokens: int) -> _Reply:
+    """One message and its whole streamed reply, timed from the request."""
+    started, first, usage = time.perf_counter(), None, None
+    raw = user.api.chat.completions.with_raw_response.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": text}], stream=True, temperature=0, max_tokens=tokens,
+        stream_options={"include_usage": True}, extra_body={"min_tokens": tokens})
+    for chunk in raw.parse():
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - started
+        usage = chunk.usage or usage
+    total = time.perf_counter() - started
+    if first is None or usage is None:
+        raise RuntimeError(f"a reply without text or usage: {text!r}")
+    return _Reply(first, total, usage.prompt_tokens, usage.completion_tokens,
+                  user.http.cookies.get(REPLICA_COOKIE, "direct"), raw.headers.get(ADAPTER_HEADER, "?"))
+
+
+def _compressed(url: str, keys: list[str]) -> None:
+    """Each user's turns compressed into an adapter, now (POST /v1/memory/compress), waited for."""
+    for key in keys:
+        httpx.post(url + "v1/memory/compress", headers=_bearer(key), timeout=WAIT_S).raise_for_status()
+    deadline = time.monotonic() + WAIT_S
+    for key in keys:
+        while httpx.get(url + "v1/memory", headers=_bearer(key), timeout=WAIT_S).json()["adapter_version"] is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no adapter after {WAIT_S:.0f} s")
+            time.sleep(0.5)
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _new_key(url: str, name: str) -> str:
+    """Sign up on the page and make an API key there, as a person would (through a load balancer,
+    the page's requests keep to the replica its cookie names)."""
+    cookies = dict(httpx.get(url, timeout=WAIT_S).cookies)  # the load balancer's replica cookie, if any
+    signed = httpx.post(url + "auth/signup", json={"username": name, "password": PASSWORD}, cookies=cookies,
+                        timeout=WAIT_S)
+    signed.raise_for_status()
+    cookies.update(signed.cookies)
+    page = Client(url, verbose=False, headers={"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())})
+    try:
+        shown = str(page.submit(name, "UTC", api_name="/create_api_key").result(timeout=WAIT_S))
+    finally:
+        page.close()
+    made = re.search(r"sk-mc-[\w-]+", shown)
+    if made is None:
+        raise RuntimeError(f"no API key made for {name}: {shown[:200]}")
+    return made[0]
+
+
+def free_port_base(offsets: tuple[int, ...], start: int = 41000) -> int:
+    """A port p with p + each offset free on loopback."""
+    for base in range(start, 60000, 50):
+        try:
+            for offset in offsets:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+def _wait_ready(url: str, process: subprocess.Popen | None = None) -> None:
+    """Until the app's /healthz says ready (its loading page says not yet)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the app stopped while starting (exit {process.returncode})")
+        try:
+            if httpx.get(url + "healthz", timeout=5).json().get("ready"):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {WAIT_S:.0f} s")
+
+
+@contextmanager
+def _one_process(folder: Path, cache: Path, args: list[str], env: dict[str, str]):
+    """`app.py` serving on a free port, its data in `folder` (the model from `cache`): its address."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    (data / "model-cache").symlink_to(cache)  # the converted model, not made again
+    port = free_port_base((0,))
+    with open(folder / "app.log", "w") as log:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--data-dir", str(data), "--port", str(port),
+                                    *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_ready(url, process)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def _cluster(folder: Path, cache: Path, args: list[str], env: dict[str, str]):
+    """scripts/cluster.sh's cluster, its data in `folder`: its address, and a function that stops its
+    second replica and returns once HAProxy sends every request to the first."""
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o755)
+    (folder / "model-cache").symlink_to(cache)
+    port = free_port_base(CLUSTER_PORT_OFFSETS)
+    url = f"http://127.0.0.1:{port}/"
+    env = env | {"MEMCHAT_CLUSTER_DIR": str(folder), "MEMCHAT_CLUSTER_PORT": str(port),
+                 "MEMCHAT_CLUSTER_APP": f"{sys.executable} {ROOT / 'app.py'}", "MEMCHAT_CLUSTER_ARGS": " ".join(args)}
+
+    def cluster(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(CLUSTER), *command], env=env, capture_output=True, text=True,
+                              timeout=WAIT_S)
+
+    def stop_web2() -> None:
+        done = cluster("stop", "web2")
+        if done.returncode != 0:
+            raise RuntimeError(f"scripts/cluster.sh stop web2: {done.stderr[-2000:]}")
+        # until HAProxy's health checks mark it down: before, a request sent there is retried on
+        # web1 after a failed connection, which would be timed too
+        deadline, log = time.monotonic() + WAIT_S, folder / "logs" / "haproxy.log"
+        while "replicas/web2 is DOWN" not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("HAProxy did not mark the stopped web2 down")
+            time.sleep(0.2)
+
+    try:
+        done = cluster("up")
+        if done.returncode != 0:
+            raise RuntimeError(f"scripts/cluster.sh up: {done.stderr[-2000:]}")
+        yield url, stop_web2
+    finally:
+        cluster("down")  # whatever happened: no process left behind
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    import json
+    import logging
+
+    from .__main__ import TARGETS
+    from .report import plot_replicas, replicas_markdown
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--cache-dir", type=Path, default=Path("data/model-cache"))
+    p.add_argument("--no-int4-decode", dest="int4_decode", action="store_false")
+    p.add_argument("--out", type=Path, default=Path("docs/bench/replicas"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of bench.replicas
+    started = time.perf_counter()
+    results = {"targets": TARGETS, "replicas": replicas(args.cache_dir, AppFlags(args.device, args.model,
+                                                                                 args.checkpoint, args.int4_decode),
+                                                        BenchOptions())}
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "replicas.json").write_text(json.dumps(results, indent=2))
+    plot_replicas(results, args.out)
+    (args.out / "replicas.md").write_text("\n".join(replicas_markdown(results)).strip() + "\n")
+    print((args.out / "replicas.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
