@@ -35,7 +35,7 @@ QUICK = BenchOptions(lengths=(256, 512), reply_tokens=4, repeats=1, absorbed_bef
                      concurrent_history_tokens=256, compression_tokens=512, replies_during_compression=2,
                      decode_bench_tokens=8, agreement_tokens=8, long_prompt_tokens=600,
                      finetune_tokens=(128,), compressions=2, replicas_users=3, replicas_rounds=1,
-                     replicas_reply_tokens=4)
+                     replicas_reply_tokens=4, replicas_alone_replies=3)
 TARGETS = {
     "latency_ratio_2k": 4.0, "latency_ratio_8k": 20.0, "absorb_spread": 0.20, "generator_overhead": 0.50,
     "many_users_overhead_16": 0.25, "state_bytes": 1_000_000,

@@ -17,8 +17,11 @@ snapshot), then every user sends `rounds` messages through the OpenAI-compatible
 reply to the one before: streamed, greedy, replies of exactly `reply_tokens` tokens (vLLM's
 min_tokens). Every setup has users of its own with the same messages, so it answers the same prompts.
 
-What the shared state and the load balancer cost per reply: the cluster's one replica's median whole
-reply over the one process's (the mean of its two runs), less one.
+Then one of them sends `alone_replies` more, one after another, with nobody else chatting: what the
+shared state and the load balancer cost per reply is the cluster's one replica's median whole reply
+there over the one process's (the mean of its two runs), less one. (The same ratio with everyone at
+once is reported too; there, how the batches happen to form moves the median by more than 5% between
+two runs of the same setup.)
 
 `python -m bench` runs it last; alone (the other sections' figures left as they are):
 
@@ -134,11 +137,15 @@ def replicas(cache_dir: Path, flags: AppFlags, options: BenchOptions) -> dict:
     except Exception as e:  # noqa: BLE001 - the other sections' figures are kept; this one says why
         return {"failed": f"{type(e).__name__}: {e} (logs in {folder})"}
     shutil.rmtree(folder, ignore_errors=True)
-    alone = float(np.mean([r["reply_p50_s"] for r in rows if r["setup"] == ONE_PROCESS]))
     one_replica = next(r for r in rows if r["setup"] == ONE_REPLICA)
+
+    def cost(key: str) -> float:
+        return one_replica[key] / float(np.mean([r[key] for r in rows if r["setup"] == ONE_PROCESS])) - 1
+
     return {"users": options.replicas_users, "rounds": options.replicas_rounds,
-            "reply_tokens": options.replicas_reply_tokens, "rows": rows,
-            "shared_state_cost_p50": one_replica["reply_p50_s"] / alone - 1}
+            "reply_tokens": options.replicas_reply_tokens, "alone_replies": options.replicas_alone_replies,
+            "rows": rows, "shared_state_cost_p50": cost("alone_reply_p50_s"),
+            "shared_state_cost_p50_all_at_once": cost("reply_p50_s")}
 
 
 def _workload(url: str, setup: str, prefix: str, options: BenchOptions) -> dict:
@@ -153,6 +160,8 @@ def _workload(url: str, setup: str, prefix: str, options: BenchOptions) -> dict:
         replies, wall = _at_once(users, lambda i, user: [
             _reply(user, f"User {i} here; this is my message number {r}.", options.replicas_reply_tokens)
             for r in range(options.replicas_rounds)])
+        alone = [_reply(users[0], f"Only me now, message {r}.", options.replicas_reply_tokens).total_s
+                 for r in range(options.replicas_alone_replies)]
     finally:
         for user in users:
             user.http.close()
@@ -164,7 +173,8 @@ def _workload(url: str, setup: str, prefix: str, options: BenchOptions) -> dict:
             "replicas_seen": sorted({r.replica for r in done}),
             "adapter_versions_seen": sorted({r.adapter_version for r in done}),
             "first_token_p50_s": float(np.percentile(first, 50)), "first_token_p95_s": float(np.percentile(first, 95)),
-            "reply_p50_s": float(np.percentile(total, 50)), "reply_p95_s": float(np.percentile(total, 95))}
+            "reply_p50_s": float(np.percentile(total, 50)), "reply_p95_s": float(np.percentile(total, 95)),
+            "alone_reply_p50_s": float(np.percentile(alone, 50))}
 
 
 def _at_once(users: list[_ApiUser], work) -> tuple[list, float]:

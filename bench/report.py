@@ -126,10 +126,13 @@ def replicas_markdown(results: dict) -> list[str]:
         lines += ["", f"2 web replicas against 1: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x the tokens/s "
                       f"(the same two cores serve both: no speedup is expected here)."]
     cost, target = r["shared_state_cost_p50"], results["targets"]["replicas_shared_state_cost_p50"]
-    lines += ["", f"What the shared state and the load balancer cost per reply (whole reply p50, the cluster's one "
-                  f"replica over the one process's two runs): {100 * cost:+.1f}% (target <= {100 * target:.0f}%, "
-                  f"{_verdict(cost <= target)}). It includes PostgreSQL, Redis, HAProxy and the idle workers "
-                  "sharing the cores."]
+    alone = ", ".join(f"{row['setup']} {row['alone_reply_p50_s']:.2f} s" for row in r["rows"])
+    lines += ["", f"Then one user alone, {r['alone_replies']} messages one after another (whole reply p50: {alone}). "
+                  f"What the shared state and the load balancer cost per reply, the cluster's one replica over the one "
+                  f"process's two runs there: {100 * cost:+.1f}% (target <= {100 * target:.0f}%, "
+                  f"{_verdict(cost <= target)}); with all {r['users']} users at once: "
+                  f"{100 * r['shared_state_cost_p50_all_at_once']:+.1f}%. It includes PostgreSQL, Redis, HAProxy and the "
+                  "idle workers sharing the cores."]
     return lines
 
 

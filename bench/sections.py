@@ -64,6 +64,8 @@ class BenchOptions:
     """Messages each of them sends, one after the reply to the one before."""
     replicas_reply_tokens: int = 32
     """Length of every reply there (greedy, the end of turn held back)."""
+    replicas_alone_replies: int = 20
+    """Replies to one user chatting alone, one after another, after those (the per-reply cost)."""
 
 
 def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:

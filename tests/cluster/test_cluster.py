@@ -259,6 +259,15 @@ def test_a_replica_that_cannot_reach_the_database_or_redis_says_so_with_a_503_an
         assert refused.value.status_code == 503 and "database" in refused.value.message
         login = heidi.auth("login", "web2")
         assert login.status_code == 503 and "database" in login.json()["error"]
+        # through the load balancer: the replicas' own 503 at first; once HAProxy's checks (3, 2 s apart)
+        # mark both down, its own 503 in the same JSON shape, never a bare error page
+        deadline, seen = time.monotonic() + 30, set()
+        while time.monotonic() < deadline and "No memchat replica" not in str(seen):
+            answer = httpx.get(cluster.url() + "v1/models", headers={"Authorization": f"Bearer {heidi.key}"}, timeout=30)
+            assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
+            seen.add(answer.json()["error"]["message"])
+            time.sleep(0.5)
+        assert all("database" in m or "No memchat replica" in m for m in seen) and "No memchat replica" in str(seen)
     finally:
         _pg_ctl(cluster, "-w", "start", "-l", str(cluster.folder / "postgres.log"), "-o",
                 f"-p {cluster.port + 20} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''")
