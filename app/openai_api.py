@@ -29,8 +29,9 @@ its clients act on: 400 a malformed request, or one asking for what this server 
 (tools, images, several choices...); 401 no or a wrong key; 404 nothing of the caller's there;
 409 a reply stopped unsaved because another replica answered the user's next message meanwhile
 (the message is stored: not to be sent again as it is); 413 too long; 429 rate limits (the page's
-per-user ones) or a turn of the same user still running, with Retry-After; 500 a fault (its reference in the log); 503 while the model loads (the loading
-server answers that, app/loading.py) or the app stops.
+per-user ones) or a turn of the same user still running, with Retry-After; 500 a fault (its
+reference in the log); 503 while the model loads (the loading server answers that,
+app/loading.py) or the app stops.
 """
 
 from __future__ import annotations

@@ -47,19 +47,29 @@ TARGETS = {
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line of `python -m bench` and of a section run alone: what the model runs on."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
-    p.add_argument("--cache-dir", default="data/model-cache")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    p.add_argument("--cache-dir", type=Path, default=Path("data/model-cache"))
     p.add_argument("--int4-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, decode on the model's 4-bit weights, as the app does (default: on)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it works, not the timings")
-    args = p.parse_args(argv)
+    return p
+
+
+def log_progress() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of bench.replicas
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = model_arguments(__doc__)
+    p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it works, not the timings")
+    args = p.parse_args(argv)
+    log_progress()
     options = QUICK if args.quick else BenchOptions()
     started = time.perf_counter()
     engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir,
@@ -83,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.info("... %s took %.0f s", name, time.perf_counter() - t)
     t = time.perf_counter()
     logging.info("benchmark section replicas (app processes of their own) ...")
-    flags = AppFlags(args.device, args.model, args.checkpoint, args.int4_decode)
-    results["replicas"] = replicas(Path(args.cache_dir), flags, options)
+    results["replicas"] = replicas(args.cache_dir, AppFlags.of(args), options)
     logging.info("... replicas took %.0f s", time.perf_counter() - t)
     results["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,11 @@ class AppFlags:
     checkpoint: str | None = None
     int4_decode: bool = True
 
+    @classmethod
+    def of(cls, args) -> AppFlags:
+        """From the bench's command line (bench.__main__.model_arguments)."""
+        return cls(args.device, args.model, args.checkpoint, args.int4_decode)
+
     def args(self, reply_tokens: int) -> list[str]:
         """app.py's flags: these, no compression but the one asked for, replies of at most reply_tokens."""
         args = ["--device", self.device, "--compressor", "generator", "--compress-every", "1000000",
@@ -268,11 +273,12 @@ def free_port_base(offsets: tuple[int, ...], start: int = 41000) -> int:
     raise RuntimeError("no free ports")
 
 
-def _wait_ready(url: str, process: subprocess.Popen | None = None) -> None:
-    """Until the app's /healthz says ready (its loading page says not yet)."""
+def _wait_ready(url: str, process: subprocess.Popen) -> None:
+    """Until the app's /healthz says ready (its loading page says not yet); RuntimeError if the
+    process stops first."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
+        if process.poll() is not None:
             raise RuntimeError(f"the app stopped while starting (exit {process.returncode})")
         try:
             if httpx.get(url + "healthz", timeout=5).json().get("ready"):
@@ -345,26 +351,16 @@ def _cluster(folder: Path, cache: Path, args: list[str], env: dict[str, str]):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import argparse
     import json
-    import logging
 
-    from .__main__ import TARGETS
+    from .__main__ import TARGETS, log_progress, model_arguments
     from .report import plot_replicas, replicas_markdown
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default=None)
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--cache-dir", type=Path, default=Path("data/model-cache"))
-    p.add_argument("--no-int4-decode", dest="int4_decode", action="store_false")
+    p = model_arguments(__doc__)
     p.add_argument("--out", type=Path, default=Path("docs/bench/replicas"))
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of bench.replicas
+    log_progress()
     started = time.perf_counter()
-    results = {"targets": TARGETS, "replicas": replicas(args.cache_dir, AppFlags(args.device, args.model,
-                                                                                 args.checkpoint, args.int4_decode),
-                                                        BenchOptions())}
+    results = {"targets": TARGETS, "replicas": replicas(args.cache_dir, AppFlags.of(args), BenchOptions())}
     results["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "replicas.json").write_text(json.dumps(results, indent=2))

@@ -31,12 +31,15 @@ WAIT_S="${MEMCHAT_CLUSTER_WAIT_S:-600}"
 
 log() { echo "cluster: $*" >&2; }
 
-need() {  # need <command> <Debian package>
-    command -v "$1" >/dev/null && return
+apt_install() {  # apt_install <what is missing> <Debian package>: as root, else say how and stop
     [[ "$(id -u)" == 0 ]] || { log "$1 is missing: apt-get install $2 (as root)"; exit 1; }
     log "installing Debian's $2"
     apt-get update >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >&2
+}
+
+need() {  # need <command> <Debian package>
+    command -v "$1" >/dev/null || apt_install "$1" "$2"
 }
 
 pg_bin() { echo "/usr/lib/postgresql/$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)/bin"; }
@@ -63,12 +66,8 @@ wait_ready() {  # wait_ready <name> <url>: until its /healthz says ready (the lo
 }
 
 start_postgres() {
-    if [[ ! -x "$(pg_bin)/postgres" ]]; then  # Debian keeps it off PATH, in /usr/lib/postgresql/<version>/bin
-        [[ "$(id -u)" == 0 ]] || { log "PostgreSQL is missing: apt-get install postgresql (as root)"; exit 1; }
-        log "installing Debian's postgresql"
-        apt-get update >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >&2
-    fi
+    # Debian keeps it off PATH, in /usr/lib/postgresql/<version>/bin
+    [[ -x "$(pg_bin)/postgres" ]] || apt_install PostgreSQL postgresql
     local data="$DIR/postgres"
     if [[ ! -f "$data/PG_VERSION" ]]; then
         mkdir -p "$data" && chmod 700 "$data"

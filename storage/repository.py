@@ -627,10 +627,9 @@ class Storage:
             if job is None:
                 return None
             if job.status == "running" and job.attempts >= self.settings.job_max_attempts:
-                # failed for good. Not through _running_job: that locks the user after this job,
-                # the reverse of every other job change's order (user, then job): a deadlock
-                job.status, job.finished_at, job.lease_until, job.error = "failed", now, None, TAKEN_OVER
-                self._follow_up(session, job)
+                # failed for good (its attempts are spent). Not through _running_job: that locks the
+                # user after this job, the reverse of every other job change's order: a deadlock
+                self._after_failure(session, job, TAKEN_OVER)
                 return None  # the caller polls again
             claimed = session.execute(
                 update(CompressionJob)
