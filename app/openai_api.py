@@ -237,8 +237,12 @@ def _sampling(body: dict, base: SamplingConfig, max_new_tokens: int) -> Sampling
     if least is not None and not 0 <= least <= asked_limit:
         raise ApiError(400, f"'min_tokens' must be from 0 to max_tokens ({asked_limit})", param="min_tokens",
                        code="invalid_value")
-    sampling = replace(base, max_new_tokens=limit, min_new_tokens=min(base.min_new_tokens if least is None else least,
-                                                                      limit))
+    least = base.min_new_tokens if least is None else least
+    # ignore_eos: vLLM's and llama.cpp's server's name for the same (the end of turn never ends the
+    # reply), so that one benchmark client gets replies of one length from either server
+    if _optional(body, "ignore_eos", bool, False):
+        least = limit
+    sampling = replace(base, max_new_tokens=limit, min_new_tokens=min(least, limit))
     if temperature == 0 or top_p == 0:  # the client asks for the likeliest reply (greedy, deterministic)
         return replace(sampling, do_sample=False)
     if temperature is not None:

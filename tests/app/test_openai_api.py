@@ -697,6 +697,12 @@ def test_a_request_is_read_into_a_turn_and_its_options():
     for least in (21, -1, 2.5):
         with pytest.raises(ApiError, match="'min_tokens' must be"):
             read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": 20, "min_tokens": least}, base, 50)
+    ignoring = read_chat_request({"model": MODEL_ID, "messages": HELLO, "max_tokens": 30, "ignore_eos": True}, base, 50)
+    assert ignoring.options.sampling == replace(base, max_new_tokens=30, min_new_tokens=30)  # llama-server's name
+    assert read_chat_request({"model": MODEL_ID, "messages": HELLO, "ignore_eos": True}, base, 50).options.sampling \
+        == replace(base, min_new_tokens=base.max_new_tokens)
+    with pytest.raises(ApiError, match="'ignore_eos' must be"):
+        read_chat_request({"model": MODEL_ID, "messages": HELLO, "ignore_eos": "yes"}, base, 50)
 
 
 def test_deleting_the_account_while_its_reply_streams_ends_the_stream_cleanly(running, password, monkeypatch,
