@@ -26,7 +26,9 @@ from adapter_core.serving.int4 import four_bit_layers
 from .concurrency import concurrent_users, during_long_prefill
 from .decode import decode
 from .finetune import finetune_compression
-from .replicas import AppFlags, replicas
+from .replicas import replicas
+from .servers import AppFlags
+from .serving import serving
 from .report import markdown, plot_all
 from .sections import BenchOptions, compression, many_users, memory_size, per_turn
 
@@ -35,15 +37,18 @@ QUICK = BenchOptions(lengths=(256, 512), reply_tokens=4, repeats=1, absorbed_bef
                      concurrent_history_tokens=256, compression_tokens=512, replies_during_compression=2,
                      decode_bench_tokens=8, agreement_tokens=8, long_prompt_tokens=600,
                      finetune_tokens=(128,), compressions=2, replicas_users=3, replicas_rounds=1,
-                     replicas_reply_tokens=4, replicas_alone_replies=3)
+                     replicas_reply_tokens=4, replicas_alone_replies=3,
+                     serving_users=(1, 2), serving_rounds=1, serving_reply_tokens=4, serving_history_tokens=256)
 TARGETS = {
     "latency_ratio_2k": 4.0, "latency_ratio_8k": 20.0, "absorb_spread": 0.20, "generator_overhead": 0.50,
     "many_users_overhead_16": 0.25, "state_bytes": 1_000_000,
-    "concurrent_speedup_16": 4.0, "concurrent_first_token_p95_16_s": 3.0, "first_token_during_compression_s": 1.0,
+    "concurrent_first_token_p95_16_s": 3.0, "first_token_during_compression_s": 1.0,
     "first_token_during_long_prefill_s": 1.0,
     "finetune_2k_s": 60.0, "first_token_during_finetune_s": 1.0,
     "decode_vs_llama_cpp_1": 0.8, "same_greedy_token": 0.95, "perplexity_ratio": 1.01,
     "replicas_shared_state_cost_p50": 0.05,
+    # against llama-server, same run (bench.serving): ours over theirs
+    "serving_tokens_per_s_16": 1.0, "serving_first_token_p95_16": 1.0, "serving_turn_p50_1": 1.1,
 }
 
 
@@ -62,6 +67,25 @@ def model_arguments(doc: str) -> argparse.ArgumentParser:
 def log_progress() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of bench.replicas
+
+
+def section_alone(doc: str, name: str, measure, plot, lines, argv: list[str] | None) -> dict:
+    """`python -m bench.<name>`: one section run alone, the other sections' figures left as they are;
+    measure(args) its figures, written with plot(results, folder) and lines(results) to --out
+    (default docs/bench/<name>/: <name>.json, <name>.md, the plot)."""
+    p = model_arguments(doc)
+    p.add_argument("--out", type=Path, default=Path("docs/bench") / name)
+    args = p.parse_args(argv)
+    log_progress()
+    started = time.perf_counter()
+    results = {"targets": TARGETS, name: measure(args)}
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out)
+    (args.out / f"{name}.md").write_text("\n".join(lines(results)).strip() + "\n")
+    print((args.out / f"{name}.md").read_text())
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,6 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
         logging.info("benchmark section %s ...", name)
         results[name] = section(engine, options)
         logging.info("... %s took %.0f s", name, time.perf_counter() - t)
+    t = time.perf_counter()
+    logging.info("benchmark section serving (the app and llama-server over HTTP) ...")
+    results["serving"] = serving(engine, args.cache_dir, AppFlags.of(args), options)
+    logging.info("... serving took %.0f s", time.perf_counter() - t)
     t = time.perf_counter()
     logging.info("benchmark section replicas (app processes of their own) ...")
     results["replicas"] = replicas(args.cache_dir, AppFlags.of(args), options)

@@ -33,12 +33,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -48,50 +45,21 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import openai
 from gradio_client import Client
 
 from app.openai_api import ADAPTER_HEADER, MODEL_ID
 
+from .clients import WAIT_S, ApiUser, at_once, compress_now, streamed_reply
 from .sections import BenchOptions
+from .servers import ROOT, AppFlags, app_env, free_port_base, one_process
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "cluster.sh"
 PASSWORD = "bench password 42"
-LOOSE_LIMITS = {  # the workload is many users from one address sending fast: no limit may refuse it
-    "MEMCHAT_SIGNUPS_PER_ADDRESS": "100000/hour", "MEMCHAT_SIGNUPS_PER_SERVER": "100000/hour",
-    "MEMCHAT_MESSAGES_PER_USER": "100000/minute", "MEMCHAT_ACTIONS_PER_USER": "100000/minute",
-}
 CLUSTER_PORT_OFFSETS = (0, 1, 2, 10, 20)
 """scripts/cluster.sh's ports from MEMCHAT_CLUSTER_PORT: HAProxy, web1, web2, Redis, PostgreSQL."""
 REPLICA_COOKIE = "memchat_replica"
 """HAProxy's cookie naming the replica that answered (deploy/haproxy.cfg): which one served each reply."""
 ONE_PROCESS, TWO_REPLICAS, ONE_REPLICA = "one process", "cluster, 2 web replicas", "cluster, 1 web replica"
-WAIT_S = 600.0
-"""Longest wait for anything here: a process to start, a compression, a reply."""
-
-
-@dataclass(frozen=True)
-class AppFlags:
-    """What the bench itself runs on, passed to every app process so that they run the same."""
-
-    device: str
-    model: str | None = None
-    checkpoint: str | None = None
-    int4_decode: bool = True
-
-    @classmethod
-    def of(cls, args) -> AppFlags:
-        """From the bench's command line (bench.__main__.model_arguments)."""
-        return cls(args.device, args.model, args.checkpoint, args.int4_decode)
-
-    def args(self, reply_tokens: int) -> list[str]:
-        """app.py's flags: these, no compression but the one asked for, replies of at most reply_tokens."""
-        args = ["--device", self.device, "--compressor", "generator", "--compress-every", "1000000",
-                "--compress-idle-seconds", "0", "--max-new-tokens", str(reply_tokens),
-                "--int4-decode" if self.int4_decode else "--no-int4-decode"]
-        args += ["--model", self.model] if self.model else []
-        return args + (["--checkpoint", self.checkpoint] if self.checkpoint else [])
 
 
 @dataclass(frozen=True)
@@ -103,15 +71,6 @@ class _Reply:
     replica: str
     """Which replica answered: HAProxy's cookie; "direct" without a load balancer."""
     adapter_version: str
-
-
-class _ApiUser:
-    """A program acting as one user through the API: the SDK's client, on an HTTP client whose cookie
-    jar (as the SDK's own would) keeps the user on the replica HAProxy's cookie names, and shows which."""
-
-    def __init__(self, url: str, key: str) -> None:
-        self.http = httpx.Client(timeout=WAIT_S)
-        self.api = openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0, http_client=self.http)
 
 
 def replicas(cache_dir: Path, flags: AppFlags, options: BenchOptions) -> dict:
@@ -126,18 +85,17 @@ def replicas(cache_dir: Path, flags: AppFlags, options: BenchOptions) -> dict:
     # not under a private temporary folder: PostgreSQL's own user must reach its data inside
     folder = Path(tempfile.mkdtemp(prefix="memchat-bench-replicas-"))
     os.chmod(folder, 0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCHAT_")}  # nothing of a developer's setup
-    env |= LOOSE_LIMITS
+    env = app_env()
     args = flags.args(options.replicas_reply_tokens)
     rows = []
     try:
-        with _one_process(folder / "one", cache_dir.resolve(), args, env) as url:
+        with one_process(folder / "one", cache_dir.resolve(), args, env) as url:
             rows.append(_workload(url, ONE_PROCESS, "one", options))
         with _cluster(folder / "cluster", cache_dir.resolve(), args, env) as (url, stop_web2):
             rows.append(_workload(url, TWO_REPLICAS, "two", options))
             stop_web2()
             rows.append(_workload(url, ONE_REPLICA, "single", options))
-        with _one_process(folder / "again", cache_dir.resolve(), args, env) as url:
+        with one_process(folder / "again", cache_dir.resolve(), args, env) as url:
             rows.append(_workload(url, ONE_PROCESS, "again", options))
     except Exception as e:  # noqa: BLE001 - the other sections' figures are kept; this one says why
         return {"failed": f"{type(e).__name__}: {e} (logs in {folder})"}
@@ -158,18 +116,18 @@ def _workload(url: str, setup: str, prefix: str, options: BenchOptions) -> dict:
     names = [f"{prefix}{i}" for i in range(options.replicas_users)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # a Gradio client each: not all at once
         keys = list(pool.map(lambda name: _new_key(url, name), names))
-    users = [_ApiUser(url, key) for key in keys]
+    users = [ApiUser(url, key) for key in keys]
     try:
-        _at_once(users, lambda i, user: _reply(user, f"Hello, I am user {i}.", options.replicas_reply_tokens))
-        _compressed(url, keys)
-        replies, wall = _at_once(users, lambda i, user: [
+        at_once(users, lambda i, user: _reply(user, f"Hello, I am user {i}.", options.replicas_reply_tokens))
+        compress_now(url, keys)
+        replies, wall = at_once(users, lambda i, user: [
             _reply(user, f"User {i} here; this is my message number {r}.", options.replicas_reply_tokens)
             for r in range(options.replicas_rounds)])
         alone = [_reply(users[0], f"Only me now, message {r}.", options.replicas_reply_tokens).total_s
                  for r in range(options.replicas_alone_replies)]
     finally:
         for user in users:
-            user.http.close()
+            user.close()
     done = [r for rounds in replies for r in rounds]
     first, total = [r.first_token_s for r in done], [r.total_s for r in done]
     tokens = sum(r.tokens for r in done)
@@ -182,63 +140,11 @@ def _workload(url: str, setup: str, prefix: str, options: BenchOptions) -> dict:
             "alone_reply_p50_s": float(np.percentile(alone, 50))}
 
 
-def _at_once(users: list[_ApiUser], work) -> tuple[list, float]:
-    """work(i, user) for every user, all released at the same moment on threads of their own; what
-    each returned, and the wall time. The first error of any raises here."""
-    results: list = [None] * len(users)
-    errors: list[BaseException] = []
-    gate = threading.Barrier(len(users) + 1, timeout=WAIT_S)
-
-    def run(i: int) -> None:
-        try:
-            gate.wait()
-            results[i] = work(i, users[i])
-        except BaseException as e:  # noqa: BLE001 - raised again on the calling thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(users))]
-    for t in threads:
-        t.start()
-    gate.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results, time.perf_counter() - started
-
-
-def _reply(user: _ApiUser, text: str, tokens: int) -> _Reply:
-    """One message and its whole streamed reply, timed from the request."""
-    started, first, usage = time.perf_counter(), None, None
-    raw = user.api.chat.completions.with_raw_response.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": text}], stream=True, temperature=0, max_tokens=tokens,
-        stream_options={"include_usage": True}, extra_body={"min_tokens": tokens})
-    for chunk in raw.parse():
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter() - started
-        usage = chunk.usage or usage
-    total = time.perf_counter() - started
-    if first is None or usage is None:
-        raise RuntimeError(f"a reply without text or usage: {text!r}")
-    return _Reply(first, total, usage.prompt_tokens, usage.completion_tokens,
-                  user.http.cookies.get(REPLICA_COOKIE, "direct"), raw.headers.get(ADAPTER_HEADER, "?"))
-
-
-def _compressed(url: str, keys: list[str]) -> None:
-    """Each user's turns compressed into an adapter, now (POST /v1/memory/compress), waited for."""
-    for key in keys:
-        httpx.post(url + "v1/memory/compress", headers=_bearer(key), timeout=WAIT_S).raise_for_status()
-    deadline = time.monotonic() + WAIT_S
-    for key in keys:
-        while httpx.get(url + "v1/memory", headers=_bearer(key), timeout=WAIT_S).json()["adapter_version"] is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no adapter after {WAIT_S:.0f} s")
-            time.sleep(0.5)
-
-
-def _bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+def _reply(user: ApiUser, text: str, tokens: int) -> _Reply:
+    """One message and its whole streamed reply, and who answered it."""
+    reply = streamed_reply(user, [{"role": "user", "content": text}], tokens, MODEL_ID)
+    return _Reply(reply.first_token_s, reply.total_s, reply.prompt_tokens, reply.tokens,
+                  user.http.cookies.get(REPLICA_COOKIE, "direct"), reply.headers.get(ADAPTER_HEADER, "?"))
 
 
 def _new_key(url: str, name: str) -> str:
@@ -258,59 +164,6 @@ def _new_key(url: str, name: str) -> str:
     if made is None:
         raise RuntimeError(f"no API key made for {name}: {shown[:200]}")
     return made[0]
-
-
-def free_port_base(offsets: tuple[int, ...], start: int = 41000) -> int:
-    """A port p with p + each offset free on loopback."""
-    for base in range(start, 60000, 50):
-        try:
-            for offset in offsets:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
-def _wait_ready(url: str, process: subprocess.Popen) -> None:
-    """Until the app's /healthz says ready (its loading page says not yet); RuntimeError if the
-    process stops first."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app stopped while starting (exit {process.returncode})")
-        try:
-            if httpx.get(url + "healthz", timeout=5).json().get("ready"):
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {WAIT_S:.0f} s")
-
-
-@contextmanager
-def _one_process(folder: Path, cache: Path, args: list[str], env: dict[str, str]):
-    """`app.py` serving on a free port, its data in `folder` (the model from `cache`): its address."""
-    data = folder / "data"
-    data.mkdir(parents=True)
-    (data / "model-cache").symlink_to(cache)  # the converted model, not made again
-    port = free_port_base((0,))
-    with open(folder / "app.log", "w") as log:
-        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--data-dir", str(data), "--port", str(port),
-                                    *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_ready(url, process)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @contextmanager
@@ -351,23 +204,10 @@ def _cluster(folder: Path, cache: Path, args: list[str], env: dict[str, str]):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import json
-
-    from .__main__ import TARGETS, log_progress, model_arguments
+    from .__main__ import section_alone
     from .report import plot_replicas, replicas_markdown
-    p = model_arguments(__doc__)
-    p.add_argument("--out", type=Path, default=Path("docs/bench/replicas"))
-    args = p.parse_args(argv)
-    log_progress()
-    started = time.perf_counter()
-    results = {"targets": TARGETS, "replicas": replicas(args.cache_dir, AppFlags.of(args), BenchOptions())}
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "replicas.json").write_text(json.dumps(results, indent=2))
-    plot_replicas(results, args.out)
-    (args.out / "replicas.md").write_text("\n".join(replicas_markdown(results)).strip() + "\n")
-    print((args.out / "replicas.md").read_text())
-    return results
+    return section_alone(__doc__, "replicas", lambda args: replicas(args.cache_dir, AppFlags.of(args), BenchOptions()),
+                         plot_replicas, replicas_markdown, argv)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ class BenchOptions:
     """Length of every reply there (greedy, the end of turn held back)."""
     replicas_alone_replies: int = 20
     """Replies to one user chatting alone, one after another, after those (the per-reply cost)."""
+    serving_users: tuple[int, ...] = (1, 4, 16)
+    """Users sending at once to our server and to llama-server (bench.serving)."""
+    serving_rounds: int = 3
+    serving_reply_tokens: int = 64
+    """Length of every reply there (greedy, the end of turn ignored)."""
+    serving_history_tokens: int = 2048
+    """History absorbed into each of those users' adapters (2 recent turns come on top)."""
 
 
 def history_turns(tokenizer, tokens: int, seed: int = 0) -> list[Turn]:

@@ -47,6 +47,10 @@ def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
     sizes = results["memory_size"]
     assert sizes[0]["adapter_state_bytes"] == sizes[1]["adapter_state_bytes"] < 1_000_000
     assert sizes[1]["kv_cache_bytes"] > sizes[0]["kv_cache_bytes"]
+    served = results["serving"]  # llama-server's rows where scripts/build-llama-bench.sh built it
+    assert "rows" in served, served.get("failed")
+    assert [r["users"] for r in served["rows"] if r["server"] == "ours"] == [1, 2]
+    assert all(r["tokens"] == r["replies"] * 4 for r in served["rows"])
     cluster = results["replicas"]
     if "skipped" in cluster:  # only where the cluster's programs are missing and cannot be installed
         assert os.geteuid() != 0 and os.environ.get("CI") != "true", cluster["skipped"]

@@ -24,7 +24,8 @@ import pytest
 from gradio_client import Client
 
 from app.openai_api import MODEL_ID
-from bench.replicas import CLUSTER_PORT_OFFSETS, free_port_base
+from bench.replicas import CLUSTER_PORT_OFFSETS
+from bench.servers import free_port_base
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "a good password 42"
