@@ -50,6 +50,10 @@ from .servers import AppFlags, app_env, llama_server, one_process
 OURS, LLAMA_SERVER = "ours", "llama-server"
 RECENT_TURNS = 2
 """Turns of each user not absorbed yet: the prompt's recent context."""
+RECENT_ROOM = 200
+"""About the tokens those turns take (a user's conversation is made this much longer than what is absorbed)."""
+SLOT_TOKENS = 2048
+"""Room of each llama-server slot: a prompt here (system text, 2 turns, a message) and its reply fit in it."""
 
 
 def serving(engine: GenerativeAdapterModel, cache_dir: Path, flags: AppFlags, options: BenchOptions,
@@ -66,10 +70,10 @@ def serving(engine: GenerativeAdapterModel, cache_dir: Path, flags: AppFlags, op
                                          engine.tokenizer)}
             if binary.exists():
                 url = running.enter_context(llama_server(
-                    binary, default_gguf_path(), torch.get_num_threads(), max(options.serving_users), 4096,
+                    binary, default_gguf_path(), torch.get_num_threads(), max(options.serving_users), SLOT_TOKENS,
                     folder / "llama-server.log"))
-                servers[LLAMA_SERVER] = [_Client(ApiUser(url, "none"), [{"role": "system", "content": SYSTEM_PROMPT}])
-                                         for _ in users]
+                servers[LLAMA_SERVER] = _clients(running, url, ["none"] * len(users),
+                                                 [{"role": "system", "content": SYSTEM_PROMPT}])
             for clients in servers.values():  # warm-up, not timed: each server's first reply
                 _turn(clients[0], users[0], "Hello!", options.serving_reply_tokens)
             for n in options.serving_users:
@@ -120,7 +124,7 @@ def _users(engine: GenerativeAdapterModel, n: int, history_tokens: int) -> list[
     ending with the assistant's (the new message follows)."""
     users = []
     for u in range(n):
-        turns = history_turns(engine.tokenizer, history_tokens + 400, seed=500 + u)
+        turns = history_turns(engine.tokenizer, history_tokens + RECENT_ROOM, seed=500 + u)
         if turns[-1].role != "assistant":
             turns = turns[:-1]
         users.append(_User(turns[:-RECENT_TURNS], turns[-RECENT_TURNS:], engine.tokenizer))
@@ -141,8 +145,14 @@ def _our_server(running: ExitStack, folder: Path, cache: Path, flags: AppFlags, 
                 storage.append_message(made.id, conversation, turn.role, turn.text, count_tokens(tokenizer, turn.text))
             keys.append(storage.create_api_key(made.id, "bench").secret)
     compress_now(url, keys)
-    clients = [_Client(ApiUser(url, key), []) for key in keys]
-    running.callback(lambda: [c.user.close() for c in clients])
+    return _clients(running, url, keys, [])
+
+
+def _clients(running: ExitStack, url: str, keys: list[str], before: list[dict]) -> list[_Client]:
+    """A client per key of the server at url, closed when `running` ends."""
+    clients = [_Client(ApiUser(url, key), before) for key in keys]
+    for client in clients:
+        running.callback(client.user.close)
     return clients
 
 
