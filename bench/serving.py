@@ -127,7 +127,10 @@ def _users(engine: GenerativeAdapterModel, n: int, history_tokens: int) -> list[
         turns = history_turns(engine.tokenizer, history_tokens + RECENT_ROOM, seed=500 + u)
         if turns[-1].role != "assistant":
             turns = turns[:-1]
-        users.append(_User(turns[:-RECENT_TURNS], turns[-RECENT_TURNS:], engine.tokenizer))
+        absorbed = turns[:-RECENT_TURNS]
+        while count_tokens(engine.tokenizer, history_text(absorbed)) > history_tokens:  # the recent turns were short
+            absorbed = absorbed[1:]
+        users.append(_User(absorbed, turns[-RECENT_TURNS:], engine.tokenizer))
     return users
 
 
