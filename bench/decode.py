@@ -5,6 +5,10 @@ counted (llama.cpp's tg128 has no prompt at all), every user with their own adap
 folded LoRA pair; several: each row its own memory), on the lean step and on the transformers path
 it replaced. llama.cpp: its own `llama-bench` (tg128) and `llama-batched-bench` (text generation at
 1, 4, 16 parallel sequences), built by scripts/build-llama-bench.sh, with the same threads.
+
+Prefill: one prompt of each of `prefill_lengths` tokens through DecodeBatch.prefill (what a reply's
+prompt and, the same forward pass, a compression's history cost), against llama-bench's pp at the
+same lengths.
 """
 
 from __future__ import annotations
@@ -46,12 +50,18 @@ def decode(engine: GenerativeAdapterModel, options: BenchOptions) -> dict:
     ours = [dict(users=users, **{path: tokens_per_s(engine, users, options.decode_bench_tokens, lean=path == "lean")
                                  for path in ("lean", "transformers")})
             for users in options.users]
-    llama = llama_cpp_speeds(options.users, options.decode_bench_tokens, torch.get_num_threads())
+    llama = llama_cpp_speeds(options.users, options.decode_bench_tokens, torch.get_num_threads(),
+                             options.prefill_lengths)
     for row in ours:
         theirs = llama.get("tokens_per_s", {}).get(row["users"])
         row["llama_cpp"] = theirs
         row["ratio"] = row["lean"] / theirs if theirs else None
-    return {"rows": ours, "llama_cpp": llama, "threads": torch.get_num_threads(),
+    prefill = []
+    for n in options.prefill_lengths:
+        theirs = llama.get("prefill_tokens_per_s", {}).get(n)
+        mine = prefill_tokens_per_s(engine, n)
+        prefill.append({"tokens": n, "ours": mine, "llama_cpp": theirs, "ratio": mine / theirs if theirs else None})
+    return {"rows": ours, "prefill": prefill, "llama_cpp": llama, "threads": torch.get_num_threads(),
             "agreement": agreement(engine, options.agreement_tokens)}
 
 
@@ -76,16 +86,32 @@ def tokens_per_s(engine: GenerativeAdapterModel, users: int, tokens: int, lean: 
     return best
 
 
-def llama_cpp_speeds(users: tuple[int, ...], tokens: int, threads: int, tools: Path = LLAMA_CPP) -> dict:
-    """llama.cpp's decode tokens/s on the default model's GGUF: {"tokens_per_s": {users: t/s}, ...},
+@torch.inference_mode()
+def prefill_tokens_per_s(engine: GenerativeAdapterModel, tokens: int) -> float:
+    """Prompt tokens per second of one prompt of `tokens` tokens run by DecodeBatch.prefill, as a reply's
+    prompt is (no adapter: llama-bench's pp has none), best of 2 runs."""
+    ids = tuple(range(1000, 1000 + tokens))  # any tokens: the cost does not depend on which
+    best = math.inf
+    for _ in range(2):
+        started = time.perf_counter()
+        DecodeBatch(engine).prefill([ReplyRequest(ids, None, fixed_length(1))])
+        best = min(best, time.perf_counter() - started)
+    return tokens / best
+
+
+def llama_cpp_speeds(users: tuple[int, ...], tokens: int, threads: int, prefill: tuple[int, ...] = (),
+                     tools: Path = LLAMA_CPP) -> dict:
+    """llama.cpp's decode tokens/s on the default model's GGUF, {"tokens_per_s": {users: t/s}, ...}, and
+    its prompt processing at each length of `prefill` ({"prefill_tokens_per_s": {tokens: t/s}}, its ppN);
     or {"skipped": why} when its tools are not built."""
     bench, batched = tools / "llama-bench", tools / "llama-batched-bench"
     if not bench.exists():
-        return {"skipped": f"{bench} not found: build it with `bash scripts/build-llama-bench.sh` (about 5 minutes)"}
+        return {"skipped": f"{bench} not found: build it with `bash scripts/build-llama-bench.sh` (about 15 minutes)"}
     gguf = str(default_gguf_path())
-    single = json.loads(_run([str(bench), "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(tokens),
-                              "-r", "5", "-o", "json"]))
-    speeds = {1: single[0]["avg_ts"]}
+    single = json.loads(_run([str(bench), "-m", gguf, "-t", str(threads), "-p", ",".join(map(str, (0, *prefill))),
+                              "-n", str(tokens), "-r", "5", "-o", "json"]))
+    speeds = {1: next(r["avg_ts"] for r in single if r.get("n_prompt", 0) == 0 and r["n_gen"] == tokens)}
+    prompts = {r["n_prompt"]: r["avg_ts"] for r in single if r.get("n_prompt", 0) in prefill and r["n_gen"] == 0}
     parallel = [u for u in users if u > 1]
     if parallel and batched.exists():
         out = _run([str(batched), "-m", gguf, "-t", str(threads), "-c", str(max(parallel) * (tokens + 64)),
@@ -94,7 +120,7 @@ def llama_cpp_speeds(users: tuple[int, ...], tokens: int, threads: int, tools: P
             if line.startswith("{"):
                 row = json.loads(line)
                 speeds[row["pl"]] = row["speed_tg"]
-    return {"tokens_per_s": speeds, "tg": f"tg{tokens}", "model": Path(gguf).name,
+    return {"tokens_per_s": speeds, "prefill_tokens_per_s": prompts, "tg": f"tg{tokens}", "model": Path(gguf).name,
             "version": (tools.parent / "VERSION").read_text().strip() if (tools.parent / "VERSION").exists() else None}
 
 

@@ -205,6 +205,17 @@ def _decode(results: dict) -> list[str]:
     if one["users"] == 1 and one["ratio"]:
         lines.append(f"\nTarget: one user >= {t['decode_vs_llama_cpp_1']:.1f}x llama.cpp: {one['ratio']:.2f}x, "
                      f"{_verdict(one['ratio'] >= t['decode_vs_llama_cpp_1'])}.")
+    if d.get("prefill"):
+        lines += ["", "Prefill (one prompt, no adapter; llama.cpp: `llama-bench` ppN):", "",
+                  "| prompt tokens | ours (tokens/s) | llama.cpp | ours / llama.cpp |", "|---|---|---|---|"]
+        for r in d["prefill"]:
+            theirs = f"{r['llama_cpp']:.1f}" if r["llama_cpp"] else "-"
+            ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+            lines.append(f"| {r['tokens']} | {r['ours']:.1f} | {theirs} | {ratio} |")
+        ratios = [r["ratio"] for r in d["prefill"] if r["ratio"]]
+        if ratios:
+            lines.append(f"\nTarget: prefill >= {t['prefill_vs_llama_cpp']:.1f}x llama.cpp at every length: worst "
+                         f"{min(ratios):.2f}x, {_verdict(min(ratios) >= t['prefill_vs_llama_cpp'])}.")
     a = d["agreement"]
     lines += ["", f"Same answers: over {a['tokens']} tokens of greedy replies (with adapters) read by both paths, the "
               f"lean step picks the transformers path's token at {100 * a['same_greedy_token']:.1f}% of positions "

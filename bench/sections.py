@@ -56,6 +56,8 @@ class BenchOptions:
     turns_per_compression: int = 4
     decode_bench_tokens: int = 128
     """Tokens decoded per user in the decode section (llama.cpp's tg128)."""
+    prefill_lengths: tuple[int, ...] = (512, 2048)
+    """Prompt lengths of the prefill comparison with llama.cpp (its pp512, pp2048)."""
     agreement_tokens: int = 64
     """Tokens per prompt of the lean step's agreement with the transformers path."""
     replicas_users: int = 32

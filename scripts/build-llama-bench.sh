@@ -7,7 +7,7 @@
 #   bash scripts/build-llama-bench.sh            # -> data/llama.cpp/bin/llama-bench, llama-batched-bench, llama-server
 #   LLAMA_CPP_PYTHON_VERSION=0.3.36 OUT=/elsewhere bash scripts/build-llama-bench.sh
 #
-# Needs cmake, a C++ compiler and pip; about 10 minutes on 2 cores. Built for this CPU (native). The
+# Needs cmake, a C++ compiler and pip; about 15 minutes on 2 cores. Built for this CPU (native). The
 # server is built without its web UI (its assets come from Hugging Face or npm; the bench needs only
 # the HTTP API).
 set -euo pipefail

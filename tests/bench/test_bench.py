@@ -28,6 +28,7 @@ def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
     assert [r["users"] for r in decode["rows"]] == [1, 2]
     assert all(r["lean"] > 0 and r["transformers"] > 0 for r in decode["rows"])
     assert "skipped" in decode["llama_cpp"] or decode["llama_cpp"]["tokens_per_s"]["1"] > 0  # JSON keys
+    assert [r["tokens"] for r in decode["prefill"]] == [64] and decode["prefill"][0]["ours"] > 0
     assert decode["agreement"]["tokens"] == 8 * 8 and 0 <= decode["agreement"]["same_greedy_token"] <= 1
     concurrent = results["concurrent_users"]
     assert [(r["mode"], r["users"]) for r in concurrent["rows"]] == [(m, n) for m in ("serialized", "scheduler")

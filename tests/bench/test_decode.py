@@ -17,7 +17,9 @@ def test_without_llama_cpp_built_the_comparison_says_how_to_build_it(tmp_path):
 
 def test_llama_cpp_figures_are_read_from_its_own_tools(tmp_path, monkeypatch):
     monkeypatch.setattr("bench.decode.default_gguf_path", lambda: tmp_path / "model.gguf")
-    outputs = {"llama-bench": json.dumps([{"n_gen": 128, "avg_ts": 150.5}]),
+    outputs = {"llama-bench": json.dumps([{"n_prompt": 0, "n_gen": 128, "avg_ts": 150.5},
+                                          {"n_prompt": 512, "n_gen": 0, "avg_ts": 210.0},
+                                          {"n_prompt": 2048, "n_gen": 0, "avg_ts": 155.0}]),
                "llama-batched-bench": "main: n_kv_max = 1\n" + "\n".join(
                    json.dumps({"pl": n, "speed_tg": 100.0 * n}) for n in (4, 16))}
     for name, output in outputs.items():  # stand-ins that print what the real tools print
@@ -25,8 +27,9 @@ def test_llama_cpp_figures_are_read_from_its_own_tools(tmp_path, monkeypatch):
         tool = tmp_path / name
         tool.write_text(f"#!/bin/sh\ncat '{tmp_path / name}.out'\n")
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
-    result = llama_cpp_speeds((1, 4, 16), 128, 2, tools=tmp_path)
+    result = llama_cpp_speeds((1, 4, 16), 128, 2, (512, 2048), tools=tmp_path)
     assert result["tokens_per_s"] == {1: 150.5, 4: 400.0, 16: 1600.0}
+    assert result["prefill_tokens_per_s"] == {512: 210.0, 2048: 155.0}
 
 
 @pytest.mark.integration
