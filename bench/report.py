@@ -350,16 +350,9 @@ def plot_all(results: dict, folder: Path) -> None:
            title="decode speed, same model file", xticks=[r["users"] for r in rows])
     _save(fig, folder / "decode.png")
 
-    rows = results["concurrent_users"]["rows"]
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    users = sorted({r["users"] for r in rows})
-    by = {(r["mode"], r["users"]): r for r in rows}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (key, label) in zip(axes, (("tokens_per_s", "tokens/s, all users together"),
-                                       ("first_token_p95_s", "first token, p95 (s)"),
-                                       ("reply_p95_s", "whole reply, p95 (s)"))):
-        _lines(ax, users, {m: [by[m, n][key] for n in users] for m in modes}, xlabel="users sending at once",
-               ylabel=label, title=label, xticks=users)
+    fig, axes = _per_users(results["concurrent_users"]["rows"], "mode", (
+        ("tokens_per_s", "tokens/s, all users together"), ("first_token_p95_s", "first token, p95 (s)"),
+        ("reply_p95_s", "whole reply, p95 (s)")))
     axes[1].axhline(results["targets"]["concurrent_first_token_p95_16_s"], color="grey", linestyle=":",
                     label="target at 16 users")
     axes[1].legend()
@@ -378,20 +371,26 @@ def plot_all(results: dict, folder: Path) -> None:
     _save(fig, folder / "memory_size.png")
 
 
+def _per_users(rows: list[dict], series: str, panels: tuple[tuple[str, str], ...]):
+    """A figure with a panel per (key, label) of `panels`: a line per value of rows' `series` field
+    (a mode, a server) against the number of users sending at once. The figure and its axes."""
+    names = list(dict.fromkeys(row[series] for row in rows))
+    users = sorted({row["users"] for row in rows})
+    by = {(row[series], row["users"]): row for row in rows}
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
+    for ax, (key, label) in zip(axes, panels):
+        _lines(ax, users, {name: [by[name, n][key] for n in users] for name in names},
+               xlabel="users sending at once", ylabel=label, title=label, xticks=users)
+    return fig, axes
+
+
 def plot_serving(results: dict, folder: Path) -> None:
     """serving.png: ours against llama-server per number of users (nothing where it was not measured)."""
     if "rows" not in results.get("serving", {}):
         return
-    rows = results["serving"]["rows"]
-    servers = list(dict.fromkeys(row["server"] for row in rows))
-    users = sorted({row["users"] for row in rows})
-    by = {(row["server"], row["users"]): row for row in rows}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (key, label) in zip(axes, (("tokens_per_s", "tokens/s, all users together"),
-                                       ("first_token_p95_s", "first token, p95 (s)"),
-                                       ("turn_p50_s", "whole turn, p50 (s)"))):
-        _lines(ax, users, {s: [by[s, n][key] for n in users] for s in servers}, xlabel="users sending at once",
-               ylabel=label, title=label, xticks=users)
+    fig, _ = _per_users(results["serving"]["rows"], "server", (
+        ("tokens_per_s", "tokens/s, all users together"), ("first_token_p95_s", "first token, p95 (s)"),
+        ("turn_p50_s", "whole turn, p50 (s)")))
     _save(fig, folder / "serving.png")
 
 
