@@ -6,19 +6,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from .admin import LayerSummary
 
 
 def adapter_figure(summary: Sequence[LayerSummary], title: str = "") -> Figure:
     """Per-layer norms for each adapted module, and the singular-value spectra of the memory."""
+    # matplotlib only when an admin looks: importing it costs a second of every start-up
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     modules = sorted({row.module for row in summary})
     fig, (delta, sums, spectra) = plt.subplots(1, 3, figsize=(15, 4))
     for module in modules:
