@@ -176,10 +176,12 @@ def replicas_markdown(results: dict) -> list[str]:
                       f"(the same two cores serve both: no speedup is expected here)."]
     cost, target = r["shared_state_cost_p50"], results["targets"]["replicas_shared_state_cost_p50"]
     alone = ", ".join(f"{row['setup']} {row['alone_reply_p50_s']:.2f} s" for row in r["rows"])
+    spread = r.get("one_process_spread_p50")
+    noise = f" (the second one-process run over the first, the same way: {100 * spread:+.1f}%)" if spread is not None else ""
     lines += ["", f"Then one user alone, {r['alone_replies']} messages one after another (whole reply p50: {alone}). "
-                  f"What the shared state and the load balancer cost per reply, the cluster's one replica over the one "
-                  f"process's two runs there: {100 * cost:+.1f}% (target <= {100 * target:.0f}%, "
-                  f"{_verdict(cost <= target)}); with all {r['users']} users at once: "
+                  f"What the shared state and the load balancer cost per reply, the median over those replies of the "
+                  f"cluster's one replica's over the one process's same reply: {100 * cost:+.1f}%{noise} (target <= "
+                  f"{100 * target:.0f}%, {_verdict(cost <= target)}); with all {r['users']} users at once, p50 over p50: "
                   f"{100 * r['shared_state_cost_p50_all_at_once']:+.1f}%. It includes PostgreSQL, Redis, HAProxy and the "
                   "idle workers sharing the cores."]
     return lines

@@ -65,6 +65,9 @@ def test_quick_benchmark_runs_and_writes_every_section(model_cache, tmp_path):
             assert (r["replies"], r["tokens"], r["adapter_versions_seen"]) == (3, 3 * 4, ["1"])
             assert r["prompt_tokens"] == rows[0]["prompt_tokens"] > 0
             assert r["reply_p95_s"] >= r["reply_p50_s"] >= r["first_token_p50_s"] > 0 and r["alone_reply_p50_s"] > 0
-        assert math.isfinite(cluster["shared_state_cost_p50"] + cluster["shared_state_cost_p50_all_at_once"])
+            assert len(r["alone_reply_s"]) == 3 and min(r["alone_reply_s"]) > 0
+            assert r["alone_prompt_tokens"] == rows[0]["alone_prompt_tokens"]  # compared in pairs across setups
+        assert math.isfinite(cluster["shared_state_cost_p50"] + cluster["shared_state_cost_p50_all_at_once"]
+                             + cluster["one_process_spread_p50"])
         assert (tmp_path / "replicas.png").stat().st_size > 0
         assert "Many users through the load balancer" in (tmp_path / "bench.md").read_text()
