@@ -27,10 +27,10 @@ from .concurrency import concurrent_users, during_long_prefill
 from .decode import decode
 from .finetune import finetune_compression
 from .replicas import replicas
-from .servers import AppFlags
-from .serving import serving
 from .report import markdown, plot_all
 from .sections import BenchOptions, compression, many_users, memory_size, per_turn
+from .servers import AppFlags
+from .serving import serving
 
 QUICK = BenchOptions(lengths=(256, 512), reply_tokens=4, repeats=1, absorbed_before=(0, 512), absorb_tokens=256,
                      users=(1, 2), decode_tokens=4, concurrent_users=(1, 2), concurrent_reply_tokens=4,

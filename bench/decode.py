@@ -106,7 +106,7 @@ def llama_cpp_speeds(users: tuple[int, ...], tokens: int, threads: int, prefill:
     or {"skipped": why} when its tools are not built."""
     bench, batched = tools / "llama-bench", tools / "llama-batched-bench"
     if not bench.exists():
-        return {"skipped": f"{bench} not found: build it with `bash scripts/build-llama-bench.sh` (about 15 minutes)"}
+        return {"skipped": not_built(bench)}
     gguf = str(default_gguf_path())
     single = json.loads(_run([str(bench), "-m", gguf, "-t", str(threads), "-p", ",".join(map(str, (0, *prefill))),
                               "-n", str(tokens), "-r", "5", "-o", "json"]))
@@ -121,7 +121,18 @@ def llama_cpp_speeds(users: tuple[int, ...], tokens: int, threads: int, prefill:
                 row = json.loads(line)
                 speeds[row["pl"]] = row["speed_tg"]
     return {"tokens_per_s": speeds, "prefill_tokens_per_s": prompts, "tg": f"tg{tokens}", "model": Path(gguf).name,
-            "version": (tools.parent / "VERSION").read_text().strip() if (tools.parent / "VERSION").exists() else None}
+            "version": llama_cpp_version(tools)}
+
+
+def not_built(tool: Path) -> str:
+    """Why a llama.cpp tool's figures are missing, and how to get them."""
+    return f"{tool} not found: build it with `bash scripts/build-llama-bench.sh` (about 15 minutes)"
+
+
+def llama_cpp_version(tools: Path) -> str | None:
+    """Which llama-cpp-python sdist scripts/build-llama-bench.sh built the tools in `tools` from."""
+    recorded = tools.parent / "VERSION"
+    return recorded.read_text().strip() if recorded.exists() else None
 
 
 def _run(command: list[str]) -> str:

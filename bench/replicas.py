@@ -14,8 +14,8 @@ Workload, the same in each: `users` users, each with an API key made on the page
 first message at once (not timed: it warms up each process's batches), then each user's turns are
 compressed into an adapter (--compressor generator: quick, and the replies then read that adapter's
 snapshot), then every user sends `rounds` messages through the OpenAI-compatible API, each after the
-reply to the one before: streamed, greedy, replies of exactly `reply_tokens` tokens (vLLM's
-min_tokens). Every setup has users of its own with the same messages, so it answers the same prompts.
+reply to the one before: streamed, greedy, replies of exactly `reply_tokens` tokens (ignore_eos,
+bench.clients). Every setup has users of its own with the same messages, so it answers the same prompts.
 
 Then one of them sends `alone_replies` more, one after another, with nobody else chatting. Each of
 those is the same prompt in every setup (the same turns before it), one turn longer than the one

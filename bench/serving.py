@@ -42,7 +42,7 @@ from app.openai_api import MODEL_ID
 from storage import Storage
 
 from .clients import ApiUser, StreamedReply, at_once, compress_now, streamed_reply
-from .decode import LLAMA_CPP
+from .decode import LLAMA_CPP, llama_cpp_version, not_built
 from .replicas import PASSWORD
 from .sections import QUESTION, BenchOptions, history_turns
 from .servers import AppFlags, app_env, llama_server, one_process
@@ -61,6 +61,7 @@ def serving(engine: GenerativeAdapterModel, cache_dir: Path, flags: AppFlags, op
     """Both servers' figures; llama-server's rows are left out, with {"llama_server": {"skipped": why}},
     where scripts/build-llama-bench.sh has not built it. {"failed": why} where a server failed (logs kept)."""
     binary = tools / "llama-server"
+    built = binary.exists()
     users = _users(engine, max(options.serving_users), options.serving_history_tokens)
     folder = Path(tempfile.mkdtemp(prefix="memchat-bench-serving-"))
     rows = []
@@ -68,7 +69,7 @@ def serving(engine: GenerativeAdapterModel, cache_dir: Path, flags: AppFlags, op
         with ExitStack() as running:
             servers = {OURS: _our_server(running, folder, cache_dir.resolve(), flags, options, users,
                                          engine.tokenizer)}
-            if binary.exists():
+            if built:
                 url = running.enter_context(llama_server(
                     binary, default_gguf_path(), torch.get_num_threads(), max(options.serving_users), SLOT_TOKENS,
                     folder / "llama-server.log"))
@@ -92,21 +93,16 @@ def serving(engine: GenerativeAdapterModel, cache_dir: Path, flags: AppFlags, op
     result = {"users": list(options.serving_users), "rounds": options.serving_rounds,
               "reply_tokens": options.serving_reply_tokens, "threads": torch.get_num_threads(),
               "history_tokens_absorbed": round(float(np.mean([u.absorbed_tokens for u in users]))), "rows": rows}
-    if not binary.exists():
-        result["llama_server"] = {"skipped": f"{binary} not found: build it with `bash scripts/build-llama-bench.sh`"}
-    else:
-        version = tools.parent / "VERSION"
-        result["llama_server"] = {"version": version.read_text().strip() if version.exists() else None,
-                                  "model": default_gguf_path().name}
+    result["llama_server"] = ({"version": llama_cpp_version(tools), "model": default_gguf_path().name} if built
+                              else {"skipped": not_built(binary)})
     return result
 
 
 class _User:
     """One simulated person: the history absorbed into their adapter, and the recent turns that are not."""
 
-    def __init__(self, absorbed: list[Turn], recent: list[Turn], tokenizer) -> None:
-        self.absorbed, self.recent = absorbed, recent
-        self.absorbed_tokens = count_tokens(tokenizer, history_text(absorbed))
+    def __init__(self, absorbed: list[Turn], absorbed_tokens: int, recent: list[Turn]) -> None:
+        self.absorbed, self.absorbed_tokens, self.recent = absorbed, absorbed_tokens, recent
 
     def messages(self, text: str) -> list[dict]:
         return [{"role": t.role, "content": t.text} for t in self.recent] + [{"role": "user", "content": text}]
@@ -128,9 +124,9 @@ def _users(engine: GenerativeAdapterModel, n: int, history_tokens: int) -> list[
         if turns[-1].role != "assistant":
             turns = turns[:-1]
         absorbed = turns[:-RECENT_TURNS]
-        while count_tokens(engine.tokenizer, history_text(absorbed)) > history_tokens:  # the recent turns were short
-            absorbed = absorbed[1:]
-        users.append(_User(absorbed, turns[-RECENT_TURNS:], engine.tokenizer))
+        while (tokens := count_tokens(engine.tokenizer, history_text(absorbed))) > history_tokens:
+            absorbed = absorbed[1:]  # the recent turns were short: the oldest turns go
+        users.append(_User(absorbed, tokens, turns[-RECENT_TURNS:]))
     return users
 
 
