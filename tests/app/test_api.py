@@ -81,18 +81,18 @@ def test_user_b_cannot_reach_user_a(running, password):
     alice, bob = Visitor(running), Visitor(running)
     alice.call("signup", "alice", password)
     bob.call("signup", "bob", password)
-    alice.call("chat", "My secret code is 4821.")
+    alice.call("chat", "My secret code is ZEBRA-4821.")
     alice.call("chat", "Remember it.")
     wait_for(lambda: "v1" in alice.call("memory")["memory-status"])
     alice_ids = [choice[1] for choice in alice.call("memory")["forget-choice"]["choices"]]
 
     page = bob.call("memory")
     assert page["forget-choice"]["choices"] == [] and "**Adapter**: none yet" in page["memory-status"]
-    assert "4821" not in json.dumps(bob.call("chat", "hello")["chatbot"])
+    assert "ZEBRA" not in json.dumps(bob.call("chat", "hello")["chatbot"])
     for message_id in alice_ids:  # guessing ids
         assert "first" in notice(bob.call("ask_forget", message_id))
     with download(running, bob.call("export"), "export-link") as z:
-        assert "4821" not in z.read("history.json").decode()
+        assert "ZEBRA" not in z.read("history.json").decode()
         assert not any(name.startswith("adapter/") for name in z.namelist())
     assert len(alice.call("memory")["forget-choice"]["choices"]) == 2  # alice's messages are untouched
 
@@ -100,14 +100,14 @@ def test_user_b_cannot_reach_user_a(running, password):
 def test_forgetting_asks_first_and_takes_the_reply_too(running, password):
     alice = Visitor(running)
     alice.call("signup", "alice", password)
-    alice.call("chat", "My secret code is 4821.")
+    alice.call("chat", "My secret code is ZEBRA-4821.")
     alice.call("chat", "I like tea.")
     first = alice.call("memory")["forget-choice"]["choices"][0][1]
     asked = alice.call("ask_forget", first)
-    assert "4821" in asked["forget-question"] and "cannot be undone" in asked["forget-question"]
+    assert "ZEBRA-4821" in asked["forget-question"] and "cannot be undone" in asked["forget-question"]
     assert len(running.services.chat.history(running.services.storage.find_user("alice").id)) == 4  # nothing yet
     page = alice.call("forget")
-    assert texts(page["chatbot"])[0] == "I like tea." and "4821" not in json.dumps(page["chatbot"])
+    assert texts(page["chatbot"])[0] == "I like tea." and "ZEBRA" not in json.dumps(page["chatbot"])
     assert notice(alice.call("forget")) == "Nothing is waiting for confirmation."  # asked once only
 
 

@@ -263,7 +263,7 @@ def test_a_second_user_cannot_see_or_touch_the_first_user_s_memory(running, pass
     services = running.services
     alice, alice_key = sign_up(running, "alice", password)
     bob, bob_key = sign_up(running, "bob", password)
-    for text in ("My secret code is 4821.", "Remember it."):
+    for text in ("My secret code is ZEBRA-4821.", "Remember it."):
         client(running, alice_key).chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": text}])
     wait_for(lambda: services.memory.status(alice).adapter_version == 1)
     alice_before = history(running, alice)
@@ -277,13 +277,13 @@ def test_a_second_user_cannot_see_or_touch_the_first_user_s_memory(running, pass
     status = call(running, "GET", "memory", bob_key).json()
     assert (status["messages"], status["adapter_version"]) == (2, None)
     listed = call(running, "GET", "memory/messages", bob_key).json()["data"]
-    assert [m["content"] for m in listed][0] == "Hello there" and "4821" not in json.dumps(listed)
+    assert [m["content"] for m in listed][0] == "Hello there" and "ZEBRA" not in json.dumps(listed)
     # forgetting alice's messages by id: as if they did not exist
     for message_id in alice_ids:
         assert_error(call(running, "DELETE", f"memory/messages/{message_id}", bob_key), 404, "not_found")
     # export: his own data, no adapter of anyone's
     with zipfile.ZipFile(io.BytesIO(call(running, "GET", "memory/export", bob_key).content)) as z:
-        assert "4821" not in z.read("history.json").decode() and not any(n.startswith("adapter/") for n in z.namelist())
+        assert "ZEBRA" not in z.read("history.json").decode() and not any(n.startswith("adapter/") for n in z.namelist())
     # compress, forget everything, delete the account: his own
     assert call(running, "POST", "memory/compress", bob_key).status_code == 202
     assert call(running, "DELETE", "memory", bob_key).json()["deleted"] is True
