@@ -93,16 +93,23 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int) ->
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _int4_matmul_flops(x_shape, _packed_shape, _group_size, _scales_shape, *_, out_shape, **__) -> int:
-    """The 4-bit matmul does the multiply-adds of the fp32 one: (M, K) x (K, N)."""
+def _product_flops(x_shape, *_, out_shape, **__) -> int:
+    """A 4-bit product (torch's or ours) does the multiply-adds of the fp32 one: (M, K) x (K, N)."""
     return 2 * x_shape[0] * x_shape[1] * out_shape[-1]
 
 
-# PyTorch's counter knows the dense matmuls only; decoding on 4-bit weights (adapter_core.serving.int4) runs this one.
-_EXTRA_FLOP_FORMULAS = {torch.ops.aten._weight_int4pack_mm_for_cpu: _int4_matmul_flops}
+def _extra_flop_formulas() -> dict:
+    """PyTorch's counter knows the dense matmuls only; decoding on 4-bit weights
+    (adapter_core.serving.int4) runs torch's kernel or ours, which exists once the C++ layers are loaded."""
+    formulas = {torch.ops.aten._weight_int4pack_mm_for_cpu: _product_flops}
+    try:
+        formulas[torch.ops.memchat.q4_product] = _product_flops
+    except (AttributeError, RuntimeError):  # not loaded in this process: nothing runs it
+        pass
+    return formulas
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
         fn()
     return counter.get_total_flops()

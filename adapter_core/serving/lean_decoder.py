@@ -21,7 +21,7 @@ Norms are `F.rms_norm` with the model's weights and epsilon; rotary embeddings a
 the model's own modules. Where this step does not apply (another architecture, a GPU, other
 dtypes, a sliding window shorter than the batch), the decode batch uses the transformers model as
 before (see `DecodeBatch.step`). In the commonest case (the default model and targets) the decoder
-layers run in C++ (`NativeLayers`, lean_step.cpp): torch's 4-bit products, and our own loops
+layers run in C++ (`NativeLayers`, lean_step.cpp): the 4-bit products, and our own loops
 between them instead of ~50 small ATen operations per layer. Measurements and what was tried:
 docs/decode-speed.md.
 """
@@ -29,14 +29,10 @@ docs/decode-speed.md.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
-import platform
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +40,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import rotate_half
 
-from . import int4
+from . import int4, native
 from .kv_cache import KVCache
 from ..memory.layer import AdapterLinear
 from ..memory.model import GenerativeAdapterModel, RowAdapters, decoder_layers
@@ -82,8 +78,7 @@ class Fused:
             return F.linear(x, self.weight)
         if self.input_copies > 1:
             x = x.repeat(1, self.input_copies)  # (B, copies * d_in)
-        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
-                                                 self.scales_and_zeros)
+        return int4.matmul(x, self.packed, self.scales_and_zeros, self.group_size)
 
 
 def fuse(linears: list[nn.Module]) -> Fused:
@@ -101,17 +96,19 @@ def fuse(linears: list[nn.Module]) -> Fused:
         [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, bases)])
     if all(isinstance(b, int4.Int4Linear) for b in bases):
         group_size = bases[0].group_size
-        quantized = int4.quantize_int4(weight, group_size)  # on the grid already: each part is
+        # on the grid already: each part is; laid out for the parts' kernel
+        quantized = int4.quantize_int4(weight, group_size, own=bases[0].packed.dim() == 3)
         if quantized is not None:
             return Fused(None, *quantized, bias, group_size)
     return Fused(weight, None, None, bias, 0)
 
 
-def output_layer(lm_head: nn.Linear) -> Fused | nn.Module:
-    """The output layer as two 4-bit halves when its weight is on a Q8_0 grid, else itself."""
+def output_layer(lm_head: nn.Linear, own: bool) -> Fused | nn.Module:
+    """The output layer as two 4-bit halves when its weight is on a Q8_0 grid (laid out for our
+    kernel or torch's, as `own` says), else itself."""
     if (lm_head.weight.dtype == torch.float32 and int4.can_quantize(lm_head)
             and int4.kernel_available()):
-        halves = int4.quantize_q8_as_int4(lm_head.weight)
+        halves = int4.quantize_q8_as_int4(lm_head.weight, own=own)
         if halves is not None:
             return Fused(None, *halves, lm_head.bias, int4.GROUP_SIZE, input_copies=2)
     return lm_head
@@ -180,7 +177,7 @@ class LeanDecoder:
         self.norm = Norm.of(self.decoder.norm)
         lm_head = model.get_output_embeddings()
         # 8 bits for the output layer only where the model decodes in 4 bits at all (--no-int4-decode: fp32)
-        self.lm_head = output_layer(lm_head) if int4.four_bit_layers(model) else lm_head
+        self.lm_head = output_layer(lm_head, int4.own_layout(model)) if int4.four_bit_layers(model) else lm_head
         self.native = NativeLayers.for_layers(self.layers)
         self._last: tuple[RowAdapters | None, _Prepared] | None = None
 
@@ -296,12 +293,11 @@ def _adapt(y: torch.Tensor, x: torch.Tensor, adapters: list[_Adapter] | None) ->
 
 
 class NativeLayers:
-    """The decoder layers of the step in C++ (lean_step.cpp): torch's 4-bit products, and loops of
-    our own for everything between them, for the commonest case: every product 4-bit without bias,
-    SiLU, and adapters (one user's folded pairs or each row's memory) on o_proj and down_proj of
-    every layer (the default targets), or none. Compiled at the first start with the machine's C++
-    compiler (about half a minute) and cached on disk by torch (~/.cache/torch_extensions, or
-    TORCH_EXTENSIONS_DIR): later starts load it at once."""
+    """The decoder layers of the step in C++ (lean_step.cpp, built by adapter_core.serving.native):
+    the 4-bit products (the kernel int4.py chose), and loops of our own for everything between
+    them, for the commonest case: every product 4-bit without bias, SiLU, and adapters (one user's
+    folded pairs or each row's memory) on o_proj and down_proj of every layer (the default
+    targets), or none."""
 
     def __init__(self, layers: list[LeanLayer], module) -> None:
         self.module = module
@@ -324,7 +320,7 @@ class NativeLayers:
                   and all(set(layer.adapted) == {"o", "down"} for layer in layers))
         if not common:
             return None
-        module = _compiled()
+        module = native.compiled()
         return None if module is None else cls(layers, module)
 
     @staticmethod
@@ -373,52 +369,6 @@ _SILU = (nn.SiLU, SiLUActivation)
 MAX_STACKED_RANK = 128
 """Largest rows x rank of rows' own pairs that the C++ layers take stacked (NativeLayers.takes_pairs)."""
 _NO_MEMORY = torch.empty(0)
-
-
-def _compiled():
-    """The C++ decoder layers (lean_step.cpp), built once per machine; None if they cannot be."""
-    try:
-        import ninja  # torch builds extensions with ninja, which must be on PATH
-        from torch.utils.cpp_extension import load
-    except ImportError as e:
-        log.warning("the C++ decoder layers cannot be built (%s); decoding in Python", e)
-        return None
-    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    source = str(Path(__file__).with_name("lean_step.cpp"))
-    # -ffp-contract=off: the compiler fuses no multiply-add on its own (the rotary embedding rounds
-    # as the Python step's does); -march=native: the loops are vectorized for this CPU, so the build
-    # is kept per CPU (its name); -fopenmp: ATen's parallel_for shares rows and heads between the
-    # threads (without it, one thread). Each build where the one before fails (a compiler without
-    # -march=native or OpenMP, such as Apple's clang): slower, still correct.
-    builds = [(f"memchat_lean_step_{_cpu_id()}", ["-march=native", "-fopenmp"], ["-fopenmp"]),
-              ("memchat_lean_step_openmp", ["-fopenmp"], ["-fopenmp"]),
-              ("memchat_lean_step_portable", [], [])]
-    started = time.perf_counter()
-    for name, cflags, ldflags in builds:
-        try:
-            module = load(name=name, sources=[source], extra_cflags=["-O3", "-ffp-contract=off", *cflags],
-                          extra_ldflags=ldflags, verbose=False)
-        except Exception as e:  # noqa: BLE001 - a failed build: try the next, at last the Python step decodes
-            log.info("the C++ decoder layers did not build with %s (%s)", " ".join(cflags) or "no flags", e)
-            continue
-        log.info("C++ decoder layers ready in %.1f s (%s; AVX-512 attention: %s)",
-                 time.perf_counter() - started, " ".join(cflags) or "portable", module.avx512())
-        return module
-    log.warning("the C++ decoder layers could not be built; decoding in Python")
-    return None
-
-
-def _cpu_id() -> str:
-    """A short name for this CPU's instruction sets (a home directory shared by other machines
-    keeps one build per CPU)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    # the instruction sets' line (x86: flags, ARM: Features); not the whole file, whose MHz change
-    described = next((line for line in lines if line.lower().startswith(("flags", "features"))),
-                     f"{platform.machine()} {platform.processor()}")
-    return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -15,9 +15,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -100,10 +101,14 @@ inline float exp_nonpositive(float x) {
   return input != input ? input : vanishes ? 0.f : y * scale;  // NaN stays NaN (a bug upstream shows)
 }
 
-// out (d) = x * rsqrt(mean(x^2) + eps) * w, rounded to bf16 for the next 4-bit product.
-void rms_norm(const float* __restrict__ x, const float* __restrict__ w, int64_t d, float eps, bf16* __restrict__ out) {
+inline bf16 stored(float f, bf16*) { return to_bf16(f); }
+inline float stored(float f, float*) { return f; }
+
+// out (d) = x * rsqrt(mean(x^2) + eps) * w, as the next 4-bit product takes it: bf16 (torch's kernel) or fp32 (ours).
+template <typename T>
+void rms_norm(const float* __restrict__ x, const float* __restrict__ w, int64_t d, float eps, T* __restrict__ out) {
   const float inv = 1.f / std::sqrt(dot(x, x, d) / static_cast<float>(d) + eps);
-  for (int64_t j = 0; j < d; ++j) out[j] = to_bf16(x[j] * inv * w[j]);
+  for (int64_t j = 0; j < d; ++j) out[j] = stored(x[j] * inv * w[j], out);
 }
 
 // dst (hd) = transformers' apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin.
@@ -264,7 +269,118 @@ struct Adapter {
   }
 };
 
+// Our own 4-bit product (int4.py's "blocks" layout) for CPUs with AVX2 but not AVX-512, where torch's
+// kernel converts every weight to fp32 and is bound by that arithmetic (docs/decode-speed.md): as
+// llama.cpp does, each group of 32 inputs is rounded to int8 with its own scale dx, and the products
+// are integer sums:  sum_j (q_j d + m) x_j  =  d dx sum_j q_j xq_j  +  m dx sum_j xq_j.
+// nibbles (N, G, 16) uint8: byte j holds q_j (low 4 bits) and q_{j+16}; dm (N, G, 2) fp16: d, m (as
+// GGUF's Q4_1 stores them: decoding reads every weight once per token, and memory is what it waits on).
+#if defined(__AVX2__) && defined(__F16C__)
+constexpr int64_t kGroup = 32;
+
+struct RoundedInput {  // x (B, K) by groups of 32: int8 values, their scale dx and dx * their sum
+  std::vector<int8_t> q;
+  std::vector<float> scale, scaled_sum;
+};
+
+template <typename T>
+RoundedInput round_to_int8(const T* x, int64_t b, int64_t k) {
+  const int64_t groups = k / kGroup;
+  RoundedInput in{std::vector<int8_t>(b * k), std::vector<float>(b * groups), std::vector<float>(b * groups)};
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      float v[kGroup], amax = 0.f;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const T e = x[r * k + g * kGroup + j];
+        if constexpr (std::is_same_v<T, bf16>) v[j] = from_bf16(e); else v[j] = e;
+        amax = larger(amax, std::fabs(v[j]));
+      }
+      const float dx = amax / 127.f, inv = dx > 0.f ? 1.f / dx : 0.f;
+      int32_t total = 0;
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(v[j] * inv));
+        in.q[r * k + g * kGroup + j] = static_cast<int8_t>(q);
+        total += q;
+      }
+      in.scale[r * groups + g] = dx;
+      in.scaled_sum[r * groups + g] = dx * static_cast<float>(total);
+    }
+  return in;
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// Outputs [begin, end) of R input rows from row `first`: each weight group is unpacked once for the R rows.
+template <int R>
+void q4_rows(const uint8_t* nibbles, const uint16_t* dm, const RoundedInput& in, int64_t first, int64_t k,
+             int64_t begin, int64_t end, int64_t n_out, float* out) {
+  const int64_t groups = k / kGroup;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = begin; n < end; ++n) {
+    __m256 acc[R];
+    float offsets[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles + (n * groups + g) * 16));
+      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low4);  // 32 x 0..15
+      const float d = _cvtsh_ss(dm[(n * groups + g) * 2]), m = _cvtsh_ss(dm[(n * groups + g) * 2 + 1]);
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = first + r;
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.q.data() + row * k + g * kGroup));
+        const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), ones);  // 8 x int32, |.| <= 15 * 127 * 4
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d * in.scale[row * groups + g]), acc[r]);
+        offsets[r] += m * in.scaled_sum[row * groups + g];
+      }
+    }
+    for (int r = 0; r < R; ++r) out[(first + r) * n_out + n] = horizontal_sum(acc[r]) + offsets[r];
+  }
+}
+
+// x (B, K) bf16 or fp32 -> (B, N) fp32.
+Tensor q4_product(const Tensor& x_, const Tensor& nibbles, const Tensor& dm) {
+  const Tensor x = x_.contiguous();
+  TORCH_CHECK(x.dim() == 2 && nibbles.dim() == 3 && nibbles.size(2) == 16 && nibbles.scalar_type() == at::kByte &&
+                  nibbles.is_contiguous() && x.size(1) == nibbles.size(1) * kGroup,
+              "x (B, K), nibbles (N, K / 32, 16) uint8 contiguous");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 &&
+                  dm.size(0) == nibbles.size(0) && dm.size(1) == nibbles.size(1) && dm.size(2) == 2,
+              "dm (N, K / 32, 2) fp16 contiguous");
+  const int64_t b = x.size(0), k = x.size(1), n_out = nibbles.size(0);
+  const RoundedInput in = x.scalar_type() == at::kBFloat16 ? round_to_int8(bits(x), b, k)
+                                                            : round_to_int8(x.data_ptr<float>(), b, k);
+  Tensor out = at::empty({b, n_out}, x.options().dtype(at::kFloat));
+  const uint8_t* w = nibbles.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  float* o = out.data_ptr<float>();
+  // 16 outputs' weights at a time (~7 KB at K = 576) stay in L1 while every row's tile reads them
+  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+    int64_t first = 0;
+    for (; first + 4 <= b; first += 4) q4_rows<4>(w, s, in, first, k, begin, end, n_out, o);
+    switch (b - first) {
+      case 3: q4_rows<3>(w, s, in, first, k, begin, end, n_out, o); break;
+      case 2: q4_rows<2>(w, s, in, first, k, begin, end, n_out, o); break;
+      case 1: q4_rows<1>(w, s, in, first, k, begin, end, n_out, o); break;
+      default: break;
+    }
+  });
+  return out;
+}
+#else
+Tensor q4_product(const Tensor&, const Tensor&, const Tensor&) {
+  TORCH_CHECK(false, "the own 4-bit product needs AVX2 and F16C (int4.own_kernel() chooses torch's kernel elsewhere)");
+  return Tensor();
+}
+#endif
+
+// A 4-bit product (B, K) -> (B, N) bf16: ours where the weights are in our layout (3-d; x fp32), else
+// torch's (x bf16).
 Tensor int4_product(const Tensor& x, const Tensor& packed, int64_t group, const Tensor& scales) {
+  if (packed.dim() == 3) return q4_product(x, packed, scales).to(at::kBFloat16);
   return at::_weight_int4pack_mm_for_cpu(x, packed, group, scales);  // (B, d_out) bf16
 }
 
@@ -317,19 +433,26 @@ Tensor decoder_layers(Tensor h, const Tensor& cos_, const Tensor& sin_, const c1
                       cache.stride(3) == 1 && cache.stride(2) == head_dim && cache.strides() == keys[i].strides(),
                   "the cache: (B, H_kv, capacity > width, head_dim) fp32, columns contiguous");
   const bool adapted = !adapters.empty();
+  // the weights' layout says which kernel runs (int4.py chose one for all): ours takes the products'
+  // inputs in fp32 and rounds them to int8 itself; torch's takes them in bf16
+  const bool own = products[0].dim() == 3;
+  for (size_t j = 0; j < products.size(); j += 2)
+    TORCH_CHECK((products[j].dim() == 3) == own, "every product in one kernel's layout");
   const auto in_bf16 = h.options().dtype(at::kBFloat16);
-  Tensor x = at::empty({b, d}, in_bf16);  // a norm's output, the next product's input
+  Tensor x = at::empty({b, d}, own ? h.options() : in_bf16);  // a norm's output, the next product's input
+  float* hp = h.data_ptr<float>();
+  const auto norm = [&](const Tensor& w, int64_t r) {
+    if (own) rms_norm(hp + r * d, w.data_ptr<float>(), d, static_cast<float>(eps), x.data_ptr<float>() + r * d);
+    else rms_norm(hp + r * d, w.data_ptr<float>(), d, static_cast<float>(eps), bits(x) + r * d);
+  };
   Tensor q = at::empty({b, q_size}, h.options());  // the rotated queries
   Tensor mixed = at::empty({b, q_size}, h.options()), mixed_bf16 = at::empty({b, q_size}, in_bf16);
   Tensor z, z_bf16;  // the MLP's inner activation, allocated at the first layer (its width)
 
-  float* hp = h.data_ptr<float>();
   for (size_t i = 0; i < keys.size(); ++i) {
     float *kp = keys[i].data_ptr<float>(), *vp = values[i].data_ptr<float>();
     const int64_t row_stride = keys[i].stride(0), head_stride = keys[i].stride(1);
-    each_row(b, [&](int64_t r) {
-      rms_norm(hp + r * d, norms[2 * i].data_ptr<float>(), d, static_cast<float>(eps), bits(x) + r * d);
-    });
+    each_row(b, [&](int64_t r) { norm(norms[2 * i], r); });
     const Tensor qkv = int4_product(x, products[8 * i], group, products[8 * i + 1]);  // (B, q + 2 kv) bf16
     TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_heads * head_dim, "qkv: (B, (H + 2 H_kv) head_dim)");
     each_row(b, [&](int64_t r) {
@@ -349,17 +472,17 @@ Tensor decoder_layers(Tensor h, const Tensor& cos_, const Tensor& sin_, const c1
                      attend.defined() ? attend.data_ptr<float>() + r * n : nullptr, mixed.data_ptr<float>() + first);
       }
     });
-    const float* mp = mixed.data_ptr<float>();
-    bf16* mb = bits(mixed_bf16);
-    for (int64_t j = 0; j < b * q_size; ++j) mb[j] = to_bf16(mp[j]);
-    h.add_(int4_product(mixed_bf16, products[8 * i + 2], group, products[8 * i + 3]));
+    if (!own) {
+      const float* mp = mixed.data_ptr<float>();
+      bf16* mb = bits(mixed_bf16);
+      for (int64_t j = 0; j < b * q_size; ++j) mb[j] = to_bf16(mp[j]);
+    }
+    h.add_(int4_product(own ? mixed : mixed_bf16, products[8 * i + 2], group, products[8 * i + 3]));
     if (adapted) {
       const Adapter o(adapters[6 * i], adapters[6 * i + 1], adapters[6 * i + 2], b, q_size, d);
       for_rows(b, [&](int64_t begin, int64_t end) { o.add(mixed.data_ptr<float>(), begin, end, hp); });
     }
-    each_row(b, [&](int64_t r) {
-      rms_norm(hp + r * d, norms[2 * i + 1].data_ptr<float>(), d, static_cast<float>(eps), bits(x) + r * d);
-    });
+    each_row(b, [&](int64_t r) { norm(norms[2 * i + 1], r); });
     const Tensor gate_up = int4_product(x, products[8 * i + 4], group, products[8 * i + 5]);  // (B, 2 I) bf16
     const int64_t inner = gate_up.size(1) / 2;
     if (!z.defined()) {
@@ -370,7 +493,7 @@ Tensor decoder_layers(Tensor h, const Tensor& cos_, const Tensor& sin_, const c1
     each_row(b, [&](int64_t r) {
       silu_times_up(bits(gate_up) + r * 2 * inner, inner, z.data_ptr<float>() + r * inner, bits(z_bf16) + r * inner);
     });
-    h.add_(int4_product(z_bf16, products[8 * i + 6], group, products[8 * i + 7]));
+    h.add_(int4_product(own ? z : z_bf16, products[8 * i + 6], group, products[8 * i + 7]));
     if (adapted) {
       const Adapter down(adapters[6 * i + 3], adapters[6 * i + 4], adapters[6 * i + 5], b, inner, d);
       for_rows(b, [&](int64_t begin, int64_t end) { down.add(z.data_ptr<float>(), begin, end, hp); });
@@ -392,6 +515,25 @@ Tensor to_bf16_of(const Tensor& x_) {
   return out;
 }
 
+// Whether q4_product was compiled in (it needs AVX2 and F16C).
+bool q4_built() {
+#if defined(__AVX2__) && defined(__F16C__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether int4.py should lay 4-bit weights out for q4_product: with AVX2 and without AVX-512, where
+// torch's kernel was measured at half llama.cpp's speed (with AVX-512 it matched llama.cpp).
+bool q4_kernel() {
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -407,4 +549,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exp_nonpositive", &exp_nonpositive_of, "the kernels' exp, element by element (for tests)");
   m.def("to_bf16", &to_bf16_of, "the kernels' rounding to bf16, element by element (for tests)");
   m.def("avx512", &avx512, "whether the attention's AVX-512 path was compiled in");
+  m.def("q4_built", &q4_built, "whether q4_product was compiled in (AVX2, F16C)");
+  m.def("q4_kernel", &q4_kernel, "whether int4.py lays 4-bit weights out for q4_product on this CPU");
+
+}
+
+// Our 4-bit product as a torch operator, torch.ops.memchat.q4_product(x (B, K), nibbles, dm) -> (B, N)
+// fp32: called from Python (int4.matmul) it goes through torch's dispatcher, so tools that watch
+// operators (bench.measure's FLOP counter) see it, and the GIL is let go while it runs.
+TORCH_LIBRARY(memchat, m) {
+  m.def("q4_product(Tensor x, Tensor nibbles, Tensor dm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(memchat, CPU, m) {
+  m.impl("q4_product", &q4_product);
 }

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +8,26 @@ from adapter_core.serving import int4
 from adapter_core.serving.int4 import MAX_ROWS, Int4Linear, quantize_for_decoding, quantize_int4
 
 pytestmark = pytest.mark.skipif(not int4.kernel_available(), reason="this torch build has no CPU int4 kernel")
+KERNELS = ["torch", *(["own"] if int4.own_kernel_built() else [])]
+
+
+@pytest.fixture(params=KERNELS, autouse=True)
+def kernel(request, monkeypatch):
+    """Every test on torch's kernel and on ours (where it is built): each lays out its own weights."""
+    with kernel_chosen(request.param, monkeypatch):
+        yield request.param
+
+
+@contextlib.contextmanager
+def kernel_chosen(kernel: str, monkeypatch):
+    """4-bit weights laid out (and products run) for `kernel` while inside."""
+    monkeypatch.setenv("MEMCHAT_INT4_KERNEL", kernel)
+    int4.own_kernel.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv("MEMCHAT_INT4_KERNEL")
+        int4.own_kernel.cache_clear()  # the next caller reads the setting as it was
 
 
 def on_q4_1_grid(weight: torch.Tensor, group: int = 32) -> torch.Tensor:
@@ -34,6 +56,34 @@ def test_a_q4_1_weight_is_recovered_to_bf16_precision():
     error = (recovered - base.weight).abs().max()
     step = (base.weight.amax() - base.weight.amin()) / 15
     assert error < 0.1 * step  # bf16 rounding (scale, offset, output); another grid would be off by ~step / 2
+
+
+def test_each_kernel_lays_out_its_own_weights(kernel):
+    packed, scales = quantize_int4(q4_1_linear(64, 48).weight)
+    if kernel == "own":  # nibbles (N, G, 16), d and m (N, G, 2) fp16
+        assert (packed.shape, packed.dtype, scales.shape, scales.dtype) == ((48, 2, 16), torch.uint8, (48, 2, 2), torch.float16)
+    else:
+        assert packed.dim() == 2 and scales.shape == (2, 48, 2) and scales.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # tiles of 4 rows and each remainder
+def test_our_kernel_sums_exactly_where_nothing_rounds(rows):
+    """Integer weights and inputs whose groups each reach 127 (their int8 scale is then 1): every
+    sum is exact in fp32, so the product must equal the exact one, bit for bit."""
+    if not int4.own_kernel_built():
+        pytest.skip("our kernel is not built here (no AVX2)")
+    torch.manual_seed(rows)
+    d_out, d_in = 40, 96  # 40 outputs: more than one chunk of 16, and a remainder
+    q = torch.randint(0, 16, (d_out, d_in // 32, 32), dtype=torch.uint8)
+    nibbles = (q[..., :16] | (q[..., 16:] << 4)).contiguous()
+    d = torch.randint(1, 4, (d_out, d_in // 32)).float()
+    m = torch.randint(-3, 4, (d_out, d_in // 32)).float()
+    x = torch.randint(-127, 128, (rows, d_in)).float()
+    x[:, ::32] = 127  # each group's largest magnitude
+    weight = (q.double() * d[..., None].double() + m[..., None].double()).reshape(d_out, d_in)
+    exact = x.double() @ weight.T
+    got = torch.ops.memchat.q4_product(x, nibbles, torch.stack([d, m], -1).half().contiguous())
+    assert got.dtype == torch.float32 and torch.equal(got.double(), exact)
 
 
 def test_few_rows_run_on_4_bits_at_bf16_precision():
@@ -129,7 +179,7 @@ def test_a_q8_0_weight_is_two_4_bit_halves_of_the_same_product():
     weight = on_q8_0_grid(torch.randn(48, 64))
     packed, scales = int4.quantize_q8_as_int4(weight)
     x = torch.randn(3, 64)
-    y = torch._weight_int4pack_mm_for_cpu(x.repeat(1, 2).bfloat16(), packed, 32, scales).float()
+    y = int4.matmul(x.repeat(1, 2), packed, scales, 32).float()
     exact = x @ weight.T
-    assert (y - exact).norm() / exact.norm() < 1e-2  # bf16 inputs and scales
+    assert (y - exact).norm() / exact.norm() < 1e-2  # bf16 inputs and scales (torch's), int8 inputs (ours)
     assert int4.quantize_q8_as_int4(torch.randn(48, 64)) is None  # not on an 8-bit grid: nothing rounded

@@ -6,11 +6,12 @@ import torch
 from adapter_core.serving import int4
 from adapter_core.serving.decoding import DecodeBatch, ReplyRequest, reply
 from adapter_core.serving.int4 import quantize_for_decoding
-from adapter_core.serving.lean_decoder import _compiled, lean_decoder
+from adapter_core.serving.lean_decoder import lean_decoder
+from adapter_core.serving.native import compiled
 from adapter_core.serving.sampling import SamplingConfig
 
 from .test_decoding import three_requests  # noqa: F401  (a fixture)
-from .test_int4 import snap_to_q4_1_grid
+from .test_int4 import KERNELS, kernel_chosen, snap_to_q4_1_grid
 
 GREEDY = SamplingConfig.greedy(6)
 
@@ -127,8 +128,13 @@ def test_no_lean_step_where_it_does_not_apply(make_engine):
     dict(hidden_size=192, intermediate_size=384, num_attention_heads=12, num_key_value_heads=1),
     dict(hidden_size=192, intermediate_size=384, num_attention_heads=6, num_key_value_heads=2),
 ])
-def test_the_compiled_layers_compute_what_the_python_step_does(make_four_bit_engine, random_tokens, shape):
-    engine = make_four_bit_engine(shape=shape)
+@pytest.mark.parametrize("kernel", KERNELS)  # the 4-bit products: torch's, ours (where built)
+def test_the_compiled_layers_compute_what_the_python_step_does(make_four_bit_engine, random_tokens, shape, kernel,
+                                                               monkeypatch):
+    with kernel_chosen(kernel, monkeypatch):
+        engine = make_four_bit_engine(shape=shape)
+        lean_decoder(engine)  # its fused products laid out for the kernel
+    assert int4.own_layout(engine.base_model) == (kernel == "own")
     decoder = lean_decoder(engine)
     native = decoder.native
     assert native is not None  # 4-bit products, SiLU, adapters on o_proj and down_proj: the common case
@@ -164,7 +170,7 @@ def test_adapters_on_part_of_the_layers_decode_in_python(make_four_bit_engine, r
 
 
 def test_the_kernels_exp_and_bf16_rounding_are_torch_s():  # the C++ layers' own arithmetic
-    module = _compiled()
+    module = compiled()
     if module is None:
         pytest.skip("no C++ compiler here: the Python step decodes")
     x = torch.cat([torch.linspace(-100, 0, 200_001), torch.tensor([-87.0, -87.01, -86.99, -0.0, float("-inf")])])
