@@ -155,7 +155,7 @@ def load_base_model(name_or_path: str | None = None, *, device: str | torch.devi
         replaced = int4.quantize_for_decoding(model)
         linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
         log.info("decoding with 4-bit weights in %d of %d linear layers, those already 4-bit in the "
-                 "model file (bf16 activations there; prefill stays fp32)", len(replaced), linear)
+                 "model file (%s there; prefill stays fp32)", len(replaced), linear, int4.activations())
     return LoadedModel(model, tokenizer, model_id, device, dtype, attn, int4_decode)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from adapter_core.engine import load_engine
-from adapter_core.serving.int4 import four_bit_layers
+from adapter_core.serving.int4 import activations, four_bit_layers
 
 from .concurrency import concurrent_users, during_long_prefill
 from .decode import decode
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
                     "platform": platform.platform(), "torch": torch.__version__},
         "model": engine.base_model_id, "four_bit_layers": four_bit_layers(engine.base_model),
+        "four_bit_activations": activations(),
         "generator": engine.generator_id, "rank": engine.config.rank,
         "quick": args.quick, "options": options.__dict__, "targets": TARGETS,
     }

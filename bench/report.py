@@ -31,7 +31,8 @@ def _decoding(results: dict) -> str:
     if not layers:
         return "Decoding on the fp32 weights."
     return (f"Decoding (inputs of at most {MAX_ROWS} rows) on the 4-bit weights of the model file in {layers} linear "
-            "layers, with bf16 activations there; prefill, absorption and the fp32 embedding as they were.")
+            f"layers, with {results.get('four_bit_activations', 'bf16 activations')} there; prefill, absorption "
+            "and the fp32 embedding as they were.")
 
 
 def markdown(results: dict) -> str:

@@ -105,6 +105,11 @@ def own_kernel() -> bool:
     return choice == "own" or native.compiled().q4_kernel()
 
 
+def activations() -> str:
+    """How the chosen kernel takes its inputs, for logs and reports."""
+    return "int8 activations by groups of 32 (our product)" if own_kernel() else "bf16 activations (torch's product)"
+
+
 def own_kernel_built() -> bool:
     """Whether our kernel was built on this machine (the C++ module, with AVX2)."""
     module = native.compiled()
