@@ -13,7 +13,7 @@ that was not rounded before: the embedded default model is a GGUF whose linear l
 fp32. The minimum of a Q4_1 group is m and the maximum m + 15 d, so quantizing by minimum and
 maximum recovers the file's own grid.
 
-Two kernels compute the product, chosen once per machine (`own_kernel`) and told apart by the
+Two kernels compute the product, chosen once per process (`own_kernel`) and told apart by the
 weights' layout, so every path of one process uses the same one:
 * torch's (`torch._weight_int4pack_mm_for_cpu`): d and m in bf16 (~0.2% of a step), bf16
   activations. With AVX-512 it decodes as fast as llama.cpp; with AVX2 only it converts every

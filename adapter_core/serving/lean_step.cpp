@@ -1,6 +1,7 @@
 // The decoder layers of adapter_core/serving/lean_decoder.py's step, for its commonest case (every fused
 // product 4-bit, no biases, SiLU, adapters on o_proj and down_proj: one user's folded LoRA pairs,
-// each row's memory, or none). The 4-bit products are torch's kernel; everything between them
+// each row's memory, or none). The 4-bit products are torch's kernel or our own (q4_product, below);
+// everything between them
 // (norms, rotary embedding, writing the cache, attention, SiLU, the adapters) is plain loops over
 // the tensors' memory here: for one token those are a few thousand multiply-adds each, cheaper to
 // do than the 1-2 µs it costs to dispatch the several ATen operations each would otherwise take
@@ -275,7 +276,7 @@ struct Adapter {
 // are integer sums:  sum_j (q_j d + m) x_j  =  d dx sum_j q_j xq_j  +  m dx sum_j xq_j.
 // nibbles (N, G, 16) uint8: byte j holds q_j (low 4 bits) and q_{j+16}; dm (N, G, 2) fp16: d, m (as
 // GGUF's Q4_1 stores them: decoding reads every weight once per token, and memory is what it waits on).
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 constexpr int64_t kGroup = 32;
 
 struct RoundedInput {  // x (B, K) by groups of 32: int8 values, their scale dx and dx * their sum
@@ -290,12 +291,18 @@ RoundedInput round_to_int8(const T* x, int64_t b, int64_t k) {
   for (int64_t r = 0; r < b; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       float v[kGroup], amax = 0.f;
+      bool finite = true;
       for (int64_t j = 0; j < kGroup; ++j) {
         const T e = x[r * k + g * kGroup + j];
         if constexpr (std::is_same_v<T, bf16>) v[j] = from_bf16(e); else v[j] = e;
         amax = larger(amax, std::fabs(v[j]));
+        finite = finite && std::isfinite(v[j]);
       }
-      const float dx = amax / 127.f, inv = dx > 0.f ? 1.f / dx : 0.f;
+      // a group too small for its inverse (below the smallest normal float) counts as zeros; a NaN
+      // or an infinity makes the group's products NaN, as in any other product, not a finite number
+      const float dx = !finite ? std::numeric_limits<float>::quiet_NaN()
+                               : amax < std::numeric_limits<float>::min() ? 0.f : amax / 127.f;
+      const float inv = finite && dx > 0.f ? 1.f / dx : 0.f;
       int32_t total = 0;
       for (int64_t j = 0; j < kGroup; ++j) {
         const int32_t q = static_cast<int32_t>(std::nearbyint(v[j] * inv));
@@ -357,22 +364,27 @@ Tensor q4_product(const Tensor& x_, const Tensor& nibbles, const Tensor& dm) {
   const uint8_t* w = nibbles.data_ptr<uint8_t>();
   const uint16_t* s = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* o = out.data_ptr<float>();
-  // 16 outputs' weights at a time (~7 KB at K = 576) stay in L1 while every row's tile reads them
-  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
-    int64_t first = 0;
-    for (; first + 4 <= b; first += 4) q4_rows<4>(w, s, in, first, k, begin, end, n_out, o);
-    switch (b - first) {
-      case 3: q4_rows<3>(w, s, in, first, k, begin, end, n_out, o); break;
-      case 2: q4_rows<2>(w, s, in, first, k, begin, end, n_out, o); break;
-      case 1: q4_rows<1>(w, s, in, first, k, begin, end, n_out, o); break;
-      default: break;
+  // each thread's share of the outputs, by blocks of 16 outputs: a block's weights (~7 KB at K = 576)
+  // stay in L1 while every tile of rows reads them, so memory is read once whatever the batch
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, n_out, kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; block += kBlock) {
+      const int64_t last = std::min(block + kBlock, end);
+      int64_t first = 0;
+      for (; first + 4 <= b; first += 4) q4_rows<4>(w, s, in, first, k, block, last, n_out, o);
+      switch (b - first) {
+        case 3: q4_rows<3>(w, s, in, first, k, block, last, n_out, o); break;
+        case 2: q4_rows<2>(w, s, in, first, k, block, last, n_out, o); break;
+        case 1: q4_rows<1>(w, s, in, first, k, block, last, n_out, o); break;
+        default: break;
+      }
     }
   });
   return out;
 }
 #else
 Tensor q4_product(const Tensor&, const Tensor&, const Tensor&) {
-  TORCH_CHECK(false, "the own 4-bit product needs AVX2 and F16C (int4.own_kernel() chooses torch's kernel elsewhere)");
+  TORCH_CHECK(false, "the own 4-bit product needs AVX2, F16C and FMA (int4.own_kernel() chooses torch's kernel elsewhere)");
   return Tensor();
 }
 #endif
@@ -515,9 +527,9 @@ Tensor to_bf16_of(const Tensor& x_) {
   return out;
 }
 
-// Whether q4_product was compiled in (it needs AVX2 and F16C).
+// Whether q4_product was compiled in (it needs AVX2, F16C and FMA).
 bool q4_built() {
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
   return true;
 #else
   return false;
@@ -527,7 +539,7 @@ bool q4_built() {
 // Whether int4.py should lay 4-bit weights out for q4_product: with AVX2 and without AVX-512, where
 // torch's kernel was measured at half llama.cpp's speed (with AVX-512 it matched llama.cpp).
 bool q4_kernel() {
-#if defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__) && !defined(__AVX512F__)
   return true;
 #else
   return false;
@@ -549,7 +561,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exp_nonpositive", &exp_nonpositive_of, "the kernels' exp, element by element (for tests)");
   m.def("to_bf16", &to_bf16_of, "the kernels' rounding to bf16, element by element (for tests)");
   m.def("avx512", &avx512, "whether the attention's AVX-512 path was compiled in");
-  m.def("q4_built", &q4_built, "whether q4_product was compiled in (AVX2, F16C)");
+  m.def("q4_built", &q4_built, "whether q4_product was compiled in (AVX2, F16C, FMA)");
   m.def("q4_kernel", &q4_kernel, "whether int4.py lays 4-bit weights out for q4_product on this CPU");
 
 }

@@ -1,4 +1,5 @@
 import contextlib
+import os
 
 import pytest
 import torch
@@ -21,12 +22,16 @@ def kernel(request, monkeypatch):
 @contextlib.contextmanager
 def kernel_chosen(kernel: str, monkeypatch):
     """4-bit weights laid out (and products run) for `kernel` while inside."""
+    before = os.environ.get("MEMCHAT_INT4_KERNEL")
     monkeypatch.setenv("MEMCHAT_INT4_KERNEL", kernel)
     int4.own_kernel.cache_clear()
     try:
         yield
     finally:
-        monkeypatch.delenv("MEMCHAT_INT4_KERNEL")
+        if before is None:
+            monkeypatch.delenv("MEMCHAT_INT4_KERNEL")
+        else:
+            monkeypatch.setenv("MEMCHAT_INT4_KERNEL", before)
         int4.own_kernel.cache_clear()  # the next caller reads the setting as it was
 
 
@@ -68,8 +73,10 @@ def test_each_kernel_lays_out_its_own_weights(kernel):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # tiles of 4 rows and each remainder
 def test_our_kernel_sums_exactly_where_nothing_rounds(rows):
-    """Integer weights and inputs whose groups each reach 127 (their int8 scale is then 1): every
-    sum is exact in fp32, so the product must equal the exact one, bit for bit."""
+    """Integer weights, and inputs that are integers times a power of two per group, each group
+    reaching 127 times it (its int8 scale is then that power of two, a different one in each row and
+    group, so a scale read from the wrong place shows): every sum is exact in fp32, so the product
+    must equal the exact one, bit for bit."""
     if not int4.own_kernel_built():
         pytest.skip("our kernel is not built here (no AVX2)")
     torch.manual_seed(rows)
@@ -80,10 +87,25 @@ def test_our_kernel_sums_exactly_where_nothing_rounds(rows):
     m = torch.randint(-3, 4, (d_out, d_in // 32)).float()
     x = torch.randint(-127, 128, (rows, d_in)).float()
     x[:, ::32] = 127  # each group's largest magnitude
+    x *= (2.0 ** torch.randint(-3, 4, (rows, d_in // 32))).repeat_interleave(32, dim=1)
     weight = (q.double() * d[..., None].double() + m[..., None].double()).reshape(d_out, d_in)
     exact = x.double() @ weight.T
     got = torch.ops.memchat.q4_product(x, nibbles, torch.stack([d, m], -1).half().contiguous())
     assert got.dtype == torch.float32 and torch.equal(got.double(), exact)
+
+
+def test_our_kernel_keeps_a_nan_and_takes_a_vanishing_group_as_zeros():
+    if not int4.own_kernel_built():
+        pytest.skip("our kernel is not built here (no AVX2)")
+    nibbles = torch.full((16, 2, 16), 0x31, dtype=torch.uint8)  # q = 1 and 3
+    dm = torch.tensor([0.5, 0.0]).half().expand(16, 2, 2).contiguous()  # w = 0.5 and 1.5: a group of ones sums to 32
+    x = torch.ones(3, 64)
+    x[0, 5] = float("nan")  # row 0: NaN, as any product of a NaN
+    x[1, :32] = 1e-39  # row 1: a group below the smallest normal float counts as zeros
+    got = torch.ops.memchat.q4_product(x, nibbles, dm)
+    assert got[0].isnan().all()
+    assert got[1].tolist() == [32.0] * 16  # its second group only
+    assert got[2].tolist() == [64.0] * 16
 
 
 def test_few_rows_run_on_4_bits_at_bf16_precision():
