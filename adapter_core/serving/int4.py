@@ -87,9 +87,14 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
     """x (B, d_in) fp32 times a 4-bit weight laid out by `quantize_int4`: (B, d_out) bf16, through the
     kernel its layout is for, with its inputs as the C++ layers give them: ours (3-d nibbles) rounds
     fp32 inputs to int8 itself, torch's takes them in bf16."""
-    if packed.dim() == 3:
+    if for_own_kernel(packed):
         return torch.ops.memchat.q4_product(x, packed, scales).to(torch.bfloat16)  # registered by native.compiled()
     return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scales)
+
+
+def for_own_kernel(packed: torch.Tensor) -> bool:
+    """Whether a packed 4-bit weight is laid out for our kernel (its nibbles are 3-d), not torch's."""
+    return packed.dim() == 3
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,7 +195,7 @@ def four_bit_layers(model: nn.Module) -> int:
 def own_layout(model: nn.Module) -> bool:
     """Whether the model's 4-bit layers are laid out for our kernel (so that products made from
     them later, fused or not, use the same kernel as they do)."""
-    return any(isinstance(m, Int4Linear) and m.packed.dim() == 3 for m in model.modules())
+    return any(isinstance(m, Int4Linear) and for_own_kernel(m.packed) for m in model.modules())
 
 
 Q8_TOLERANCE = 1e-3

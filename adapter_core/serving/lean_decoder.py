@@ -97,7 +97,7 @@ def fuse(linears: list[nn.Module]) -> Fused:
     if all(isinstance(b, int4.Int4Linear) for b in bases):
         group_size = bases[0].group_size
         # on the grid already: each part is; laid out for the parts' kernel
-        quantized = int4.quantize_int4(weight, group_size, own=bases[0].packed.dim() == 3)
+        quantized = int4.quantize_int4(weight, group_size, own=int4.for_own_kernel(bases[0].packed))
         if quantized is not None:
             return Fused(None, *quantized, bias, group_size)
     return Fused(weight, None, None, bias, 0)
