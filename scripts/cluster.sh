@@ -48,7 +48,15 @@ as_postgres() {  # PostgreSQL refuses to run as root
     if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+running() {  # running <pid>: a live process, not a zombie. A process killed a moment ago stays a
+    # zombie until init reaps it (about a second here), and kill -0 takes a zombie for a live one:
+    # `up` right after a kill -9 would then not start the node again
+    local state
+    state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+    [[ -n "$state" && "$state" != Z ]]
+}
+
+alive() { [[ -f "$RUN/$1.pid" ]] && running "$(cat "$RUN/$1.pid")"; }
 
 secret() {  # secret <name>: a random password kept in $DIR/secrets (0600), made once
     touch "$DIR/secrets" && chmod 600 "$DIR/secrets"
@@ -142,7 +150,7 @@ stop_pid() {  # stop_pid <name>: SIGTERM (memchat ends replies and stores what i
     alive "$1" || { rm -f "$RUN/$1.pid"; return; }
     local pid; pid="$(cat "$RUN/$1.pid")"
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 300); do running "$pid" || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
     rm -f "$RUN/$1.pid"
 }
