@@ -28,10 +28,19 @@ from .data.personas import VALUES, make_eval_set
 from .evaluation.leakage import neutral_perplexity
 from .evaluation.report import markdown_report, summarize
 from .evaluation.runner import MODES, SWAPPED, EvalOptions, context_limit, evaluate, results_as_dicts
-from .memory.finetune import FinetuneCompressor, FinetuneConfig
+from .memory.finetune import LOSS_ON, FinetuneCompressor, FinetuneConfig
 from .memory.restatement import RECALLS
 
 log = logging.getLogger(__name__)
+
+
+FINETUNE_FLAGS = ("steps", "lr", "batch_tokens", "min_passes", "loss_on", "recall", "anchor_weight", "anchor_tokens")
+"""The FinetuneConfig fields the command line sets (--finetune-<field>), for measuring one change at a time."""
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The finetuned modes' settings: FinetuneConfig's defaults but what --finetune-* changed."""
+    return FinetuneConfig(**{field: getattr(args, f"finetune_{field}") for field in FINETUNE_FLAGS})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,17 +60,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N conversations")
     p.add_argument("--modes", nargs="+", choices=MODES,
                    help="default: all (the swapped modes only where there are at least two conversations)")
-    p.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps,
-                   help="finetuned modes: AdamW steps at least (FinetuneConfig.steps)")
-    p.add_argument("--finetune-batch-tokens", type=int, default=FinetuneConfig.batch_tokens,
-                   help="finetuned modes: most tokens per step (FinetuneConfig.batch_tokens)")
-    p.add_argument("--finetune-loss-on", choices=("user", "all"), default=FinetuneConfig.loss_on,
-                   help="finetuned modes: which tokens the loss counts (FinetuneConfig.loss_on)")
-    p.add_argument("--finetune-recall", choices=RECALLS, default=FinetuneConfig.recall,
-                   help="finetuned modes: recall chats made from the user's statements: none, restatements, "
-                        "questions the base model writes, or both (FinetuneConfig.recall)")
-    p.add_argument("--finetune-anchor-weight", type=float, default=FinetuneConfig.anchor_weight,
-                   help="finetuned modes: weight of the KL to the base model on its own text (FinetuneConfig.anchor_weight)")
+    for field in FINETUNE_FLAGS:  # --finetune-steps, --finetune-anchor-weight, ...
+        default = getattr(FinetuneConfig, field)  # its type parses the flag: a float field needs a float default
+        p.add_argument(f"--finetune-{field.replace('_', '-')}", type=type(default), default=default,
+                       choices={"loss_on": LOSS_ON, "recall": RECALLS}.get(field),
+                       help=f"finetuned modes: FinetuneConfig.{field} (default {default})")
     p.add_argument("--model", default=None, help="base model id or path (default: embedded SmolLM2-135M)")
     p.add_argument("--checkpoint", default=None, help="generator folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -108,11 +111,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     options = EvalOptions(modes=tuple(args.modes), max_new_tokens=args.max_new_tokens,
                           recent_turns=args.recent_turns, batch_size=args.batch_size,
                           context_limit=args.context_limit)
-    compressor = FinetuneCompressor(engine, FinetuneConfig(steps=args.finetune_steps,
-                                                           batch_tokens=args.finetune_batch_tokens,
-                                                           loss_on=args.finetune_loss_on,
-                                                           recall=args.finetune_recall,
-                                                           anchor_weight=args.finetune_anchor_weight))
+    compressor = FinetuneCompressor(engine, finetune_config(args))
     started, timings, finetuned = time.perf_counter(), {}, {}
     with torch.inference_mode():
         results = evaluate(engine, conversations, options, compressor=compressor, timings=timings, finetuned=finetuned)

@@ -64,6 +64,26 @@ def model_arguments(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def engine_of(args: argparse.Namespace):
+    """The engine model_arguments' flags ask for, in eval mode."""
+    engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir,
+                         int4_decode=None if args.int4_decode else False)
+    engine.eval()
+    return engine
+
+
+def machine(device: torch.device | str) -> dict:
+    """What ran a benchmark: figures from two machines of one kind still differ (AVX2 or AVX-512)."""
+    device = torch.device(device)
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    named = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines) if value}
+    flags = f" {named.get('flags', '')} "
+    return {"device": str(device), "cpu": named.get("model name") or platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "avx512": " avx512f" in flags,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "platform": platform.platform(), "torch": torch.__version__}
+
+
 def log_progress() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of bench.replicas
@@ -78,7 +98,7 @@ def section_alone(doc: str, name: str, measure, plot, lines, argv: list[str] | N
     args = p.parse_args(argv)
     log_progress()
     started = time.perf_counter()
-    results = {"targets": TARGETS, name: measure(args)}
+    results = {"machine": machine(args.device), "targets": TARGETS, name: measure(args)}
     results["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
@@ -96,13 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     log_progress()
     options = QUICK if args.quick else BenchOptions()
     started = time.perf_counter()
-    engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir,
-                         int4_decode=None if args.int4_decode else False)
-    engine.eval()
+    engine = engine_of(args)
     results = {
-        "machine": {"device": str(engine.device), "cpu_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
-                    "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(engine.device),
         "model": engine.base_model_id, "four_bit_layers": four_bit_layers(engine.base_model),
         "four_bit_activations": activations(),
         "generator": engine.generator_id, "rank": engine.config.rank,

@@ -105,3 +105,16 @@ def _first_token_during(engine, compressor, text: str, options: BenchOptions) ->
 
     _with_loop_on_this_thread(loop, measure)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m bench.finetune`: this section alone (docs/bench/finetune/ by default)."""
+    from .__main__ import engine_of, section_alone
+    from .report import finetune_markdown
+
+    return section_alone(__doc__, "finetune", lambda args: finetune_compression(engine_of(args), BenchOptions()),
+                         lambda results, folder: None, finetune_markdown, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -86,7 +86,7 @@ def markdown(results: dict) -> str:
     lines += _decode(results)
     lines += _concurrency(results)
     lines += ["", *_long_prefill(results)]
-    lines += ["", *_finetune(results)]
+    lines += ["", *finetune_markdown(results)]
     lines += ["", "## Memory per user", "", "| history tokens | adapter state | KV cache of the history | raw text |",
               "|---|---|---|---|"]
     for r in results["memory_size"]:
@@ -282,7 +282,7 @@ def _long_prefill(results: dict) -> list[str]:
             + (f"{worst:.2f} s, {_verdict(worst <= limit)}." if worst is not None else "no reply of B measured.")]
 
 
-def _finetune(results: dict) -> list[str]:
+def finetune_markdown(results: dict) -> list[str]:
     f, t = results.get("finetune"), results["targets"]
     if not f:
         return []
@@ -299,7 +299,8 @@ def _finetune(results: dict) -> list[str]:
         lines += ["", "A fact told in the first compression (\"my cat is called Tobrik\"), asked alone with no history "
                       "in the prompt: the gold answer's NLL, and the greedy answer:", "",
                   "| adapter | answer NLL | greedy answer |", "|---|---|---|"]
-        lines += [f"| {when} | {r['nll']:.2f} | {r['answer'][:80].replace('|', '/')} |" for when, r in recall.items()]
+        lines += [f"| {when} | {r['nll']:.2f} | {' '.join(r['answer'][:80].split()).replace('|', '/')} |"
+                  for when, r in recall.items()]  # one line in the table, whatever the answer's newlines
     two_k = next((a["seconds"] for a in f["absorb"] if a["tokens"] >= 1900), None)
     d = f["during"]
     if two_k is not None:

@@ -171,15 +171,11 @@ def _row(server: str, users: int, replies: list[StreamedReply], seconds: float) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from adapter_core.engine import load_engine
-
-    from .__main__ import section_alone
+    from .__main__ import engine_of, section_alone
     from .report import plot_serving, serving_markdown
 
-    def measure(args) -> dict:
-        engine = load_engine(args.model, args.checkpoint, device=args.device, cache_dir=args.cache_dir,
-                             int4_decode=None if args.int4_decode else False)  # its tokenizer makes the histories
-        return serving(engine, args.cache_dir, AppFlags.of(args), BenchOptions())
+    def measure(args) -> dict:  # the engine's tokenizer makes the histories
+        return serving(engine_of(args), args.cache_dir, AppFlags.of(args), BenchOptions())
 
     return section_alone(__doc__, "serving", measure, plot_serving, serving_markdown, argv)
 

@@ -1,8 +1,8 @@
 """The C++ layers of the CPU decode step (lean_step.cpp), built once per machine.
 
 torch compiles the file with the machine's C++ compiler at the first start (about half a minute)
-and caches the build on disk (~/.cache/torch_extensions/cpython-311/..., or under
-TORCH_EXTENSIONS_DIR): later starts load it at once. Used by the lean decode step (lean_decoder.NativeLayers) and by the 4-bit
+and caches the build on disk (~/.cache/torch_extensions/<Python's cache tag, e.g. cpython-311>/, or
+the same under TORCH_EXTENSIONS_DIR): later starts load it at once. Used by the lean decode step (lean_decoder.NativeLayers) and by the 4-bit
 products (int4.py), which lay their weights out for the module's own kernel where it is faster.
 """
 
@@ -30,12 +30,14 @@ def compiled():
     try:
         import ninja  # torch builds extensions with ninja, which must be on PATH
         from torch.utils.cpp_extension import load
-    except ImportError as e:
+
+        builds = _builds()
+    except (ImportError, OSError, TypeError) as e:  # TypeError: a Python without a cache_tag
         log.warning("the C++ decoder layers cannot be built (%s); decoding in Python", e)
         return None
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     started = time.perf_counter()
-    for folder, cflags, ldflags in _builds():
+    for folder, cflags, ldflags in builds:
         try:
             with _only_loader(folder):
                 module = load(name=folder.name, sources=[str(SOURCE)],

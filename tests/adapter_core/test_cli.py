@@ -48,3 +48,19 @@ def test_by_default_every_mode_runs_and_the_swap_test_only_with_two_conversation
     with pytest.raises(SystemExit, match="at least two conversations"):
         evaluate_cli.main(["--data", str(TWO_SPEAKERS), "--limit", "1", "--modes", "adapter_swapped",
                            "--out", str(tmp_path / "x")])
+
+
+def test_the_finetune_flags_change_only_their_own_fields_of_the_defaults():
+    from dataclasses import asdict
+
+    from adapter_core.memory.finetune import FinetuneConfig
+
+    defaults = evaluate_cli.finetune_config(evaluate_cli.parser().parse_args(["--synthetic"]))
+    assert defaults == FinetuneConfig()
+    changed = evaluate_cli.finetune_config(evaluate_cli.parser().parse_args(
+        ["--synthetic", "--finetune-steps", "16", "--finetune-lr", "5e-3", "--finetune-anchor-tokens", "512",
+         "--finetune-recall", "none"]))
+    differ = {k: v for k, v in asdict(changed).items() if asdict(defaults)[k] != v}
+    assert differ == {"steps": 16, "lr": 5e-3, "anchor_tokens": 512, "recall": "none"}
+    with pytest.raises(SystemExit):
+        evaluate_cli.parser().parse_args(["--synthetic", "--finetune-loss-on", "assistant"])
